@@ -1,0 +1,12 @@
+"""Baton's model runtime, shared by prefill and decode nodes."""
+
+from .config import EngineConfig, ModelConfig
+from .engine import LLMEngine
+from .errors import ConfigError, FieldError, InvalidRequest
+from .llm import LLM
+from .request import Completion, FinishReason, RequestOutput, SamplingParams
+
+__all__ = [
+    "LLM", "LLMEngine", "EngineConfig", "ModelConfig", "SamplingParams", "RequestOutput", "Completion",
+    "FinishReason", "FieldError", "ConfigError", "InvalidRequest",
+]

@@ -1,0 +1,112 @@
+"""Attention over the paged KV cache: torch reference implementations.
+
+Every function takes a layer's pool `[num_blocks, 2, block_size, num_kv_heads, head_dim]` (K and V of a
+block side by side) and block tables, never a per-sequence contiguous cache, so that a Triton kernel can
+replace each one behind the same signature.
+
+A step's tokens are laid out decode rows first (one query token each), then the prefill spans (a prompt,
+or a chunk of one) back to back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    query_start: int  # row of the span's first token in the step's token layout
+    query_len: int
+    context_len: int  # tokens in the cache once this span is written (earlier chunks included)
+    block_table: torch.Tensor  # [ceil(context_len / block_size)] int64
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_blocks: torch.Tensor  # [T] block id each new token's K/V goes to
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    num_decode: int
+    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] int64, padded with block 0
+    decode_context_lens: torch.Tensor  # [num_decode] int64, the new token included
+    prefills: list[PrefillSpan]
+
+
+def write_kv(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    # k, v: [T, KVH, D]
+    pool[meta.slot_blocks, 0, meta.slot_offsets] = k
+    pool[meta.slot_blocks, 1, meta.slot_offsets] = v
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pool: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D], the step's new keys/values, already written to `pool`.
+
+    Returns [T, H, D]. Each query attends causally to its sequence's cached tokens.
+    """
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        out[:nd] = decode_attention(q[:nd], pool, meta.decode_block_tables, meta.decode_context_lens, scale)
+    for span in meta.prefills:
+        rows = slice(span.query_start, span.query_start + span.query_len)
+        if span.context_len == span.query_len:
+            # Nothing cached before this span: its own K/V are the whole context, no gather needed.
+            out[rows] = _causal_attention(q[rows], k[rows], v[rows], scale)
+        else:
+            ck, cv = gather_context(pool, span.block_table, span.context_len)
+            out[rows] = _causal_attention(q[rows], ck, cv, scale)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence. q: [B, H, D] -> [B, H, D]."""
+    b, max_blocks = block_tables.shape
+    _, _, block_size, kvh, d = pool.shape
+    kv = pool[block_tables]  # [B, max_blocks, 2, bs, KVH, D]
+    length = max_blocks * block_size
+    keys = kv[:, :, 0].reshape(b, length, kvh, d).transpose(1, 2)
+    values = kv[:, :, 1].reshape(b, length, kvh, d).transpose(1, 2)
+    valid = torch.arange(length, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return o.squeeze(2)
+
+
+def gather_context(pool: torch.Tensor, block_table: torch.Tensor, context_len: int):
+    """A sequence's cached K and V as [context_len, KVH, D] each (a copy)."""
+    kv = pool[block_table]  # [n_blocks, 2, bs, KVH, D]
+    _, _, _, kvh, d = kv.shape
+    keys = kv[:, 0].reshape(-1, kvh, d)[:context_len]
+    values = kv[:, 1].reshape(-1, kvh, d)[:context_len]
+    return keys, values
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # q: [n, H, D] are the last n of the ctx positions in k, v: [ctx, KVH, D].
+    n, ctx = q.shape[0], k.shape[0]
+    if n == ctx:
+        mask, causal = None, True
+    else:
+        rows = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        mask, causal = torch.arange(ctx, device=q.device)[None, :] <= rows, False
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+    )
+    return o.transpose(0, 1)

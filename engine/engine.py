@@ -1,0 +1,176 @@
+"""The engine loop: admit requests, schedule a step, run the model, sample, detokenize, finish and free.
+
+`LLMEngine` is synchronous and single-threaded; a server runs it on its own thread and talks to it through
+queues. Every request error is raised by `add_request` before the request holds anything.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence as Seq
+
+import torch
+
+from .block_manager import BlockManager
+from .config import DTYPES, EngineConfig, ModelConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import ConfigError, InvalidRequest
+from .loader import load_model, resolve_model_path
+from .model_runner import KVCache, ModelRunner
+from .request import FinishReason, RequestOutput, SamplingParams
+from .sampler import sample
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        folder = resolve_model_path(config.model)
+        self.model_config = cfg = ModelConfig.from_folder(folder)
+        self.tokenizer = Tokenizer.from_folder(folder)
+        self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        batched = config.max_num_batched_tokens or max(4096, self.max_model_len)
+        if not config.enable_chunked_prefill and batched < self.max_model_len:
+            raise ConfigError(
+                "max_num_batched_tokens",
+                f"{batched} < max_model_len {self.max_model_len}: a long prompt could never be scheduled "
+                "(raise it, or enable chunked prefill)",
+            )
+        if batched < config.max_num_seqs:
+            raise ConfigError("max_num_batched_tokens", f"{batched} < max_num_seqs {config.max_num_seqs}")
+        dtype = config.dtype or cfg.dtype
+        self.eos_token_ids = frozenset(cfg.eos_token_ids)
+
+        model = load_model(folder, cfg, dtype, config.device, self.max_model_len)
+        num_blocks = config.num_kv_blocks or self._default_num_blocks(DTYPES[dtype])
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], config.device)
+        self.runner = ModelRunner(model, kv, self.blocks, config.device)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, batched, config.enable_chunked_prefill), self.blocks
+        )
+        self._seqs: dict[str, Sequence] = {}
+        self._rng = random.Random(config.seed)
+
+    def _default_num_blocks(self, dtype: torch.dtype) -> int:
+        per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, dtype)
+        enough = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
+        return max(1, min(self.config.kv_cache_bytes // per_block, enough))
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams) -> list[int]:
+        """Queues a request; returns its prompt token ids. Raises `InvalidRequest` naming the bad field."""
+        if request_id in self._seqs:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        if isinstance(prompt, str) and not prompt:
+            raise InvalidRequest("prompt", "is empty")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids)
+        max_len = min(len(ids) + params.max_tokens, self.max_model_len)
+        if self.blocks.blocks_for(max_len) > self.blocks.num_blocks:
+            capacity = self.blocks.num_blocks * self.blocks.block_size
+            field = "prompt" if self.blocks.blocks_for(len(ids) + 1) > self.blocks.num_blocks else "max_tokens"
+            raise InvalidRequest(
+                field, f"{len(ids)} prompt + {params.max_tokens} new tokens exceed the KV cache ({capacity} tokens)"
+            )
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+        seq = Sequence(request_id, list(ids), len(ids), params, max_len, generator)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return ids
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequest("prompt", "is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequest("prompt", f"token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                "prompt", f"{len(ids)} tokens, the model's context is {self.max_model_len} (room for 1 new token)"
+            )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request and frees its blocks at once; None if it is unknown or already finished."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = FinishReason.ABORT
+        return RequestOutput(request_id, seq.num_tokens_emitted, [], [], "", FinishReason.ABORT)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        step = self.scheduler.schedule()
+        if not step:
+            return []
+        logits, sampled = self.runner.run(step.seqs, step.num_tokens)
+        for seq, n in zip(step.seqs, step.num_tokens):
+            seq.num_computed += n
+        chosen = [step.seqs[i] for i in sampled]
+        tokens, logprobs = sample(logits, [s.params for s in chosen], [s.generator for s in chosen])
+        outputs = []
+        for seq, token, logprob in zip(chosen, tokens, logprobs):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            self._check_finished(seq, token)
+            outputs.append(self._emit(seq))
+        return outputs
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        delta = seq.detokenizer.push([token])
+        if not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = FinishReason.EOS
+        elif token in p.stop_token_ids:
+            seq.finish_reason = FinishReason.STOP
+        elif seq.num_tokens >= seq.max_len:
+            seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            delta += seq.detokenizer.flush()
+        seq.text += delta
+        if p.stop and self._cut_at_stop_string(seq, len(delta)):
+            seq.finish_reason = FinishReason.STOP
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            del self._seqs[seq.request_id]
+
+    def _cut_at_stop_string(self, seq: Sequence, added: int) -> bool:
+        # Only a match that ends in the new text can be new; search from where it could start.
+        longest = max(map(len, seq.params.stop))
+        start = max(0, len(seq.text) - added - longest + 1)
+        hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        cut = min(hits)
+        if seq.params.include_stop_str_in_output:
+            cut += next(len(s) for s in seq.params.stop if seq.text.find(s, start) == cut)
+        seq.text = seq.text[:cut]
+        return True
+
+    def _emit(self, seq: Sequence) -> RequestOutput:
+        # While a stop string could still be completing, hold back as many characters as it could span.
+        hold = 0 if seq.finish_reason or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        end = max(seq.num_text_emitted, len(seq.text) - hold)
+        text = seq.text[seq.num_text_emitted : end]
+        seq.num_text_emitted = end
+        first = seq.num_tokens_emitted
+        new_ids = seq.output_ids[first:]
+        out = RequestOutput(seq.request_id, first, new_ids, seq.logprobs[first:], text, seq.finish_reason)
+        seq.num_tokens_emitted = seq.num_output_tokens
+        return out

@@ -1,0 +1,86 @@
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache, returns logits to sample."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionMetadata, PrefillSpan
+from .block_manager import BlockManager
+from .config import ModelConfig
+from .model import CausalLM
+from .sequence import Sequence
+
+
+class KVCache:
+    """One pool per layer, `[num_blocks, 2, block_size, num_kv_heads, head_dim]`: a block of one layer is one
+    contiguous slice, so it can be sent to another process as it is."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str):
+        shape = (cfg.num_layers, num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.pools = list(self.storage.unbind(0))
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVCache, blocks: BlockManager, device: str) -> None:
+        self.model = model
+        self.kv = kv
+        self.blocks = blocks
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Computes `num_tokens[i]` tokens of each sequence (decodes, with one token, first).
+
+        Returns logits `[S, vocab]` for the sequences whose last token was computed, and their indices.
+        """
+        order = sorted(range(len(seqs)), key=lambda i: num_tokens[i] != 1 or seqs[i].num_computed == 0)
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[int] = []
+        bs = self.blocks.block_size
+        for i in order:
+            seq, n = seqs[i], num_tokens[i]
+            start, end = seq.num_computed, seq.num_computed + n
+            table = self.blocks.table(seq.request_id)
+            row = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_blocks.extend(table[p // bs] for p in range(start, end))
+            slot_offsets.extend(p % bs for p in range(start, end))
+            if n == 1 and start > 0:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                used = table[: self.blocks.blocks_for(end)]
+                prefills.append(PrefillSpan(row, n, end, torch.tensor(used, device=self.device)))
+            if end == seq.num_tokens:
+                sample_rows.append(row + n - 1)
+                sample_seqs.append(i)
+
+        width = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            slot_blocks=self._tensor(slot_blocks),
+            slot_offsets=self._tensor(slot_offsets),
+            num_decode=len(decode_tables),
+            decode_block_tables=self._tensor([t + [0] * (width - len(t)) for t in decode_tables]),
+            decode_context_lens=self._tensor(decode_lens),
+            prefills=prefills,
+        )
+        hidden = self.model(self._tensor(ids), self._tensor(positions), self.kv.pools, meta)
+        logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
+        return logits, sample_seqs
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)

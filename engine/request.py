@@ -1,0 +1,80 @@
+"""What a request asks for (`SamplingParams`) and what the engine hands back (`RequestOutput`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequest
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_tokens, or the model's context, reached
+    STOP = "stop"  # a stop string or one of the request's stop_token_ids
+    EOS = "eos"  # the checkpoint's end-of-sequence token
+    ABORT = "cancelled"  # aborted by the caller
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request generation settings. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` are off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidRequest("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise InvalidRequest("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequest("top_k", f"must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise InvalidRequest("seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest("stop", "stop strings must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequest("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one engine step produced for one request: new tokens and the text they completed."""
+
+    request_id: str
+    first_index: int  # index of token_ids[0] among the request's generated tokens
+    token_ids: list[int]
+    logprobs: list[float]  # log-probability of each token under the model's distribution
+    text: str  # the text delta these tokens made safe to show
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished request, as the offline API returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: FinishReason

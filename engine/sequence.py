@@ -1,0 +1,59 @@
+"""A request's state inside the engine: its tokens, how many have KV in the cache, and its sampler state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .request import FinishReason, SamplingParams
+
+
+if TYPE_CHECKING:
+    from .detokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_len: int  # prompt + max_tokens, capped by the model's context
+    generator: torch.Generator | None  # per-request RNG: the same seed gives the same tokens in any batch
+    detokenizer: IncrementalDetokenizer | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # continuation text so far (stop strings cut off)
+    num_text_emitted: int = 0  # characters of `text` already handed out
+    num_tokens_emitted: int = 0
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

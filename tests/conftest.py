@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from baton.engine import LLM
+from baton.engine.loader import DEFAULT_MODEL
+
+SHARED_STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    """The real trained stories260K checkpoint: ../shared's copy when present, else the bundled one."""
+    return SHARED_STORIES if SHARED_STORIES.is_dir() else DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def stories_llm(stories_path: Path) -> LLM:
+    return LLM(str(stories_path))
+
+
+@pytest.fixture(scope="session")
+def hf_stories(stories_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(stories_path), dtype=torch.float32).eval()
