@@ -1,1 +1,1 @@
-
+"""Cluster membership, launch and the `baton` command line."""

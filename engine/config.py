@@ -172,6 +172,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the checkpoint's context
     enable_chunked_prefill: bool = False
     seed: int = 0  # seeds the requests that bring no seed of their own
+    pack_cpu_weights: bool = True  # oneDNN packed-weight matmuls on CPU (engine/linear.py)
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

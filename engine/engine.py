@@ -43,7 +43,7 @@ class LLMEngine:
         dtype = config.dtype or cfg.dtype
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
 
-        model = load_model(folder, cfg, dtype, config.device, self.max_model_len)
+        model = load_model(folder, cfg, dtype, config.device, self.max_model_len, config.pack_cpu_weights)
         num_blocks = config.num_kv_blocks or self._default_num_blocks(DTYPES[dtype])
         self.blocks = BlockManager(num_blocks, config.block_size)
         kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], config.device)

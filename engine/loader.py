@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from .config import DTYPES, ModelConfig
 from .errors import ConfigError
+from .linear import pack_linears, packing_works
 from .model import CausalLM
 from .rope import RotaryEmbedding
 
@@ -28,14 +29,19 @@ def resolve_model_path(model: str) -> Path:
     return folder
 
 
-def load_model(folder: Path, cfg: ModelConfig, dtype: str, device: str, max_positions: int) -> CausalLM:
+def load_model(
+    folder: Path, cfg: ModelConfig, dtype: str, device: str, max_positions: int, pack_cpu_weights: bool = True
+) -> CausalLM:
     rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling).to(device)
     with torch.device("meta"):
         model = CausalLM(cfg, rotary)
     tensors = _read_safetensors(folder)
     state = _build_state(cfg, tensors, DTYPES[dtype], device)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if pack_cpu_weights and torch.device(device).type == "cpu" and packing_works(DTYPES[dtype]):
+        pack_linears(model)
+    return model
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -108,8 +114,8 @@ def _build_state(
         return joined.to(device=device, dtype=dtype).contiguous()
 
     state = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        state["lm_head.weight"] = take("lm_head.weight")
+    tied = cfg.tie_word_embeddings
+    state["lm_head.weight"] = state["embed_tokens.weight"] if tied else take("lm_head.weight")
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn, mlp = src + "self_attn.", src + "mlp."

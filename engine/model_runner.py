@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionMetadata, PrefillSpan
+from .attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .model import CausalLM
@@ -39,7 +39,12 @@ class ModelRunner:
 
         Returns logits `[S, vocab]` for the sequences whose last token was computed, and their indices.
         """
-        order = sorted(range(len(seqs)), key=lambda i: num_tokens[i] != 1 or seqs[i].num_computed == 0)
+        # Decode rows first (longest context first, for `_decode_groups`), then the prompt spans.
+        def rank(i: int) -> tuple[bool, int]:
+            is_decode = num_tokens[i] == 1 and seqs[i].num_computed > 0
+            return (not is_decode, -seqs[i].num_computed if is_decode else 0)
+
+        order = sorted(range(len(seqs)), key=rank)
         ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
@@ -69,18 +74,33 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
                 sample_seqs.append(i)
 
-        width = max((len(t) for t in decode_tables), default=0)
         meta = AttentionMetadata(
             slot_blocks=self._tensor(slot_blocks),
             slot_offsets=self._tensor(slot_offsets),
-            num_decode=len(decode_tables),
-            decode_block_tables=self._tensor([t + [0] * (width - len(t)) for t in decode_tables]),
-            decode_context_lens=self._tensor(decode_lens),
+            decode_groups=self._decode_groups(decode_tables, decode_lens),
             prefills=prefills,
         )
         hidden = self.model(self._tensor(ids), self._tensor(positions), self.kv.pools, meta)
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
         return logits, sample_seqs
+
+    def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
+        """Splits the decode rows (longest context first) where padding to the group's longest would waste
+        more than a quarter of the gathered K/V."""
+        groups = []
+        start = 0
+        bs = self.blocks.block_size
+        while start < len(tables):
+            width = self.blocks.blocks_for(lens[start])
+            end = start + 1
+            while end < len(tables) and self.blocks.blocks_for(lens[end]) * 4 >= width * 3:
+                end += 1
+            padded = [t[:width] + [0] * (width - min(len(t), width)) for t in tables[start:end]]
+            positions = torch.arange(width * bs, device=self.device)
+            valid = positions[None, :] < self._tensor(lens[start:end])[:, None]
+            groups.append(DecodeGroup(slice(start, end), self._tensor(padded), valid))
+            start = end
+        return groups
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
