@@ -6,19 +6,24 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= Once upon a time
 
-.PHONY: run test venv
+.PHONY: run up test venv
 venv: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU build on this machine's local disk; a bare `torch` requirement
 # resolved by pip alone could pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
+	command -v etcd >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# A local cluster (etcd, 1 prefill + 1 decode node, router), one request through it, then everything stops.
 run: $(STAMP)
-	$(VENV)/bin/baton generate "$(PROMPT)"
+	@$(PY) -m baton.cluster.demo "$(PROMPT)"
+
+up: $(STAMP)
+	$(VENV)/bin/baton up
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

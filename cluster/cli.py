@@ -31,6 +31,8 @@ def _params(args: argparse.Namespace) -> SamplingParams:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.router:
+        return _generate_remote(args)
     llm = LLM(args.model, dtype=args.dtype)
     for out in llm.stream(args.prompt, _params(args)):
         sys.stdout.write(out.text)
@@ -39,15 +41,121 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_remote(args: argparse.Namespace) -> int:
+    from baton.router.client import BatonClient, BatonError, Delta, InvalidArgument
+
+    p = _params(args)  # validated here too: the same messages as offline
+    options = dict(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                   seed=p.seed, stop=p.stop, ignore_eos=p.ignore_eos)
+    try:
+        with BatonClient(args.router, timeout=args.timeout) as client:
+            for item in client.generate(args.prompt, **options):
+                if isinstance(item, Delta):
+                    sys.stdout.write(item.text)
+                    sys.stdout.flush()
+    except InvalidArgument as e:
+        print(f"baton: error: {e.details}", file=sys.stderr)
+        return 2
+    except BatonError as e:
+        print(f"baton: error: {e.code.name}: {e.details}", file=sys.stderr)
+        return 1
+    sys.stdout.write("\n")
+    return 0
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="", help="HF checkpoint folder (default: the bundled stories260K)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--enable-chunked-prefill", action="store_true")
+
+
+def _engine_config(args: argparse.Namespace):
+    from baton.engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+    )
+
+
+def _cluster_args(parser: argparse.ArgumentParser, port: int = 0) -> None:
+    parser.add_argument("--etcd", required=True, help="etcd URL, e.g. http://127.0.0.1:2379")
+    parser.add_argument("--cluster", default="default", help="cluster name (etcd key prefix)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port, help="0 picks a free port")
+
+
+def _node(args: argparse.Namespace) -> int:
+    from baton.cluster.node import NodeConfig, run
+
+    run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
+                   port=args.port, ttl=args.ttl, threads=args.threads, engine=_engine_config(args)))
+    return 0
+
+
+def _router(args: argparse.Namespace) -> int:
+    from baton.router.main import RouterConfig, run
+
+    run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from baton.cluster.launch import ClusterSpec, run_up
+
+    node_args = []
+    if args.num_kv_blocks:
+        node_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    if args.max_num_seqs:
+        node_args += ["--max-num-seqs", str(args.max_num_seqs)]
+    return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
+                              port=args.port, etcd=args.etcd, threads=args.threads, node_args=node_args,
+                              log_dir=args.log_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream the continuation of PROMPT to stdout")
     gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--router", default="", metavar="HOST:PORT", help="generate through a running cluster")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds (with --router)")
     gen.add_argument("--model", default="", help="HF checkpoint folder (default: the bundled stories260K)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     _sampling_args(gen)
     gen.set_defaults(run=_generate)
+
+    up = sub.add_parser("up", help="start a local cluster: etcd, nodes and router; Ctrl-C stops it all")
+    up.add_argument("--model", default="", help="HF checkpoint folder (default: the bundled stories260K)")
+    up.add_argument("--prefill", type=int, default=1)
+    up.add_argument("--decode", type=int, default=1)
+    up.add_argument("--colocated", type=int, default=0)
+    up.add_argument("--port", type=int, default=0, help="router port (0: a free one)")
+    up.add_argument("--etcd", default="", help="an existing etcd URL (default: start a private one)")
+    up.add_argument("--threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
+    up.add_argument("--num-kv-blocks", type=int, default=None)
+    up.add_argument("--max-num-seqs", type=int, default=None)
+    up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
+    up.set_defaults(run=_up)
+
+    node = sub.add_parser("node", help="run one node (what `baton up` starts)")
+    node.add_argument("--role", choices=["prefill", "decode", "colocated"], required=True)
+    node.add_argument("--node-id", default="")
+    node.add_argument("--ttl", type=float, default=3.0, help="membership lease in seconds")
+    node.add_argument("--threads", type=int, default=0)
+    _cluster_args(node)
+    _engine_args(node)
+    node.set_defaults(run=_node)
+
+    router = sub.add_parser("router", help="run the router (what `baton up` starts)")
+    router.add_argument("--model", default="", help="HF checkpoint folder (tokenizer and config)")
+    _cluster_args(router, port=50051)
+    router.set_defaults(run=_router)
     return parser
 
 

@@ -2,11 +2,11 @@
 
 from .config import EngineConfig, ModelConfig
 from .engine import LLMEngine
-from .errors import ConfigError, FieldError, InvalidRequest
+from .errors import ConfigError, FieldError, InvalidRequest, NoCapacity
 from .llm import LLM
 from .request import Completion, FinishReason, RequestOutput, SamplingParams
 
 __all__ = [
     "LLM", "LLMEngine", "EngineConfig", "ModelConfig", "SamplingParams", "RequestOutput", "Completion",
-    "FinishReason", "FieldError", "ConfigError", "InvalidRequest",
+    "FinishReason", "FieldError", "ConfigError", "InvalidRequest", "NoCapacity",
 ]

@@ -7,6 +7,7 @@ queues. Every request error is raised by `add_request` before the request holds 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -14,12 +15,12 @@ import torch
 from .block_manager import BlockManager
 from .config import DTYPES, EngineConfig, ModelConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import ConfigError, InvalidRequest
+from .errors import ConfigError, InvalidRequest, NoCapacity
 from .loader import load_model, resolve_model_path
 from .model_runner import KVCache, ModelRunner
 from .request import FinishReason, RequestOutput, SamplingParams
 from .sampler import sample
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -53,6 +54,8 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
+        # Called with (layer, step) once a step's layer K/V are in the pool: the KV transfer hooks in here.
+        self.after_layer: Callable[[int, ScheduledStep], None] | None = None
 
     def _default_num_blocks(self, dtype: torch.dtype) -> int:
         per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, dtype)
@@ -61,30 +64,88 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams) -> list[int]:
-        """Queues a request; returns its prompt token ids. Raises `InvalidRequest` naming the bad field."""
-        if request_id in self._seqs:
-            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+    def add_request(
+        self, request_id: str, prompt: str | Seq[int], params: SamplingParams, prefill_only: bool = False
+    ) -> list[int]:
+        """Queues a request; returns its prompt token ids. Raises `InvalidRequest` naming the bad field.
+
+        `prefill_only`: compute the prompt and sample the first token, then let the sequence go (a prefill
+        node); its output then has no finish reason unless the first token ended the request. Its blocks
+        are kept for the KV transfer to read until the caller frees them with `free_reservation`.
+        """
+        self._check_new_id(request_id)
         if isinstance(prompt, str) and not prompt:
             raise InvalidRequest("prompt", "is empty")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
-        max_len = min(len(ids) + params.max_tokens, self.max_model_len)
-        if self.blocks.blocks_for(max_len) > self.blocks.num_blocks:
-            capacity = self.blocks.num_blocks * self.blocks.block_size
-            field = "prompt" if self.blocks.blocks_for(len(ids) + 1) > self.blocks.num_blocks else "max_tokens"
-            raise InvalidRequest(
-                field, f"{len(ids)} prompt + {params.max_tokens} new tokens exceed the KV cache ({capacity} tokens)"
-            )
+        seq = self._new_sequence(request_id, ids, params, draws_done=0)
+        seq.prefill_only = prefill_only
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return ids
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self._seqs or self.blocks.table(request_id):
+            raise InvalidRequest("request_id", f"{request_id!r} is already in use on this engine")
+
+    def _new_sequence(self, request_id: str, ids: list[int], params: SamplingParams, draws_done: int) -> Sequence:
+        max_len = self._check_fits(len(ids), params.max_tokens)
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
+            for _ in range(draws_done):  # the sampler draws one uniform per token
+                torch.rand(1, generator=generator)
         seq = Sequence(request_id, list(ids), len(ids), params, max_len, generator)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+        return seq
+
+    def _check_fits(self, prompt_len: int, max_tokens: int) -> int:
+        """The sequence's longest length; refuses what could not run even alone in the whole cache."""
+        max_len = min(prompt_len + max_tokens, self.max_model_len)
+        if self.blocks.blocks_for(max_len) > self.blocks.num_blocks:
+            capacity = self.blocks.num_blocks * self.blocks.block_size
+            field = "prompt" if self.blocks.blocks_for(prompt_len + 1) > self.blocks.num_blocks else "max_tokens"
+            raise InvalidRequest(
+                field, f"{prompt_len} prompt + {max_tokens} new tokens exceed the KV cache ({capacity} tokens)"
+            )
+        return max_len
+
+    # -- disaggregation: a decode node reserves blocks, another node fills them, this engine goes on ---
+
+    def reserve(self, request_id: str, prompt_len: int, max_tokens: int) -> list[int]:
+        """Allocates the blocks a prompt's K/V will be written into; returns their ids in order."""
+        self._check_new_id(request_id)
+        if prompt_len < 1 or prompt_len >= self.max_model_len:
+            raise InvalidRequest("prompt", f"{prompt_len} tokens, the model's context is {self.max_model_len}")
+        self._check_fits(prompt_len, max_tokens)
+        if not self.blocks.can_hold(request_id, prompt_len):
+            raise NoCapacity(f"{self.blocks.blocks_for(prompt_len)} KV blocks needed, {self.blocks.num_free} free")
+        self.blocks.grow(request_id, prompt_len)
+        return list(self.blocks.table(request_id))
+
+    def free_reservation(self, request_id: str) -> int:
+        """Frees blocks that no running sequence holds (a reservation nobody adopted, or a prefill's blocks
+        after their transfer); returns how many. Harmless if already gone."""
+        return 0 if request_id in self._seqs else self.blocks.free(request_id)
+
+    def adopt(
+        self, request_id: str, prompt: Seq[int], first_token: int, first_logprob: float, params: SamplingParams
+    ) -> None:
+        """Continues a sequence whose prompt K/V are already in its reserved blocks and whose first token was
+        sampled elsewhere. Replays that token through the stop checks and text emission, so the outputs that
+        follow carry on exactly where the prefill node's left off."""
+        if not self.blocks.table(request_id):
+            raise InvalidRequest("request_id", f"{request_id!r} holds no reservation on this engine")
+        ids = list(prompt)
+        seq = self._new_sequence(request_id, ids, params, draws_done=0 if params.greedy else 1)
+        seq.num_computed = len(ids)
+        seq.token_ids.append(first_token)
+        seq.logprobs.append(first_logprob)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
-        return ids
+        self._check_finished(seq, first_token)
+        self._emit(seq)  # already delivered by the prefill node
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -119,7 +180,9 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step:
             return []
-        logits, sampled = self.runner.run(step.seqs, step.num_tokens)
+        hook = self.after_layer
+        after_layer = None if hook is None else (lambda layer: hook(layer, step))
+        logits, sampled = self.runner.run(step.seqs, step.num_tokens, after_layer)
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
         chosen = [step.seqs[i] for i in sampled]
@@ -130,6 +193,11 @@ class LLMEngine:
             seq.logprobs.append(logprob)
             self._check_finished(seq, token)
             outputs.append(self._emit(seq))
+            if seq.prefill_only and seq.finish_reason is None:
+                # Handed over: the decode node holds the request from here. The blocks stay until the
+                # caller's KV transfer has read them (`free_reservation`).
+                self.scheduler.finish(seq, keep_blocks=True)
+                del self._seqs[seq.request_id]
         return outputs
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
@@ -147,7 +215,7 @@ class LLMEngine:
         if p.stop and self._cut_at_stop_string(seq, len(delta)):
             seq.finish_reason = FinishReason.STOP
         if seq.finish_reason is not None:
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, keep_blocks=seq.prefill_only)
             del self._seqs[seq.request_id]
 
     def _cut_at_stop_string(self, seq: Sequence, added: int) -> bool:

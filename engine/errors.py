@@ -18,3 +18,7 @@ class ConfigError(FieldError):
 
 class InvalidRequest(FieldError):
     """A request field that is out of range, or a request that can never fit this engine."""
+
+
+class NoCapacity(RuntimeError):
+    """Not enough free KV blocks right now (the request may fit later, or on another node)."""

@@ -7,6 +7,8 @@ q/k/v and gate/up are fused into one matmul each (the loader concatenates the ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,11 +98,14 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_pools: list[torch.Tensor],  # one [num_blocks, 2, bs, KVH, D] per layer
         meta: AttentionMetadata,
+        after_layer: Callable[[int], None] | None = None,  # called once layer i's K/V are in the pool
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        for layer, pool in zip(self.layers, kv_pools, strict=True):
+        for i, (layer, pool) in enumerate(zip(self.layers, kv_pools, strict=True)):
             x = layer(x, rope, pool, meta)
+            if after_layer is not None:
+                after_layer(i)
         return self.norm(x)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .attention import AttentionMetadata, DecodeGroup, PrefillSpan
@@ -34,10 +36,13 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def run(
+        self, seqs: list[Sequence], num_tokens: list[int], after_layer: Callable[[int], None] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Computes `num_tokens[i]` tokens of each sequence (decodes, with one token, first).
 
         Returns logits `[S, vocab]` for the sequences whose last token was computed, and their indices.
+        `after_layer(i)` runs as soon as layer i's K/V of this step are in the pools (KV transfer hooks here).
         """
         # Decode rows first (longest context first, for `_decode_groups`), then the prompt spans.
         def rank(i: int) -> tuple[bool, int]:
@@ -80,7 +85,7 @@ class ModelRunner:
             decode_groups=self._decode_groups(decode_tables, decode_lens),
             prefills=prefills,
         )
-        hidden = self.model(self._tensor(ids), self._tensor(positions), self.kv.pools, meta)
+        hidden = self.model(self._tensor(ids), self._tensor(positions), self.kv.pools, meta, after_layer)
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
         return logits, sample_seqs
 

@@ -75,10 +75,11 @@ class Scheduler:
                 if not self.config.chunked_prefill:
                     break
                 n = budget
-            if not self.blocks.can_hold(seq.request_id, n):
+            # An adopted sequence (prefilled elsewhere) arrives with its prompt's K/V already in its blocks.
+            if not self.blocks.can_hold(seq.request_id, seq.num_computed + n):
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq.request_id, n)
+            self.blocks.grow(seq.request_id, seq.num_computed + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             step.add(seq, n)
@@ -101,11 +102,13 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Removes a finished or aborted sequence wherever it is and frees its blocks at once."""
+    def finish(self, seq: Sequence, keep_blocks: bool = False) -> None:
+        """Removes a finished or aborted sequence wherever it is and frees its blocks at once, unless
+        `keep_blocks` (a prefill's blocks, still being read by its KV transfer: freed when that ends)."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        self.blocks.free(seq.request_id)
+        if not keep_blocks:
+            self.blocks.free(seq.request_id)

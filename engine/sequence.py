@@ -37,6 +37,7 @@ class Sequence:
     num_text_emitted: int = 0  # characters of `text` already handed out
     num_tokens_emitted: int = 0
     finish_reason: FinishReason | None = None
+    prefill_only: bool = False  # a prefill node's request: stop after the first token, the decode node goes on
 
     @property
     def num_tokens(self) -> int:

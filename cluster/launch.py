@@ -1,0 +1,194 @@
+"""`baton up`: a local cluster — etcd (unless given), the nodes and the router, each its own process.
+
+Children run in their own session (a terminal's Ctrl-C reaches only `baton up`, which then stops them in
+order: router, nodes, etcd) and get SIGTERM from the kernel if `baton up` itself dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from baton.cluster.etcd_server import EtcdServer
+from baton.cluster.membership import MembershipWatcher
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(slots=True)
+class ClusterSpec:
+    model: str = ""
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 0
+    port: int = 0  # the router's; 0 -> a free one
+    etcd: str = ""  # "" -> start a private etcd server
+    cluster: str = ""  # "" -> a fresh name, so clusters sharing an etcd never meet
+    host: str = "127.0.0.1"
+    threads: int = 0  # torch threads per node; 0 -> the cores shared out between the nodes
+    node_args: list[str] = field(default_factory=list)  # extra `baton node` options (engine settings)
+    log_dir: str = ""
+    start_timeout: float = 180.0
+
+    def __post_init__(self) -> None:
+        for name in ("prefill", "decode", "colocated"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0")
+        if not (self.prefill and self.decode) and not self.colocated:
+            raise ValueError("need at least one prefill and one decode node, or a colocated node")
+        if bool(self.prefill) != bool(self.decode):
+            raise ValueError("prefill and decode nodes come together (use --colocated for single nodes)")
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.cluster = spec.cluster or f"local-{uuid.uuid4().hex[:8]}"
+        self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="baton-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.etcd: EtcdServer | None = None
+        self.etcd_url = spec.etcd
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.router: subprocess.Popen | None = None
+        self.address = ""
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, args: list[str], threads: int) -> subprocess.Popen:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+        log = open(self.log_dir / f"{name}.log", "wb")
+        cmd = [sys.executable, "-m", "baton.cluster.cli", *args]
+        with log:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+
+    def start(self) -> str:
+        spec = self.spec
+        if not self.etcd_url:
+            self.etcd = EtcdServer().start()
+            self.etcd_url = self.etcd.url
+        count = spec.prefill + spec.decode + spec.colocated
+        threads = spec.threads or max(1, (os.cpu_count() or 1) // count)
+        common = ["--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host, "--threads", str(threads)]
+        if spec.model:
+            common += ["--model", spec.model]
+        for role, n in (("prefill", spec.prefill), ("decode", spec.decode), ("colocated", spec.colocated)):
+            for i in range(n):
+                node_id = f"{role}-{i}"
+                self.nodes[node_id] = self._spawn(
+                    node_id, ["node", "--role", role, "--node-id", node_id, *common, *spec.node_args], threads
+                )
+        port = spec.port or free_port(spec.host)
+        router_args = ["router", "--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host,
+                       "--port", str(port)] + (["--model", spec.model] if spec.model else [])
+        self.router = self._spawn("router", router_args, 1)
+        asyncio.run(self._wait_registered())
+        self.address = f"{spec.host}:{port}"
+        self._wait_router_serving()
+        return self.address
+
+    def _check_alive(self) -> None:
+        for name, proc in [*self.nodes.items(), ("router", self.router)]:
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with status {proc.returncode} while starting:\n{tail}")
+
+    async def _wait_registered(self) -> None:
+        deadline = time.monotonic() + self.spec.start_timeout
+        watcher = await MembershipWatcher.start(self.etcd_url, self.cluster)
+        try:
+            expected = set(self.nodes)
+            while True:
+                self._check_alive()
+                try:
+                    await watcher.wait_for(lambda: expected <= {n.node_id for n in watcher.nodes()}, 0.5)
+                    return
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"nodes not registered after {self.spec.start_timeout} s") from None
+        finally:
+            await watcher.close()
+
+    def _wait_router_serving(self) -> None:
+        deadline = time.monotonic() + self.spec.start_timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive()
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"router not serving after {self.spec.start_timeout} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Router first (no new requests), then the nodes, then etcd; SIGKILL whatever outlives `timeout`."""
+        for group in ([self.router] if self.router else [], list(self.nodes.values())):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.etcd is not None:
+            self.etcd.stop()
+            self.etcd = None
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in [self.router, *self.nodes.values()] if p is not None]
+
+
+def run_up(spec: ClusterSpec) -> int:
+    """Starts the cluster, prints the router address, and serves until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    cluster = LocalCluster(spec)
+    try:
+        cluster.start()
+        print(f"baton: router listening on {cluster.address} (cluster {cluster.cluster}, etcd {cluster.etcd_url}, "
+              f"logs in {cluster.log_dir})", flush=True)
+        stop.wait()
+    finally:
+        cluster.stop()
+    return 0

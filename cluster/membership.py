@@ -1,0 +1,428 @@
+"""Live cluster membership in etcd: nodes announce themselves under a lease, the router watches.
+
+Key layout: `/baton/<cluster>/nodes/<role>/<node_id>` -> `NodeInfo` as JSON, attached to the node's lease.
+
+- `NodeRegistration` (one per node process) grants a lease, puts its key under it and keeps the lease alive
+  from a background task (aetcd has no keep-alive of its own). A node that stops cleanly revokes the lease, so
+  its key goes at once; a node that dies stops refreshing and etcd deletes the key when the TTL runs out.
+- `MembershipWatcher` (in the router) keeps a local copy: one range read, then a watch from the revision after
+  it. aetcd's watch ends when the connection drops; the watcher reconnects and resumes from the last revision
+  it applied + 1, or re-reads everything if that revision was compacted away or the store was replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+from urllib.parse import urlsplit
+
+import aetcd
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+# grpc's default reconnect backoff grows to 120 s: an etcd that restarts would be seen again only minutes
+# later, long after every lease expired. Keepalive pings find a dead peer behind a half-open TCP connection;
+# etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+_CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+}
+
+
+# -- the record ----------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class NodeInfo:
+    node_id: str
+    role: str  # one of ROLES
+    model: str
+    address: str  # gRPC host:port
+    kv_address: str = ""  # host:port of the node's KV-transfer rendezvous store, "" if it has none
+    capacity: int = 0  # KV blocks in all
+    free_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("node_id", "role", "model", "address", "kv_address"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"NodeInfo.{name} must be a string, got {getattr(self, name)!r}")
+        if not self.node_id or "/" in self.node_id:
+            raise ValueError(f"NodeInfo.node_id must be non-empty and contain no '/', got {self.node_id!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"NodeInfo.role must be one of {ROLES}, got {self.role!r}")
+        if not self.address:
+            raise ValueError("NodeInfo.address must be host:port, got ''")
+        for name in ("capacity", "free_blocks", "running", "waiting"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"NodeInfo.{name} must be an int >= 0, got {v!r}")
+        if self.free_blocks > self.capacity:
+            raise ValueError(f"NodeInfo.free_blocks ({self.free_blocks}) exceeds capacity ({self.capacity})")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> NodeInfo:
+        obj = json.loads(data)
+        if not isinstance(obj, dict):
+            raise ValueError(f"NodeInfo JSON must be an object, got {type(obj).__name__}")
+        unknown = set(obj) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"NodeInfo: unknown fields {sorted(unknown)}")
+        try:
+            return cls(**obj)
+        except TypeError as e:  # a required field is missing
+            raise ValueError(f"NodeInfo: {e}") from None
+
+
+def nodes_prefix(cluster: str) -> str:
+    if not cluster or "/" in cluster:
+        raise ValueError(f"cluster name must be non-empty and contain no '/', got {cluster!r}")
+    return f"/baton/{cluster}/nodes/"
+
+
+def node_key(cluster: str, role: str, node_id: str) -> str:
+    return f"{nodes_prefix(cluster)}{role}/{node_id}"
+
+
+def _client(etcd_url: str, timeout: float) -> aetcd.Client:
+    """An aetcd client for "http://host:port" (or bare "host:port"); `timeout` bounds each unary call."""
+    parts = urlsplit(etcd_url if "://" in etcd_url else f"http://{etcd_url}")
+    if parts.scheme != "http" or not parts.hostname or not parts.port:
+        raise ValueError(f"etcd URL must look like http://host:port, got {etcd_url!r}")
+    return aetcd.Client(parts.hostname, parts.port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.close(), 2.0)
+
+
+def _lease_not_found(e: Exception) -> bool:
+    # aetcd maps grpc NOT_FOUND to a bare ClientError; the text is etcd's ErrGRPCLeaseNotFound.
+    return isinstance(e, aetcd.ClientError) and "lease not found" in str(e)
+
+
+# -- the node's side -----------------------------------------------------------------------------------
+class NodeRegistration:
+    """`reg = await NodeRegistration.register(url, cluster, info)`; `await reg.update_load(...)`; `await reg.close()`."""
+
+    def __init__(self, etcd_url: str, cluster: str, info: NodeInfo, ttl: float = 3.0) -> None:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be > 0, got {ttl!r}")
+        self.info = info
+        self.key = node_key(cluster, info.role, info.node_id)
+        # etcd leases count whole seconds, and etcd raises a TTL below its minimum (1.5 election timeouts).
+        self._ttl = max(1, math.ceil(ttl))
+        self._granted_ttl = self._ttl
+        # A call that hangs longer than this would let the lease lapse anyway: fail it and retry.
+        self._client = _client(etcd_url, timeout=max(1.0, ttl / 2))
+        self._lease_id: int | None = None
+        self._dirty = False  # self.info not yet in etcd (an update_load failed): the keep-alive re-puts it
+        self._lock = asyncio.Lock()  # one of grant+put / put / refresh at a time, so a lease is granted once
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    @classmethod
+    async def register(cls, etcd_url: str, cluster: str, info: NodeInfo, ttl: float = 3.0) -> NodeRegistration:
+        reg = cls(etcd_url, cluster, info, ttl)
+        try:
+            async with reg._lock:
+                await reg._grant_and_put()
+        except BaseException:
+            await _close_quietly(reg._client)
+            raise
+        reg._task = asyncio.get_running_loop().create_task(reg._keep_alive(), name=f"lease:{reg.key}")
+        return reg
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._lease_id
+
+    @property
+    def ttl(self) -> int:
+        """The TTL etcd granted, in seconds."""
+        return self._granted_ttl
+
+    async def update_load(
+        self, *, free_blocks: int | None = None, running: int | None = None, waiting: int | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        """Publish new load figures (same key, same lease).
+
+        Raises aetcd.ClientError if etcd cannot be reached; the figures are kept and the keep-alive task
+        publishes them once it can, so a periodic reporter may log the error and go on.
+        """
+        if self._closed:
+            raise RuntimeError("registration is closed")
+        new = {k: v for k, v in (("free_blocks", free_blocks), ("running", running), ("waiting", waiting),
+                                 ("capacity", capacity)) if v is not None}
+        info = NodeInfo(**{**asdict(self.info), **new})  # validates before anything is sent
+        async with self._lock:
+            self.info = info
+            self._dirty = True
+            if self._lease_id is None:  # the keep-alive task lost it and has not re-granted yet
+                await self._grant_and_put()
+                return
+            try:
+                await self._client.put(self.key.encode(), info.to_json(), lease=self._lease_id)
+                self._dirty = False
+            except aetcd.ClientError as e:
+                if not _lease_not_found(e):
+                    raise
+                await self._grant_and_put()
+
+    async def close(self) -> None:
+        """Revoke the lease so the node disappears at once. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._lease_id is not None:
+            try:
+                await self._client.revoke_lease(self._lease_id)
+            except Exception as e:  # etcd unreachable: the lease runs out on its own within the TTL
+                log.warning("could not revoke lease of %s: %s", self.key, e)
+            self._lease_id = None
+        await _close_quietly(self._client)
+
+    async def __aenter__(self) -> NodeRegistration:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _grant_and_put(self) -> None:
+        self._lease_id = None
+        lease = await self._client.lease(self._ttl)
+        self._lease_id, self._granted_ttl = lease.id, lease.ttl
+        # If the put fails the lease lives on without the key: the keep-alive sees `_dirty` and puts it.
+        self._dirty = True
+        await self._client.put(self.key.encode(), self.info.to_json(), lease=lease.id)
+        self._dirty = False
+
+    async def _keep_alive(self) -> None:
+        retry, failures = 0.05, 0
+        while True:
+            interval = self._granted_ttl / 3
+            try:
+                async with self._lock:
+                    if self._lease_id is None:
+                        await self._grant_and_put()
+                        log.info("re-registered %s under a new lease", self.key)
+                    else:
+                        reply = await self._client.refresh_lease(self._lease_id)
+                        if reply is None or reply.TTL <= 0:
+                            # The lease expired (we were paused or cut off longer than the TTL) or etcd lost
+                            # it: the key is gone, so register again.
+                            log.warning("lease of %s expired; re-registering", self.key)
+                            await self._grant_and_put()
+                        elif self._dirty:
+                            await self._client.put(self.key.encode(), self.info.to_json(), lease=self._lease_id)
+                            self._dirty = False
+                if failures:
+                    log.info("lease refresh of %s works again after %d failures", self.key, failures)
+                retry, failures = 0.05, 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # etcd unreachable or slow. The lease may well be alive there still: try again soon rather
+                # than after a full interval, so a short outage does not cost the registration.
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "lease refresh of %s failed: %s", self.key, e)
+                interval = min(retry, interval)
+                retry = min(retry * 2, 1.0)
+            await asyncio.sleep(interval)
+
+
+# -- the router's side ---------------------------------------------------------------------------------
+class MembershipWatcher:
+    """A live local copy of the cluster's nodes. `w = await MembershipWatcher.start(url, cluster)`."""
+
+    def __init__(self, etcd_url: str, cluster: str, *, rpc_timeout: float = 5.0) -> None:
+        self._url = etcd_url
+        self._prefix = nodes_prefix(cluster)
+        self._rpc_timeout = rpc_timeout
+        self._by_role: dict[str, dict[str, NodeInfo]] = {r: {} for r in ROLES}
+        self._revision = 0  # the store revision our copy reflects
+        self._cluster_id = 0  # etcd's, to notice a different store behind the same URL
+        self._version = 0  # bumped on every change to the copy
+        self._connected = False
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    async def start(cls, etcd_url: str, cluster: str, *, rpc_timeout: float = 5.0) -> MembershipWatcher:
+        """Read the current nodes (raises if etcd is unreachable), then follow changes in the background."""
+        w = cls(etcd_url, cluster, rpc_timeout=rpc_timeout)
+        client = _client(etcd_url, rpc_timeout)
+        try:
+            await w._resync(client)
+        except BaseException:
+            await _close_quietly(client)
+            raise
+        w._task = asyncio.get_running_loop().create_task(w._run(client), name=f"watch:{w._prefix}")
+        return w
+
+    # -- reading the copy (no I/O) ------------------------------------------------------------------
+    def nodes(self, role: str | None = None) -> list[NodeInfo]:
+        """Live nodes of `role` (all roles if None), by node id. Treat them as read-only snapshots."""
+        if role is not None and role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        roles = ROLES if role is None else (role,)
+        return sorted((n for r in roles for n in self._by_role[r].values()), key=lambda n: (n.node_id, n.role))
+
+    def get(self, node_id: str) -> NodeInfo | None:
+        for by_id in self._by_role.values():
+            if node_id in by_id:
+                return by_id[node_id]
+        return None
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @property
+    def version(self) -> int:
+        """Counts changes to the copy: `wait_for(lambda: w.version > v, ...)` waits for the next one."""
+        return self._version
+
+    @property
+    def connected(self) -> bool:
+        """True while a watch is established (the copy is current, not just last known)."""
+        return self._connected
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Return once `predicate()` holds (checked now and after every change); TimeoutError after `timeout` s."""
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                await self._changed.wait_for(predicate)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def __aenter__(self) -> MembershipWatcher:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- keeping it current -------------------------------------------------------------------------
+    async def _run(self, client: aetcd.Client) -> None:
+        backoff, failures = 0.05, 0
+        resync = False
+        reconnected = False  # the first watch follows start()'s read directly: nothing to check
+        while True:
+            try:
+                if resync:
+                    await self._resync(client)
+                    resync = False
+                elif reconnected:
+                    # Resuming from our revision is only right against the same store: one that was wiped or
+                    # replaced behind the same URL has another cluster id, or an older revision.
+                    probe = await client.get_prefix(self._prefix.encode(), keys_only=True)
+                    if probe.header.cluster_id != self._cluster_id or probe.header.revision < self._revision:
+                        await self._resync(client)
+                watch = await client.watch_prefix(self._prefix.encode(), start_revision=self._revision + 1)
+                await self._set_connected(True)
+                if failures:
+                    log.info("etcd watch on %s resumed at revision %d", self._prefix, self._revision + 1)
+                backoff, failures = 0.05, 0
+                async for event in watch:
+                    await self._apply(event)
+                failures += 1
+                log.warning("etcd watch on %s ended; reconnecting", self._prefix)
+            except asyncio.CancelledError:
+                await _close_quietly(client)
+                raise
+            except aetcd.RevisionCompactedError as e:
+                log.warning("watch revision %d compacted (now %d); re-reading %s",
+                            self._revision + 1, e.compacted_revision, self._prefix)
+                resync = True
+            except Exception as e:
+                failures += 1  # say it once per outage, not on every retry
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "etcd watch on %s failed (%s: %s); reconnecting", self._prefix, type(e).__name__, e)
+            await self._set_connected(False)
+            # A fresh client: aetcd's watcher does not always recover on the channel that failed.
+            await _close_quietly(client)
+            await asyncio.sleep(backoff)  # pacing retries while etcd is down, not synchronisation
+            backoff = min(backoff * 2, 1.0)
+            client = _client(self._url, self._rpc_timeout)
+            reconnected = True
+
+    async def _resync(self, client: aetcd.Client) -> None:
+        result = await client.get_prefix(self._prefix.encode())
+        by_role: dict[str, dict[str, NodeInfo]] = {r: {} for r in ROLES}
+        for kv in result:
+            parsed = self._parse(kv.key, kv.value)
+            if parsed is not None:
+                by_role[parsed.role][parsed.node_id] = parsed
+        async with self._changed:
+            self._by_role = by_role
+            self._revision = result.header.revision
+            self._cluster_id = result.header.cluster_id
+            self._version += 1
+            self._changed.notify_all()
+
+    async def _apply(self, event: aetcd.Event) -> None:
+        async with self._changed:
+            if event.kind == aetcd.EventKind.PUT:
+                info = self._parse(event.kv.key, event.kv.value)
+                if info is not None:
+                    self._by_role[info.role][info.node_id] = info
+            else:
+                where = self._split_key(event.kv.key)
+                if where is not None:
+                    self._by_role[where[0]].pop(where[1], None)
+            self._revision = event.kv.mod_revision
+            self._version += 1
+            self._changed.notify_all()
+
+    async def _set_connected(self, value: bool) -> None:
+        if self._connected != value:
+            async with self._changed:
+                self._connected = value
+                self._changed.notify_all()
+
+    def _split_key(self, key: bytes) -> tuple[str, str] | None:
+        rest = key.decode(errors="replace").removeprefix(self._prefix)
+        role, _, node_id = rest.partition("/")
+        if role not in ROLES or not node_id or "/" in node_id:
+            return None
+        return role, node_id
+
+    def _parse(self, key: bytes, value: bytes) -> NodeInfo | None:
+        # One malformed entry (another version of Baton, a hand-made key) must not stop the watcher.
+        where = self._split_key(key)
+        if where is None:
+            log.warning("ignoring unexpected key %r", key)
+            return None
+        try:
+            info = NodeInfo.from_json(value)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            log.warning("ignoring malformed node %r: %s", key, e)
+            return None
+        if (info.role, info.node_id) != where:
+            log.warning("ignoring node %r whose value says role=%r node_id=%r", key, info.role, info.node_id)
+            return None
+        return info

@@ -1,0 +1,87 @@
+"""Conversions between the wire messages (`baton.v1`) and the engine's types, and gRPC status mapping."""
+
+from __future__ import annotations
+
+import grpc
+
+from baton.engine import FieldError, FinishReason, NoCapacity, RequestOutput, SamplingParams
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import node_pb2
+
+DEFAULT_MAX_TOKENS = 16
+
+_FINISH = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.ABORT: pb.FINISH_REASON_CANCELLED,
+}
+FINISH_NAMES = {v: k.value for k, v in _FINISH.items()}
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Raises `InvalidRequest` naming the field (SamplingParams validates every one)."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=list(msg.stop),
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        include_stop_str_in_output=msg.include_stop_str_in_output,
+    )
+
+
+def sampling_to_proto(p: SamplingParams, logprobs: bool) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, stop=p.stop,
+        stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
+        include_stop_str_in_output=p.include_stop_str_in_output, logprobs=logprobs,
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def chunk_from_output(out: RequestOutput, logprobs: bool) -> pb.TokenChunk:
+    return pb.TokenChunk(
+        index=out.first_index, token_ids=out.token_ids, text=out.text,
+        logprobs=out.logprobs if logprobs else [],
+    )
+
+
+def finish_to_proto(reason: FinishReason) -> int:
+    return _FINISH[reason]
+
+
+def responses_from_output(
+    out: RequestOutput, logprobs: bool, usage: pb.Usage | None = None
+) -> list[pb.GenerateResponse]:
+    """A chunk for the output's tokens (if any), then a Finish if it ended the request."""
+    responses = []
+    if out.token_ids or out.text:
+        responses.append(pb.GenerateResponse(request_id=out.request_id, chunk=chunk_from_output(out, logprobs)))
+    if out.finish_reason is not None:
+        finish = pb.Finish(reason=finish_to_proto(out.finish_reason), usage=usage)
+        responses.append(pb.GenerateResponse(request_id=out.request_id, finish=finish))
+    return responses
+
+
+async def abort_for(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """Ends an RPC with the status that fits an engine error (never INTERNAL for bad input)."""
+    if isinstance(error, FieldError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, NoCapacity):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    raise error
+
+
+def kv_layout(engine) -> node_pb2.KVLayout:
+    """What a KV transfer between two engines must agree on."""
+    cfg = engine.model_config
+    return node_pb2.KVLayout(
+        num_layers=cfg.num_layers, block_size=engine.blocks.block_size, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, dtype=str(engine.runner.kv.storage.dtype).removeprefix("torch."),
+    )

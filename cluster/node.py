@@ -1,0 +1,136 @@
+"""One node process: an engine, its gRPC service, and its registration in etcd.
+
+Roles: `prefill` (PrefillNode service), `decode` (DecodeNode service, hosts the KV rendezvous store) and
+`colocated` (DecodeNode service, whose Generate runs prompt and decode on this engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from dataclasses import dataclass, field
+
+import aetcd
+import torch
+
+from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, Server
+from baton.cluster.membership import NodeInfo, NodeRegistration
+from baton.engine import EngineConfig, LLMEngine
+from baton.engine.async_engine import AsyncEngine
+from baton.kvtransfer.channel import KVStoreHost
+from baton.v1 import node_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    role: str
+    etcd: str  # http://host:port
+    cluster: str = "default"
+    node_id: str = ""  # "" -> role + a random suffix
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 -> any free port
+    ttl: float = 3.0  # membership lease: a dead node disappears within this
+    threads: int = 0  # torch threads; 0 -> torch's default
+    load_report_seconds: float = 0.2
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role: must be one of {ROLES}, got {self.role!r}")
+        if not self.node_id:
+            self.node_id = f"{self.role}-{uuid.uuid4().hex[:8]}"
+        if self.role == "prefill" and self.engine.enable_chunked_prefill:
+            raise ValueError("enable_chunked_prefill: a prefill node sends whole prompts; turn it off")
+
+
+async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
+    """Runs the node until `stop` is set; leaves etcd, the port and every thread clean behind it."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loop = asyncio.get_running_loop()
+    engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+    store = KVStoreHost(cfg.host) if cfg.role != "prefill" else None
+    servicer, tasks = None, []
+    try:
+        if cfg.role == "prefill":
+            from baton.prefill.server import PrefillServicer
+
+            async_engine = AsyncEngine(engine, loop)
+            servicer = PrefillServicer(cfg.node_id, async_engine)
+            server = Server([(node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)])
+        else:
+            from baton.decode.server import DecodeServicer
+
+            async_engine = AsyncEngine(engine, loop)
+            servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store)
+            server = Server([(node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)])
+            tasks.append(asyncio.create_task(_every(0.1, servicer.expire_leases)))
+        address = server.bind(cfg.host, cfg.port)
+        await server.start()
+        await server.set_serving(True)
+        stats = await servicer.stats()
+        info = NodeInfo(
+            node_id=cfg.node_id, role=cfg.role, model=engine.model_config.architecture, address=address,
+            kv_address=store.address if store else "", capacity=stats.total_blocks,
+            free_blocks=stats.free_blocks, running=0, waiting=0,
+        )
+        registration = await NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl)
+        tasks.append(asyncio.create_task(_report_load(servicer, registration, cfg.load_report_seconds)))
+        log.info("%s serving on %s", cfg.node_id, address)
+        try:
+            await stop.wait()
+        finally:
+            await registration.close()  # leave the membership first: the router stops sending at once
+            await server.stop(grace=2.0)
+    finally:
+        for task in tasks:
+            task.cancel()
+        if servicer is not None:
+            if hasattr(servicer, "close"):
+                await servicer.close()
+            await async_engine.close()
+        if store is not None:
+            store.close()
+
+
+async def _every(seconds: float, fn) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        await fn()
+
+
+async def _report_load(servicer, registration: NodeRegistration, seconds: float) -> None:
+    """Re-publishes the node's load when it changes, so that the router picks the least loaded node."""
+    last = None
+    while True:
+        s = await servicer.stats()
+        load = (s.free_blocks, s.running, s.waiting + s.reserved)
+        if load != last:
+            try:
+                await registration.update_load(free_blocks=load[0], running=load[1], waiting=load[2])
+                last = load
+            except aetcd.ClientError as e:  # etcd unreachable: the keep-alive publishes the figures later
+                log.warning("load report failed: %s", e)
+        await asyncio.sleep(seconds)
+
+
+def run(cfg: NodeConfig) -> None:
+    """Process entry point: uvloop, SIGTERM/SIGINT stop the node cleanly."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {cfg.node_id} %(levelname)s %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    uvloop.run(main())

@@ -1,0 +1,1 @@
+"""Decode nodes: reserve KV blocks, receive prefilled KV, continue sequences with continuous batching."""

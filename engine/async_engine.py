@@ -1,0 +1,163 @@
+"""Runs an `LLMEngine` on its own thread for an asyncio server.
+
+The model never runs on the event loop: the engine thread executes the commands that callers submit (add,
+abort, reserve, ...) between steps, runs steps while there is work, and hands each step's outputs back to the
+loop with `call_soon_threadsafe`. Everything that touches the engine's state runs on that one thread, so
+the block manager and the scheduler need no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from .engine import LLMEngine
+from .request import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailed(RuntimeError):
+    """The engine step raised: every request that was running on it fails with this."""
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        loop: asyncio.AbstractEventLoop,
+        on_idle: Callable[[], None] | None = None,
+        idle_seconds: float = 0.05,
+    ) -> None:
+        self.engine = engine
+        self._loop = loop
+        self._on_idle = on_idle  # runs on the engine thread at least every `idle_seconds` (lease expiry)
+        self._idle_seconds = idle_seconds
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | EngineFailed]] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs `fn(*args)` on the engine thread between steps; returns its result or raises its error."""
+        future = self._loop.create_future()
+
+        def command() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, whatever it is
+                self._loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                self._loop.call_soon_threadsafe(_settle, future, result, None)
+
+        self._commands.put(command)
+        return await future
+
+    def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput | EngineFailed]:
+        """Outputs of `request_id` will be put here (open it before the request is added)."""
+        stream: asyncio.Queue[RequestOutput | EngineFailed] = asyncio.Queue()
+        self._streams[request_id] = stream
+        return stream
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def outputs(self, request_id: str, stream: asyncio.Queue, until_first: bool = False
+                      ) -> AsyncIterator[RequestOutput]:
+        """Yields a request's outputs until it finishes; aborts it in the engine if the caller stops early."""
+        finished = False
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, EngineFailed):
+                    finished = True
+                    raise out
+                finished = out.finished or until_first
+                yield out
+                if finished:
+                    return
+        finally:
+            self.close_stream(request_id)
+            if not finished:
+                await asyncio.shield(self.call(self.engine.abort_request, request_id))
+
+    async def generate(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, prefill_only: bool = False
+    ) -> AsyncIterator[RequestOutput]:
+        stream = self.open_stream(request_id)
+        try:
+            await self.call(self.engine.add_request, request_id, prompt, params, prefill_only)
+        except BaseException:
+            self.close_stream(request_id)
+            raise
+        async for out in self.outputs(request_id, stream, until_first=prefill_only):
+            yield out
+
+    async def load(self) -> tuple[int, int, int, int]:
+        """(total blocks, free blocks, running, waiting), read on the engine thread."""
+        engine = self.engine
+
+        def read() -> tuple[int, int, int, int]:
+            s = engine.scheduler
+            return engine.blocks.num_blocks, engine.num_free_blocks, len(s.running), len(s.waiting)
+
+        return await self.call(read)
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._commands.put(lambda: None)
+        await asyncio.to_thread(self._thread.join)
+
+    # -- the engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            busy = self.engine.has_unfinished()
+            try:
+                command = self._commands.get_nowait() if busy else self._commands.get(timeout=self._idle_seconds)
+                command()
+                while True:  # everything submitted so far, before the next step
+                    self._commands.get_nowait()()
+            except queue.Empty:
+                pass
+            if self._on_idle is not None:
+                self._on_idle()
+            if self.engine.has_unfinished():
+                self._step()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # a bug must fail its requests, not kill the node
+            log.exception("engine step failed")
+            failed = EngineFailed(f"engine step failed: {e}")
+            for rid in list(self._streams):
+                self.engine.abort_request(rid)
+            self._loop.call_soon_threadsafe(self._fail_all, failed)
+            return
+        if outputs:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _fail_all(self, error: EngineFailed) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

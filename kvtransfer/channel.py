@@ -1,0 +1,293 @@
+"""Pair channels between a prefill node and a decode node: 2-rank torch.distributed groups built on demand.
+
+No global process group exists anywhere (no `init_process_group`): each (prefill node, decode node) pair gets its
+own `ProcessGroupGloo` (pool on CPU) or `ProcessGroupNCCL` (pool on CUDA), rendezvousing through a `TCPStore`
+that the decode node hosts (`KVStoreHost`) under the prefix `kv/{prefill_id}/{decode_id}/{generation}`.
+The prefill node is rank 0, the decode node rank 1. The prefill node chooses the generation (from the decode
+node's store counter, `PairChannels.next_generation`, so a restarted prefill process never reuses one); after
+a failure both sides drop the group and the next transfer uses a newer generation (a newer generation arriving
+at the decode node drops its older group for that peer). A dropped generation is never built again: its
+rendezvous keys are still in the store.
+
+A gloo group's connections close only when its last Python reference goes (`abort()`/`shutdown()` leave them
+open), and only then do the peer's pending operations fail: keep references to groups short-lived.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+PREFILL_RANK = 0
+DECODE_RANK = 1
+
+
+class KVTransferError(RuntimeError):
+    """A KV transfer or pair channel failed (peer gone, timeout, mismatched sizes, stale generation)."""
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(float(seconds), 0.001))
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`"host:port"` (or `"[v6]:port"`) -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"store address must be 'host:port', got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def pair_prefix(prefill_id: str, decode_id: str, generation: int | str) -> str:
+    return f"kv/{prefill_id}/{decode_id}/{generation}"
+
+
+class KVStoreHost:
+    """The decode node's rendezvous store: a `TCPStore` master that prefill nodes connect to as clients.
+
+    `port=0` picks a free port; `.address` ("host:port") is what the decode node publishes. `advertise_host`
+    is the name to publish when `host` is a wildcard such as "0.0.0.0". The store lives while anything holds
+    it (a `PairChannels` given it as `local_store` does): close both.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 30.0,
+                 advertise_host: str | None = None) -> None:
+        self.store = dist.TCPStore(host, port, None, True, _timedelta(timeout), wait_for_workers=False)
+        self.host = advertise_host or host
+        self.port = int(self.store.port)
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        self.address = f"{shown}:{self.port}"
+
+    def close(self) -> None:
+        # A TCPStore has no close(): the listening socket goes with the last reference.
+        self.store = None  # type: ignore[assignment]
+
+    def __enter__(self) -> KVStoreHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _release(groups: list) -> None:
+    """Lets go of dropped groups on a short-lived thread: destroying a gloo group takes ~10 ms (in C++, without
+    the GIL), which neither the caller nor the lock should wait for. A group still held by a transfer lives on
+    until that transfer lets go of it (then its destruction costs that thread the ~10 ms)."""
+    if groups:
+        threading.Thread(target=groups.clear, name="kv-group-release", daemon=True).start()
+
+
+@dataclass
+class _Pending:
+    """A value being created by one thread while others wait for it (creation blocks: no lock held)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    value: object = None
+    error: BaseException | None = None
+
+
+class PairChannels:
+    """One per node: the pair groups this node holds, keyed by peer node id, one live generation per peer.
+
+    `device` is where this node's KV pool lives: "cpu" gives gloo groups, "cuda[:i]" NCCL groups.
+    `local_store` (the decode node's own `KVStoreHost`) is used for its own address instead of a client.
+    Thread-safe: `get` blocks in the group's rendezvous (run it on a worker thread) without holding the lock.
+    """
+
+    def __init__(self, node_id: str, device: str | torch.device = "cpu", *,
+                 local_store: KVStoreHost | None = None, gloo_hostname: str | None = None) -> None:
+        self.node_id = node_id
+        self.device = torch.device(device)
+        self._gloo_hostname = gloo_hostname
+        self._gloo_device = None  # one gloo device (listener + I/O thread) for all of this node's groups
+        self._lock = threading.Lock()
+        self._stores: dict[str, object] = {}  # address -> TCPStore client (or _Pending while connecting)
+        self._local_address = local_store.address if local_store is not None else None
+        if local_store is not None:
+            self._stores[local_store.address] = local_store.store
+        self._groups: dict[tuple[str, int], object] = {}  # (peer, generation) -> group (or _Pending)
+        self._generation: dict[str, int] = {}  # peer -> newest generation asked for
+        self._retired: dict[str, int] = {}  # peer -> newest generation dropped
+        self._closed = False
+
+    # -- groups ---------------------------------------------------------------------------------------
+
+    def get(self, peer_id: str, generation: int, store_address: str, rank: int, timeout: float):
+        """The group for (peer, generation): reused if it exists, else created (blocks until the peer joins,
+        at most `timeout` seconds). Drops this node's older generations for that peer. Raises
+        `KVTransferError` on timeout, on a generation older than one already used, or on a closed object."""
+        if rank not in (PREFILL_RANK, DECODE_RANK):
+            raise ValueError(f"rank must be {PREFILL_RANK} (prefill) or {DECODE_RANK} (decode), got {rank}")
+        key = (peer_id, generation)
+        with self._lock:
+            if self._closed:
+                raise KVTransferError("pair channels are closed")
+            newest = self._generation.get(peer_id, -1)
+            if generation < newest or generation <= self._retired.get(peer_id, -1):
+                raise KVTransferError(f"stale generation {generation} for peer {peer_id!r} (newest {newest}, "
+                                      f"dropped up to {self._retired.get(peer_id)})")
+            stale = []
+            if generation > newest:
+                self._generation[peer_id] = generation
+                stale = [self._groups.pop(k) for k in list(self._groups) if k[0] == peer_id and k[1] < generation]
+            entry = self._groups.get(key)
+            if entry is None:
+                entry = self._groups[key] = _Pending()
+                creator = True
+            elif isinstance(entry, _Pending):
+                creator = False
+            else:
+                return entry
+        if not creator:
+            _release(stale)
+            if not entry.done.wait(timeout):
+                raise KVTransferError(f"timed out after {timeout:.1f}s waiting for the group with {peer_id!r}")
+            if entry.error is not None:
+                raise KVTransferError(f"pair group with {peer_id!r} failed: {entry.error}") from entry.error
+            return entry.value
+        store = None
+        try:
+            store = self._store(store_address, timeout)
+            prefill_id, decode_id = (self.node_id, peer_id) if rank == PREFILL_RANK else (peer_id, self.node_id)
+            prefixed = dist.PrefixStore(pair_prefix(prefill_id, decode_id, generation), store)
+            group = self._make_group(prefixed, rank, timeout)
+        except BaseException as exc:
+            _release(stale)
+            entry.error = exc
+            with self._lock:
+                if self._groups.get(key) is entry:
+                    del self._groups[key]
+                # A broken store connection (the decode node restarted) is rebuilt on the next call.
+                if store is not None and store_address != self._local_address \
+                        and self._stores.get(store_address) is store:
+                    del self._stores[store_address]
+            entry.done.set()
+            if isinstance(exc, KVTransferError):
+                raise
+            raise KVTransferError(f"cannot build the pair group with {peer_id!r} (generation {generation}): "
+                                  f"{exc}") from exc
+        # Older generations go only now: destroying a group on the shared gloo device while another connects
+        # through it makes the connection wait for the destruction (~10 ms).
+        _release(stale)
+        with self._lock:
+            kept = self._groups.get(key) is entry and not self._closed
+            if kept:
+                self._groups[key] = group
+        if not kept:  # dropped (or superseded by a newer generation) while it was being built
+            entry.error = KVTransferError(f"pair group with {peer_id!r} generation {generation} was dropped")
+            entry.done.set()
+            raise entry.error
+        entry.value = group
+        entry.done.set()
+        return group
+
+    def next_generation(self, peer_id: str, store_address: str, timeout: float) -> int:
+        """A generation never used before for this pair (prefill side: for the first transfer to a decode node
+        and after every failure). Counted by the decode node's store, so a prefill process that restarts
+        does not reuse a generation whose rendezvous keys are still in the store."""
+        store = self._store(store_address, timeout)
+        try:
+            return int(store.add(pair_prefix(self.node_id, peer_id, "next-generation"), 1))
+        except Exception as exc:
+            raise KVTransferError(f"cannot reach the KV store at {store_address}: {exc}") from exc
+
+    def drop(self, peer_id: str) -> None:
+        """Forgets every group with `peer_id` (after a failure). A gloo group closes its connections, failing
+        the peer's pending operations at once, when its last reference goes (`abort()`/`shutdown()` do not
+        close them): transfers still holding it keep it open until they end. The next `get` for that peer
+        must use a newer generation (`next_generation`)."""
+        with self._lock:
+            # Its rendezvous keys stay in the store: the generation can never be built again.
+            self._retired[peer_id] = self._generation.get(peer_id, -1)
+            dropped = [self._groups.pop(k) for k in list(self._groups) if k[0] == peer_id]
+        _release(dropped)
+
+    def generation(self, peer_id: str) -> int | None:
+        """The newest generation asked for with `peer_id`, None if none."""
+        with self._lock:
+            return self._generation.get(peer_id)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            groups, self._groups = self._groups, {}
+            self._stores.clear()
+            self._gloo_device = None
+        groups.clear()
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _store(self, address: str, timeout: float):
+        with self._lock:
+            entry = self._stores.get(address)
+            if entry is None:
+                entry = self._stores[address] = _Pending()
+                creator = True
+            elif isinstance(entry, _Pending):
+                creator = False
+            else:
+                return entry
+        if not creator:
+            if not entry.done.wait(timeout):
+                raise KVTransferError(f"timed out connecting to the KV store at {address}")
+            if entry.error is not None:
+                raise KVTransferError(f"cannot connect to the KV store at {address}: {entry.error}")
+            return entry.value
+        try:
+            host, port = split_address(address)
+            store = dist.TCPStore(host, port, None, False, _timedelta(timeout), wait_for_workers=False)
+        except BaseException as exc:
+            entry.error = exc
+            with self._lock:
+                if self._stores.get(address) is entry:
+                    del self._stores[address]
+            entry.done.set()
+            raise KVTransferError(f"cannot connect to the KV store at {address}: {exc}") from exc
+        entry.value = store
+        with self._lock:
+            if self._stores.get(address) is entry:
+                self._stores[address] = store
+        entry.done.set()
+        return store
+
+    def _device(self):
+        """This node's gloo device, shared by all its groups: one listening socket and one I/O thread for the
+        node instead of one per group. With a device per group, quick drop-and-re-create cycles failed now and
+        then in the rendezvous ("Gloo connectFullMesh failed ... Connection closed by peer", 3 of ~550
+        re-creations on a 2-core VM; none in ~1000 with one shared device): probably a late connection for a
+        closed group's port, which a new device's listener may reuse, while one device numbers its pairs
+        without reusing a number."""
+        with self._lock:
+            if self._gloo_device is None:
+                if self._gloo_hostname:
+                    self._gloo_device = dist.ProcessGroupGloo.create_device(hostname=self._gloo_hostname)
+                else:
+                    self._gloo_device = dist.ProcessGroupGloo.create_default_device()
+            return self._gloo_device
+
+    def _make_group(self, store, rank: int, timeout: float):
+        if self.device.type == "cpu":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = _timedelta(timeout)
+            opts._devices = [self._device()]
+            opts._threads = 1  # point-to-point only: gloo runs send/recv without its worker threads
+            return dist.ProcessGroupGloo(store, rank, 2, opts)
+        if self.device.type == "cuda":
+            nccl = getattr(dist, "ProcessGroupNCCL", None)
+            if nccl is None:
+                raise KVTransferError("this torch build has no NCCL")
+            opts = nccl.Options()
+            opts._timeout = _timedelta(timeout)
+            group = nccl(store, rank, 2, opts)
+            # NCCL builds its point-to-point communicator lazily, on the first send/recv, blocking until the
+            # peer joins: do it here (on the caller's worker thread), not in the engine thread's first send.
+            with torch.cuda.device(self.device):
+                probe = torch.zeros(1, device=self.device)
+                work = group.send([probe], 1 - rank, 0) if rank == PREFILL_RANK else group.recv([probe], 1 - rank, 0)
+                work.wait(_timedelta(timeout))
+            return group
+        raise KVTransferError(f"no pair channel backend for device {self.device}")

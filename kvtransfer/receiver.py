@@ -1,0 +1,76 @@
+"""The decode side of one request's KV transfer: receives straight into the reserved blocks of the pools.
+
+Protocol: see `sender` (a fixed-size header, then per layer 0..L-1, per run in order, one tensor
+`[count, 2, block_size, kvh, head_dim]`, all under the transfer's tag). Each recv lands in
+`pools[layer][start:start + count]`, a contiguous slice of the pool: nothing is staged or copied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .channel import KVTransferError
+from .sender import HEADER_LEN, _wait_all, check_runs, header_mismatch, make_header
+
+
+def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: Sequence[tuple[int, int]],
+            timeout: float) -> int:
+    """Receives the header, checks it, then posts every recv of the transfer (all layers, all runs, protocol
+    order) and waits for them all.
+
+    Returns the KV bytes received (the header not counted). Raises KVTransferError when the peer fails (at
+    once: a closed connection fails every pending recv), when the sender's header disagrees with `pools` and
+    `runs` (nothing is then received into the pools), or after `timeout` seconds. After any failure the
+    blocks may hold partial data and the caller must drop the group (`PairChannels.drop`): the sender's
+    unreceived messages are still queued under this tag, and a gloo group is broken after a timeout anyway.
+    Blocking: run it on a worker thread.
+    """
+    if tag < 0:
+        raise ValueError(f"tag must be >= 0, got {tag}")
+    if not pools:
+        raise ValueError("no pools")
+    first = pools[0]
+    if first.dim() != 5 or first.shape[1] != 2:
+        raise ValueError(f"pool must be [num_blocks, 2, block_size, kv_heads, head_dim], got {tuple(first.shape)}")
+    for i, pool in enumerate(pools):
+        if pool.shape != first.shape or pool.dtype != first.dtype or pool.device != first.device:
+            raise ValueError(f"pool {i} is {tuple(pool.shape)} {pool.dtype} {pool.device}, pool 0 is "
+                             f"{tuple(first.shape)} {first.dtype} {first.device}")
+        if not pool.is_contiguous():
+            raise ValueError(f"pool {i} is not contiguous: its blocks cannot be received in place")
+    runs = [(int(s), int(c)) for s, c in runs]
+    check_runs(runs, first.shape[0])
+    deadline = time.monotonic() + timeout
+    want = make_header(len(pools), runs, first.shape[1:], first.dtype)
+    got = torch.zeros(HEADER_LEN, dtype=torch.int64, device=first.device)
+    works: list = []
+    nbytes = 0
+    try:
+        works.append(pg.recv([got], peer_rank, tag))
+        _wait_all(works, deadline, f"KV receive (tag {tag}) header")
+        works.clear()
+        problem = header_mismatch(got.cpu(), want)
+        if problem is not None:
+            raise KVTransferError(f"KV receive (tag {tag}): sender and receiver disagree on {problem}")
+        for pool in pools:
+            for start, count in runs:
+                dst = pool[start:start + count]
+                works.append(pg.recv([dst], peer_rank, tag))
+                nbytes += dst.numel() * dst.element_size()
+        _wait_all(works, deadline, f"KV receive (tag {tag})")
+    except BaseException as exc:
+        # Let go of the pending works (the backend then forgets the pool slices) and of the group: the
+        # traceback keeps this frame alive, and a gloo group closes its connections (failing the peer's
+        # pending sends at once) only when its last reference goes.
+        works.clear()
+        pg = None  # noqa: F841
+        if isinstance(exc, KVTransferError):
+            raise
+        if not isinstance(exc, Exception):
+            raise
+        raise KVTransferError(f"KV receive (tag {tag}) failed: {exc}") from exc
+    works.clear()
+    return nbytes

@@ -1,0 +1,1 @@
+"""Prefill nodes: compute prompts and send their KV cache to decode nodes."""

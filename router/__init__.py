@@ -1,0 +1,1 @@
+"""The router: validates client requests, picks nodes from live membership, relays tokens."""

@@ -1,0 +1,250 @@
+"""A small client for a Baton router (the public `baton.v1.Baton` service), sync and asyncio.
+
+    from baton.router.client import AsyncBatonClient, BatonClient, Delta
+
+    with BatonClient("localhost:50051", timeout=60) as client:
+        for item in client.generate("Once upon a time", max_tokens=32, temperature=0):
+            if isinstance(item, Delta):
+                print(item.text, end="", flush=True)
+            else:  # the last item is one Finished
+                print(f"\\n[{item.finish_reason}, {item.completion_tokens} tokens]")
+        done = client.complete("The dog", max_tokens=8)  # done.text, .token_ids, .finished.finish_reason
+
+    async with AsyncBatonClient("localhost:50051") as client, \\
+            contextlib.aclosing(client.generate([1, 2, 3], seed=7)) as stream:
+        async for item in stream:
+            ...  # leaving the block early (or cancelling the task) cancels the gRPC call
+
+Unset options take the server's defaults. Failures raise BatonError subclasses named after the gRPC status.
+"""
+
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Self, TypedDict, Unpack
+
+import grpc
+
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
+
+
+class BatonError(Exception):
+    """A failed call: `code` is the grpc.StatusCode, `details` the server's message."""
+    status: grpc.StatusCode | None = None  # the code a subclass stands for
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class InvalidArgument(BatonError):
+    """A request field out of range; `field` names it (the server's details read "<field>: <message>")."""
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        m = re.match(r"\s*([\w.\[\]]+)\s*:", details)
+        self.field = m.group(1) if m else ""
+
+
+class NotFound(BatonError): status = grpc.StatusCode.NOT_FOUND                    # e.g. an unknown model
+class ResourceExhausted(BatonError): status = grpc.StatusCode.RESOURCE_EXHAUSTED  # no room for the request
+class Unavailable(BatonError): status = grpc.StatusCode.UNAVAILABLE              # router or nodes down
+class DeadlineExceeded(BatonError): status = grpc.StatusCode.DEADLINE_EXCEEDED
+class Cancelled(BatonError): status = grpc.StatusCode.CANCELLED
+
+
+_ERRORS: dict[grpc.StatusCode, type[BatonError]] = {c.status: c for c in BatonError.__subclasses__()}
+
+
+@contextmanager
+def _errors(call: Any = None) -> Iterator[None]:
+    """Raises gRPC failures as BatonErrors; cancels `call` on the way out (a no-op once it has ended)."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        code, details = e.code(), e.details() or ""
+        raise _ERRORS.get(code, BatonError)(code, details) from e
+    finally:
+        if call is not None:
+            call.cancel()
+
+
+@dataclass(slots=True, frozen=True)
+class Delta:
+    """New tokens of one request; `index` is the position of token_ids[0] among the generated tokens."""
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # one per token when requested with logprobs=True, else empty
+
+
+@dataclass(slots=True, frozen=True)
+class Finished:
+    """The end of a request. finish_reason: "length", "stop", "eos" or "cancelled"."""
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    e2e_ms: float
+    prefill_node: str
+    decode_node: str
+
+
+@dataclass(slots=True, frozen=True)
+class Completion:
+    """What complete() returns: the whole generated text and tokens, and how the request ended."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finished: Finished
+
+
+class GenerateOptions(TypedDict, total=False):
+    """generate()'s keyword options, default in brackets; SamplingParams in baton.proto gives the ranges."""
+    max_tokens: int | None       # [None: the server's, 16]
+    temperature: float | None    # [None: 1.0]; 0 is greedy
+    top_p: float | None          # [None: 1.0]
+    top_k: int                   # [0: off]
+    seed: int | None             # [None: random]
+    stop: str | Sequence[str]    # [()]
+    stop_token_ids: Sequence[int]  # [()]
+    ignore_eos: bool             # [False]
+    include_stop_str_in_output: bool  # [False]
+    logprobs: bool               # [False]
+    request_id: str              # [""]: the router makes one
+    model: str                   # [""]: the cluster's model
+
+
+def _request(prompt: str | Sequence[int], options: GenerateOptions) -> pb.GenerateRequest:
+    sampling = dict(options)
+    request_id, model = sampling.pop("request_id", ""), sampling.pop("model", "")
+    if isinstance(sampling.get("stop"), str):  # one stop string, not its characters
+        sampling["stop"] = [sampling["stop"]]
+    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=pb.SamplingParams(**sampling))
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+_REASONS = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
+
+
+def _item(resp: pb.GenerateResponse) -> Delta | Finished:
+    if (kind := resp.WhichOneof("kind")) == "chunk":
+        c = resp.chunk
+        return Delta(resp.request_id, c.index, list(c.token_ids), c.text, list(c.logprobs))
+    if kind == "finish":
+        u, reason = resp.finish.usage, _REASONS.get(resp.finish.reason, "unspecified")
+        return Finished(resp.request_id, reason, u.prompt_tokens, u.completion_tokens, u.ttft_ms, u.e2e_ms,
+                        u.prefill_node, u.decode_node)
+    raise BatonError(grpc.StatusCode.INTERNAL, "a GenerateResponse with neither chunk nor finish")
+
+
+def _completion(items: list[Delta | Finished]) -> Completion:
+    deltas = [d for d in items if isinstance(d, Delta)]
+    return Completion("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
+                      [p for d in deltas for p in d.logprobs], finished=items[-1])  # type: ignore[arg-type]
+
+
+class _Client:
+    _open: Any  # the channel factory
+
+    def __init__(self, target: str, *, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        self._channel = self._open(target)
+        self._stub = baton_pb2_grpc.BatonStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+class BatonClient(_Client):
+    """Blocking client over grpc.insecure_channel; use it in a `with` block or close() it. `timeout` is
+    every call's deadline in seconds (None: none), unless the call passes its own."""
+    _open = staticmethod(grpc.insecure_channel)
+
+    def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
+                 **options: Unpack[GenerateOptions]) -> Iterator[Delta | Finished]:
+        """Yields a Delta per chunk as the stream arrives, then one Finished. The prompt is a text or token
+        ids. Closing the generator early (e.g. breaking out of a for loop over it) cancels the call."""
+        call = self._stub.Generate(_request(prompt, options), timeout=self._deadline(timeout))
+        finished = False
+        with _errors(call):  # left early (closed, cancelled, failed): the call is cancelled
+            for resp in call:  # to the end of the stream (its status), not just to the Finish
+                finished = isinstance(item := _item(resp), Finished)
+                yield item
+        if not finished:
+            raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
+
+    def complete(self, prompt: str | Sequence[int], *, timeout: float | None = None,
+                 **options: Unpack[GenerateOptions]) -> Completion:
+        return _completion(list(self.generate(prompt, timeout=timeout, **options)))
+
+    def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        """The served models, as baton.v1 ModelInfo messages (id, architecture, max_model_len, ...)."""
+        with _errors():
+            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self._deadline(timeout)).models)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True, *, model: str = "",
+                 timeout: float | None = None) -> list[int]:
+        req = pb.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
+        with _errors():
+            return list(self._stub.Tokenize(req, timeout=self._deadline(timeout)).token_ids)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncBatonClient(_Client):
+    """asyncio client over grpc.aio.insecure_channel: BatonClient's calls, awaited; `async with` it."""
+    _open = staticmethod(grpc.aio.insecure_channel)
+
+    async def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
+                       **options: Unpack[GenerateOptions]) -> AsyncIterator[Delta | Finished]:
+        """Async generator of Deltas, then one Finished. Cancelling the consuming task, or closing the
+        generator early (aclose(), contextlib.aclosing), cancels the gRPC call."""
+        call = self._stub.Generate(_request(prompt, options), timeout=self._deadline(timeout))
+        finished = False
+        with _errors(call):
+            async for resp in call:
+                finished = isinstance(item := _item(resp), Finished)
+                yield item
+        if not finished:
+            raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
+
+    async def complete(self, prompt: str | Sequence[int], *, timeout: float | None = None,
+                       **options: Unpack[GenerateOptions]) -> Completion:
+        return _completion([item async for item in self.generate(prompt, timeout=timeout, **options)])
+
+    async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        with _errors():
+            resp = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._deadline(timeout))
+        return list(resp.models)
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True, *, model: str = "",
+                       timeout: float | None = None) -> list[int]:
+        req = pb.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
+        with _errors():
+            return list((await self._stub.Tokenize(req, timeout=self._deadline(timeout))).token_ids)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,215 @@
+"""The router: the public `Baton` service.
+
+A request's life in the router (disaggregated):
+  admit      validate every field, tokenize, give the request a cluster-unique id
+  pick       the least loaded decode node and prefill node from the live membership
+  Reserve    the decode node allocates the prompt's blocks (it owns them from here on)
+  Prefill    the prefill node computes the prompt and writes its K/V into those blocks; its first token is
+             relayed to the client at once
+  Continue   the decode node goes on from the first token; its tokens are relayed as they come
+Whatever ends the request (finish, client cancel, deadline, a node failing), the `finally` releases what the
+decode node holds: Release is idempotent, so it is always sent. In colocated mode one node's `Generate` does
+it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import grpc
+
+from baton.cluster.messages import sampling_to_proto
+from baton.engine import FieldError
+from baton.engine.tokenizer import Tokenizer
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
+
+from .admission import Admitted, ModelCard, UnknownModel, admit
+from .picker import NoNode, Picker
+
+log = logging.getLogger(__name__)
+
+# Node errors that say something about the request, passed to the client as they are.
+_PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+class NodeStubs:
+    """One channel per node address, reused by every request."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]
+
+    def decode(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
+        return node_pb2_grpc.DecodeNodeStub(self._channel(address))
+
+    def prefill(self, address: str) -> node_pb2_grpc.PrefillNodeStub:
+        return node_pb2_grpc.PrefillNodeStub(self._channel(address))
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
+class RouterServicer(baton_pb2_grpc.BatonServicer):
+    def __init__(self, model: ModelCard, tokenizer: Tokenizer, picker: Picker, lease_ms: int = 30_000) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.picker = picker
+        self.stubs = NodeStubs()
+        self.lease_ms = lease_ms
+        self._rng = random.Random()
+
+    async def ListModels(self, request, context):
+        m = self.model
+        info = pb.ModelInfo(id=m.id, architecture=m.architecture, max_model_len=m.max_model_len,
+                            vocab_size=m.vocab_size, dtype=m.dtype)
+        return pb.ListModelsResponse(models=[info])
+
+    async def Tokenize(self, request, context):
+        if request.model and request.model != self.model.id:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served here")
+        special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, special))
+
+    async def Generate(self, request, context):
+        start = time.perf_counter()
+        try:
+            req = admit(request, self.model, self.tokenizer, self._rng)
+            mode = self.picker.mode()
+        except FieldError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except UnknownModel as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except NoNode as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        relay = Relay(req, start)
+        try:
+            stream = self._colocated(req, context) if mode == "colocated" else self._disaggregated(req, context, relay)
+            async for response in stream:
+                yield relay.see(response)
+        except grpc.aio.AioRpcError as e:
+            code = e.code() if e.code() in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, e.details() or str(code))
+        except NoNode as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    async def _colocated(self, req: Admitted, context):
+        node = self.picker.pick("colocated")
+        self.picker.in_flight[node.node_id] += 1
+        try:
+            call = self.stubs.decode(node.address).Generate(
+                node_pb2.NodeGenerateRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
+                                             sampling=sampling_to_proto(req.params, req.logprobs)),
+                timeout=context.time_remaining(),
+            )
+            req.nodes = (node.node_id, node.node_id)
+            async for response in call:
+                yield response
+        finally:
+            self.picker.in_flight[node.node_id] -= 1
+
+    async def _disaggregated(self, req: Admitted, context, relay: Relay):
+        decode, prefill = self.picker.pick("decode"), self.picker.pick("prefill")
+        req.nodes = (prefill.node_id, decode.node_id)
+        decode_stub = self.stubs.decode(decode.address)
+        timeout = context.time_remaining()
+        self.picker.in_flight[decode.node_id] += 1
+        self.picker.in_flight[prefill.node_id] += 1
+        prefill_call = continue_call = None
+        try:
+            reservation = await decode_stub.Reserve(
+                node_pb2.ReserveRequest(request_id=req.internal_id, prompt_tokens=len(req.prompt_ids),
+                                        max_tokens=req.params.max_tokens, lease_ms=self.lease_ms),
+                timeout=timeout,
+            )
+            sampling = sampling_to_proto(req.params, req.logprobs)
+            target = node_pb2.KVTarget(
+                decode_node_id=decode.node_id, decode_address=decode.address,
+                kv_store_address=reservation.kv_store_address, block_ids=reservation.block_ids,
+                transfer_tag=reservation.transfer_tag, layout=reservation.layout,
+            )
+            prefill_call = self.stubs.prefill(prefill.address).Prefill(
+                node_pb2.PrefillRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
+                                        sampling=sampling, target=target),
+                timeout=context.time_remaining(),
+            )
+            events = prefill_call.__aiter__()
+            first = (await events.__anext__()).first_token
+            self.picker.in_flight[prefill.node_id] -= 1
+            prefill = None
+            yield pb.GenerateResponse(request_id=req.internal_id, chunk=first.chunk)
+            if first.finish:
+                yield pb.GenerateResponse(request_id=req.internal_id, finish=pb.Finish(reason=first.finish))
+                return
+            # The decode node waits for the K/V itself; the transfer's end only needs checking for errors.
+            continue_call = decode_stub.Continue(
+                node_pb2.ContinueRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
+                                         first_token=first.chunk.token_ids[0],
+                                         first_logprob=first.chunk.logprobs[0] if first.chunk.logprobs else 0.0,
+                                         sampling=sampling),
+                timeout=context.time_remaining(),
+            )
+            transfer = asyncio.ensure_future(_drain(events))
+            async for response in continue_call:
+                yield response
+            await transfer
+        finally:
+            if prefill is not None:
+                self.picker.in_flight[prefill.node_id] -= 1
+            self.picker.in_flight[decode.node_id] -= 1
+            for call in (prefill_call, continue_call):
+                if call is not None:
+                    call.cancel()
+            # Always: frees the reservation or the sequence if anything above ended early. Shielded from
+            # the client's cancellation, bounded in time.
+            await asyncio.shield(_release(decode_stub, req.internal_id))
+
+    async def close(self) -> None:
+        await self.stubs.close()
+
+
+class Relay:
+    """Rewrites node responses for the client (its own request id) and keeps the usage figures."""
+
+    def __init__(self, req: Admitted, start: float) -> None:
+        self.req = req
+        self.start = start
+        self.ttft_ms = 0.0
+        self.completion_tokens = 0
+
+    def see(self, response: pb.GenerateResponse) -> pb.GenerateResponse:
+        response.request_id = self.req.request_id
+        if response.HasField("chunk"):
+            if not self.completion_tokens and response.chunk.token_ids:
+                self.ttft_ms = (time.perf_counter() - self.start) * 1e3
+            self.completion_tokens += len(response.chunk.token_ids)
+        else:
+            prefill_node, decode_node = self.req.nodes
+            response.finish.usage.CopyFrom(pb.Usage(
+                prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.completion_tokens,
+                ttft_ms=self.ttft_ms, e2e_ms=(time.perf_counter() - self.start) * 1e3,
+                prefill_node=prefill_node, decode_node=decode_node,
+            ))
+        return response
+
+
+async def _drain(events) -> None:
+    async for _ in events:
+        pass
+
+
+async def _release(stub: node_pb2_grpc.DecodeNodeStub, request_id: str) -> None:
+    try:
+        await stub.Release(node_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
+    except grpc.aio.AioRpcError as e:  # the node is gone: its blocks went with it
+        log.warning("release of %s failed: %s", request_id, e.code())
+

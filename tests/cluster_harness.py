@@ -1,0 +1,117 @@
+"""Runs `baton up` as a user would, and finds its processes and nodes, for the cluster tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from baton.cluster.membership import MembershipWatcher, NodeInfo
+from baton.v1 import node_pb2, node_pb2_grpc
+
+BATON = str(Path(sys.executable).with_name("baton"))
+READY = re.compile(r"router listening on (\S+) \(cluster (\S+), etcd (\S+), logs in (.+)\)")
+
+
+def cluster_pids(cluster: str) -> list[int]:
+    """Every live process whose command line names this cluster (nodes, router)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if cluster.encode() in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+class BatonUp:
+    """`with BatonUp(tmp_path, "--prefill", "1", ...) as up:` — up.address, up.etcd, up.cluster."""
+
+    def __init__(self, log_dir: Path, *args: str, timeout: float = 120.0) -> None:
+        self.args = [BATON, "up", "--log-dir", str(log_dir), *args]
+        self.log_dir = log_dir
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.address = self.cluster = self.etcd = ""
+
+    def __enter__(self) -> BatonUp:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     stdin=subprocess.DEVNULL)
+        lines: list[str] = []
+        found = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                lines.append(line)
+                if READY.search(line):
+                    found.set()
+            found.set()  # EOF: `baton up` ended
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(self.timeout) or not (m := READY.search("".join(lines))):
+            self.__exit__()
+            raise RuntimeError(f"baton up did not become ready:\n{''.join(lines)}\n{self.logs()}")
+        self.address, self.cluster, self.etcd = m.group(1), m.group(2), m.group(3)
+        return self
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in self.log_dir.glob("*.log"))
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in cluster_pids(self.cluster) if self.cluster else []:  # never leave a process behind
+            os.kill(pid, signal.SIGKILL)
+
+    # -- looking inside ------------------------------------------------------------------------------
+
+    def nodes(self, role: str | None = None) -> list[NodeInfo]:
+        async def read() -> list[NodeInfo]:
+            watcher = await MembershipWatcher.start(self.etcd, self.cluster)
+            try:
+                return watcher.nodes(role)
+            finally:
+                await watcher.close()
+
+        return asyncio.run(read())
+
+    def stats(self, node: NodeInfo) -> node_pb2.NodeStats:
+        with grpc.insecure_channel(node.address) as channel:
+            stub = (node_pb2_grpc.PrefillNodeStub if node.role == "prefill" else node_pb2_grpc.DecodeNodeStub)(channel)
+            return stub.GetStats(node_pb2.GetStatsRequest(), timeout=10)
+
+    def wait_until(self, predicate, timeout: float, interval: float = 0.02) -> float:
+        """Polls `predicate` until true; returns the seconds it took. Raises TimeoutError past `timeout`."""
+        start = time.monotonic()
+        while not predicate():
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"condition not met within {timeout} s")
+            time.sleep(interval)
+        return time.monotonic() - start
+
+    def node_pid(self, node_id: str) -> int:
+        for pid in cluster_pids(self.cluster):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if node_id.encode() in cmdline and b"node" in cmdline:
+                return pid
+        raise LookupError(node_id)
