@@ -94,7 +94,8 @@ def _node(args: argparse.Namespace) -> int:
     from baton.cluster.node import NodeConfig, run
 
     run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
-                   port=args.port, ttl=args.ttl, threads=args.threads, engine=_engine_config(args)))
+                   port=args.port, ttl=args.ttl, threads=args.threads, transfer_timeout=args.transfer_timeout,
+                   engine=_engine_config(args)))
     return 0
 
 
@@ -113,6 +114,8 @@ def _up(args: argparse.Namespace) -> int:
         node_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if args.max_num_seqs:
         node_args += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.transfer_timeout:
+        node_args += ["--transfer-timeout", str(args.transfer_timeout)]
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
                               port=args.port, etcd=args.etcd, threads=args.threads, node_args=node_args,
                               log_dir=args.log_dir))
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
     up.add_argument("--num-kv-blocks", type=int, default=None)
     up.add_argument("--max-num-seqs", type=int, default=None)
+    up.add_argument("--transfer-timeout", type=float, default=None, help="seconds a KV transfer may take (30)")
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     up.set_defaults(run=_up)
 
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--node-id", default="")
     node.add_argument("--ttl", type=float, default=3.0, help="membership lease in seconds")
     node.add_argument("--threads", type=int, default=0)
+    node.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
     _cluster_args(node)
     _engine_args(node)
     node.set_defaults(run=_node)

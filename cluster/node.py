@@ -38,6 +38,7 @@ class NodeConfig:
     ttl: float = 3.0  # membership lease: a dead node disappears within this
     threads: int = 0  # torch threads; 0 -> torch's default
     load_report_seconds: float = 0.2
+    transfer_timeout: float = 30.0  # a KV transfer (or its channel set-up) that takes longer fails
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -62,13 +63,13 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             from baton.prefill.server import PrefillServicer
 
             async_engine = AsyncEngine(engine, loop)
-            servicer = PrefillServicer(cfg.node_id, async_engine)
+            servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout)
             server = Server([(node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)])
         else:
             from baton.decode.server import DecodeServicer
 
             async_engine = AsyncEngine(engine, loop)
-            servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store)
+            servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout)
             server = Server([(node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)])
             tasks.append(asyncio.create_task(_every(0.1, servicer.expire_leases)))
         address = server.bind(cfg.host, cfg.port)

@@ -22,7 +22,7 @@ import grpc
 from baton.cluster.messages import abort_for, kv_layout, responses_from_output, sampling_from_proto
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine
-from baton.kvtransfer.channel import KVStoreHost, KVTransferError, PairChannels
+from baton.kvtransfer.channel import KVStoreHost, PairChannels
 from baton.kvtransfer.receiver import receive
 from baton.kvtransfer.sender import coalesce
 from baton.v1 import node_pb2, node_pb2_grpc
@@ -104,6 +104,14 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no reservation for {request.request_id!r}")
         if request.layout != self.layout:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
+        # Shielded: if this call is cancelled, the receive still ends (done or failed) before its blocks
+        # can be freed or reused, and its bookkeeping still runs.
+        received = await asyncio.shield(asyncio.ensure_future(self._receive(request, r)))
+        if received is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "kv transfer failed")
+        return node_pb2.ReceiveKVResponse(bytes_received=received)
+
+    async def _receive(self, request, r: Reservation) -> int | None:
         blocks = r.blocks[: self.engine.engine.blocks.blocks_for(request.num_tokens)]
         pools = self.engine.engine.runner.kv.pools
         r.receiving = True
@@ -115,18 +123,19 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             received = await asyncio.to_thread(
                 receive, group, 0, r.tag, pools, coalesce(blocks), self.transfer_timeout
             )
-        except KVTransferError as e:
+        except Exception as e:  # noqa: BLE001 - whatever failed, the reservation must not stay behind
+            log.warning("kv transfer of %s failed: %s", request.request_id, e)
             self.channels.drop(request.prefill_node_id)
             r.receiving = False
             await self._release(request.request_id)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {e}")
+            return None
         r.receiving = False
         self.kv_bytes_received += received
         if r.expires == 0:  # released while receiving
             await self._release(request.request_id)
         else:
             r.kv_ready.set()
-        return node_pb2.ReceiveKVResponse(bytes_received=received)
+        return received
 
     # -- decoding -----------------------------------------------------------------------------------
 

@@ -109,30 +109,20 @@ class KVSender:
     instead of one round trip after layer 0 is sent. `num_layers`, when given, is checked by both sides.
     """
 
-    def __init__(self, pg, peer_rank: int, tag: int, src_blocks: Sequence[int],
+    def __init__(self, pg, peer_rank: int, tag: int, src_blocks: Sequence[int] | None,
                  dst_runs: Sequence[tuple[int, int]], *, num_layers: int | None = None,
                  pool: torch.Tensor | None = None) -> None:
         if tag < 0:
             raise ValueError(f"tag must be >= 0, got {tag}")
-        total = check_runs(dst_runs)
-        if len(src_blocks) != total:
-            raise ValueError(f"{len(src_blocks)} source blocks for {total} destination blocks")
+        self._total = check_runs(dst_runs)
         self.pg = pg
         self.peer_rank = peer_rank
         self.tag = tag
         self.num_layers = num_layers
         self.dst_runs = [(int(s), int(c)) for s, c in dst_runs]
-        self._src = [int(b) for b in src_blocks]
-        if any(b < 0 for b in self._src):
-            raise ValueError("negative source block id")
-        self._max_src = max(self._src, default=-1)
+        self._src: list[int] | None = None
+        self._max_src = -1
         self._src_runs: list[tuple[int, int, bool]] = []  # (offset in src, count, consecutive)
-        offset = 0
-        for _, count in self.dst_runs:
-            ids = self._src[offset:offset + count]
-            consecutive = all(ids[i + 1] == ids[i] + 1 for i in range(count - 1))
-            self._src_runs.append((offset, count, consecutive))
-            offset += count
         self._index: dict[torch.device, list[torch.Tensor | None]] = {}
         self.header: torch.Tensor | None = None
         self._works: list = []
@@ -143,9 +133,35 @@ class KVSender:
         self.bytes_posted = 0
         self._failed: KVTransferError | None = None
         self._done = False
+        if src_blocks is not None:
+            self.set_source(src_blocks)
         if pool is not None:
             self._check_pool(pool)
             self._post_header(pool)
+
+    def set_source(self, src_blocks: Sequence[int]) -> None:
+        """This node's block ids for the prompt, once known (a prefill learns them when the prompt is
+        scheduled, after the header could already go out)."""
+        if len(src_blocks) != self._total:
+            raise ValueError(f"{len(src_blocks)} source blocks for {self._total} destination blocks")
+        self._src = [int(b) for b in src_blocks]
+        if any(b < 0 for b in self._src):
+            raise ValueError("negative source block id")
+        self._max_src = max(self._src, default=-1)
+        offset = 0
+        for _, count in self.dst_runs:
+            ids = self._src[offset:offset + count]
+            consecutive = all(ids[i + 1] == ids[i] + 1 for i in range(count - 1))
+            self._src_runs.append((offset, count, consecutive))
+            offset += count
+
+    @property
+    def num_blocks(self) -> int:
+        return self._total
+
+    @property
+    def has_source(self) -> bool:
+        return self._src is not None
 
     def send_layer(self, layer: int, pool: torch.Tensor) -> None:
         """Posts layer `layer`'s sends (layers must come in order 0, 1, ...). Non-blocking."""
@@ -157,6 +173,8 @@ class KVSender:
             raise ValueError(f"layer {layer} sent out of order (expected {self._next_layer})")
         if self.num_layers is not None and layer >= self.num_layers:
             raise ValueError(f"layer {layer} past num_layers={self.num_layers}")
+        if self._src is None:
+            raise ValueError("send_layer before set_source")
         self._check_pool(pool)
         index = self._index.get(pool.device)
         if index is None:

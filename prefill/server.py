@@ -42,9 +42,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self._generation_locks: dict[str, asyncio.Lock] = {}
         self._decode_stubs: dict[str, node_pb2_grpc.DecodeNodeStub] = {}
         self._channels_grpc: list[grpc.aio.Channel] = []
-        # Transfers waiting for their prompt to be computed: request id -> (group, tag, runs), and the
-        # senders made on the engine thread once the prompt's blocks are known.
-        self._pending: dict[str, tuple[object, int, list[tuple[int, int]]]] = {}
+        # One sender per transfer, made (and its header posted) before the prompt is scheduled; the engine
+        # thread gives it the prompt's own block ids at the first layer.
         self._senders: dict[str, KVSender] = {}
         self._lock = threading.Lock()
         self.kv_bytes_sent = 0
@@ -56,15 +55,13 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         engine = self.engine.engine
         pool = engine.runner.kv.pools[layer]
         for seq in step.seqs:
-            rid = seq.request_id
             with self._lock:
-                sender = self._senders.get(rid)
-                if sender is None and rid in self._pending:
-                    group, tag, runs = self._pending.pop(rid)
-                    src = engine.blocks.table(rid)[: sum(count for _, count in runs)]
-                    sender = self._senders[rid] = KVSender(group, 1, tag, src, runs)
-            if sender is not None:
-                sender.send_layer(layer, pool)
+                sender = self._senders.get(seq.request_id)
+            if sender is None:
+                continue
+            if not sender.has_source:
+                sender.set_source(engine.blocks.table(seq.request_id)[: sender.num_blocks])
+            sender.send_layer(layer, pool)
 
     def _stub(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
         stub = self._decode_stubs.get(address)
@@ -102,8 +99,10 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             group = await asyncio.to_thread(
                 self.channels.get, decode_id, generation, target.kv_store_address, 0, self.transfer_timeout
             )
+            pools = self.engine.engine.runner.kv.pools
+            sender = KVSender(group, 1, target.transfer_tag, None, runs, num_layers=len(pools), pool=pools[0])
             with self._lock:
-                self._pending[rid] = (group, target.transfer_tag, runs)
+                self._senders[rid] = sender
             first = None
             async for out in self.engine.generate(rid, prompt, params, prefill_only=True):
                 first = out
@@ -113,7 +112,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 finish=finish_to_proto(first.finish_reason) if first.finished else 0,
             ))
             with self._lock:
-                sender = self._senders.pop(rid)
+                del self._senders[rid]
             sent = await asyncio.to_thread(sender.wait, self.transfer_timeout)
             await receive_call
             self.kv_bytes_sent += sent
@@ -129,9 +128,10 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             if receive_call is not None:
                 receive_call.cancel()  # a no-op once it has completed
             with self._lock:
-                self._pending.pop(rid, None)
                 sender = self._senders.pop(rid, None)
             if sender is not None:  # ended early: the sends must be over before the blocks can be reused
+                self.channels.drop(decode_id)  # closing the channel fails the decode node's receive at once
+                self._generations.pop(decode_id, None)
                 await asyncio.to_thread(_wait_quietly, sender, self.transfer_timeout)
             await asyncio.shield(self.engine.call(self.engine.engine.free_reservation, rid))
 

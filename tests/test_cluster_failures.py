@@ -1,0 +1,78 @@
+"""What a failure leaves behind: nothing. Leases, failed transfers, full caches and dead nodes, on a real
+cluster (`baton up`, one prefill and one small decode node)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import grpc
+import pytest
+from cluster_harness import BatonUp
+
+from baton.router.client import BatonClient, ResourceExhausted, Unavailable
+from baton.v1 import node_pb2, node_pb2_grpc
+
+BLOCKS = 12  # x 16 tokens: a decode node that a few requests fill
+
+
+@pytest.fixture()
+def up(stories_path, tmp_path):
+    with BatonUp(tmp_path, "--model", str(stories_path), "--num-kv-blocks", str(BLOCKS),
+                 "--transfer-timeout", "2") as cluster:
+        yield cluster
+
+
+def decode_stub(up) -> tuple[node_pb2_grpc.DecodeNodeStub, grpc.Channel]:
+    channel = grpc.insecure_channel(up.nodes("decode")[0].address)
+    return node_pb2_grpc.DecodeNodeStub(channel), channel
+
+
+def all_free(up) -> bool:
+    s = up.stats(up.nodes("decode")[0])
+    return s.free_blocks == s.total_blocks == BLOCKS and s.reserved == 0 and not s.running
+
+
+def test_an_unclaimed_reservation_is_freed_when_its_lease_ends(up):
+    stub, channel = decode_stub(up)
+    with channel:
+        r = stub.Reserve(node_pb2.ReserveRequest(request_id="orphan", prompt_tokens=40, max_tokens=8, lease_ms=300))
+        assert len(r.block_ids) == 3
+        assert up.stats(up.nodes("decode")[0]).reserved == 1
+        up.wait_until(lambda: all_free(up), timeout=2.0)
+
+
+def test_a_transfer_that_never_comes_releases_the_reservation(up):
+    stub, channel = decode_stub(up)
+    with channel:
+        r = stub.Reserve(node_pb2.ReserveRequest(request_id="lonely", prompt_tokens=40, max_tokens=8))
+        with pytest.raises(grpc.RpcError) as e:  # no such prefill node: the channel set-up times out (2 s)
+            stub.ReceiveKV(node_pb2.ReceiveKVRequest(request_id="lonely", prefill_node_id="ghost", generation=1,
+                                                     layout=r.layout, num_tokens=40), timeout=20)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert all_free(up)
+
+
+def test_a_full_decode_node_answers_resource_exhausted_then_serves_again(up):
+    stub, channel = decode_stub(up)
+    with channel, BatonClient(up.address, timeout=30) as client:
+        stub.Reserve(node_pb2.ReserveRequest(request_id="hog", prompt_tokens=BLOCKS * 16 - 8, max_tokens=8))
+        with pytest.raises(ResourceExhausted):
+            client.complete("Once upon a time", max_tokens=5)
+        stub.Release(node_pb2.ReleaseRequest(request_id="hog"))
+        assert client.complete("Once upon a time", max_tokens=5, temperature=0).finished.completion_tokens == 5
+    assert all_free(up)
+
+
+def test_a_dead_prefill_node_fails_requests_cleanly(up):
+    os.kill(up.node_pid("prefill-0"), signal.SIGKILL)
+    with BatonClient(up.address, timeout=30) as client:
+        # Still in the membership for up to its TTL: the router picks it, the call fails, nothing leaks.
+        with pytest.raises(Unavailable):
+            client.complete("Once upon a time", max_tokens=5)
+        assert all_free(up)
+        up.wait_until(lambda: not up.nodes("prefill"), timeout=5, interval=0.1)
+        with pytest.raises(Unavailable) as e:
+            client.complete("Once upon a time", max_tokens=5)
+        assert "prefill" in e.value.details
+    assert all_free(up)
