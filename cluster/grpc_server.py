@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,3 +51,20 @@ class Server:
 BATON_SERVICE = baton_pb2.DESCRIPTOR.services_by_name["Baton"].full_name
 DECODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["DecodeNode"].full_name
 PREFILL_SERVICE = node_pb2.DESCRIPTOR.services_by_name["PrefillNode"].full_name
+
+
+def run_until_signalled(name: str, serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """A server process's entry point: uvloop, logs tagged with `name`, and SIGTERM/SIGINT set the event
+    that `serve` waits on, so it can leave the membership and stop cleanly."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(stop)
+
+    uvloop.run(main())

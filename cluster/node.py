@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import uuid
 from dataclasses import dataclass, field
 
 import aetcd
 import torch
 
-from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, Server
+from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, Server, run_until_signalled
 from baton.cluster.membership import NodeInfo, NodeRegistration
 from baton.engine import EngineConfig, LLMEngine
 from baton.engine.async_engine import AsyncEngine
@@ -122,16 +121,5 @@ async def _report_load(servicer, registration: NodeRegistration, seconds: float)
 
 
 def run(cfg: NodeConfig) -> None:
-    """Process entry point: uvloop, SIGTERM/SIGINT stop the node cleanly."""
-    import uvloop
-
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {cfg.node_id} %(levelname)s %(message)s")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
-
-    uvloop.run(main())
+    """Process entry point: serves until SIGTERM or SIGINT."""
+    run_until_signalled(cfg.node_id, lambda stop: serve(cfg, stop))

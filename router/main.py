@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 
-from baton.cluster.grpc_server import BATON_SERVICE, Server
+from baton.cluster.grpc_server import BATON_SERVICE, Server, run_until_signalled
 from baton.cluster.membership import MembershipWatcher
 from baton.engine.config import ModelConfig
 from baton.engine.loader import DEFAULT_MODEL, resolve_model_path
@@ -57,15 +56,5 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
 
 
 def run(cfg: RouterConfig) -> None:
-    import uvloop
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
-
-    uvloop.run(main())
+    """Process entry point: serves until SIGTERM or SIGINT."""
+    run_until_signalled("router", lambda stop: serve(cfg, stop))
