@@ -109,15 +109,12 @@ def _router(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from baton.cluster.launch import ClusterSpec, run_up
 
-    node_args = []
-    if args.num_kv_blocks:
-        node_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
-    if args.max_num_seqs:
-        node_args += ["--max-num-seqs", str(args.max_num_seqs)]
-    if args.transfer_timeout:
-        node_args += ["--transfer-timeout", str(args.transfer_timeout)]
+    passed_on = {"--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
+                 "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens}
+    node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
-                              port=args.port, etcd=args.etcd, threads=args.threads, node_args=node_args,
+                              port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
+                              chunked_prefill=args.enable_chunked_prefill, node_args=node_args,
                               log_dir=args.log_dir))
 
 
@@ -141,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=0, help="router port (0: a free one)")
     up.add_argument("--etcd", default="", help="an existing etcd URL (default: start a private one)")
     up.add_argument("--threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
+    up.add_argument("--pin", action="store_true", help="pin node i to core i (isolated, equal resources)")
+    up.add_argument("--enable-chunked-prefill", action="store_true", help="in decode and colocated nodes")
+    up.add_argument("--max-num-batched-tokens", type=int, default=None)
     up.add_argument("--num-kv-blocks", type=int, default=None)
     up.add_argument("--max-num-seqs", type=int, default=None)
     up.add_argument("--transfer-timeout", type=float, default=None, help="seconds a KV transfer may take (30)")

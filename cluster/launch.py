@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,6 +50,8 @@ class ClusterSpec:
     cluster: str = ""  # "" -> a fresh name, so clusters sharing an etcd never meet
     host: str = "127.0.0.1"
     threads: int = 0  # torch threads per node; 0 -> the cores shared out between the nodes
+    pin: bool = False  # pin node i to core i % cores (equal, isolated resources for comparisons)
+    chunked_prefill: bool = False  # in decode and colocated nodes (a prefill node sends whole prompts)
     node_args: list[str] = field(default_factory=list)  # extra `baton node` options (engine settings)
     log_dir: str = ""
     start_timeout: float = 180.0
@@ -88,13 +89,19 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str], threads: int) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], threads: int, core: int | None = None) -> subprocess.Popen:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
         log = open(self.log_dir / f"{name}.log", "wb")
         cmd = [sys.executable, "-m", "baton.cluster.cli", *args]
+
+        def prepare() -> None:  # in the child, before exec
+            _die_with_parent()
+            if core is not None:
+                os.sched_setaffinity(0, {core})
+
         with log:
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=prepare)
 
     def start(self) -> str:
         spec = self.spec
@@ -106,12 +113,14 @@ class LocalCluster:
         common = ["--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host, "--threads", str(threads)]
         if spec.model:
             common += ["--model", spec.model]
+        cores = sorted(os.sched_getaffinity(0))
         for role, n in (("prefill", spec.prefill), ("decode", spec.decode), ("colocated", spec.colocated)):
             for i in range(n):
                 node_id = f"{role}-{i}"
-                self.nodes[node_id] = self._spawn(
-                    node_id, ["node", "--role", role, "--node-id", node_id, *common, *spec.node_args], threads
-                )
+                core = cores[len(self.nodes) % len(cores)] if spec.pin else None
+                chunked = ["--enable-chunked-prefill"] if spec.chunked_prefill and role != "prefill" else []
+                args = ["node", "--role", role, "--node-id", node_id, *common, *chunked, *spec.node_args]
+                self.nodes[node_id] = self._spawn(node_id, args, threads, core)
         port = spec.port or free_port(spec.host)
         router_args = ["router", "--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host,
                        "--port", str(port)] + (["--model", spec.model] if spec.model else [])
@@ -180,15 +189,21 @@ class LocalCluster:
 
 def run_up(spec: ClusterSpec) -> int:
     """Starts the cluster, prints the router address, and serves until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def interrupt(signum, frame):  # during start-up: abandon it, and clean up below
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    stops = {signal.SIGINT, signal.SIGTERM}
     cluster = LocalCluster(spec)
     try:
         cluster.start()
         print(f"baton: router listening on {cluster.address} (cluster {cluster.cluster}, etcd {cluster.etcd_url}, "
               f"logs in {cluster.log_dir})", flush=True)
-        stop.wait()
+        # Taken synchronously, not by a handler: a second signal must not re-enter anything half done.
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        signal.sigwait(stops)
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # nothing interrupts the clean-up
         cluster.stop()
     return 0

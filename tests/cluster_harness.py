@@ -46,6 +46,8 @@ class BatonUp:
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.address = self.cluster = self.etcd = ""
+        self.hung = False  # `baton up` ignored SIGTERM for 30 s
+        self.leftovers: list[int] = []  # processes `baton up` left running
 
     def __enter__(self) -> BatonUp:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -78,9 +80,12 @@ class BatonUp:
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
+            self.hung = True
             self.proc.kill()
             self.proc.wait()
-        for pid in cluster_pids(self.cluster) if self.cluster else []:  # never leave a process behind
+        # Never leave a process behind, but remember it: the tests assert that `baton up` cleaned up alone.
+        self.leftovers = cluster_pids(self.cluster) if self.cluster else []
+        for pid in self.leftovers:
             os.kill(pid, signal.SIGKILL)
 
     # -- looking inside ------------------------------------------------------------------------------

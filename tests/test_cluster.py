@@ -40,7 +40,7 @@ def kv_bytes(prompt_len: int, cfg, block_size: int = 16) -> int:
 def one_one(stories_path, tmp_path_factory):
     with BatonUp(tmp_path_factory.mktemp("up11"), "--model", str(stories_path)) as up:
         yield up
-    assert cluster_pids(up.cluster) == []
+    assert not up.hung and up.leftovers == []
 
 
 def test_greedy_through_the_cluster_matches_offline(one_one, stories_llm):
@@ -168,7 +168,7 @@ def test_two_by_two_serves_sixteen_concurrent_requests(stories_path, stories_llm
         for node in up.nodes("decode"):
             s = up.stats(node)
             assert s.free_blocks == s.total_blocks and s.reserved == 0
-    assert cluster_pids(up.cluster) == []
+    assert not up.hung and up.leftovers == []
 
 
 def test_sigkilled_decode_node_leaves_membership_and_others_take_over(stories_path, stories_llm, tmp_path):
@@ -199,3 +199,14 @@ def test_colocated_mode(stories_path, stories_llm, tmp_path):
             [model] = client.list_models()
             assert model.id == "stories260K" and model.max_model_len == 512
             assert client.tokenize("Once upon a time") == stories_llm.tokenizer.encode("Once upon a time")
+
+
+def test_baton_up_stops_everything_on_repeated_sigterm(stories_path, tmp_path):
+    up = BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "0", "--decode", "0", "--colocated", "1")
+    with up:
+        etcd_port = up.etcd.rsplit(":", 1)[1]
+        up.proc.send_signal(signal.SIGTERM)
+        up.proc.send_signal(signal.SIGTERM)  # impatient operators press twice
+        assert up.proc.wait(30) == 0
+    assert not up.hung and up.leftovers == [] and cluster_pids(up.cluster) == []
+    assert cluster_pids(f"127.0.0.1:{etcd_port}") == []  # the private etcd is gone too

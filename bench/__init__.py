@@ -1,0 +1,1 @@
+"""Benchmarks and `baton bench`, the load generator that drives any Baton router."""
