@@ -47,7 +47,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         self.role = role
         self.engine = engine
         self.store = store
-        self.channels = PairChannels(node_id, local_store=store)
+        # gloo for a CPU pool, NCCL for a CUDA one: the channel follows the KV cache's device.
+        self.channels = PairChannels(node_id, engine.engine.runner.kv.storage.device, local_store=store)
         self.transfer_timeout = transfer_timeout
         self.reservations: dict[str, Reservation] = {}
         self.layout = kv_layout(engine.engine)

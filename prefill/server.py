@@ -35,7 +35,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
     def __init__(self, node_id: str, engine: AsyncEngine, transfer_timeout: float = 30.0) -> None:
         self.node_id = node_id
         self.engine = engine
-        self.channels = PairChannels(node_id)
+        self.channels = PairChannels(node_id, engine.engine.runner.kv.storage.device)
         self.transfer_timeout = transfer_timeout
         self.layout = kv_layout(engine.engine)
         self._generations: dict[str, int] = {}  # per decode node: a new one after its channel fails
