@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(node)
     node.set_defaults(run=_node)
 
+    from baton.bench.runner import add_bench_parser
+
+    add_bench_parser(sub)
+
     router = sub.add_parser("router", help="run the router (what `baton up` starts)")
     router.add_argument("--model", default="", help="HF checkpoint folder (tokenizer and config)")
     _cluster_args(router, port=50051)

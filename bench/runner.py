@@ -1,0 +1,306 @@
+"""`baton bench --config FILE --output DIR`: runs a benchmark config against routers and writes the results.
+
+A config (YAML or JSON) names the configurations to compare and how to load them:
+
+    configurations:              # a list of {name, router | launch} (or a mapping name -> {router | launch})
+      - name: 1P1D
+        launch: {prefill: 1, decode: 1, threads: 1}   # ClusterSpec fields: prefill, decode, colocated,
+                                                      # threads, pin, chunked_prefill, model, node_args
+      - name: remote
+        router: 10.0.0.5:50051                        # an already running cluster
+    workload: {...}              # see baton.bench.workload
+    mode: open                   # open (rates) or closed (concurrency)
+    rates: [1, 2, 4]             # open loop: a sweep, requests/s; arrival: poisson (default) or fixed
+    concurrency: 4               # closed loop: an int or a list (a sweep)
+    duration_s: 60               # and/or num_requests: whichever ends first
+    warmup_requests: 4
+    request_timeout_s: 120
+    seed: 0
+    slo_ttft_ms: 1000            # goodput counts requests meeting both SLOs
+    slo_tpot_ms: 100
+
+A launched configuration's `model` defaults to a random ~51M-parameter Llama written once into
+DIR/model (bench/engine_throughput.py's), `model: default` is the bundled stories260K, anything else a
+checkpoint folder. Configurations are launched one at a time and stopped before the next starts, so they
+never share the machine's cores. Every sweep point sends the same requests (the workload's seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from baton.bench.loadgen import LoadSpec, RequestRecord, run_async, run_load
+from baton.bench.metrics import SLO, summarize
+from baton.bench.report import plot_cdfs, plot_sweep, table, write_json, write_raw
+from baton.bench.workload import WorkloadSpec, prepare
+from baton.router.client import AsyncBatonClient, BatonError
+
+LAUNCH_KEYS = ("prefill", "decode", "colocated", "threads", "pin", "chunked_prefill", "model", "node_args")
+TOP_KEYS = {"name", "configurations", "workload", "mode", "rates", "arrival", "concurrency", "duration_s",
+            "num_requests", "warmup_requests", "request_timeout_s", "seed", "slo_ttft_ms", "slo_tpot_ms"}
+
+
+@dataclass(slots=True)
+class Target:
+    """One configuration: a running router's address, or a local cluster to launch."""
+    name: str
+    router: str = ""
+    launch: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("configurations.name: must not be empty")
+        if bool(self.router) == bool(self.launch):
+            raise ValueError(f"configurations.{self.name}: give exactly one of `router` and `launch`")
+        unknown = set(self.launch) - set(LAUNCH_KEYS)
+        if unknown:
+            raise ValueError(f"configurations.{self.name}.launch.{sorted(unknown)[0]}: unknown key "
+                             f"(one of {', '.join(LAUNCH_KEYS)})")
+
+
+@dataclass(slots=True)
+class BenchConfig:
+    """A parsed, validated config; `points` is the sweep (rates or concurrencies)."""
+    targets: list[Target]
+    workload: WorkloadSpec
+    load: LoadSpec  # rate / concurrency filled per point
+    points: list[float]
+    slo: SLO
+
+    @property
+    def axis(self) -> str:
+        return "rate" if self.load.mode == "open" else "clients"
+
+
+def _targets(obj: Any) -> list[Target]:
+    if isinstance(obj, Mapping):
+        obj = [{"name": k, **v} for k, v in obj.items()]
+    if not isinstance(obj, list) or not obj:
+        raise ValueError("configurations: must be a non-empty list (or mapping) of configurations")
+    out = []
+    for i, c in enumerate(obj):
+        if not isinstance(c, Mapping):
+            raise ValueError(f"configurations[{i}]: must be a mapping")
+        unknown = set(c) - {"name", "router", "launch"}
+        if unknown:
+            raise ValueError(f"configurations[{i}].{sorted(unknown)[0]}: unknown key")
+        out.append(Target(str(c.get("name", f"config{i}")), str(c.get("router", "")), dict(c.get("launch") or {})))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ValueError("configurations.name: names must be unique")
+    return out
+
+
+def parse_config(config: Mapping[str, Any]) -> BenchConfig:
+    unknown = set(config) - TOP_KEYS
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[0]}: unknown key")
+    mode = config.get("mode", "open")
+    if mode == "open":
+        points = config.get("rates", [1.0])
+        key = "rates"
+    else:
+        points = config.get("concurrency", 1)
+        key = "concurrency"
+    points = points if isinstance(points, list) else [points]
+    if not points:
+        raise ValueError(f"{key}: must not be empty")
+    try:
+        points = [float(p) for p in points]
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: must be numbers, not {points!r}") from None
+    load = LoadSpec(mode=mode, rate=points[0] if mode == "open" else 1.0, arrival=config.get("arrival", "poisson"),
+                    concurrency=int(points[0]) if mode == "closed" else 1, num_requests=config.get("num_requests"),
+                    duration_s=config.get("duration_s"), warmup_requests=int(config.get("warmup_requests", 0)),
+                    request_timeout_s=float(config.get("request_timeout_s", 120.0)), seed=int(config.get("seed", 0)))
+    for p in points:  # every point must be valid before the first cluster starts, not half-way through
+        _point(load, p)
+    if "workload" not in config:
+        raise ValueError("workload: missing")
+    return BenchConfig(_targets(config.get("configurations")), WorkloadSpec.parse(config["workload"]), load, points,
+                       SLO(config.get("slo_ttft_ms"), config.get("slo_tpot_ms")))
+
+
+def _point(load: LoadSpec, point: float) -> LoadSpec:
+    kw = {name: getattr(load, name) for name in LoadSpec.__slots__}
+    if load.mode == "open":
+        kw["rate"] = point
+    else:
+        if point != int(point):
+            raise ValueError(f"concurrency: must be whole numbers, not {point}")
+        kw["concurrency"] = int(point)
+    return LoadSpec(**kw)
+
+
+def _label(point: float) -> str:
+    """The results key of a sweep point: "2" rather than "2.0", "inf" for all-at-once."""
+    return str(int(point)) if math.isfinite(point) and point == int(point) else str(point)
+
+
+def git_commit(start: Path | None = None) -> str:
+    """The short hash of HEAD, read from .git without running git (absent on many benchmark hosts)."""
+    here = (start or Path(__file__)).resolve()
+    for folder in [here, *here.parents]:
+        git = folder / ".git"
+        if git.is_file():  # a worktree or submodule: "gitdir: PATH"
+            git = (folder / git.read_text().split(":", 1)[1].strip()).resolve()
+        if not git.is_dir():
+            continue
+        try:
+            head = (git / "HEAD").read_text().strip()
+            if not head.startswith("ref:"):
+                return head[:7]
+            ref = head[4:].strip()
+            common = git / "commondir"
+            roots = [git] + ([(git / common.read_text().strip()).resolve()] if common.is_file() else [])
+            for root in roots:
+                if (root / ref).is_file():
+                    return (root / ref).read_text().strip()[:7]
+                packed = root / "packed-refs"
+                if packed.is_file():
+                    for line in packed.read_text().splitlines():
+                        if line.endswith(" " + ref):
+                            return line.split()[0][:7]
+        except OSError:
+            return ""
+        return ""
+    return ""
+
+
+def _model(launch: Mapping[str, Any], output_dir: Path) -> str:
+    """The checkpoint a launched cluster serves (see the module docstring)."""
+    model = launch.get("model")
+    if model == "default":
+        return ""
+    if model:
+        return str(model)
+    folder = output_dir / "model"
+    if not (folder / "config.json").is_file():  # written once, then shared by every configuration
+        from baton.bench.engine_throughput import write_checkpoint
+
+        folder.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(folder)
+    return str(folder)
+
+
+def _cluster_spec(target: Target, output_dir: Path):
+    from baton.cluster.launch import ClusterSpec
+
+    launch = dict(target.launch)
+    if launch.get("colocated") and "prefill" not in launch and "decode" not in launch:
+        launch["prefill"] = launch["decode"] = 0  # ClusterSpec defaults to 1P1D; `colocated: 2` means just 2
+    launch["model"] = _model(launch, output_dir)
+    launch["node_args"] = [str(a) for a in launch.get("node_args", [])]
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in target.name)
+    try:
+        return ClusterSpec(**launch, log_dir=str(output_dir / "logs" / safe))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"configurations.{target.name}.launch: {e}") from None
+
+
+def _measure(address: str, cfg: BenchConfig, progress: bool, out: dict[str, tuple[list[RequestRecord], float]],
+             name: str) -> None:
+    async def go() -> None:
+        async with AsyncBatonClient(address, timeout=60) as client:
+            make_requests = await prepare(cfg.workload, cfg.load.seed, client)
+        for point in cfg.points:
+            spec = _point(cfg.load, point)
+            spec.progress = progress
+            result = await run_load(address, make_requests(), spec)
+            out[_label(point)] = (result.records, result.wall_s)
+            measured = [r for r in result.records if not r.warmup]
+            ok = sum(r.error is None for r in measured)
+            print(f"baton bench: {name} {cfg.axis} {_label(point)}: {ok}/{len(measured)} requests completed in "
+                  f"{result.wall_s:.1f} s", file=sys.stderr, flush=True)
+
+    run_async(go())
+
+
+def run_config(config: Mapping[str, Any], output_dir: Path, *, progress: bool = True) -> dict:
+    """Runs every configuration and sweep point; writes summary.json, raw.json and the plots into
+    `output_dir`, prints the table, and returns the summary."""
+    from baton.bench.engine_throughput import machine
+
+    cfg = parse_config(config)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    raw: dict[str, dict[str, list[RequestRecord]]] = {}
+    walls: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict]] = {}
+    for target in cfg.targets:
+        runs: dict[str, tuple[list[RequestRecord], float]] = {}
+        t = time.perf_counter()
+        if target.router:
+            _measure(target.router, cfg, progress, runs, target.name)
+        else:
+            from baton.cluster.launch import LocalCluster
+
+            with LocalCluster(_cluster_spec(target, output_dir)) as cluster:
+                print(f"baton bench: {target.name} up at {cluster.address} in {time.perf_counter() - t:.1f} s",
+                      file=sys.stderr, flush=True)
+                _measure(cluster.address, cfg, progress, runs, target.name)
+        raw[target.name] = {p: recs for p, (recs, _) in runs.items()}
+        walls[target.name] = {p: wall for p, (_, wall) in runs.items()}
+        results[target.name] = {p: summarize(recs, wall, cfg.slo) for p, (recs, wall) in runs.items()}
+
+    summary = {"machine": machine(), "commit": git_commit(), "config": dict(config), "results": results}
+    write_json(output_dir / "summary.json", summary)
+    write_raw(output_dir / "raw.json", raw, walls)
+    plot_cdfs(output_dir / "latency_cdf.png", raw)
+    if len(cfg.points) > 1:
+        plot_sweep(output_dir / "sweep.png", results, cfg.axis)
+    print(table(results, cfg.axis))
+    return summary
+
+
+def load_config(path: Path) -> dict:
+    import yaml
+
+    config = yaml.safe_load(Path(path).read_text())  # YAML is a superset of JSON: one reader for both
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a bench config must be a mapping")
+    return config
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        run_config(config, args.output, progress=not args.no_progress)
+    except ValueError as e:
+        print(f"baton bench: error: {e}", file=sys.stderr)
+        return 2
+    except BatonError as e:  # e.g. a `router:` that is down: ListModels fails before any load is sent
+        print(f"baton bench: error: the router failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers `bench` on a `baton` subparsers object; the handler is set as `run` (cluster/cli.py's
+    convention: `args.run(args)` returns the exit status)."""
+    bench = subparsers.add_parser("bench", help="load-test routers (or local clusters it launches) from a config")
+    bench.add_argument("--config", type=Path, required=True, metavar="FILE", help="a YAML or JSON bench config")
+    bench.add_argument("--output", type=Path, required=True, metavar="DIR",
+                       help="where summary.json, raw.json, the plots (and the default model) go")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench.set_defaults(run=_bench)
+    return bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m baton.bench.runner --config FILE --output DIR` (what `baton bench` will run)."""
+    parser = argparse.ArgumentParser(prog="baton")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""`baton bench`: workload generation, metrics on hand-made records, and one short run on a real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import statistics
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from baton.bench.loadgen import LoadSpec, RequestRecord
+from baton.bench.metrics import SLO, percentile, summarize
+from baton.bench.runner import add_bench_parser, parse_config, run_config
+from baton.bench.workload import (LengthDist, WorkloadSpec, fit, from_conversations, read_sharegpt, synthetic,
+                                  tokenize_sharegpt)
+
+MIXTURE = {"mixture": [
+    {"name": "chat", "weight": 0.9, "prompt_len": {"dist": "uniform", "min": 64, "max": 256},
+     "output_len": {"dist": "uniform", "min": 64, "max": 256}},
+    {"name": "long", "weight": 0.1, "prompt_len": {"dist": "uniform", "min": 768, "max": 1000}, "output_len": 32},
+]}
+
+
+def take(spec: WorkloadSpec, n: int, seed: int = 0, vocab: int = 32000, max_len: int = 1024):
+    return list(islice(synthetic(spec, seed, vocab, max_len), n))
+
+
+def test_same_seed_same_requests_and_another_seed_differs():
+    spec = WorkloadSpec.parse(MIXTURE)
+    a, b, c = take(spec, 50, seed=7), take(spec, 50, seed=7), take(spec, 50, seed=8)
+    assert a == b
+    assert [r.prompt for r in a] != [r.prompt for r in c]
+
+
+def test_mixture_weights_lengths_and_context_limit():
+    reqs = take(WorkloadSpec.parse(MIXTURE), 2000)
+    long = [r for r in reqs if r.workload == "long"]
+    assert 0.07 < len(long) / len(reqs) < 0.13
+    for r in reqs:
+        assert len(r.prompt) == r.prompt_len and all(3 <= t < 32000 for t in r.prompt)
+        assert r.prompt_len + r.output_len <= 1023 and r.output_len >= 1
+        if r.workload == "chat":
+            assert 64 <= r.prompt_len <= 256 and 64 <= r.output_len <= 256
+        else:  # 1000 + 32 > 1023: the output is shortened, never the prompt
+            assert 768 <= r.prompt_len <= 1000 and r.output_len == min(32, 1023 - r.prompt_len)
+    assert fit(5000, 10, 512) == (510, 1)
+
+
+def test_length_distributions():
+    import random
+
+    rng = random.Random(0)
+    assert {LengthDist.parse(12, "x").sample(rng) for _ in range(10)} == {12}
+    uni = [LengthDist.parse({"dist": "uniform", "min": 5, "max": 9}, "x").sample(rng) for _ in range(2000)]
+    assert set(uni) == {5, 6, 7, 8, 9}
+    normal = LengthDist.parse({"dist": "normal", "mean": 100, "std": 20, "min": 70, "max": 150}, "x")
+    xs = [normal.sample(rng) for _ in range(4000)]
+    assert min(xs) == 70 and max(xs) <= 150  # clipped (70 is 1.5 sigma below the mean: often reached)
+    assert abs(statistics.mean(xs) - 100) < 3
+
+
+@pytest.mark.parametrize("obj, field", [
+    ({"prompt_len": {"dist": "uniform", "min": 10, "max": 5}, "output_len": 4}, "workload.prompt_len.max"),
+    ({"prompt_len": {"dist": "zipf"}, "output_len": 4}, "workload.prompt_len.dist"),
+    ({"prompt_len": 8}, "workload.output_len"),
+    ({"mixture": [{"name": "a", "weight": 0, "prompt_len": 4, "output_len": 4}]}, "workload.mixture[0].weight"),
+    ({"prompt_len": 0, "output_len": 4}, "workload.prompt_len.value"),
+])
+def test_bad_workloads_name_the_field(obj, field):
+    with pytest.raises(ValueError, match="^" + re.escape(field) + ":"):
+        WorkloadSpec.parse(obj)
+
+
+def test_bad_bench_config_names_the_field():
+    base = {"configurations": [{"name": "a", "router": "x:1"}], "workload": {"prompt_len": 4, "output_len": 4},
+            "num_requests": 3}
+    parse_config(base)
+    for change, field in (({"rates": [0]}, "rate"), ({"mode": "closed", "concurrency": 0}, "concurrency"),
+                          ({"mode": "sideways"}, "mode"), ({"num_requests": None}, "num_requests"),
+                          ({"slo_ttft_ms": -1}, "slo_ttft_ms"), ({"colour": 1}, "colour")):
+        with pytest.raises(ValueError, match=f"^{field}:"):
+            parse_config(base | change)
+
+
+def test_sharegpt_loader(tmp_path: Path):
+    data = [
+        {"conversations": [{"from": "human", "value": "a b c"}, {"from": "gpt", "value": "d e"}]},
+        {"conversations": [{"from": "gpt", "value": "no human first"}]},
+        {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "x y"},
+                           {"from": "gpt", "value": "z " * 600}]},  # too long for a 512 context: dropped
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r s t u"}]},
+    ]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(data))
+    pairs = read_sharegpt(path)
+    assert [h for h, _ in pairs] == ["a b c", "x y", "q"]
+
+    class Words:  # stands in for the router's Tokenize: BOS + one id per word
+        async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return [1] * add_special_tokens + [5] * len(text.split())
+
+    convs = asyncio.run(tokenize_sharegpt(pairs, Words(), max_model_len=512))
+    assert [(c.prompt, c.prompt_len, c.output_len) for c in convs] == [("a b c", 4, 2), ("q", 2, 4)]
+    reqs = list(islice(from_conversations(convs, seed=3), 6))
+    assert reqs == list(islice(from_conversations(convs, seed=3), 6))
+    assert sorted(r.prompt for r in reqs[:2]) == ["a b c", "q"]  # each pass is a permutation
+
+
+def rec(i: int, ttft: float | None, tpot: float | None, out: int, error: str | None = None,
+        warmup: bool = False, chunks: list[float] = ()) -> RequestRecord:
+    e2e = None if ttft is None else ttft + tpot * (out - 1)
+    return RequestRecord(i, "w", warmup, 0.0, 0.0, 10, output_tokens=out, ttft_ms=ttft, tpot_ms=tpot, e2e_ms=e2e,
+                         chunk_s=list(chunks), chunk_tokens=[1] * len(chunks), error=error)
+
+
+def test_percentiles_interpolate_like_numpy():
+    xs = list(range(1, 101))  # 1..100
+    assert percentile(xs, 50) == 50.5 and percentile(xs, 90) == pytest.approx(90.1)
+    assert percentile(xs, 99) == pytest.approx(99.01) and percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_summary_goodput_errors_and_warmup():
+    records = [
+        rec(0, 100.0, 10.0, 11, chunks=[0.0, 0.01, 0.03]),  # good
+        rec(1, 300.0, 10.0, 11),  # TTFT over the SLO
+        rec(2, 100.0, 60.0, 11),  # TPOT over the SLO
+        rec(3, 50.0, 5.0, 21),  # good
+        rec(4, None, None, 0, error="RESOURCE_EXHAUSTED"),
+        rec(5, None, None, 0, error="RESOURCE_EXHAUSTED"),
+        rec(6, None, None, 0, error="DEADLINE_EXCEEDED"),
+        rec(7, 1e6, 1e6, 99, warmup=True),  # left out everywhere
+    ]
+    s = summarize(records, wall_s=2.0, slo=SLO(ttft_ms=200, tpot_ms=50))
+    assert s["completed"] == 4 and s["requests"] == 7
+    assert s["errors"] == {"RESOURCE_EXHAUSTED": 2, "DEADLINE_EXCEEDED": 1}
+    assert s["goodput_rps"] == 1.0 and s["throughput_rps"] == 2.0
+    assert s["throughput_tok_s"] == (11 + 11 + 11 + 21) / 2.0
+    assert s["ttft_ms"]["mean"] == pytest.approx(137.5) and s["ttft_ms"]["p50"] == 100.0
+    assert s["tpot_ms"]["p99"] == pytest.approx(percentile([10, 10, 60, 5], 99))
+    assert s["itl_ms"]["mean"] == pytest.approx(15.0)  # gaps of 10 and 20 ms
+    assert s["e2e_ms"]["p90"] == pytest.approx(percentile([200, 400, 700, 150], 90))
+    assert summarize(records, 2.0)["goodput_rps"] == 2.0  # no SLO: every completed request is good
+    empty = summarize([], 1.0)
+    assert empty["completed"] == 0 and empty["ttft_ms"]["p99"] is None
+
+
+def test_cli_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--config", "c.yaml", "--output", "out"])
+    assert args.config == Path("c.yaml") and args.output == Path("out") and callable(args.run)
+
+
+def test_run_config_end_to_end(tmp_path: Path, capsys):
+    """A real local cluster (etcd, 1 prefill + 1 decode node, router) with the bundled stories260K."""
+    config = {
+        "configurations": [{"name": "1P1D", "launch": {"prefill": 1, "decode": 1, "threads": 1, "model": "default"}}],
+        "workload": {"prompt_len": {"dist": "uniform", "min": 8, "max": 48}, "output_len": {"dist": "normal",
+                     "mean": 16, "std": 6, "min": 4, "max": 32}},
+        "mode": "closed", "concurrency": 3, "num_requests": 10, "warmup_requests": 2, "seed": 5,
+        "request_timeout_s": 30, "slo_ttft_ms": 5000, "slo_tpot_ms": 1000,
+    }
+    summary = run_config(config, tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert set(on_disk) >= {"machine", "commit", "config", "results"}
+    s = on_disk["results"]["1P1D"]["3"]
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert set(s[name]) == {"mean", "p50", "p90", "p99"} and s[name]["p50"] > 0
+    assert s["completed"] == 10 and s["errors"] == {}
+    assert s["throughput_tok_s"] > 0 and s["throughput_rps"] > 0 and s["goodput_rps"] > 0
+    raw = json.loads((tmp_path / "raw.json").read_text())["1P1D"]["3"]["records"]
+    measured = [r for r in raw if not r["warmup"]]
+    assert len(raw) == 12 and len(measured) == 10
+    for r in measured:  # ignore_eos + max_tokens: exactly the drawn length, through both nodes
+        assert r["error"] is None and r["finish_reason"] == "length" and r["output_tokens"] >= 4
+        assert r["prefill_node"].startswith("prefill") and r["decode_node"].startswith("decode")
+    assert (tmp_path / "latency_cdf.png").stat().st_size > 1000
+    assert "1P1D" in capsys.readouterr().out
