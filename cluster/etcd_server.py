@@ -25,6 +25,11 @@ _SETUP_HINT = (
 )
 
 
+def _unblock_stop_signals() -> None:
+    # A child inherits its parent's signal mask through exec: `baton up` blocks SIGTERM while it runs.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _free_port() -> int:
     # The port is free when we ask; another process could take it before etcd binds, which start() survives
     # by retrying with new ports.
@@ -181,7 +186,7 @@ class EtcdServer:
             # Own session: a Ctrl-C meant for `baton up` must not kill etcd before nodes revoke their leases.
             proc = subprocess.Popen(
                 self._command(binary), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_unblock_stop_signals,
             )
         self._proc_box[0] = proc
         deadline = time.monotonic() + self.start_timeout

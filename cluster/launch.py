@@ -6,6 +6,7 @@ order: router, nodes, etcd) and get SIGTERM from the kernel if `baton up` itself
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import ctypes
 import os
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -96,6 +98,8 @@ class LocalCluster:
 
         def prepare() -> None:  # in the child, before exec
             _die_with_parent()
+            # The mask survives exec, and `baton up` blocks these while it runs (see run_up).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
             if core is not None:
                 os.sched_setaffinity(0, {core})
 
@@ -188,22 +192,38 @@ class LocalCluster:
 
 
 def run_up(spec: ClusterSpec) -> int:
-    """Starts the cluster, prints the router address, and serves until SIGINT or SIGTERM."""
+    """Starts the cluster, prints the router address, and serves until SIGINT or SIGTERM.
 
-    def interrupt(signum, frame):  # during start-up: abandon it, and clean up below
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, interrupt)
+    SIGINT/SIGTERM are blocked before any thread exists (so every thread inherits the mask) and taken by one
+    thread with `sigwait`: no handler runs inside half-done work, and a second signal cannot interrupt the
+    clean-up. A signal during start-up interrupts it (`interrupt_main`); after it, it ends the wait.
+    """
     stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    stop = threading.Event()
+    lock = threading.Lock()
+    starting = True
+
+    def take_signals() -> None:
+        while True:
+            signal.sigwait(stops)
+            with lock:
+                stop.set()
+                if starting:
+                    _thread.interrupt_main()
+
+    threading.Thread(target=take_signals, name="signals", daemon=True).start()
     cluster = LocalCluster(spec)
     try:
-        cluster.start()
-        print(f"baton: router listening on {cluster.address} (cluster {cluster.cluster}, etcd {cluster.etcd_url}, "
-              f"logs in {cluster.log_dir})", flush=True)
-        # Taken synchronously, not by a handler: a second signal must not re-enter anything half done.
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-        signal.sigwait(stops)
+        try:
+            cluster.start()
+            with lock:
+                starting = False
+            print(f"baton: router listening on {cluster.address} (cluster {cluster.cluster}, "
+                  f"etcd {cluster.etcd_url}, logs in {cluster.log_dir})", flush=True)
+            stop.wait()
+        except KeyboardInterrupt:  # a signal during start-up
+            return 130
     finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # nothing interrupts the clean-up
         cluster.stop()
     return 0
