@@ -130,8 +130,11 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             with self._lock:
                 sender = self._senders.pop(rid, None)
             if sender is not None:  # ended early: the sends must be over before the blocks can be reused
-                self.channels.drop(decode_id)  # closing the channel fails the decode node's receive at once
-                self._generations.pop(decode_id, None)
+                if sender.layers_posted < sender.num_layers:
+                    # The decode node waits for layers that will never come: closing the channel fails its
+                    # receive at once (and the other transfers on this pair, which is why only then).
+                    self.channels.drop(decode_id)
+                    self._generations.pop(decode_id, None)
                 await asyncio.to_thread(_wait_quietly, sender, self.transfer_timeout)
             await asyncio.shield(self.engine.call(self.engine.engine.free_reservation, rid))
 
