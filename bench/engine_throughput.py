@@ -145,9 +145,11 @@ def decode_step(llm: LLM, batch: int, context: int, bandwidth: float) -> dict:
                 weight_mb=weight_bytes / 1e6, kv_mb=kv_bytes / 1e6, copy_gb_s=bandwidth / 1e9)
 
 
-def machine() -> str:
+def machine(threads: str = "") -> str:
+    """The machine a figure ran on; `threads` says how the benchmark used it (default: this process's)."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    return f"{platform.node()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = threads or f"{torch.get_num_threads()} threads"
+    return f"{platform.node()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads}"
 
 
 def main() -> None:

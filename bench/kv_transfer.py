@@ -23,8 +23,6 @@ import argparse
 import datetime
 import json
 import multiprocessing as mp
-import os
-import platform
 import queue
 import socket
 import statistics
@@ -33,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from engine_throughput import machine
 
 from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVStoreHost, PairChannels
 from baton.kvtransfer.receiver import receive
@@ -196,11 +195,6 @@ def prefill_main(conn, bufsize: int) -> None:
     channels.close()
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    return f"{platform.node()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread per process"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=25)
@@ -236,7 +230,8 @@ def main() -> None:
 
     setup = figures["setup_s"]
     first, again = setup[0], statistics.median(setup[1:])
-    print(f"machine: {machine()}")
+    where = machine("1 thread per process")
+    print(f"machine: {where}")
     print(f"pair group set-up: first {first * 1e3:.1f} ms, re-created under a new generation "
           f"{again * 1e3:.2f} ms (median of {len(setup) - 1})")
     print(f"payload: one run of 64 KiB bf16 blocks, one layer; median (best) of {args.reps} after "
@@ -254,7 +249,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(
-            machine=machine(), reps=args.reps, warmup=args.warmup, block_bytes=BLOCK_BYTES, dtype=str(DTYPE),
+            machine=where, reps=args.reps, warmup=args.warmup, block_bytes=BLOCK_BYTES, dtype=str(DTYPE),
             setup_first_s=first, setup_recreate_median_s=again, setup_all_s=setup,
             results=figures["results"]), indent=2) + "\n")
 
