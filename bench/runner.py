@@ -234,23 +234,34 @@ def run_config(config: Mapping[str, Any], output_dir: Path, *, progress: bool = 
     raw: dict[str, dict[str, list[RequestRecord]]] = {}
     walls: dict[str, dict[str, float]] = {}
     results: dict[str, dict[str, dict]] = {}
+    failed: dict[str, str] = {}
     for target in cfg.targets:
         runs: dict[str, tuple[list[RequestRecord], float]] = {}
         t = time.perf_counter()
-        if target.router:
-            _measure(target.router, cfg, progress, runs, target.name)
-        else:
-            from baton.cluster.launch import LocalCluster
+        try:
+            if target.router:
+                _measure(target.router, cfg, progress, runs, target.name)
+            else:
+                from baton.cluster.launch import LocalCluster
 
-            with LocalCluster(_cluster_spec(target, output_dir)) as cluster:
-                print(f"baton bench: {target.name} up at {cluster.address} in {time.perf_counter() - t:.1f} s",
-                      file=sys.stderr, flush=True)
-                _measure(cluster.address, cfg, progress, runs, target.name)
+                spec = _cluster_spec(target, output_dir)  # a bad spec is the config's error: raised, not skipped
+                with LocalCluster(spec) as cluster:
+                    print(f"baton bench: {target.name} up at {cluster.address} in {time.perf_counter() - t:.1f} s",
+                          file=sys.stderr, flush=True)
+                    _measure(cluster.address, cfg, progress, runs, target.name)
+        except (RuntimeError, TimeoutError, OSError, BatonError) as e:
+            # One configuration that cannot start or serve is recorded, and the others still run.
+            failed[target.name] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"baton bench: {target.name} failed: {failed[target.name]}", file=sys.stderr, flush=True)
+            continue
         raw[target.name] = {p: recs for p, (recs, _) in runs.items()}
         walls[target.name] = {p: wall for p, (_, wall) in runs.items()}
         results[target.name] = {p: summarize(recs, wall, cfg.slo) for p, (recs, wall) in runs.items()}
 
-    summary = {"machine": machine(), "commit": git_commit(), "config": dict(config), "results": results}
+    if not results:
+        raise RuntimeError(f"no configuration ran: {failed}")
+    summary = {"machine": machine(), "commit": git_commit(), "config": dict(config), "results": results,
+               "failed": failed}
     write_json(output_dir / "summary.json", summary)
     write_raw(output_dir / "raw.json", raw, walls)
     plot_cdfs(output_dir / "latency_cdf.png", raw)
@@ -276,8 +287,8 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"baton bench: error: {e}", file=sys.stderr)
         return 2
-    except BatonError as e:  # e.g. a `router:` that is down: ListModels fails before any load is sent
-        print(f"baton bench: error: the router failed: {e}", file=sys.stderr)
+    except RuntimeError as e:  # every configuration failed (each is printed as it fails)
+        print(f"baton bench: error: {e}", file=sys.stderr)
         return 1
     return 0
 

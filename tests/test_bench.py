@@ -205,3 +205,20 @@ def test_open_loop_sweep_end_to_end(tmp_path: Path):
         gaps = [b - a for a, b in zip(measured, measured[1:])]
         assert all(abs(g - 1 / rate) < 1e-6 for g in gaps)  # the schedule, not when requests happened to go
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_a_configuration_that_cannot_start_is_recorded_and_the_others_run(tmp_path: Path):
+    config = {
+        "configurations": [
+            {"name": "broken", "launch": {"colocated": 1, "threads": 1, "model": str(tmp_path / "no-model")}},
+            {"name": "ok", "launch": {"colocated": 1, "threads": 1, "model": "default"}},
+        ],
+        "workload": {"prompt_len": 8, "output_len": 4},
+        "mode": "closed", "concurrency": 2, "num_requests": 4, "warmup_requests": 0, "seed": 1,
+        "request_timeout_s": 30,
+    }
+    summary = run_config(config, tmp_path / "out", progress=False)
+    assert set(summary["failed"]) == {"broken"} and "exited" in summary["failed"]["broken"]
+    assert summary["results"]["ok"]["2"]["completed"] == 4
+    with pytest.raises(RuntimeError):  # nothing ran at all: an error, not an empty report
+        run_config({**config, "configurations": config["configurations"][:1]}, tmp_path / "out2", progress=False)
