@@ -82,7 +82,13 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 await self._release(rid)
 
     async def _release(self, request_id: str) -> int:
-        r = self.reservations.pop(request_id, None)
+        """Frees what the node holds for a request. Blocks that K/V are still landing in are not freed here:
+        the receive frees them when it ends (done or failed), so nothing else can be written into them."""
+        r = self.reservations.get(request_id)
+        if r is not None and r.receiving:
+            r.expires = 0
+            return 0
+        self.reservations.pop(request_id, None)
         if r is not None:
             r.failed = True
             r.kv_ready.set()  # wakes a waiting Continue, which then sees `failed`
@@ -91,10 +97,6 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         return freed + (1 if aborted else 0)
 
     async def Release(self, request, context):
-        r = self.reservations.get(request.request_id)
-        if r is not None and r.receiving:
-            r.expires = 0  # blocks still being written: the receive frees them when it ends
-            return node_pb2.ReleaseResponse()
         return node_pb2.ReleaseResponse(freed_blocks=await self._release(request.request_id))
 
     # -- KV transfer --------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         try:
             await asyncio.wait_for(r.kv_ready.wait(), max(0.0, r.expires - time.monotonic()))
         except TimeoutError:
-            await self._release(rid)
+            await self._release(rid)  # deferred to the receive's end if K/V are still landing
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the KV cache did not arrive within the lease")
         if r.failed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the KV transfer failed")
