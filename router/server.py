@@ -124,7 +124,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         timeout = context.time_remaining()
         self.picker.in_flight[decode.node_id] += 1
         self.picker.in_flight[prefill.node_id] += 1
-        prefill_call = continue_call = None
+        prefill_call = continue_call = transfer = None
         try:
             reservation = await decode_stub.Reserve(
                 node_pb2.ReserveRequest(request_id=req.internal_id, prompt_tokens=len(req.prompt_ids),
@@ -159,6 +159,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 timeout=context.time_remaining(),
             )
             transfer = asyncio.ensure_future(_drain(events))
+            transfer.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures surface below
             async for response in continue_call:
                 yield response
             await transfer
@@ -166,9 +167,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             if prefill is not None:
                 self.picker.in_flight[prefill.node_id] -= 1
             self.picker.in_flight[decode.node_id] -= 1
-            for call in (prefill_call, continue_call):
+            for call in (prefill_call, continue_call, transfer):
                 if call is not None:
-                    call.cancel()
+                    call.cancel()  # a no-op on what has ended
             # Always: frees the reservation or the sequence if anything above ended early. Shielded from
             # the client's cancellation, bounded in time.
             await asyncio.shield(_release(decode_stub, req.internal_id))
