@@ -187,9 +187,6 @@ class LocalCluster:
             self.etcd.stop()
             self.etcd = None
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in [self.router, *self.nodes.values()] if p is not None]
-
 
 def run_up(spec: ClusterSpec) -> int:
     """Starts the cluster, prints the router address, and serves until SIGINT or SIGTERM.

@@ -16,7 +16,6 @@ _FINISH = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.ABORT: pb.FINISH_REASON_CANCELLED,
 }
-FINISH_NAMES = {v: k.value for k, v in _FINISH.items()}
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:

@@ -136,8 +136,7 @@ class AsyncEngine:
         except Exception as e:  # a bug must fail its requests, not kill the node
             log.exception("engine step failed")
             failed = EngineFailed(f"engine step failed: {e}")
-            for rid in list(self._streams):
-                self.engine.abort_request(rid)
+            self.engine.abort_all()  # engine-thread state: `_streams` belongs to the event loop
             self._loop.call_soon_threadsafe(self._fail_all, failed)
             return
         if outputs:

@@ -167,6 +167,11 @@ class LLMEngine:
         seq.finish_reason = FinishReason.ABORT
         return RequestOutput(request_id, seq.num_tokens_emitted, [], [], "", FinishReason.ABORT)
 
+    def abort_all(self) -> None:
+        """Aborts every waiting and running sequence (their blocks are freed at once)."""
+        for request_id in list(self._seqs):
+            self.abort_request(request_id)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -93,7 +93,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         relay = Relay(req, start)
         try:
-            stream = self._colocated(req, context) if mode == "colocated" else self._disaggregated(req, context, relay)
+            stream = self._colocated(req, context) if mode == "colocated" else self._disaggregated(req, context)
             async for response in stream:
                 yield relay.see(response)
         except grpc.aio.AioRpcError as e:
@@ -117,7 +117,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         finally:
             self.picker.in_flight[node.node_id] -= 1
 
-    async def _disaggregated(self, req: Admitted, context, relay: Relay):
+    async def _disaggregated(self, req: Admitted, context):
         decode, prefill = self.picker.pick("decode"), self.picker.pick("prefill")
         req.nodes = (prefill.node_id, decode.node_id)
         decode_stub = self.stubs.decode(decode.address)

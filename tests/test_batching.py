@@ -137,3 +137,13 @@ def test_request_too_large_for_the_cache_is_rejected(stories_path):
     # What does fit still runs to the end.
     out = llm.generate(["Once upon a time"], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 40
+
+
+def test_abort_all_frees_every_sequence(stories_llm):
+    engine = stories_llm.engine
+    for rid in ("x", "y", "z"):
+        engine.add_request(rid, "Once upon a time", SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    engine.step()
+    assert engine.num_free_blocks < engine.blocks.num_blocks
+    engine.abort_all()
+    assert not engine.has_unfinished() and engine.num_free_blocks == engine.blocks.num_blocks
