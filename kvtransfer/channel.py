@@ -83,11 +83,45 @@ def _release(groups: list) -> None:
 
 @dataclass
 class _Pending:
-    """A value being created by one thread while others wait for it (creation blocks: no lock held)."""
+    """A value being created by one thread while others wait for it (creation blocks: no lock held). It
+    stands in the table under the value's key until `settle` puts the value there (or takes it out)."""
 
     done: threading.Event = field(default_factory=threading.Event)
     value: object = None
     error: BaseException | None = None
+
+    @staticmethod
+    def claim(table: dict, key) -> tuple[object, bool]:
+        """(the value, False) if `key` is ready; (its _Pending, False) if another thread is creating it;
+        (a new _Pending, True) if the caller must create it. Call with the table's lock held."""
+        entry = table.get(key)
+        if entry is None:
+            entry = table[key] = _Pending()
+            return entry, True
+        return entry, False
+
+    def wait(self, timeout: float, what: str) -> object:
+        if not self.done.wait(timeout):
+            raise KVTransferError(f"timed out after {timeout:.1f}s waiting for {what}")
+        if self.error is not None:
+            raise KVTransferError(f"{what} failed: {self.error}") from self.error
+        return self.value
+
+    def settle(self, table: dict, key, lock: threading.Lock, value: object = None,
+               error: BaseException | None = None, what: str = "it") -> BaseException | None:
+        """Publishes the outcome and wakes the waiters: the value replaces this entry in `table`, an error
+        removes it. An entry already taken out (dropped or closed meanwhile) becomes an error: returned."""
+        with lock:
+            present = table.get(key) is self
+            if present and error is None:
+                table[key] = value
+            elif present:
+                del table[key]
+        if not present and error is None:
+            error = KVTransferError(f"{what} was dropped while it was being made")
+        self.value, self.error = (value, None) if error is None else (None, error)
+        self.done.set()
+        return error
 
 
 class PairChannels:
@@ -134,21 +168,12 @@ class PairChannels:
             if generation > newest:
                 self._generation[peer_id] = generation
                 stale = [self._groups.pop(k) for k in list(self._groups) if k[0] == peer_id and k[1] < generation]
-            entry = self._groups.get(key)
-            if entry is None:
-                entry = self._groups[key] = _Pending()
-                creator = True
-            elif isinstance(entry, _Pending):
-                creator = False
-            else:
-                return entry
+            entry, creator = _Pending.claim(self._groups, key)
+        if not isinstance(entry, _Pending):
+            return entry
         if not creator:
             _release(stale)
-            if not entry.done.wait(timeout):
-                raise KVTransferError(f"timed out after {timeout:.1f}s waiting for the group with {peer_id!r}")
-            if entry.error is not None:
-                raise KVTransferError(f"pair group with {peer_id!r} failed: {entry.error}") from entry.error
-            return entry.value
+            return entry.wait(timeout, f"the pair group with {peer_id!r}")
         store = None
         try:
             store = self._store(store_address, timeout)
@@ -157,15 +182,12 @@ class PairChannels:
             group = self._make_group(prefixed, rank, timeout)
         except BaseException as exc:
             _release(stale)
-            entry.error = exc
-            with self._lock:
-                if self._groups.get(key) is entry:
-                    del self._groups[key]
-                # A broken store connection (the decode node restarted) is rebuilt on the next call.
-                if store is not None and store_address != self._local_address \
-                        and self._stores.get(store_address) is store:
-                    del self._stores[store_address]
-            entry.done.set()
+            entry.settle(self._groups, key, self._lock, error=exc)
+            # A broken store connection (the decode node restarted) is rebuilt on the next call.
+            if store is not None and store_address != self._local_address:
+                with self._lock:
+                    if self._stores.get(store_address) is store:
+                        del self._stores[store_address]
             if isinstance(exc, KVTransferError):
                 raise
             raise KVTransferError(f"cannot build the pair group with {peer_id!r} (generation {generation}): "
@@ -173,16 +195,11 @@ class PairChannels:
         # Older generations go only now: destroying a group on the shared gloo device while another connects
         # through it makes the connection wait for the destruction (~10 ms).
         _release(stale)
-        with self._lock:
-            kept = self._groups.get(key) is entry and not self._closed
-            if kept:
-                self._groups[key] = group
-        if not kept:  # dropped (or superseded by a newer generation) while it was being built
-            entry.error = KVTransferError(f"pair group with {peer_id!r} generation {generation} was dropped")
-            entry.done.set()
-            raise entry.error
-        entry.value = group
-        entry.done.set()
+        # Dropped (or superseded by a newer generation, or closed) while it was being built: an error.
+        dropped = entry.settle(self._groups, key, self._lock, value=group,
+                               what=f"the pair group with {peer_id!r} generation {generation}")
+        if dropped is not None:
+            raise dropped
         return group
 
     def next_generation(self, peer_id: str, store_address: str, timeout: float) -> int:
@@ -214,7 +231,8 @@ class PairChannels:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            groups, self._groups = self._groups, {}
+            groups = list(self._groups.values())  # cleared in place: a group being built finds its entry gone
+            self._groups.clear()
             self._stores.clear()
             self._gloo_device = None
         groups.clear()
@@ -223,35 +241,21 @@ class PairChannels:
 
     def _store(self, address: str, timeout: float):
         with self._lock:
-            entry = self._stores.get(address)
-            if entry is None:
-                entry = self._stores[address] = _Pending()
-                creator = True
-            elif isinstance(entry, _Pending):
-                creator = False
-            else:
-                return entry
+            entry, creator = _Pending.claim(self._stores, address)
+        if not isinstance(entry, _Pending):
+            return entry
         if not creator:
-            if not entry.done.wait(timeout):
-                raise KVTransferError(f"timed out connecting to the KV store at {address}")
-            if entry.error is not None:
-                raise KVTransferError(f"cannot connect to the KV store at {address}: {entry.error}")
-            return entry.value
+            return entry.wait(timeout, f"the connection to the KV store at {address}")
         try:
             host, port = split_address(address)
             store = dist.TCPStore(host, port, None, False, _timedelta(timeout), wait_for_workers=False)
         except BaseException as exc:
-            entry.error = exc
-            with self._lock:
-                if self._stores.get(address) is entry:
-                    del self._stores[address]
-            entry.done.set()
+            entry.settle(self._stores, address, self._lock, error=exc)
             raise KVTransferError(f"cannot connect to the KV store at {address}: {exc}") from exc
-        entry.value = store
-        with self._lock:
-            if self._stores.get(address) is entry:
-                self._stores[address] = store
-        entry.done.set()
+        closed = entry.settle(self._stores, address, self._lock, value=store,
+                              what=f"the connection to the KV store at {address}")
+        if closed is not None:
+            raise closed
         return store
 
     def _device(self):

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -37,26 +38,49 @@ _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHA
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
+LEFT_NODE_GRACE_S = 30.0
+
+
 class NodeStubs:
-    """One channel per node address, reused by every request."""
+    """One channel and its stubs per node address, reused by every request. Channels to addresses that left
+    the membership are closed when a new address is first used, so nodes that come and go leak nothing."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, live: Callable[[], set[str]]) -> None:
+        self._live = live
+        self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.DecodeNodeStub, node_pb2_grpc.PrefillNodeStub]] = {}
+        self._closing: dict[asyncio.Task, grpc.aio.Channel] = {}  # channels to nodes that left, in their grace
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
-        return self._channels[address]
+    def _get(self, address: str):
+        entry = self._nodes.get(address)
+        if entry is None:
+            self._prune()
+            channel = grpc.aio.insecure_channel(address)
+            entry = self._nodes[address] = (channel, node_pb2_grpc.DecodeNodeStub(channel),
+                                            node_pb2_grpc.PrefillNodeStub(channel))
+        return entry
+
+    def _prune(self) -> None:
+        live = self._live()
+        for address in [a for a in self._nodes if a not in live]:
+            # Calls still open get a grace period: a node may drop out of the membership for a moment (a
+            # lease renewed late) and still be serving them.
+            channel = self._nodes.pop(address)[0]
+            task = asyncio.get_running_loop().create_task(channel.close(grace=LEFT_NODE_GRACE_S))
+            self._closing[task] = channel
+            task.add_done_callback(lambda t: self._closing.pop(t, None))
 
     def decode(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
-        return node_pb2_grpc.DecodeNodeStub(self._channel(address))
+        return self._get(address)[1]
 
     def prefill(self, address: str) -> node_pb2_grpc.PrefillNodeStub:
-        return node_pb2_grpc.PrefillNodeStub(self._channel(address))
+        return self._get(address)[2]
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        channels = [channel for channel, _, _ in self._nodes.values()] + list(self._closing.values())
+        for task in self._closing:
+            task.cancel()  # no grace at shutdown
+        self._nodes, self._closing = {}, {}
+        await asyncio.gather(*(channel.close() for channel in channels))
 
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
@@ -64,7 +88,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         self.model = model
         self.tokenizer = tokenizer
         self.picker = picker
-        self.stubs = NodeStubs()
+        self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()})
         self.lease_ms = lease_ms
         self._rng = random.Random()
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from baton.engine.loader import DEFAULT_MODEL
+from baton.engine.tokenizer import Tokenizer
+
 from baton.bench.loadgen import LoadSpec, RequestRecord
 from baton.bench.metrics import SLO, percentile, summarize
 from baton.bench.runner import add_bench_parser, parse_config, run_config
@@ -222,3 +225,35 @@ def test_a_configuration_that_cannot_start_is_recorded_and_the_others_run(tmp_pa
     assert summary["results"]["ok"]["2"]["completed"] == 4
     with pytest.raises(RuntimeError):  # nothing ran at all: an error, not an empty report
         run_config({**config, "configurations": config["configurations"][:1]}, tmp_path / "out2", progress=False)
+
+
+def test_sharegpt_workload_end_to_end(tmp_path: Path):
+    """A ShareGPT file through a real 1P1D cluster: text prompts tokenized by the router, each request asks
+    for its reference answer's length and gets exactly that many tokens; a too-long conversation is dropped."""
+    data = [
+        {"conversations": [{"from": "human", "value": "Once upon a time there was a little dog."},
+                           {"from": "gpt", "value": "The dog liked to run in the park with his friend."}]},
+        {"conversations": [{"from": "system", "value": "be kind"},
+                           {"from": "human", "value": "Lily had a red ball."},
+                           {"from": "gpt", "value": "She played with it every day."}]},
+        {"conversations": [{"from": "human", "value": "Tim saw a big tree."},
+                           {"from": "gpt", "value": "tree " * 600}]},  # beyond stories260K's 512 context
+        {"conversations": [{"from": "gpt", "value": "no question"}]},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    config = {
+        "configurations": [{"name": "1P1D", "launch": {"prefill": 1, "decode": 1, "threads": 1, "model": "default"}}],
+        "workload": {"sharegpt": str(path)},
+        "mode": "closed", "concurrency": 2, "num_requests": 6, "warmup_requests": 0, "seed": 2,
+        "request_timeout_s": 30, "slo_ttft_ms": 5000, "slo_tpot_ms": 1000,
+    }
+    summary = run_config(config, tmp_path / "out", progress=False)
+    assert summary["results"]["1P1D"]["2"]["completed"] == 6
+    records = json.loads((tmp_path / "out" / "raw.json").read_text())["1P1D"]["2"]["records"]
+    tok = Tokenizer.from_folder(DEFAULT_MODEL)
+    fitting = {(len(tok.encode(h)), len(tok.encode(g, add_special_tokens=False))) for h, g in read_sharegpt(path)[:2]}
+    for r in records:
+        assert r["error"] is None and r["workload"] == "sharegpt" and r["finish_reason"] == "length"
+    # Both fitting conversations were sent (three passes over them), each with its own lengths.
+    assert {(r["prompt_tokens"], r["output_tokens"]) for r in records} == fitting
