@@ -90,6 +90,7 @@ class RequestRecord:
     finish_reason: str = ""
     prefill_node: str = ""
     decode_node: str = ""
+    repeat: int = 0  # which repeat of its sweep point (bench configs' `repeats`)
 
     @property
     def itl_ms(self) -> list[float]:

@@ -16,6 +16,8 @@ A config (YAML or JSON) names the configurations to compare and how to load them
     warmup_requests: 4
     request_timeout_s: 120
     seed: 0
+    repeats: 1                   # run every point this many times, repeat k with seed + k (other requests and
+                                 # arrivals); configurations take turns, so drift of a noisy machine hits all
     slo_ttft_ms: 1000            # goodput counts requests meeting both SLOs
     slo_tpot_ms: 100
 
@@ -44,7 +46,7 @@ from baton.router.client import AsyncBatonClient, BatonError
 
 LAUNCH_KEYS = ("prefill", "decode", "colocated", "threads", "pin", "chunked_prefill", "model", "node_args")
 TOP_KEYS = {"name", "configurations", "workload", "mode", "rates", "arrival", "concurrency", "duration_s",
-            "num_requests", "warmup_requests", "request_timeout_s", "seed", "slo_ttft_ms", "slo_tpot_ms"}
+            "num_requests", "warmup_requests", "request_timeout_s", "seed", "repeats", "slo_ttft_ms", "slo_tpot_ms"}
 
 
 @dataclass(slots=True)
@@ -73,6 +75,7 @@ class BenchConfig:
     load: LoadSpec  # rate / concurrency filled per point
     points: list[float]
     slo: SLO
+    repeats: int = 1
 
     @property
     def axis(self) -> str:
@@ -124,12 +127,17 @@ def parse_config(config: Mapping[str, Any]) -> BenchConfig:
         _point(load, p)
     if "workload" not in config:
         raise ValueError("workload: missing")
+    repeats = config.get("repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats: must be an int >= 1, not {repeats!r}")
     return BenchConfig(_targets(config.get("configurations")), WorkloadSpec.parse(config["workload"]), load, points,
-                       SLO(config.get("slo_ttft_ms"), config.get("slo_tpot_ms")))
+                       SLO(config.get("slo_ttft_ms"), config.get("slo_tpot_ms")), repeats)
 
 
-def _point(load: LoadSpec, point: float) -> LoadSpec:
+def _point(load: LoadSpec, point: float, seed: int | None = None) -> LoadSpec:
     kw = {name: getattr(load, name) for name in LoadSpec.__slots__}
+    if seed is not None:
+        kw["seed"] = seed
     if load.mode == "open":
         kw["rate"] = point
     else:
@@ -205,61 +213,83 @@ def _cluster_spec(target: Target, output_dir: Path):
         raise ValueError(f"configurations.{target.name}.launch: {e}") from None
 
 
-def _measure(address: str, cfg: BenchConfig, progress: bool, out: dict[str, tuple[list[RequestRecord], float]],
-             name: str) -> None:
+def _measure(address: str, cfg: BenchConfig, repeat: int, progress: bool,
+             out: dict[str, list[tuple[list[RequestRecord], float]]], name: str) -> None:
+    """Every sweep point once, with the repeat's seed; appends (records, wall_s) to out[point]."""
+    seed = cfg.load.seed + repeat
+
     async def go() -> None:
         async with AsyncBatonClient(address, timeout=60) as client:
-            make_requests = await prepare(cfg.workload, cfg.load.seed, client)
+            make_requests = await prepare(cfg.workload, seed, client)
         for point in cfg.points:
-            spec = _point(cfg.load, point)
+            spec = _point(cfg.load, point, seed)
             spec.progress = progress
             result = await run_load(address, make_requests(), spec)
-            out[_label(point)] = (result.records, result.wall_s)
+            for r in result.records:
+                r.repeat = repeat
+            out.setdefault(_label(point), []).append((result.records, result.wall_s))
             measured = [r for r in result.records if not r.warmup]
             ok = sum(r.error is None for r in measured)
-            print(f"baton bench: {name} {cfg.axis} {_label(point)}: {ok}/{len(measured)} requests completed in "
-                  f"{result.wall_s:.1f} s", file=sys.stderr, flush=True)
+            again = f" (repeat {repeat + 1}/{cfg.repeats})" if cfg.repeats > 1 else ""
+            print(f"baton bench: {name} {cfg.axis} {_label(point)}{again}: {ok}/{len(measured)} requests completed "
+                  f"in {result.wall_s:.1f} s", file=sys.stderr, flush=True)
 
     run_async(go())
 
 
+def _run_target(target: Target, cfg: BenchConfig, output_dir: Path, repeat: int, progress: bool,
+                runs: dict[str, list[tuple[list[RequestRecord], float]]]) -> None:
+    t = time.perf_counter()
+    if target.router:
+        _measure(target.router, cfg, repeat, progress, runs, target.name)
+        return
+    from baton.cluster.launch import LocalCluster
+
+    spec = _cluster_spec(target, output_dir)  # a bad spec is the config's error: raised, not skipped
+    with LocalCluster(spec) as cluster:
+        print(f"baton bench: {target.name} up at {cluster.address} in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr, flush=True)
+        _measure(cluster.address, cfg, repeat, progress, runs, target.name)
+
+
+def _pooled(runs: list[tuple[list[RequestRecord], float]], slo: SLO) -> dict:
+    """One point's summary over all its repeats (percentiles of the pooled requests, rates over the summed
+    windows), and with several repeats each one's headline figures, to show the spread."""
+    summary = summarize([r for recs, _ in runs for r in recs], sum(wall for _, wall in runs), slo)
+    if len(runs) > 1:
+        each = [summarize(recs, wall, slo) for recs, wall in runs]
+        summary["repeats"] = [{"ttft_p99_ms": e["ttft_ms"]["p99"], "tpot_p99_ms": e["tpot_ms"]["p99"],
+                               "goodput_rps": e["goodput_rps"], "throughput_tok_s": e["throughput_tok_s"]}
+                              for e in each]
+    return summary
+
+
 def run_config(config: Mapping[str, Any], output_dir: Path, *, progress: bool = True) -> dict:
-    """Runs every configuration and sweep point; writes summary.json, raw.json and the plots into
-    `output_dir`, prints the table, and returns the summary."""
+    """Runs every configuration and sweep point (`repeats` times, configurations taking turns); writes
+    summary.json, raw.json and the plots into `output_dir`, prints the table, and returns the summary."""
     from baton.bench.engine_throughput import machine
 
     cfg = parse_config(config)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    raw: dict[str, dict[str, list[RequestRecord]]] = {}
-    walls: dict[str, dict[str, float]] = {}
-    results: dict[str, dict[str, dict]] = {}
+    runs: dict[str, dict[str, list[tuple[list[RequestRecord], float]]]] = {t.name: {} for t in cfg.targets}
     failed: dict[str, str] = {}
-    for target in cfg.targets:
-        runs: dict[str, tuple[list[RequestRecord], float]] = {}
-        t = time.perf_counter()
-        try:
-            if target.router:
-                _measure(target.router, cfg, progress, runs, target.name)
-            else:
-                from baton.cluster.launch import LocalCluster
-
-                spec = _cluster_spec(target, output_dir)  # a bad spec is the config's error: raised, not skipped
-                with LocalCluster(spec) as cluster:
-                    print(f"baton bench: {target.name} up at {cluster.address} in {time.perf_counter() - t:.1f} s",
-                          file=sys.stderr, flush=True)
-                    _measure(cluster.address, cfg, progress, runs, target.name)
-        except (RuntimeError, TimeoutError, OSError, BatonError) as e:
-            # One configuration that cannot start or serve is recorded, and the others still run.
-            failed[target.name] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"baton bench: {target.name} failed: {failed[target.name]}", file=sys.stderr, flush=True)
-            continue
-        raw[target.name] = {p: recs for p, (recs, _) in runs.items()}
-        walls[target.name] = {p: wall for p, (_, wall) in runs.items()}
-        results[target.name] = {p: summarize(recs, wall, cfg.slo) for p, (recs, wall) in runs.items()}
-
-    if not results:
+    for repeat in range(cfg.repeats):
+        for target in cfg.targets:
+            if target.name in failed:
+                continue
+            try:
+                _run_target(target, cfg, output_dir, repeat, progress, runs[target.name])
+            except (RuntimeError, TimeoutError, OSError, BatonError) as e:
+                # One configuration that cannot start or serve is recorded, and the others still run.
+                failed[target.name] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"baton bench: {target.name} failed: {failed[target.name]}", file=sys.stderr, flush=True)
+    runs = {name: points for name, points in runs.items() if name not in failed}
+    if not runs:
         raise RuntimeError(f"no configuration ran: {failed}")
+    results = {name: {p: _pooled(rs, cfg.slo) for p, rs in points.items()} for name, points in runs.items()}
+    raw = {name: {p: [r for recs, _ in rs for r in recs] for p, rs in points.items()} for name, points in runs.items()}
+    walls = {name: {p: sum(w for _, w in rs) for p, rs in points.items()} for name, points in runs.items()}
     summary = {"machine": machine(), "commit": git_commit(), "config": dict(config), "results": results,
                "failed": failed}
     write_json(output_dir / "summary.json", summary)

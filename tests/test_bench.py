@@ -84,7 +84,7 @@ def test_bad_bench_config_names_the_field():
     parse_config(base)
     for change, field in (({"rates": [0]}, "rate"), ({"mode": "closed", "concurrency": 0}, "concurrency"),
                           ({"mode": "sideways"}, "mode"), ({"num_requests": None}, "num_requests"),
-                          ({"slo_ttft_ms": -1}, "slo_ttft_ms"), ({"colour": 1}, "colour")):
+                          ({"slo_ttft_ms": -1}, "slo_ttft_ms"), ({"colour": 1}, "colour"), ({"repeats": 0}, "repeats")):
         with pytest.raises(ValueError, match=f"^{field}:"):
             parse_config(base | change)
 
@@ -190,23 +190,30 @@ def test_run_config_end_to_end(tmp_path: Path, capsys):
 
 
 def test_open_loop_sweep_end_to_end(tmp_path: Path):
-    """Fixed-rate arrivals at two rates against a colocated node: one result per rate, arrivals on schedule,
-    and the sweep plot."""
+    """Fixed-rate arrivals at two rates, twice each, against a colocated node: one pooled result per rate
+    with each repeat's figures, arrivals on schedule, and the sweep plot."""
     config = {
         "configurations": [{"name": "colocated", "launch": {"colocated": 1, "threads": 1, "model": "default"}}],
-        "workload": {"prompt_len": 16, "output_len": 8},
+        "workload": {"prompt_len": {"dist": "uniform", "min": 4, "max": 64}, "output_len": 8},
         "mode": "open", "arrival": "fixed", "rates": [20, 40], "num_requests": 8, "warmup_requests": 1,
-        "seed": 1, "request_timeout_s": 30, "slo_ttft_ms": 5000, "slo_tpot_ms": 1000,
+        "seed": 1, "repeats": 2, "request_timeout_s": 30, "slo_ttft_ms": 5000, "slo_tpot_ms": 1000,
     }
     summary = run_config(config, tmp_path, progress=False)
     results = summary["results"]["colocated"]
     assert set(results) == {"20", "40"}
     raw = json.loads((tmp_path / "raw.json").read_text())["colocated"]
     for rate in (20, 40):
-        assert results[str(rate)]["completed"] == 8 and results[str(rate)]["errors"] == {}
-        measured = sorted(r["scheduled_s"] for r in raw[str(rate)]["records"] if not r["warmup"])
-        gaps = [b - a for a, b in zip(measured, measured[1:])]
-        assert all(abs(g - 1 / rate) < 1e-6 for g in gaps)  # the schedule, not when requests happened to go
+        s = results[str(rate)]
+        assert s["completed"] == 16 and s["errors"] == {} and len(s["repeats"]) == 2
+        lens = {}
+        for repeat in (0, 1):
+            measured = [r for r in raw[str(rate)]["records"] if not r["warmup"] and r["repeat"] == repeat]
+            assert len(measured) == 8
+            lens[repeat] = [r["prompt_tokens"] for r in sorted(measured, key=lambda r: r["index"])]
+            starts = sorted(r["scheduled_s"] for r in measured)
+            gaps = [b - a for a, b in zip(starts, starts[1:])]
+            assert all(abs(g - 1 / rate) < 1e-6 for g in gaps)  # the schedule, not when requests happened to go
+        assert lens[0] != lens[1]  # repeat k draws with seed + k
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
