@@ -1,7 +1,12 @@
 """Goodput of a finished `baton bench` run under other SLOs, from its raw.json: how the comparison between
 configurations depends on the SLO chosen (the run's own SLO is in its summary.json).
 
-    python bench/slo_sensitivity.py DIR [--ttft-ms 1000] [--tpot-ms 10 15 20 40]
+For each configuration, rate and TPOT bound: goodput (requests/s meeting TTFT and TPOT) and SLO attainment
+(the share of requests meeting them). Then, for a rate sweep, each configuration's capacity: the highest
+arrival rate whose attainment stays at or above `--attainment` (interpolated between the swept rates) —
+DistServe's (OSDI'24) definition of goodput, which does not depend on which rates were swept.
+
+    python bench/slo_sensitivity.py DIR [--ttft-ms 1000] [--tpot-ms 10 12 20 40] [--attainment 0.9]
 """
 
 from __future__ import annotations
@@ -11,26 +16,53 @@ import json
 from pathlib import Path
 
 
-def goodput(records: list[dict], wall_s: float, ttft_ms: float, tpot_ms: float) -> float:
-    """Requests/s that completed with TTFT and TPOT within the SLO (warm-up excluded)."""
-    good = [r for r in records if not r["warmup"] and r["error"] is None and r["ttft_ms"] is not None
-            and r["ttft_ms"] <= ttft_ms and (r["tpot_ms"] is None or r["tpot_ms"] <= tpot_ms)]
-    return len(good) / wall_s
+def met(records: list[dict], ttft_ms: float, tpot_ms: float) -> tuple[int, int]:
+    """(requests that completed within both bounds, requests measured), warm-up excluded."""
+    measured = [r for r in records if not r["warmup"]]
+    good = [r for r in measured if r["error"] is None and r["ttft_ms"] is not None and r["ttft_ms"] <= ttft_ms
+            and (r["tpot_ms"] is None or r["tpot_ms"] <= tpot_ms)]
+    return len(good), len(measured)
+
+
+def capacity(attainment: dict[float, float], target: float) -> float | None:
+    """The highest rate at which attainment is still >= target, interpolated linearly between swept rates
+    (from the last rate meeting it before the first that does not); None if the lowest rate misses it."""
+    rates = sorted(attainment)
+    if not rates or attainment[rates[0]] < target:
+        return None
+    for lo, hi in zip(rates, rates[1:]):
+        if attainment[hi] < target:
+            a, b = attainment[lo], attainment[hi]
+            return lo + (hi - lo) * (a - target) / (a - b)
+    return rates[-1]  # met at every swept rate: at least this
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="the --output folder of a baton bench run")
     ap.add_argument("--ttft-ms", type=float, default=1000.0)
-    ap.add_argument("--tpot-ms", type=float, nargs="+", default=[10.0, 15.0, 20.0, 40.0])
+    ap.add_argument("--tpot-ms", type=float, nargs="+", default=[10.0, 12.0, 20.0, 40.0])
+    ap.add_argument("--attainment", type=float, default=0.9)
     args = ap.parse_args()
     raw = json.loads((args.run / "raw.json").read_text())
-    print(f"goodput (req/s) at TTFT <= {args.ttft_ms:g} ms and TPOT <= each bound")
-    print(f"{'configuration':32}{'rate':>6}" + "".join(f"{f'{t:g} ms':>10}" for t in args.tpot_ms))
+    print(f"goodput (req/s) and SLO attainment at TTFT <= {args.ttft_ms:g} ms and TPOT <= each bound")
+    print(f"{'configuration':32}{'rate':>6}" + "".join(f"{f'{t:g} ms':>16}" for t in args.tpot_ms))
+    attained: dict[str, dict[float, dict[float, float]]] = {}
     for name, rates in raw.items():
-        for rate, run in rates.items():
-            cells = [goodput(run["records"], run["wall_s"], args.ttft_ms, t) for t in args.tpot_ms]
-            print(f"{name:32}{rate:>6}" + "".join(f"{c:10.2f}" for c in cells))
+        for rate, run in sorted(rates.items(), key=lambda kv: float(kv[0])):
+            cells = []
+            for t in args.tpot_ms:
+                good, n = met(run["records"], args.ttft_ms, t)
+                attained.setdefault(name, {}).setdefault(t, {})[float(rate)] = good / n if n else 0.0
+                cells.append(f"{good / run['wall_s']:8.2f} ({good / n if n else 0:4.0%})")
+            print(f"{name:32}{rate:>6}" + "".join(f"{c:>16}" for c in cells))
+    print(f"\ncapacity (req/s) at >= {args.attainment:.0%} attainment:")
+    print(f"{'configuration':32}" + "".join(f"{f'{t:g} ms':>10}" for t in args.tpot_ms))
+    for name, by_bound in attained.items():
+        caps = [capacity(by_bound[t], args.attainment) for t in args.tpot_ms]
+        top = max(by_bound[args.tpot_ms[0]])
+        print(f"{name:32}" + "".join(f"{'-' if c is None else (f'>={c:g}' if c == top else f'{c:.2f}'):>10}"
+                                      for c in caps))
 
 
 if __name__ == "__main__":

@@ -264,3 +264,12 @@ def test_sharegpt_workload_end_to_end(tmp_path: Path):
         assert r["error"] is None and r["workload"] == "sharegpt" and r["finish_reason"] == "length"
     # Both fitting conversations were sent (three passes over them), each with its own lengths.
     assert {(r["prompt_tokens"], r["output_tokens"]) for r in records} == fitting
+
+
+def test_capacity_at_an_slo_attainment():
+    from baton.bench.slo_sensitivity import capacity
+
+    assert capacity({2: 1.0, 4: 0.95, 6: 0.85}, 0.9) == pytest.approx(5.0)  # halfway from 0.95 down to 0.85
+    assert capacity({2: 1.0, 4: 0.92}, 0.9) == 4  # met at every rate swept: at least the highest
+    assert capacity({2: 0.5, 4: 0.2}, 0.9) is None
+    assert capacity({2: 0.95, 4: 0.8, 6: 0.95}, 0.9) == pytest.approx(2 + 2 * 0.05 / 0.15)  # the first miss counts
