@@ -273,3 +273,14 @@ def test_capacity_at_an_slo_attainment():
     assert capacity({2: 1.0, 4: 0.92}, 0.9) == 4  # met at every rate swept: at least the highest
     assert capacity({2: 0.5, 4: 0.2}, 0.9) is None
     assert capacity({2: 0.95, 4: 0.8, 6: 0.95}, 0.9) == pytest.approx(2 + 2 * 0.05 / 0.15)  # the first miss counts
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "bench" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_bench_configs_parse(path: Path, tmp_path: Path):
+    from baton.bench.runner import _cluster_spec, load_config
+
+    cfg = parse_config(load_config(path))
+    for target in cfg.targets:  # launch specs are checked too (a named model would be a real folder)
+        if target.launch:
+            _cluster_spec(target.__class__(target.name, launch={**target.launch, "model": "default"}), tmp_path)
