@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from baton.bench.runner import git_commit
 from baton.engine import LLM, SamplingParams
 
 MODEL = dict(  # ~51M parameters, Llama with grouped-query attention (8 query heads, 2 KV heads)
@@ -119,27 +119,33 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / best
 
 
-def decode_step(llm: LLM, batch: int, context: int, bandwidth: float) -> dict:
-    """Median time of a decode-only engine step for `batch` sequences at ~`context` tokens, and its floor."""
+def median_decode_step_s(llm: LLM, batch: int, context: int, steps: int = 20) -> float:
+    """Median time of a decode-only engine step over `batch` sequences of ~`context` tokens each."""
     engine = llm.engine
-    cfg = engine.model_config
     for i in range(batch):
-        engine.add_request(f"d{i}", list(range(3, 3 + context)), SamplingParams(max_tokens=40, ignore_eos=True,
-                                                                               temperature=0))
-    engine.step()  # the prefill step
+        engine.add_request(f"d{i}", list(range(3, 3 + context)),
+                           SamplingParams(max_tokens=2 * steps, ignore_eos=True, temperature=0))
+    while engine.scheduler.waiting:  # the prompts, in as few steps as the token budget allows
+        engine.step()
     times = []
-    for _ in range(20):
+    for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
     for i in range(batch):
         engine.abort_request(f"d{i}")
+    return statistics.median(times)
+
+
+def decode_step(llm: LLM, batch: int, context: int, bandwidth: float) -> dict:
+    """Median time of a decode-only engine step for `batch` sequences at ~`context` tokens, and its floor."""
+    step = median_decode_step_s(llm, batch, context)
+    cfg = llm.engine.model_config
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
     weight_bytes = (cfg.num_layers * per_layer + cfg.vocab_size * h) * 4  # every matrix once, lm_head included
     kv_per_token = cfg.num_layers * 2 * kv * 4
     kv_bytes = batch * (context + 10) * kv_per_token  # mid-way through the 20 steps
-    step = statistics.median(times)
     floor = (weight_bytes + kv_bytes) / bandwidth
     return dict(batch=batch, context=context, step_ms=step * 1e3, floor_ms=floor * 1e3,
                 weight_mb=weight_bytes / 1e6, kv_mb=kv_bytes / 1e6, copy_gb_s=bandwidth / 1e9)
@@ -194,10 +200,9 @@ def main() -> None:
               f"{s['floor_ms']:.2f} ms ({s['weight_mb']:.0f} MB weights + {s['kv_mb']:.1f} MB KV at "
               f"{s['copy_gb_s']:.1f} GB/s copy) -> {s['floor_ms'] / s['step_ms']:.0%} of the floor")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(
-            machine=machine(), commit=commit.strip(), model_params=params, requests=args.requests,
+            machine=machine(), commit=git_commit(), model_params=params, requests=args.requests,
             output_tokens=asked, transformers_s=hf_s, baton_s=baton_s, ratio=hf_s / baton_s,
             baton_default_gemm_s=plain_s, ratio_default_gemm=hf_s / plain_s, identical_outputs=same, decode_steps=steps, workload=asdict(work) | {"prompts": None},
         ), indent=2))

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-from engine_throughput import machine
 
+from baton.bench.engine_throughput import machine
 from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVStoreHost, PairChannels
 from baton.kvtransfer.receiver import receive
 from baton.kvtransfer.sender import KVSender

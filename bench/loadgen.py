@@ -101,6 +101,11 @@ class RequestRecord:
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__} | {"itl_ms": self.itl_ms}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> RequestRecord:
+        """A record read back from raw.json (what to_dict wrote; `itl_ms` is derived again)."""
+        return cls(**{name: d[name] for name in cls.__slots__ if name in d})
+
 
 async def send(client: AsyncBatonClient, req: Request, t0: float, scheduled_s: float, warmup: bool,
                timeout: float) -> RequestRecord:

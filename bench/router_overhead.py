@@ -42,22 +42,12 @@ from pathlib import Path
 import grpc
 import uvloop
 
+from baton.bench.engine_throughput import machine
 from baton.cluster.launch import ClusterSpec, LocalCluster
 from baton.cluster.membership import MembershipWatcher
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
-try:
-    from engine_throughput import machine  # bench/ is on sys.path when this runs as a script
-except ImportError:  # imported from elsewhere
-    import platform
-
-    import torch
-
-    def machine() -> str:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-        return (f"{platform.node()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads")
 
 TICK = os.sysconf("SC_CLK_TCK")
 TARGET_ADDED_P50_MS = 0.5

@@ -15,13 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
+from baton.bench.loadgen import RequestRecord
+from baton.bench.metrics import SLO
 
-def met(records: list[dict], ttft_ms: float, tpot_ms: float) -> tuple[int, int]:
-    """(requests that completed within both bounds, requests measured), warm-up excluded."""
-    measured = [r for r in records if not r["warmup"]]
-    good = [r for r in measured if r["error"] is None and r["ttft_ms"] is not None and r["ttft_ms"] <= ttft_ms
-            and (r["tpot_ms"] is None or r["tpot_ms"] <= tpot_ms)]
-    return len(good), len(measured)
+
+def met(records: list[RequestRecord], slo: SLO) -> tuple[int, int]:
+    """(requests that completed within the SLO, requests measured), warm-up excluded."""
+    measured = [r for r in records if not r.warmup]
+    return sum(slo.met(r) for r in measured), len(measured)
 
 
 def capacity(attainment: dict[float, float], target: float) -> float | None:
@@ -50,9 +51,10 @@ def main() -> None:
     attained: dict[str, dict[float, dict[float, float]]] = {}
     for name, rates in raw.items():
         for rate, run in sorted(rates.items(), key=lambda kv: float(kv[0])):
+            records = [RequestRecord.from_dict(r) for r in run["records"]]
             cells = []
             for t in args.tpot_ms:
-                good, n = met(run["records"], args.ttft_ms, t)
+                good, n = met(records, SLO(args.ttft_ms, t))
                 attained.setdefault(name, {}).setdefault(t, {})[float(rate)] = good / n if n else 0.0
                 cells.append(f"{good / run['wall_s']:8.2f} ({good / n if n else 0:4.0%})")
             print(f"{name:32}{rate:>6}" + "".join(f"{c:>16}" for c in cells))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from baton.bench.engine_throughput import machine, write_checkpoint
+from baton.bench.engine_throughput import machine, median_decode_step_s, write_checkpoint
 from baton.bench.runner import git_commit
 from baton.engine import LLM, SamplingParams
 
@@ -46,24 +46,6 @@ def prefill_s(llm: LLM, length: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def decode_s(llm: LLM, batch: int, context: int, steps: int = 20) -> float:
-    """Median time of a decode-only step over `batch` sequences with ~`context` tokens each."""
-    engine = llm.engine
-    for i in range(batch):
-        engine.add_request(f"d{i}", [3 + (i + j) % 1000 for j in range(context)],
-                           SamplingParams(max_tokens=steps + 5, ignore_eos=True, temperature=0))
-    while engine.scheduler.waiting:  # the prompts, in as few steps as the token budget allows
-        engine.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    for i in range(batch):
-        engine.abort_request(f"d{i}")
-    return statistics.median(times)
-
-
 def fit(xs: list[float], ys: list[float], basis) -> list[float]:
     """Least-squares coefficients of y ~ sum(coef_k * basis(x)[k])."""
     a = torch.tensor([basis(x) for x in xs], dtype=torch.float64)
@@ -81,7 +63,7 @@ def main() -> None:
         llm = LLM(tmp, max_num_seqs=max(BATCHES), max_num_batched_tokens=4096)
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
         prefill = {n: prefill_s(llm, n) for n in PROMPT_LENS}
-        decode = {b: decode_s(llm, b, args.context) for b in BATCHES}
+        decode = {b: median_decode_step_s(llm, b, args.context) for b in BATCHES}
     a, b = fit(list(prefill), list(prefill.values()), lambda n: [n, n * n])
     c, d = fit(list(decode), list(decode.values()), lambda n: [1.0, n])
 

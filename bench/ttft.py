@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine_throughput import MODEL, machine, write_checkpoint
-
+from baton.bench.engine_throughput import MODEL, machine, write_checkpoint
 from baton.cluster.launch import ClusterSpec, LocalCluster
 from baton.router.client import BatonClient, Delta
 

@@ -30,11 +30,11 @@ def _unblock_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def _free_port() -> int:
-    # The port is free when we ask; another process could take it before etcd binds, which start() survives
-    # by retrying with new ports.
+def free_port(host: str = "127.0.0.1") -> int:
+    # The port is free when we ask; another process could take it before it is bound (EtcdServer.start()
+    # survives that by retrying with new ports).
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -111,7 +111,7 @@ class EtcdServer:
             # Free ports can be taken between probing and binding: try fresh ones a few times.
             for attempt in range(3):
                 shutil.rmtree(self.data_dir, ignore_errors=True)  # no half-made member from a failed try
-                self.client_port, self.peer_port = _free_port(), _free_port()
+                self.client_port, self.peer_port = free_port(), free_port()
                 if self._launch(binary, first=True, last_try=attempt == 2):
                     return self
         except BaseException:

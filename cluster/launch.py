@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from baton.cluster.etcd_server import EtcdServer
+from baton.cluster.etcd_server import EtcdServer, free_port
 from baton.cluster.membership import MembershipWatcher
 
 _PR_SET_PDEATHSIG = 1
@@ -31,14 +31,6 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass(slots=True)

@@ -214,6 +214,8 @@ def test_open_loop_sweep_end_to_end(tmp_path: Path):
             gaps = [b - a for a, b in zip(starts, starts[1:])]
             assert all(abs(g - 1 / rate) < 1e-6 for g in gaps)  # the schedule, not when requests happened to go
         assert lens[0] != lens[1]  # repeat k draws with seed + k
+        for r in raw[str(rate)]["records"]:  # raw.json reads back into the records that wrote it
+            assert RequestRecord.from_dict(r).to_dict() == r
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 from collections import defaultdict
 
 import grpc
 import pytest
 
+from baton.cluster.etcd_server import free_port
 from baton.router.client import (AsyncBatonClient, BatonClient, BatonError, Cancelled, Completion,
                                   DeadlineExceeded, Delta, Finished, InvalidArgument, NotFound,
                                   ResourceExhausted, Unavailable)
@@ -102,12 +102,6 @@ def run_async(test):
         async with serving(servicer) as target, AsyncBatonClient(target, timeout=WAIT) as client:
             await test(client, servicer)
     asyncio.run(main())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- asyncio client ----
