@@ -43,6 +43,7 @@ import grpc
 import uvloop
 
 from baton.bench.engine_throughput import machine
+from baton.bench.metrics import percentile
 from baton.cluster.launch import ClusterSpec, LocalCluster
 from baton.cluster.membership import MembershipWatcher
 from baton.v1 import baton_pb2 as pb
@@ -82,16 +83,6 @@ def pin_process(pid: int, core: int) -> int:
         except ProcessLookupError:
             pass
     return n
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 class Stream:
