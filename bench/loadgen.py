@@ -240,6 +240,18 @@ async def run_load(address: str, requests: Iterator[Request], spec: LoadSpec) ->
         return RunResult(warm + sorted(records, key=lambda r: r.start_s), wall)
 
 
+async def calibrate(address: str, requests: Iterator[Request], n: int, timeout: float) -> list[RequestRecord]:
+    """`n` requests sent one at a time, each after the last has ended: the cluster's unloaded latency, which
+    relative SLOs are multiples of. Nothing else runs meanwhile, so no request waits for another."""
+    records = []
+    async with AsyncBatonClient(address) as client:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            now = time.perf_counter() - t0
+            records.append(await send(client, next(requests), t0, now, False, timeout))
+    return records
+
+
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Runs a coroutine under uvloop (a lighter event loop: the driver's own overhead stays out of the
     timings), or the stock loop where uvloop is missing (it measures the same things, a little slower)."""

@@ -1,4 +1,5 @@
-"""Summaries of `baton bench` runs: latency percentiles, throughput, goodput and errors.
+"""Summaries of `baton bench` runs: latency percentiles, throughput, goodput, SLO attainment and errors;
+and capacity, the highest rate still meeting the SLO for a given share of requests.
 
 Warm-up records are left out. Latencies count only completed requests (a failed request has no TTFT);
 `errors` counts the rest by gRPC status name, so a run that sheds load shows it instead of looking fast.
@@ -68,14 +69,30 @@ def summarize(records: Sequence[RequestRecord], wall_s: float, slo: SLO | None =
         "e2e_ms": [r.e2e_ms for r in ok if r.e2e_ms is not None],
     }
     per_s = 1.0 / wall_s if wall_s > 0 else 0.0
+    good = sum(slo.met(r) for r in ok)
     out: dict = {name: stats(values[name]) for name in LATENCIES}
     out |= {
         "throughput_tok_s": sum(r.output_tokens for r in ok) * per_s,
         "throughput_rps": len(ok) * per_s,
-        "goodput_rps": sum(slo.met(r) for r in ok) * per_s,
+        "goodput_rps": good * per_s,
+        # Failed requests count against it: a cluster that sheds load must not look better for it
+        "slo_attainment": good / len(measured) if measured else None,
         "errors": dict(Counter(r.error for r in measured if r.error is not None)),
         "completed": len(ok),
         "requests": len(measured),
         "wall_s": wall_s,
     }
     return out
+
+
+def capacity(attainment: dict[float, float], target: float) -> float | None:
+    """The highest rate at which attainment is still >= target, interpolated linearly between swept rates
+    (from the last rate meeting it before the first that does not); None if the lowest rate misses it."""
+    rates = sorted(attainment)
+    if not rates or attainment[rates[0]] < target:
+        return None
+    for lo, hi in zip(rates, rates[1:]):
+        if attainment[hi] < target:
+            a, b = attainment[lo], attainment[hi]
+            return lo + (hi - lo) * (a - target) / (a - b)
+    return rates[-1]  # met at every swept rate: at least this

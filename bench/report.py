@@ -99,8 +99,47 @@ def table(results: Results, axis: str) -> str:
             s = points[point]
             errors = sum(s["errors"].values())
             rows.append(f"{name[:21]:<22}{point:>8}{s['completed']:>6}{errors:>8}{s['throughput_tok_s']:>9.1f}"
-                        f"{s['throughput_rps']:>7.2f}{s['goodput_rps']:>8.2f}"
+                        f"{s['throughput_rps']:>7.2f}{_f(s['goodput_rps'], 2):>8}"
                         f"{_f(s['ttft_ms']['p50']):>10}{_f(s['ttft_ms']['p99']):>10}"
                         f"{_f(s['tpot_ms']['p50']):>10}{_f(s['tpot_ms']['p99']):>10}"
                         f"{_f(s['itl_ms']['p99']):>9}{_f(s['e2e_ms']['p99'], 0):>9}")
+    return "\n".join(rows)
+
+
+def slo_line(slo: Mapping) -> str:
+    """The SLO the run judged goodput by, and where a relative bound's milliseconds came from."""
+    if slo.get("error"):
+        return f"SLO: not resolved ({slo['error']}): no goodput"
+    parts = []
+    for metric in ("ttft", "tpot"):
+        ms, multiple = slo[f"{metric}_ms"], slo[f"{metric}_multiple"]
+        if ms is None:
+            continue
+        part = f"{metric.upper()} <= {ms:.1f} ms"
+        if multiple is not None:
+            base = slo["relative_to_unloaded"][f"{metric}_ms"]
+            part += f" ({multiple:g}x {slo['relative_to']}'s unloaded {base:.1f} ms)"
+        parts.append(part)
+    return "SLO: " + (", ".join(parts) if parts else "none (every completed request counts as good)")
+
+
+def comparison_table(comparison: Mapping, axis: str) -> str:
+    """Each configuration's ratios to the baseline (configuration / baseline), a row per sweep point, then
+    capacity at the comparison's SLO attainment."""
+    if comparison.get("error"):
+        return f"comparison: {comparison['error']}"
+    base = comparison["baseline"]
+    head = f"{'configuration':<22}{axis:>8}{'TTFT p99':>10}{'TPOT p99':>10}{'goodput':>9}"
+    rows = [f"ratios to {base} (configuration / {base})", head, "-" * len(head)]
+    for name, c in comparison["configurations"].items():
+        for point in sorted(c["points"], key=float):
+            r = c["points"][point]
+            rows.append(f"{name[:21]:<22}{point:>8}{_f(r['ttft_p99'], 2):>10}{_f(r['tpot_p99'], 2):>10}"
+                        f"{_f(r['goodput'], 2):>9}")
+    caps = []
+    for name, c in comparison["configurations"].items():
+        cap = c["capacity"]
+        value = "-" if cap["value"] is None else (">= " if cap["at_least"] else "") + f"{cap['value']:.2f}"
+        caps.append(f"{name} {value}" + ("" if cap["ratio"] is None else f" ({cap['ratio']:.2f}x)"))
+    rows.append(f"capacity ({axis} at >= {comparison['attainment']:.0%} SLO attainment): " + ", ".join(caps))
     return "\n".join(rows)

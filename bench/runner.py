@@ -18,18 +18,26 @@ A config (YAML or JSON) names the configurations to compare and how to load them
     seed: 0
     repeats: 1                   # run every point this many times, repeat k with seed + k (other requests and
                                  # arrivals); configurations take turns, so drift of a noisy machine hits all
-    slo_ttft_ms: 1000            # goodput counts requests meeting both SLOs
-    slo_tpot_ms: 100
+    baseline: 1P1D               # the configuration the others are compared with (default: the first)
+    calibration_requests: 5      # per configuration, sent one at a time before any load: its unloaded
+                                 # TTFT and TPOT (medians)
+    slo: {ttft: 20x, tpot: 2x}   # goodput counts requests meeting both: multiples of the baseline's
+                                 # unloaded figures, or milliseconds ({ttft_ms: 1000, tpot_ms: 12}; the
+                                 # top-level slo_ttft_ms / slo_tpot_ms still work); see baton.bench.slo
 
 A launched configuration's `model` defaults to a random ~51M-parameter Llama written once into
 DIR/model (bench/engine_throughput.py's), `model: default` is the bundled stories260K, anything else a
 checkpoint folder. Configurations are launched one at a time and stopped before the next starts, so they
 never share the machine's cores. Every sweep point sends the same requests (the workload's seed).
+
+One SLO holds for every configuration of a run: a relative bound is a multiple of the *baseline*
+configuration's unloaded figures, not of each configuration's own, so that goodputs compare (a setup that is
+slow even when idle must not earn a looser bound for it). summary.json's `comparison` gives every
+configuration's ratios to the baseline (baton.bench.comparison).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -38,15 +46,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from baton.bench.loadgen import LoadSpec, RequestRecord, run_async, run_load
+from baton.bench.comparison import compare
+from baton.bench.loadgen import LoadSpec, RequestRecord, calibrate, run_async, run_load
 from baton.bench.metrics import SLO, summarize
-from baton.bench.report import plot_cdfs, plot_sweep, table, write_json, write_raw
+from baton.bench.report import comparison_table, plot_cdfs, plot_sweep, slo_line, table, write_json, write_raw
+from baton.bench.slo import SLOSpec, Unloaded, parse_slo
 from baton.bench.workload import WorkloadSpec, prepare
 from baton.router.client import AsyncBatonClient, BatonError
 
 LAUNCH_KEYS = ("prefill", "decode", "colocated", "threads", "pin", "chunked_prefill", "model", "node_args")
 TOP_KEYS = {"name", "configurations", "workload", "mode", "rates", "arrival", "concurrency", "duration_s",
-            "num_requests", "warmup_requests", "request_timeout_s", "seed", "repeats", "slo_ttft_ms", "slo_tpot_ms"}
+            "num_requests", "warmup_requests", "request_timeout_s", "seed", "repeats", "slo_ttft_ms", "slo_tpot_ms",
+            "slo", "baseline", "calibration_requests"}
+CALIBRATION_REQUESTS = 5  # enough for a median that one slow first request cannot move; ~seconds per configuration
 
 
 @dataclass(slots=True)
@@ -74,8 +86,10 @@ class BenchConfig:
     workload: WorkloadSpec
     load: LoadSpec  # rate / concurrency filled per point
     points: list[float]
-    slo: SLO
+    slo: SLOSpec  # as configured; resolved into milliseconds once the baseline's unloaded figures are measured
     repeats: int = 1
+    baseline: str = ""  # a configuration's name: the reference of the comparison and of relative SLOs
+    calibration_requests: int = CALIBRATION_REQUESTS
 
     @property
     def axis(self) -> str:
@@ -130,8 +144,31 @@ def parse_config(config: Mapping[str, Any]) -> BenchConfig:
     repeats = config.get("repeats", 1)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats: must be an int >= 1, not {repeats!r}")
-    return BenchConfig(_targets(config.get("configurations")), WorkloadSpec.parse(config["workload"]), load, points,
-                       SLO(config.get("slo_ttft_ms"), config.get("slo_tpot_ms")), repeats)
+    targets = _targets(config.get("configurations"))
+    slo = parse_slo(config)
+    return BenchConfig(targets, WorkloadSpec.parse(config["workload"]), load, points, slo, repeats,
+                       _baseline(config, targets), _calibration_requests(config, slo))
+
+
+def _baseline(config: Mapping[str, Any], targets: list[Target]) -> str:
+    """The configuration named by `baseline`, else the first: one reference for ratios and relative SLOs."""
+    names = [t.name for t in targets]
+    if "baseline" not in config:
+        return names[0]
+    name = config["baseline"]
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"baseline: must name a configuration (one of {', '.join(map(repr, names))}), "
+                         f"not {name!r}")
+    return name
+
+
+def _calibration_requests(config: Mapping[str, Any], slo: SLOSpec) -> int:
+    n = config.get("calibration_requests", CALIBRATION_REQUESTS)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"calibration_requests: must be an int >= 0, not {n!r}")
+    if n == 0 and slo.relative:
+        raise ValueError("calibration_requests: a relative SLO needs at least 1 (the unloaded figures it multiplies)")
+    return n
 
 
 def _point(load: LoadSpec, point: float, seed: int | None = None) -> LoadSpec:
@@ -213,21 +250,42 @@ def _cluster_spec(target: Target, output_dir: Path):
         raise ValueError(f"configurations.{target.name}.launch: {e}") from None
 
 
-def _measure(address: str, cfg: BenchConfig, repeat: int, progress: bool,
-             out: dict[str, list[tuple[list[RequestRecord], float]]], name: str) -> None:
-    """Every sweep point once, with the repeat's seed; appends (records, wall_s) to out[point]."""
+@dataclass(slots=True)
+class TargetRuns:
+    """What one configuration produced, over every repeat."""
+    points: dict[str, list[tuple[list[RequestRecord], float]]] = field(default_factory=dict)  # (records, wall_s)
+    calibration: list[RequestRecord] = field(default_factory=list)  # requests sent one at a time, every repeat's
+
+
+def _report_calibration(name: str, records: list[RequestRecord]) -> None:
+    u = Unloaded.from_records(records)
+    ok = sum(r.error is None for r in records)
+    ttft = "-" if u.ttft_ms is None else f"{u.ttft_ms:.1f} ms"
+    tpot = "-" if u.tpot_ms is None else f"{u.tpot_ms:.2f} ms"
+    print(f"baton bench: {name} unloaded: TTFT {ttft}, TPOT {tpot} (medians of {ok}/{len(records)} requests sent "
+          f"one at a time)", file=sys.stderr, flush=True)
+
+
+def _measure(address: str, cfg: BenchConfig, repeat: int, progress: bool, out: TargetRuns, name: str) -> None:
+    """The calibration requests, then every sweep point once, with the repeat's seed; appends to `out`."""
     seed = cfg.load.seed + repeat
 
     async def go() -> None:
         async with AsyncBatonClient(address, timeout=60) as client:
             make_requests = await prepare(cfg.workload, seed, client)
+        if cfg.calibration_requests:
+            # Before any load, so nothing queues ahead of them; the workload's own shapes, so that the
+            # multiples of a relative SLO are of what this workload costs alone
+            records = await calibrate(address, make_requests(), cfg.calibration_requests, cfg.load.request_timeout_s)
+            out.calibration.extend(records)
+            _report_calibration(name, records)
         for point in cfg.points:
             spec = _point(cfg.load, point, seed)
             spec.progress = progress
             result = await run_load(address, make_requests(), spec)
             for r in result.records:
                 r.repeat = repeat
-            out.setdefault(_label(point), []).append((result.records, result.wall_s))
+            out.points.setdefault(_label(point), []).append((result.records, result.wall_s))
             measured = [r for r in result.records if not r.warmup]
             ok = sum(r.error is None for r in measured)
             again = f" (repeat {repeat + 1}/{cfg.repeats})" if cfg.repeats > 1 else ""
@@ -238,7 +296,7 @@ def _measure(address: str, cfg: BenchConfig, repeat: int, progress: bool,
 
 
 def _run_target(target: Target, cfg: BenchConfig, output_dir: Path, repeat: int, progress: bool,
-                runs: dict[str, list[tuple[list[RequestRecord], float]]]) -> None:
+                runs: TargetRuns) -> None:
     t = time.perf_counter()
     if target.router:
         _measure(target.router, cfg, repeat, progress, runs, target.name)
@@ -252,16 +310,43 @@ def _run_target(target: Target, cfg: BenchConfig, output_dir: Path, repeat: int,
         _measure(cluster.address, cfg, repeat, progress, runs, target.name)
 
 
-def _pooled(runs: list[tuple[list[RequestRecord], float]], slo: SLO) -> dict:
+def _pooled(runs: list[tuple[list[RequestRecord], float]], slo: SLO | None) -> dict:
     """One point's summary over all its repeats (percentiles of the pooled requests, rates over the summed
-    windows), and with several repeats each one's headline figures, to show the spread."""
-    summary = summarize([r for recs, _ in runs for r in recs], sum(wall for _, wall in runs), slo)
+    windows), and with several repeats each one's headline figures, to show the spread. `slo` None: an
+    SLO that could not be resolved, so goodput is null rather than judged by no bound at all."""
+    judge = slo or SLO()
+    summary = summarize([r for recs, _ in runs for r in recs], sum(wall for _, wall in runs), judge)
     if len(runs) > 1:
-        each = [summarize(recs, wall, slo) for recs, wall in runs]
+        each = [summarize(recs, wall, judge) for recs, wall in runs]
         summary["repeats"] = [{"ttft_p99_ms": e["ttft_ms"]["p99"], "tpot_p99_ms": e["tpot_ms"]["p99"],
                                "goodput_rps": e["goodput_rps"], "throughput_tok_s": e["throughput_tok_s"]}
                               for e in each]
+    if slo is None:
+        summary["goodput_rps"] = summary["slo_attainment"] = None
+        for e in summary.get("repeats", []):
+            e["goodput_rps"] = None
     return summary
+
+
+def resolve_slo(cfg: BenchConfig, unloaded: Mapping[str, Unloaded]) -> tuple[SLO | None, dict]:
+    """The SLO goodput is judged by, and its summary.json record: the milliseconds, the configured multiples,
+    and for a relative SLO which configuration's unloaded figures it multiplied. (None, record with
+    `error`) when a multiple has nothing to multiply (the baseline failed, or none of its calibration
+    requests completed): the run's figures are still written, without goodput."""
+    base = unloaded.get(cfg.baseline)
+    record: dict = {"ttft_ms": None, "tpot_ms": None, **cfg.slo.describe(), "relative_to": None}
+    if cfg.slo.relative:
+        record["relative_to"] = cfg.baseline
+        record["relative_to_unloaded"] = None if base is None else {"ttft_ms": base.ttft_ms, "tpot_ms": base.tpot_ms}
+    try:
+        slo = cfg.slo.resolve(base)
+    except ValueError as e:
+        record["error"] = f"baseline: {cfg.baseline!r} did not run" if base is None else str(e)
+        print(f"baton bench: the SLO cannot be resolved ({record['error']}): goodput is left out",
+              file=sys.stderr, flush=True)
+        return None, record
+    record["ttft_ms"], record["tpot_ms"] = slo.ttft_ms, slo.tpot_ms
+    return slo, record
 
 
 def run_config(config: Mapping[str, Any], output_dir: Path, *, progress: bool = True) -> dict:
@@ -272,7 +357,7 @@ def run_config(config: Mapping[str, Any], output_dir: Path, *, progress: bool = 
     cfg = parse_config(config)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, dict[str, list[tuple[list[RequestRecord], float]]]] = {t.name: {} for t in cfg.targets}
+    runs = {t.name: TargetRuns() for t in cfg.targets}
     failed: dict[str, str] = {}
     for repeat in range(cfg.repeats):
         for target in cfg.targets:
@@ -284,20 +369,28 @@ def run_config(config: Mapping[str, Any], output_dir: Path, *, progress: bool = 
                 # One configuration that cannot start or serve is recorded, and the others still run.
                 failed[target.name] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 print(f"baton bench: {target.name} failed: {failed[target.name]}", file=sys.stderr, flush=True)
-    runs = {name: points for name, points in runs.items() if name not in failed}
+    runs = {name: tr for name, tr in runs.items() if name not in failed}
     if not runs:
         raise RuntimeError(f"no configuration ran: {failed}")
-    results = {name: {p: _pooled(rs, cfg.slo) for p, rs in points.items()} for name, points in runs.items()}
-    raw = {name: {p: [r for recs, _ in rs for r in recs] for p, rs in points.items()} for name, points in runs.items()}
-    walls = {name: {p: sum(w for _, w in rs) for p, rs in points.items()} for name, points in runs.items()}
-    summary = {"machine": machine(), "commit": git_commit(), "config": dict(config), "results": results,
-               "failed": failed}
+    unloaded = {name: Unloaded.from_records(tr.calibration) for name, tr in runs.items()}
+    slo, slo_record = resolve_slo(cfg, unloaded)
+    points = {name: tr.points for name, tr in runs.items()}
+    results = {name: {p: _pooled(rs, slo) for p, rs in by_point.items()} for name, by_point in points.items()}
+    raw = {name: {p: [r for recs, _ in rs for r in recs] for p, rs in by_point.items()}
+           for name, by_point in points.items()}
+    walls = {name: {p: sum(w for _, w in rs) for p, rs in by_point.items()} for name, by_point in points.items()}
+    comparison = compare(results, cfg.baseline)
+    summary = {"machine": machine(), "commit": git_commit(), "config": dict(config), "slo": slo_record,
+               "unloaded": {name: u.to_dict() for name, u in unloaded.items()}, "results": results,
+               "comparison": comparison, "failed": failed}
     write_json(output_dir / "summary.json", summary)
     write_raw(output_dir / "raw.json", raw, walls)
     plot_cdfs(output_dir / "latency_cdf.png", raw)
     if len(cfg.points) > 1:
         plot_sweep(output_dir / "sweep.png", results, cfg.axis)
     print(table(results, cfg.axis))
+    print(slo_line(slo_record))
+    print(comparison_table(comparison, cfg.axis))
     return summary
 
 
@@ -310,10 +403,10 @@ def load_config(path: Path) -> dict:
     return config
 
 
-def _bench(args: argparse.Namespace) -> int:
+def run_command(config_path: Path, output: Path, progress: bool = True) -> int:
+    """`baton bench` (cluster/cli.py parses its flags): the exit status."""
     try:
-        config = load_config(args.config)
-        run_config(config, args.output, progress=not args.no_progress)
+        run_config(load_config(config_path), output, progress=progress)
     except ValueError as e:
         print(f"baton bench: error: {e}", file=sys.stderr)
         return 2
@@ -323,24 +416,11 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Registers `bench` on a `baton` subparsers object; the handler is set as `run` (cluster/cli.py's
-    convention: `args.run(args)` returns the exit status)."""
-    bench = subparsers.add_parser("bench", help="load-test routers (or local clusters it launches) from a config")
-    bench.add_argument("--config", type=Path, required=True, metavar="FILE", help="a YAML or JSON bench config")
-    bench.add_argument("--output", type=Path, required=True, metavar="DIR",
-                       help="where summary.json, raw.json, the plots (and the default model) go")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    bench.set_defaults(run=_bench)
-    return bench
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`python -m baton.bench.runner --config FILE --output DIR` (what `baton bench` will run)."""
-    parser = argparse.ArgumentParser(prog="baton")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.run(args)
+    """`python -m baton.bench.runner --config FILE --output DIR`, the same as `baton bench`."""
+    from baton.cluster.cli import main as baton_main
+
+    return baton_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ For each configuration, rate and TPOT bound: goodput (requests/s meeting TTFT an
 arrival rate whose attainment stays at or above `--attainment` (interpolated between the swept rates) —
 DistServe's (OSDI'24) definition of goodput, which does not depend on which rates were swept.
 
-    python bench/slo_sensitivity.py DIR [--ttft-ms 1000] [--tpot-ms 10 12 20 40] [--attainment 0.9]
+    python bench/slo_sensitivity.py DIR [--ttft-ms MS] [--tpot-ms 10 12 20 40] [--attainment 0.9]
+
+`--ttft-ms` defaults to the TTFT bound the run itself used (summary.json's `slo.ttft_ms`: for a relative
+SLO, the milliseconds it resolved to on that machine), else 1000.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 from pathlib import Path
 
 from baton.bench.loadgen import RequestRecord
-from baton.bench.metrics import SLO
+from baton.bench.metrics import SLO, capacity  # capacity: also `from baton.bench.slo_sensitivity`
 
 
 def met(records: list[RequestRecord], slo: SLO) -> tuple[int, int]:
@@ -25,26 +28,23 @@ def met(records: list[RequestRecord], slo: SLO) -> tuple[int, int]:
     return sum(slo.met(r) for r in measured), len(measured)
 
 
-def capacity(attainment: dict[float, float], target: float) -> float | None:
-    """The highest rate at which attainment is still >= target, interpolated linearly between swept rates
-    (from the last rate meeting it before the first that does not); None if the lowest rate misses it."""
-    rates = sorted(attainment)
-    if not rates or attainment[rates[0]] < target:
-        return None
-    for lo, hi in zip(rates, rates[1:]):
-        if attainment[hi] < target:
-            a, b = attainment[lo], attainment[hi]
-            return lo + (hi - lo) * (a - target) / (a - b)
-    return rates[-1]  # met at every swept rate: at least this
+def run_ttft_ms(run: Path, default: float = 1000.0) -> float:
+    """The TTFT bound a run judged goodput by, from its summary.json (older runs: the config's slo_ttft_ms)."""
+    path = run / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    ms = (summary.get("slo") or {}).get("ttft_ms") or summary.get("config", {}).get("slo_ttft_ms")
+    return float(ms) if ms else default
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="the --output folder of a baton bench run")
-    ap.add_argument("--ttft-ms", type=float, default=1000.0)
+    ap.add_argument("--ttft-ms", type=float, default=None, help="default: the run's own TTFT bound, else 1000")
     ap.add_argument("--tpot-ms", type=float, nargs="+", default=[10.0, 12.0, 20.0, 40.0])
     ap.add_argument("--attainment", type=float, default=0.9)
     args = ap.parse_args()
+    if args.ttft_ms is None:
+        args.ttft_ms = run_ttft_ms(args.run)
     raw = json.loads((args.run / "raw.json").read_text())
     print(f"goodput (req/s) and SLO attainment at TTFT <= {args.ttft_ms:g} ms and TPOT <= each bound")
     print(f"{'configuration':32}{'rate':>6}" + "".join(f"{f'{t:g} ms':>16}" for t in args.tpot_ms))

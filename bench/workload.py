@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from baton.router.client import InvalidArgument
+
 DISTS = ("fixed", "uniform", "normal")
 FIRST_TOKEN = 3  # ids 0-2 are <unk>, <s>, </s> in the Llama tokenizers Baton serves: random prompts avoid them
 
@@ -218,8 +220,11 @@ async def tokenize_sharegpt(pairs: list[tuple[str, str]], client: Tokenizer, max
 
     async def one(human: str, gpt: str) -> Conversation | None:
         async with gate:
-            p = len(await client.tokenize(human))  # with BOS: what the router will prefill
-            o = len(await client.tokenize(gpt, add_special_tokens=False))
+            try:
+                p = len(await client.tokenize(human))  # with BOS: what the router will prefill
+                o = len(await client.tokenize(gpt, add_special_tokens=False))
+            except InvalidArgument:  # more text than any prompt the context holds: the router refused it
+                return None
         if p < 1 or o < 1 or p + o > max_model_len - 1:
             return None
         return Conversation(human, p, o)

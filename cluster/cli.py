@@ -1,11 +1,20 @@
-"""The `baton` command line."""
+"""The `baton` command line.
+
+Nothing heavy is imported at module level: importing torch starts a thread, and `baton up` must block its
+stop signals before any thread exists (see `main`); `baton bench` alone needs the bench extra.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from baton.engine import LLM, FieldError, SamplingParams
+if TYPE_CHECKING:
+    from baton.engine import SamplingParams
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +28,8 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
+    from baton.engine import SamplingParams
+
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -33,6 +44,8 @@ def _params(args: argparse.Namespace) -> SamplingParams:
 def _generate(args: argparse.Namespace) -> int:
     if args.router:
         return _generate_remote(args)
+    from baton.engine import LLM
+
     llm = LLM(args.model, dtype=args.dtype)
     for out in llm.stream(args.prompt, _params(args)):
         sys.stdout.write(out.text)
@@ -86,23 +99,54 @@ def _engine_config(args: argparse.Namespace):
 def _cluster_args(parser: argparse.ArgumentParser, port: int = 0) -> None:
     parser.add_argument("--etcd", required=True, help="etcd URL, e.g. http://127.0.0.1:2379")
     parser.add_argument("--cluster", default="default", help="cluster name (etcd key prefix)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=port, help="0 picks a free port")
+    _process_args(parser)
+
+
+def _process_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="exit when the process that started this one ends (what `baton up` passes)")
+
+
+def _start_process(args: argparse.Namespace) -> None:
+    """First thing in a server process: take the stop signals (a parent may have blocked them, and the mask
+    survives exec), tie its life to the parent's if asked, pin it to its cores if asked."""
+    from baton.cluster.orphans import die_with_parent, unblock_stop_signals
+
+    unblock_stop_signals()
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
+    if getattr(args, "cpus", None):
+        os.sched_setaffinity(0, args.cpus)
+
+
+def _cpu_list(text: str) -> set[int]:
+    try:
+        cpus = {int(c) for c in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated core numbers, got {text!r}") from None
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated core numbers, got {text!r}")
+    return cpus
 
 
 def _node(args: argparse.Namespace) -> int:
     from baton.cluster.node import NodeConfig, run
 
+    _start_process(args)
     run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
-                   port=args.port, ttl=args.ttl, threads=args.threads, transfer_timeout=args.transfer_timeout,
-                   engine=_engine_config(args)))
+                   port=args.port, advertise_host=args.advertise_host, ttl=args.ttl, threads=args.threads,
+                   transfer_timeout=args.transfer_timeout, engine=_engine_config(args)))
     return 0
 
 
 def _router(args: argparse.Namespace) -> int:
     from baton.router.main import RouterConfig, run
 
-    run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port))
+    _start_process(args)
+    run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
+                     max_prompt_bytes=args.max_prompt_bytes))
     return 0
 
 
@@ -116,6 +160,23 @@ def _up(args: argparse.Namespace) -> int:
                               port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args,
                               log_dir=args.log_dir))
+
+
+# What `pip install 'baton-llm[bench]'` adds: `baton bench` alone needs them, so they are imported only there.
+BENCH_EXTRAS = frozenset({"matplotlib", "yaml", "tqdm"})
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from baton.bench.runner import run_command
+
+        return run_command(Path(args.config), Path(args.output), progress=not args.no_progress)
+    except ModuleNotFoundError as e:
+        if e.name not in BENCH_EXTRAS:
+            raise
+        print(f"baton bench: error: it needs {e.name}, an optional dependency: pip install 'baton-llm[bench]'",
+              file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,16 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--ttl", type=float, default=3.0, help="membership lease in seconds")
     node.add_argument("--threads", type=int, default=0)
     node.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
+    node.add_argument("--advertise-host", default="",
+                      help="the address other nodes and the router dial (default: --host, or this machine's "
+                           "address when --host is a wildcard such as 0.0.0.0)")
+    node.add_argument("--cpus", type=_cpu_list, default=None, metavar="N[,N...]", help="pin to these cores")
     _cluster_args(node)
     _engine_args(node)
     node.set_defaults(run=_node)
 
-    from baton.bench.runner import add_bench_parser
-
-    add_bench_parser(sub)
+    bench = sub.add_parser("bench", help="load-test routers (or local clusters it launches) from a config")
+    bench.add_argument("--config", required=True, metavar="FILE", help="a YAML or JSON bench config")
+    bench.add_argument("--output", required=True, metavar="DIR",
+                       help="where summary.json, raw.json, the plots (and the default model) go")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench.set_defaults(run=_bench)
 
     router = sub.add_parser("router", help="run the router (what `baton up` starts)")
     router.add_argument("--model", default="", help="HF checkpoint folder (tokenizer and config)")
+    router.add_argument("--max-prompt-bytes", type=int, default=0,
+                        help="refuse prompt text over this many UTF-8 bytes before tokenizing it "
+                             "(default: derived from the tokenizer and the model's context)")
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
     return parser
@@ -170,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "up":
+        # Before any thread exists (every thread inherits the mask): a SIGTERM delivered to a thread that
+        # does not block it would kill `baton up` before it stops what it started. See launch.run_up.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    from baton.engine import FieldError
+
     try:
         return args.run(args)
     except FieldError as e:

@@ -19,15 +19,12 @@ import urllib.request
 import weakref
 from pathlib import Path
 
+from baton.cluster.orphans import supervise_command
+
 _SETUP_HINT = (
     "the etcd server binary was not found on PATH; run the README's set-up (`make venv` installs it, "
     "or `apt-get install -y etcd-server`)"
 )
-
-
-def _unblock_stop_signals() -> None:
-    # A child inherits its parent's signal mask through exec: `baton up` blocks SIGTERM while it runs.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -184,9 +181,10 @@ class EtcdServer:
             log.write(f"--- {' '.join(self._command(binary))}\n".encode())
             log.flush()
             # Own session: a Ctrl-C meant for `baton up` must not kill etcd before nodes revoke their leases.
+            # Under a supervisor: if this process is SIGKILLed, etcd stops and its folder goes all the same.
             proc = subprocess.Popen(
-                self._command(binary), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_unblock_stop_signals,
+                supervise_command(self._command(binary), remove=[str(self.root)]), stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self._proc_box[0] = proc
         deadline = time.monotonic() + self.start_timeout

@@ -1,14 +1,15 @@
 """`baton up`: a local cluster — etcd (unless given), the nodes and the router, each its own process.
 
 Children run in their own session (a terminal's Ctrl-C reaches only `baton up`, which then stops them in
-order: router, nodes, etcd) and get SIGTERM from the kernel if `baton up` itself dies.
+order: router, nodes, etcd) and get SIGTERM from the kernel if `baton up` itself dies, even by SIGKILL: the
+nodes and the router ask for it themselves (`--parent-pid`), etcd runs under a supervisor that does
+(`orphans`). No Python runs between fork and exec here (this process has threads).
 """
 
 from __future__ import annotations
 
 import _thread
 import asyncio
-import ctypes
 import os
 import signal
 import subprocess
@@ -25,13 +26,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.cluster.etcd_server import EtcdServer, free_port
 from baton.cluster.membership import MembershipWatcher
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
 
 @dataclass(slots=True)
 class ClusterSpec:
@@ -86,18 +80,13 @@ class LocalCluster:
     def _spawn(self, name: str, args: list[str], threads: int, core: int | None = None) -> subprocess.Popen:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
         log = open(self.log_dir / f"{name}.log", "wb")
-        cmd = [sys.executable, "-m", "baton.cluster.cli", *args]
-
-        def prepare() -> None:  # in the child, before exec
-            _die_with_parent()
-            # The mask survives exec, and `baton up` blocks these while it runs (see run_up).
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-            if core is not None:
-                os.sched_setaffinity(0, {core})
-
+        # The child unblocks SIGINT/SIGTERM (blocked here, see run_up), pins itself and ties its life to ours.
+        cmd = [sys.executable, "-m", "baton.cluster.cli", *args, "--parent-pid", str(os.getpid())]
+        if core is not None:
+            cmd += ["--cpus", str(core)]
         with log:
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True, preexec_fn=prepare)
+                                    start_new_session=True)
 
     def start(self) -> str:
         spec = self.spec

@@ -46,14 +46,13 @@ class NodeInfo:
     role: str  # one of ROLES
     model: str
     address: str  # gRPC host:port
-    kv_address: str = ""  # host:port of the node's KV-transfer rendezvous store, "" if it has none
     capacity: int = 0  # KV blocks in all
     free_blocks: int = 0
     running: int = 0
     waiting: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("node_id", "role", "model", "address", "kv_address"):
+        for name in ("node_id", "role", "model", "address"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"NodeInfo.{name} must be a string, got {getattr(self, name)!r}")
         if not self.node_id or "/" in self.node_id:

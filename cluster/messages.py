@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from baton.engine import FieldError, FinishReason, NoCapacity, RequestOutput, SamplingParams
+from baton.engine.engine import KVSpec
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import node_pb2
 
@@ -77,10 +78,9 @@ async def abort_for(context: grpc.aio.ServicerContext, error: Exception) -> None
     raise error
 
 
-def kv_layout(engine) -> node_pb2.KVLayout:
+def kv_layout(spec: KVSpec) -> node_pb2.KVLayout:
     """What a KV transfer between two engines must agree on."""
-    cfg = engine.model_config
     return node_pb2.KVLayout(
-        num_layers=cfg.num_layers, block_size=engine.blocks.block_size, num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, dtype=str(engine.runner.kv.storage.dtype).removeprefix("torch."),
+        num_layers=spec.num_layers, block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, dtype=str(spec.dtype).removeprefix("torch."),
     )

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import uuid
 from dataclasses import dataclass, field
 
-import aetcd
 import torch
 
 from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, Server, run_until_signalled
+from baton.cluster.loops import every
 from baton.cluster.membership import NodeInfo, NodeRegistration
 from baton.engine import EngineConfig, LLMEngine
 from baton.engine.async_engine import AsyncEngine
@@ -34,6 +35,7 @@ class NodeConfig:
     node_id: str = ""  # "" -> role + a random suffix
     host: str = "127.0.0.1"
     port: int = 0  # 0 -> any free port
+    advertise_host: str = ""  # the name others dial; "" -> `host`, or this machine's address if that is a wildcard
     ttl: float = 3.0  # membership lease: a dead node disappears within this
     threads: int = 0  # torch threads; 0 -> torch's default
     load_report_seconds: float = 0.2
@@ -47,6 +49,22 @@ class NodeConfig:
             self.node_id = f"{self.role}-{uuid.uuid4().hex[:8]}"
         if self.role == "prefill" and self.engine.enable_chunked_prefill:
             raise ValueError("enable_chunked_prefill: a prefill node sends whole prompts; turn it off")
+        if not self.advertise_host:
+            self.advertise_host = advertised_host(self.host)
+
+
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def advertised_host(host: str) -> str:
+    """The address to publish for a server bound to `host`: a wildcard cannot be dialled, so this machine's
+    own address (what its host name resolves to) goes in its place."""
+    if host not in WILDCARDS:
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
@@ -55,7 +73,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         torch.set_num_threads(cfg.threads)
     loop = asyncio.get_running_loop()
     engine = await asyncio.to_thread(LLMEngine, cfg.engine)
-    store = KVStoreHost(cfg.host) if cfg.role != "prefill" else None
+    store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host) if cfg.role != "prefill" else None
     servicer, tasks = None, []
     try:
         if cfg.role == "prefill":
@@ -70,18 +88,19 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             async_engine = AsyncEngine(engine, loop)
             servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout)
             server = Server([(node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)])
-            tasks.append(asyncio.create_task(_every(0.1, servicer.expire_leases)))
-        address = server.bind(cfg.host, cfg.port)
+            tasks.append(asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry")))
+        port = server.bind(cfg.host, cfg.port).rpartition(":")[2]
+        address = f"[{cfg.advertise_host}]:{port}" if ":" in cfg.advertise_host else f"{cfg.advertise_host}:{port}"
         await server.start()
         await server.set_serving(True)
         stats = await servicer.stats()
         info = NodeInfo(
             node_id=cfg.node_id, role=cfg.role, model=engine.model_config.architecture, address=address,
-            kv_address=store.address if store else "", capacity=stats.total_blocks,
-            free_blocks=stats.free_blocks, running=0, waiting=0,
+            capacity=stats.total_blocks, free_blocks=stats.free_blocks, running=0, waiting=0,
         )
         registration = await NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl)
-        tasks.append(asyncio.create_task(_report_load(servicer, registration, cfg.load_report_seconds)))
+        reporter = LoadReporter(servicer, registration)
+        tasks.append(asyncio.create_task(every(cfg.load_report_seconds, reporter.report, "load report")))
         log.info("%s serving on %s", cfg.node_id, address)
         try:
             await stop.wait()
@@ -92,32 +111,27 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         for task in tasks:
             task.cancel()
         if servicer is not None:
-            if hasattr(servicer, "close"):
-                await servicer.close()
+            await servicer.close()
             await async_engine.close()
         if store is not None:
             store.close()
 
 
-async def _every(seconds: float, fn) -> None:
-    while True:
-        await asyncio.sleep(seconds)
-        await fn()
+class LoadReporter:
+    """Re-publishes the node's load when it changes, so that the router picks the least loaded node. A report
+    that fails (etcd unreachable, ...) is retried on the next pass; the keep-alive publishes the figures too."""
 
+    def __init__(self, servicer, registration: NodeRegistration) -> None:
+        self.servicer = servicer
+        self.registration = registration
+        self.last: tuple[int, int, int] | None = None
 
-async def _report_load(servicer, registration: NodeRegistration, seconds: float) -> None:
-    """Re-publishes the node's load when it changes, so that the router picks the least loaded node."""
-    last = None
-    while True:
-        s = await servicer.stats()
+    async def report(self) -> None:
+        s = await self.servicer.stats()
         load = (s.free_blocks, s.running, s.waiting + s.reserved)
-        if load != last:
-            try:
-                await registration.update_load(free_blocks=load[0], running=load[1], waiting=load[2])
-                last = load
-            except aetcd.ClientError as e:  # etcd unreachable: the keep-alive publishes the figures later
-                log.warning("load report failed: %s", e)
-        await asyncio.sleep(seconds)
+        if load != self.last:
+            await self.registration.update_load(free_blocks=load[0], running=load[1], waiting=load[2])
+            self.last = load
 
 
 def run(cfg: NodeConfig) -> None:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from .engine import LLMEngine
+from .engine import KVSink, KVSpec, LLMEngine
 from .request import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -26,17 +26,12 @@ class EngineFailed(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(
-        self,
-        engine: LLMEngine,
-        loop: asyncio.AbstractEventLoop,
-        on_idle: Callable[[], None] | None = None,
-        idle_seconds: float = 0.05,
-    ) -> None:
+    """The node services' only way into the engine: requests (`generate`), and for disaggregation `reserve`,
+    `adopt`, `release` and a KV sink. Each runs on the engine thread between steps, in submission order."""
+
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self._loop = loop
-        self._on_idle = on_idle  # runs on the engine thread at least every `idle_seconds` (lease expiry)
-        self._idle_seconds = idle_seconds
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | EngineFailed]] = {}
         self._stopping = False
@@ -84,7 +79,7 @@ class AsyncEngine:
         finally:
             self.close_stream(request_id)
             if not finished:
-                await asyncio.shield(self.call(self.engine.abort_request, request_id))
+                await asyncio.shield(self.release(request_id))
 
     async def generate(
         self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, prefill_only: bool = False
@@ -92,21 +87,53 @@ class AsyncEngine:
         stream = self.open_stream(request_id)
         try:
             await self.call(self.engine.add_request, request_id, prompt, params, prefill_only)
+        except asyncio.CancelledError:
+            # The add still runs on the engine thread (it is queued): the release queued after it undoes it.
+            self.close_stream(request_id)
+            await asyncio.shield(self.release(request_id))
+            raise
         except BaseException:
             self.close_stream(request_id)
             raise
         async for out in self.outputs(request_id, stream, until_first=prefill_only):
             yield out
 
+    # -- disaggregation -------------------------------------------------------------------------------
+
+    async def reserve(self, request_id: str, prompt_len: int, max_tokens: int) -> list[int]:
+        return await self.call(self.engine.reserve, request_id, prompt_len, max_tokens)
+
+    async def adopt(self, request_id: str, prompt: Sequence[int], first_token: int, first_logprob: float,
+                    params: SamplingParams) -> None:
+        """Continues a sequence prefilled elsewhere; open its stream first (`open_stream`)."""
+        await self.call(self.engine.adopt, request_id, prompt, first_token, first_logprob, params)
+
+    async def release(self, request_id: str) -> int:
+        """Frees whatever the engine holds for the request (`LLMEngine.release`); returns the blocks freed.
+        A sequence it aborts ends its open stream with a `cancelled` output, so its reader never hangs."""
+        freed, out = await self.call(self.engine.release, request_id)
+        if out is not None:
+            self._dispatch([out])
+        return freed
+
+    def set_kv_sink(self, sink: KVSink | None) -> None:
+        """Before any request: the sink is called on the engine thread."""
+        self.engine.set_kv_sink(sink)
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        return self.engine.kv_spec
+
+    @property
+    def kv_pools(self) -> list:
+        return self.engine.kv_pools
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return self.engine.blocks_for(num_tokens)
+
     async def load(self) -> tuple[int, int, int, int]:
         """(total blocks, free blocks, running, waiting), read on the engine thread."""
-        engine = self.engine
-
-        def read() -> tuple[int, int, int, int]:
-            s = engine.scheduler
-            return engine.blocks.num_blocks, engine.num_free_blocks, len(s.running), len(s.waiting)
-
-        return await self.call(read)
+        return await self.call(self.engine.load)
 
     async def close(self) -> None:
         self._stopping = True
@@ -119,14 +146,12 @@ class AsyncEngine:
         while not self._stopping:
             busy = self.engine.has_unfinished()
             try:
-                command = self._commands.get_nowait() if busy else self._commands.get(timeout=self._idle_seconds)
+                command = self._commands.get_nowait() if busy else self._commands.get()
                 command()
                 while True:  # everything submitted so far, before the next step
                     self._commands.get_nowait()()
             except queue.Empty:
                 pass
-            if self._on_idle is not None:
-                self._on_idle()
             if self.engine.has_unfinished():
                 self._step()
 

@@ -7,8 +7,9 @@ queues. Every request error is raised by `add_request` before the request holds 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -23,6 +24,30 @@ from .sampler import sample
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class KVSpec:
+    """The KV cache as a transfer sees it: one pool per layer, `[num_blocks, 2, block_size, kv_heads, head_dim]`."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class KVSink(Protocol):
+    """Where a prefill node's KV transfer takes a step's prompt K/V from (engine thread, inside the step).
+
+    `prompts`: (request id, block table) of each prefill-only sequence whose prompt this step computes. The
+    blocks are the engine's and are freed when the step ends: `layer_done` must copy what it needs."""
+
+    def step_started(self, prompts: list[tuple[str, list[int]]], pool: torch.Tensor) -> None: ...
+
+    def layer_done(self, layer: int, pool: torch.Tensor, prompts: list[tuple[str, list[int]]]) -> None: ...
 
 
 class LLMEngine:
@@ -54,8 +79,7 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
-        # Called with (layer, step) once a step's layer K/V are in the pool: the KV transfer hooks in here.
-        self.after_layer: Callable[[int, ScheduledStep], None] | None = None
+        self._kv_sink: KVSink | None = None
 
     def _default_num_blocks(self, dtype: torch.dtype) -> int:
         per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, dtype)
@@ -70,8 +94,8 @@ class LLMEngine:
         """Queues a request; returns its prompt token ids. Raises `InvalidRequest` naming the bad field.
 
         `prefill_only`: compute the prompt and sample the first token, then let the sequence go (a prefill
-        node); its output then has no finish reason unless the first token ended the request. Its blocks
-        are kept for the KV transfer to read until the caller frees them with `free_reservation`.
+        node); its output then has no finish reason unless the first token ended the request. Its K/V reach
+        the KV sink (`set_kv_sink`) during its step; its blocks are freed when the step ends.
         """
         self._check_new_id(request_id)
         if isinstance(prompt, str) and not prompt:
@@ -124,11 +148,6 @@ class LLMEngine:
         self.blocks.grow(request_id, prompt_len)
         return list(self.blocks.table(request_id))
 
-    def free_reservation(self, request_id: str) -> int:
-        """Frees blocks that no running sequence holds (a reservation nobody adopted, or a prefill's blocks
-        after their transfer); returns how many. Harmless if already gone."""
-        return 0 if request_id in self._seqs else self.blocks.free(request_id)
-
     def adopt(
         self, request_id: str, prompt: Seq[int], first_token: int, first_logprob: float, params: SamplingParams
     ) -> None:
@@ -158,6 +177,36 @@ class LLMEngine:
                 "prompt", f"{len(ids)} tokens, the model's context is {self.max_model_len} (room for 1 new token)"
             )
 
+    def release(self, request_id: str) -> tuple[int, RequestOutput | None]:
+        """Frees whatever this engine holds for a request, whatever its state: a waiting or running sequence
+        is aborted (the output that says so is returned, for its stream), a reservation nobody adopted is
+        freed. Returns (blocks freed, the abort output or None). Harmless if nothing is held."""
+        before = self.blocks.num_free
+        out = self.abort_request(request_id)
+        self.blocks.free(request_id)
+        return self.blocks.num_free - before, out
+
+    def set_kv_sink(self, sink: KVSink | None) -> None:
+        self._kv_sink = sink
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        cfg, kv = self.model_config, self.runner.kv
+        return KVSpec(cfg.num_layers, self.blocks.num_blocks, self.blocks.block_size, cfg.num_kv_heads,
+                      cfg.head_dim, kv.storage.dtype, kv.storage.device)
+
+    @property
+    def kv_pools(self) -> list[torch.Tensor]:
+        return self.runner.kv.pools
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return self.blocks.blocks_for(num_tokens)
+
+    def load(self) -> tuple[int, int, int, int]:
+        """(total blocks, free blocks, running, waiting)."""
+        s = self.scheduler
+        return self.blocks.num_blocks, self.blocks.num_free, len(s.running), len(s.waiting)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its blocks at once; None if it is unknown or already finished."""
         seq = self._seqs.pop(request_id, None)
@@ -185,8 +234,7 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step:
             return []
-        hook = self.after_layer
-        after_layer = None if hook is None else (lambda layer: hook(layer, step))
+        after_layer = self._sink_hook(step)
         logits, sampled = self.runner.run(step.seqs, step.num_tokens, after_layer)
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
@@ -199,11 +247,23 @@ class LLMEngine:
             self._check_finished(seq, token)
             outputs.append(self._emit(seq))
             if seq.prefill_only and seq.finish_reason is None:
-                # Handed over: the decode node holds the request from here. The blocks stay until the
-                # caller's KV transfer has read them (`free_reservation`).
-                self.scheduler.finish(seq, keep_blocks=True)
+                # Handed over: the decode node holds the request from here. The KV sink copied the blocks.
+                self.scheduler.finish(seq)
                 del self._seqs[seq.request_id]
         return outputs
+
+    def _sink_hook(self, step: ScheduledStep):
+        """The per-layer callback that feeds the KV sink this step's prompts, or None if there are none."""
+        sink = self._kv_sink
+        if sink is None:
+            return None
+        prompts = [(seq.request_id, self.blocks.table(seq.request_id))
+                   for seq, n in zip(step.seqs, step.num_tokens) if seq.prefill_only and seq.num_computed == 0]
+        if not prompts:
+            return None
+        pools = self.runner.kv.pools
+        sink.step_started(prompts, pools[0])
+        return lambda layer: sink.layer_done(layer, pools[layer], prompts)
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -220,7 +280,7 @@ class LLMEngine:
         if p.stop and self._cut_at_stop_string(seq, len(delta)):
             seq.finish_reason = FinishReason.STOP
         if seq.finish_reason is not None:
-            self.scheduler.finish(seq, keep_blocks=seq.prefill_only)
+            self.scheduler.finish(seq)
             del self._seqs[seq.request_id]
 
     def _cut_at_stop_string(self, seq: Sequence, added: int) -> bool:

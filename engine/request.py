@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequest
+
+
+def _is_finite(value: object) -> bool:
+    """A real number (numpy's included), neither infinite nor NaN."""
+    try:
+        return math.isfinite(value)
+    except TypeError:  # not a number at all
+        return False
 
 
 class FinishReason(enum.Enum):
@@ -32,9 +41,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequest("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise InvalidRequest("temperature", f"must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        # Floats arrive from the wire as any IEEE value: infinities and NaN are refused with the field named.
+        if not (_is_finite(self.temperature) and self.temperature >= 0):
+            raise InvalidRequest("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        if not (_is_finite(self.top_p) and 0 < self.top_p <= 1):
             raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequest("top_k", f"must be an integer >= 0 (0 disables it), got {self.top_k!r}")

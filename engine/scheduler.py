@@ -102,13 +102,11 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, keep_blocks: bool = False) -> None:
-        """Removes a finished or aborted sequence wherever it is and frees its blocks at once, unless
-        `keep_blocks` (a prefill's blocks, still being read by its KV transfer: freed when that ends)."""
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished or aborted sequence wherever it is and frees its blocks at once."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        if not keep_blocks:
-            self.blocks.free(seq.request_id)
+        self.blocks.free(seq.request_id)

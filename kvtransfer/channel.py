@@ -4,10 +4,11 @@ No global process group exists anywhere (no `init_process_group`): each (prefill
 own `ProcessGroupGloo` (pool on CPU) or `ProcessGroupNCCL` (pool on CUDA), rendezvousing through a `TCPStore`
 that the decode node hosts (`KVStoreHost`) under the prefix `kv/{prefill_id}/{decode_id}/{generation}`.
 The prefill node is rank 0, the decode node rank 1. The prefill node chooses the generation (from the decode
-node's store counter, `PairChannels.next_generation`, so a restarted prefill process never reuses one); after
-a failure both sides drop the group and the next transfer uses a newer generation (a newer generation arriving
-at the decode node drops its older group for that peer). A dropped generation is never built again: its
-rendezvous keys are still in the store.
+node's store counter, `PairChannels.next_generation`: a restarted prefill process never reuses one, and a
+restarted decode node's new store counts on from above its old one's); after a failure on a generation both
+sides drop that generation (never a newer one) and the next transfer uses a newer generation (a newer
+generation arriving at the decode node drops its older group for that peer). A dropped generation is never
+built again; the decode side deletes its rendezvous keys, so the store does not grow with failures.
 
 A gloo group's connections close only when its last Python reference goes (`abort()`/`shutdown()` leave them
 open), and only then do the peer's pending operations fail: keep references to groups short-lived.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +26,19 @@ import torch.distributed as dist
 
 PREFILL_RANK = 0
 DECODE_RANK = 1
+GENERATION_KEY = "kv/next-generation"  # in the decode node's store: one counter for all its pairs
+# What a gloo group's rendezvous leaves under its prefix (one address per rank, measured on torch 2.13; a
+# test counts the store's keys, so a torch that names them otherwise is noticed).
+_RENDEZVOUS_KEYS = ("0/0", "0/1")
 
 
 class KVTransferError(RuntimeError):
     """A KV transfer or pair channel failed (peer gone, timeout, mismatched sizes, stale generation)."""
+
+
+class TransferCancelled(Exception):
+    """The sender ended the transfer before it began (a cancel header): the channel is fine, the request is
+    over. Not a KVTransferError, so that nobody drops a healthy channel for it."""
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -57,6 +68,10 @@ class KVStoreHost:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 30.0,
                  advertise_host: str | None = None) -> None:
         self.store = dist.TCPStore(host, port, None, True, _timedelta(timeout), wait_for_workers=False)
+        # Generations count on from the store's birth in microseconds: a decode node restarted under the same
+        # id (a new store) hands out generations above every one its previous life did, so the prefill nodes
+        # that still remember those never take a fresh one for stale.
+        self.store.add(GENERATION_KEY, time.time_ns() // 1000)
         self.host = advertise_host or host
         self.port = int(self.store.port)
         shown = f"[{self.host}]" if ":" in self.host else self.host
@@ -146,6 +161,7 @@ class PairChannels:
         self._groups: dict[tuple[str, int], object] = {}  # (peer, generation) -> group (or _Pending)
         self._generation: dict[str, int] = {}  # peer -> newest generation asked for
         self._retired: dict[str, int] = {}  # peer -> newest generation dropped
+        self._last_used: dict[str, float] = {}  # peer -> time.monotonic() of its last `get`
         self._closed = False
 
     # -- groups ---------------------------------------------------------------------------------------
@@ -158,17 +174,20 @@ class PairChannels:
             raise ValueError(f"rank must be {PREFILL_RANK} (prefill) or {DECODE_RANK} (decode), got {rank}")
         key = (peer_id, generation)
         with self._lock:
+            self._last_used[peer_id] = time.monotonic()
             if self._closed:
                 raise KVTransferError("pair channels are closed")
             newest = self._generation.get(peer_id, -1)
             if generation < newest or generation <= self._retired.get(peer_id, -1):
                 raise KVTransferError(f"stale generation {generation} for peer {peer_id!r} (newest {newest}, "
                                       f"dropped up to {self._retired.get(peer_id)})")
-            stale = []
+            stale, superseded = [], []
             if generation > newest:
                 self._generation[peer_id] = generation
-                stale = [self._groups.pop(k) for k in list(self._groups) if k[0] == peer_id and k[1] < generation]
+                superseded = [k for k in self._groups if k[0] == peer_id and k[1] < generation]
+                stale = [self._groups.pop(k) for k in superseded]
             entry, creator = _Pending.claim(self._groups, key)
+        self._delete_rendezvous(peer_id, [k[1] for k in superseded])
         if not isinstance(entry, _Pending):
             return entry
         if not creator:
@@ -184,10 +203,8 @@ class PairChannels:
             _release(stale)
             entry.settle(self._groups, key, self._lock, error=exc)
             # A broken store connection (the decode node restarted) is rebuilt on the next call.
-            if store is not None and store_address != self._local_address:
-                with self._lock:
-                    if self._stores.get(store_address) is store:
-                        del self._stores[store_address]
+            if store is not None:
+                self._forget_store(store_address, store)
             if isinstance(exc, KVTransferError):
                 raise
             raise KVTransferError(f"cannot build the pair group with {peer_id!r} (generation {generation}): "
@@ -203,25 +220,58 @@ class PairChannels:
         return group
 
     def next_generation(self, peer_id: str, store_address: str, timeout: float) -> int:
-        """A generation never used before for this pair (prefill side: for the first transfer to a decode node
-        and after every failure). Counted by the decode node's store, so a prefill process that restarts
-        does not reuse a generation whose rendezvous keys are still in the store."""
+        """A generation never used before on the decode node's store (prefill side: for the first transfer to
+        a decode node and after every failure). Counted by that store, so a prefill process that restarts
+        does not reuse a generation whose rendezvous keys are still there, and a restarted decode node
+        (a new store) counts on from above its previous life's generations."""
         store = self._store(store_address, timeout)
         try:
-            return int(store.add(pair_prefix(self.node_id, peer_id, "next-generation"), 1))
+            return int(store.add(GENERATION_KEY, 1))
         except Exception as exc:
+            self._forget_store(store_address, store)  # the next call connects afresh (a restarted peer)
             raise KVTransferError(f"cannot reach the KV store at {store_address}: {exc}") from exc
 
-    def drop(self, peer_id: str) -> None:
-        """Forgets every group with `peer_id` (after a failure). A gloo group closes its connections, failing
-        the peer's pending operations at once, when its last reference goes (`abort()`/`shutdown()` do not
-        close them): transfers still holding it keep it open until they end. The next `get` for that peer
-        must use a newer generation (`next_generation`)."""
+    def drop(self, peer_id: str, generation: int | None = None) -> None:
+        """Forgets the group of `generation` with `peer_id` and any older one (after a failure on it); None
+        drops them all. A newer generation, already in use by other transfers, is kept: a late failure of an
+        old generation must not take down the pair's current channel. A gloo group closes its connections,
+        failing the peer's pending operations at once, when its last reference goes (`abort()`/`shutdown()`
+        do not close them): transfers still holding it keep it open until they end. A dropped generation is
+        never built again."""
         with self._lock:
-            # Its rendezvous keys stay in the store: the generation can never be built again.
-            self._retired[peer_id] = self._generation.get(peer_id, -1)
-            dropped = [self._groups.pop(k) for k in list(self._groups) if k[0] == peer_id]
-        _release(dropped)
+            newest = self._generation.get(peer_id, -1)
+            upto = newest if generation is None else generation
+            self._retired[peer_id] = max(self._retired.get(peer_id, -1), upto)
+            dropped = [(k, self._groups.pop(k)) for k in list(self._groups) if k[0] == peer_id and k[1] <= upto]
+        self._delete_rendezvous(peer_id, [k[1] for k, _ in dropped])
+        _release([g for _, g in dropped])
+
+    def forget(self, peer_id: str, store_address: str | None = None) -> None:
+        """Lets go of everything held for a peer that left: its groups, what it knew of its generations and
+        (prefill side) the connection to its store. State for peers that come and go stays bounded."""
+        self.drop(peer_id)
+        with self._lock:
+            self._generation.pop(peer_id, None)
+            self._retired.pop(peer_id, None)
+            self._last_used.pop(peer_id, None)
+            store = self._stores.get(store_address) if store_address else None
+        if store is not None and not isinstance(store, _Pending):
+            self._forget_store(store_address, store)
+
+    def prune(self, idle_seconds: float) -> None:
+        """Forgets peers not used for `idle_seconds` (nodes that left without a failure to learn it from)."""
+        cutoff = time.monotonic() - idle_seconds
+        with self._lock:
+            idle = [peer for peer, at in self._last_used.items() if at < cutoff]
+            known = {k[0] for k in self._groups} | set(self._generation) | set(self._retired)
+            idle += [peer for peer in known if peer not in self._last_used]
+        for peer in idle:
+            self.forget(peer)
+
+    def peers(self) -> int:
+        """How many peers this node holds any state for (groups or generation records)."""
+        with self._lock:
+            return len({k[0] for k in self._groups} | set(self._generation) | set(self._retired))
 
     def generation(self, peer_id: str) -> int | None:
         """The newest generation asked for with `peer_id`, None if none."""
@@ -238,6 +288,30 @@ class PairChannels:
         groups.clear()
 
     # -- internals ------------------------------------------------------------------------------------
+
+    def _forget_store(self, address: str, store) -> None:
+        if address == self._local_address:
+            return
+        with self._lock:
+            if self._stores.get(address) is store:
+                del self._stores[address]
+
+    def _delete_rendezvous(self, peer_id: str, generations: list[int]) -> None:
+        """Decode side (the store's owner): a generation that will never be built again needs its rendezvous
+        keys no more; deleting them keeps the store from growing with every dropped channel."""
+        if self._local_address is None or not generations:
+            return
+        with self._lock:
+            store = self._stores.get(self._local_address)
+        if store is None:
+            return
+        for generation in generations:
+            prefix = pair_prefix(peer_id, self.node_id, generation)
+            for key in _RENDEZVOUS_KEYS:
+                try:
+                    store.delete_key(f"{prefix}/{key}")
+                except Exception:  # noqa: BLE001 - a key that is not there is fine
+                    pass
 
     def _store(self, address: str, timeout: float):
         with self._lock:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .channel import KVTransferError
-from .sender import HEADER_LEN, _wait_all, check_runs, header_mismatch, make_header
+from .channel import KVTransferError, TransferCancelled
+from .sender import HEADER_LEN, _wait_all, check_runs, header_mismatch, is_cancel, make_header
 
 
 def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: Sequence[tuple[int, int]],
@@ -21,7 +21,8 @@ def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: S
     """Receives the header, checks it, then posts every recv of the transfer (all layers, all runs, protocol
     order) and waits for them all.
 
-    Returns the KV bytes received (the header not counted). Raises KVTransferError when the peer fails (at
+    Returns the KV bytes received (the header not counted). Raises TransferCancelled when the sender ended
+    the transfer before it began (nothing was written; the channel is in step). Raises KVTransferError when the peer fails (at
     once: a closed connection fails every pending recv), when the sender's header disagrees with `pools` and
     `runs` (nothing is then received into the pools), or after `timeout` seconds. After any failure the
     blocks may hold partial data and the caller must drop the group (`PairChannels.drop`): the sender's
@@ -52,6 +53,8 @@ def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: S
         works.append(pg.recv([got], peer_rank, tag))
         _wait_all(works, deadline, f"KV receive (tag {tag}) header")
         works.clear()
+        if is_cancel(got.cpu()):
+            raise TransferCancelled(f"KV transfer (tag {tag}) cancelled by the sender before it began")
         problem = header_mismatch(got.cpu(), want)
         if problem is not None:
             raise KVTransferError(f"KV receive (tag {tag}): sender and receiver disagree on {problem}")
@@ -67,7 +70,7 @@ def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: S
         # pending sends at once) only when its last reference goes.
         works.clear()
         pg = None  # noqa: F841
-        if isinstance(exc, KVTransferError):
+        if isinstance(exc, (KVTransferError, TransferCancelled)):
             raise
         if not isinstance(exc, Exception):
             raise

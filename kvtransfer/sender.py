@@ -5,6 +5,10 @@ coalesced into runs of consecutive ids `[(start, count), ...]`. Everything trave
 decode node assigned to the transfer (so concurrent transfers on one pair do not mix):
   1. a header, `int64[HEADER_LEN]` (`make_header`): layers, runs, block shape and dtype as the sender sees them;
   2. for each layer 0..L-1, for each run in order, exactly one tensor `[count, 2, block_size, kvh, head_dim]`.
+A transfer that ends before its header was posted (the request was cancelled while it waited for the
+prefill) sends a cancel header instead (`make_cancel_header`) and nothing after it; one that ends after its
+header sends zeros for the layers it still owes. Either way the pair channel stays in step and can carry the
+next transfer: an early end costs its own request only, never the channel that other requests share.
 The receiver checks the header before it posts a single data recv. This is not optional politeness: gloo
 aborts the *receiving process* (std::terminate from its I/O thread) when a message is larger than the recv
 posted for it, and silently completes a recv with a shorter message. With the header, a sender and receiver
@@ -25,7 +29,8 @@ from .channel import KVTransferError
 
 HEADER_LEN = 16
 _MAGIC = 0x4B565452  # "KVTR"
-_VERSION = 1
+_VERSION = 2
+KIND_DATA, KIND_CANCEL = 1, 2  # the header's third field: layers follow, or the transfer ended before it began
 
 
 def _crc(values: Sequence[int]) -> int:
@@ -38,15 +43,25 @@ def make_header(num_layers: int, runs: Sequence[tuple[int, int]], block_shape: S
     if len(block_shape) != 4:
         raise ValueError(f"block shape must be [2, block_size, kv_heads, head_dim], got {tuple(block_shape)}")
     flat = [v for run in runs for v in run]
-    fields = [_MAGIC, _VERSION, num_layers, len(runs), sum(c for _, c in runs), _crc(flat),
+    fields = [_MAGIC, _VERSION, KIND_DATA, num_layers, len(runs), sum(c for _, c in runs), _crc(flat),
               *block_shape, zlib.crc32(str(dtype).encode()), torch.empty((), dtype=dtype).element_size()]
     return torch.tensor(fields + [0] * (HEADER_LEN - len(fields)), dtype=torch.int64)
 
 
+def make_cancel_header() -> torch.Tensor:
+    """The only message of a transfer that ended before it began: the receiver expects nothing after it."""
+    return torch.tensor([_MAGIC, _VERSION, KIND_CANCEL] + [0] * (HEADER_LEN - 3), dtype=torch.int64)
+
+
+def is_cancel(header: torch.Tensor) -> bool:
+    g = header.tolist()
+    return g[0] == _MAGIC and g[1] == _VERSION and g[2] == KIND_CANCEL
+
+
 def header_mismatch(got: torch.Tensor, want: torch.Tensor) -> str | None:
     """None if the headers agree, else what differs (a stated layer count of -1 matches any)."""
-    names = ["magic", "version", "layers", "runs", "blocks", "block ids", "block shape[0]", "block_size",
-             "kv_heads", "head_dim", "dtype", "element size"]
+    names = ["magic", "version", "kind", "layers", "runs", "blocks", "block ids", "block shape[0]",
+             "block_size", "kv_heads", "head_dim", "dtype", "element size"]
     g, w = got.tolist(), want.tolist()
     for i, name in enumerate(names):
         if name == "layers" and g[i] == -1:
@@ -99,19 +114,21 @@ class KVSender:
     """Sends one request's prompt blocks, layer by layer, to the decode node's reserved blocks.
 
     `src_blocks`: this node's block ids for the prompt (block-table order, cut to the blocks the prompt
-    fills); `dst_runs`: the decode node's reserved ids for the same blocks, coalesced (`coalesce`).
-    `send_layer` gathers the layer's blocks for each run (a slice of the pool when the source ids of the run
-    are consecutive, else an `index_select` copy) and posts async sends: it does not wait for the peer.
-    The source blocks must stay unchanged until `wait` returns (a consecutive run is sent from the pool itself).
+    fills; may come later through `begin`); `dst_runs`: the decode node's reserved ids for the same blocks,
+    coalesced (`coalesce`). `send_layer` packs the layer's source blocks into one contiguous buffer (one copy,
+    in block-table order) and posts one async send per destination run, slices of that buffer: it does not
+    wait for the peer, and the source blocks may be reused as soon as it returns (the sends read the copy).
 
-    The transfer's header goes with layer 0, or at once when `pool` (any layer's pool, for its block shape,
-    dtype and device) is given: the receiver then checks it and posts its recvs while layer 0 is computed,
-    instead of one round trip after layer 0 is sent. `num_layers`, when given, is checked by both sides.
+    The header goes out at once when `pool` (any layer's pool: block shape, dtype, device) is given and
+    `post_header` is left on, else with `begin` or layer 0: the receiver checks it and posts its recvs while
+    layer 0 is computed. `num_layers`, when given, is checked by both sides. `end_early` keeps the protocol
+    whole when the transfer stops short (see the module's docstring). Never raises from `send_layer` into a
+    caller that only logs: a failure is kept (`failed`) and raised by `wait`.
     """
 
     def __init__(self, pg, peer_rank: int, tag: int, src_blocks: Sequence[int] | None,
                  dst_runs: Sequence[tuple[int, int]], *, num_layers: int | None = None,
-                 pool: torch.Tensor | None = None) -> None:
+                 pool: torch.Tensor | None = None, post_header: bool = True) -> None:
         if tag < 0:
             raise ValueError(f"tag must be >= 0, got {tag}")
         self._total = check_runs(dst_runs)
@@ -121,39 +138,42 @@ class KVSender:
         self.num_layers = num_layers
         self.dst_runs = [(int(s), int(c)) for s, c in dst_runs]
         self._src: list[int] | None = None
-        self._max_src = -1
-        self._src_runs: list[tuple[int, int, bool]] = []  # (offset in src, count, consecutive)
-        self._index: dict[torch.device, list[torch.Tensor | None]] = {}
+        self._index: dict[torch.device, torch.Tensor] = {}
         self.header: torch.Tensor | None = None
         self._works: list = []
         self._tensors: list[torch.Tensor] = []  # kept alive until the sends complete
         self._block_shape: torch.Size | None = None
         self._dtype: torch.dtype | None = None
+        self._device: torch.device | None = None
         self._next_layer = 0
         self.bytes_posted = 0
+        self.cancelled = False  # ended before its header: a cancel header went instead
+        self.padded = False  # ended after its header: zeros went for the layers still owed
         self._failed: KVTransferError | None = None
         self._done = False
         if src_blocks is not None:
             self.set_source(src_blocks)
         if pool is not None:
             self._check_pool(pool)
-            self._post_header(pool)
+            if post_header:
+                self._post_header(pool)
 
     def set_source(self, src_blocks: Sequence[int]) -> None:
         """This node's block ids for the prompt, once known (a prefill learns them when the prompt is
         scheduled, after the header could already go out)."""
         if len(src_blocks) != self._total:
             raise ValueError(f"{len(src_blocks)} source blocks for {self._total} destination blocks")
-        self._src = [int(b) for b in src_blocks]
-        if any(b < 0 for b in self._src):
+        src = [int(b) for b in src_blocks]
+        if any(b < 0 for b in src):
             raise ValueError("negative source block id")
-        self._max_src = max(self._src, default=-1)
-        offset = 0
-        for _, count in self.dst_runs:
-            ids = self._src[offset:offset + count]
-            consecutive = all(ids[i + 1] == ids[i] + 1 for i in range(count - 1))
-            self._src_runs.append((offset, count, consecutive))
-            offset += count
+        self._src = src
+
+    def begin(self, src_blocks: Sequence[int], pool: torch.Tensor) -> None:
+        """The prompt is scheduled: its source blocks are known and the header goes out (if not yet)."""
+        self.set_source(src_blocks)
+        self._check_pool(pool)
+        if self.header is None and self._failed is None and not self.cancelled:
+            self._post_header(pool)
 
     @property
     def num_blocks(self) -> int:
@@ -163,12 +183,17 @@ class KVSender:
     def has_source(self) -> bool:
         return self._src is not None
 
+    @property
+    def failed(self) -> KVTransferError | None:
+        return self._failed
+
     def send_layer(self, layer: int, pool: torch.Tensor) -> None:
-        """Posts layer `layer`'s sends (layers must come in order 0, 1, ...). Non-blocking."""
+        """Posts layer `layer`'s sends (layers must come in order 0, 1, ...). Non-blocking. Raises ValueError
+        for a misuse; a channel failure is kept and raised by `wait` (and by this on the next layer)."""
         if self._failed is not None:
             raise self._failed
-        if self._done:
-            raise KVTransferError("send_layer after wait()")
+        if self._done or self.cancelled:
+            raise KVTransferError("send_layer after the transfer ended")
         if layer != self._next_layer:
             raise ValueError(f"layer {layer} sent out of order (expected {self._next_layer})")
         if self.num_layers is not None and layer >= self.num_layers:
@@ -178,38 +203,67 @@ class KVSender:
         self._check_pool(pool)
         index = self._index.get(pool.device)
         if index is None:
-            index = self._index[pool.device] = [
-                None if consecutive else torch.tensor(self._src[off:off + n], dtype=torch.long, device=pool.device)
-                for off, n, consecutive in self._src_runs
-            ]
+            index = self._index[pool.device] = torch.tensor(self._src, dtype=torch.long, device=pool.device)
         if self.header is None:
             self._post_header(pool)
+        self._post_runs(pool.index_select(0, index), f"layer {layer}")
+        self._next_layer += 1
+
+    def _post_runs(self, packed: torch.Tensor, what: str) -> None:
+        """One send per destination run, each a contiguous slice of `packed` ([blocks, ...] in table order)."""
         try:
-            for (off, n, consecutive), idx in zip(self._src_runs, index):
-                if consecutive and pool[self._src[off]:self._src[off] + n].is_contiguous():
-                    t = pool[self._src[off]:self._src[off] + n]
-                else:
-                    t = pool.index_select(0, idx if idx is not None else
-                                          torch.arange(self._src[off], self._src[off] + n, device=pool.device))
-                self._tensors.append(t)
+            offset = 0
+            for _, count in self.dst_runs:
+                t = packed[offset:offset + count]
                 self._works.append(self.pg.send([t], self.peer_rank, self.tag))
                 self.bytes_posted += t.numel() * t.element_size()
+                offset += count
+            self._tensors.append(packed)
         except Exception as exc:
-            self._fail(KVTransferError(f"posting layer {layer} failed: {exc}"))
+            self._fail(KVTransferError(f"posting {what} failed: {exc}"))
             raise self._failed from exc
-        self._next_layer += 1
+
+    def end_early(self) -> None:
+        """The transfer stops short (its request ended, or the step computing it failed): keeps the channel
+        in step for the transfers that share it. Before the header, a cancel header; after it, zeros for every
+        layer still owed (the receiver has posted recvs for them, and the request is being released anyway).
+        Call only once nothing else will post for this transfer. Failures are kept, as by `send_layer`."""
+        if self._failed is not None or self._done or self.cancelled or self.padded:
+            return
+        try:
+            if self.header is None:
+                header = make_cancel_header()
+                if self._device is not None and self._device.type != "cpu":
+                    header = header.to(self._device)
+                self._works.append(self.pg.send([header], self.peer_rank, self.tag))
+                self._tensors.append(header)
+                self.cancelled = True
+                return
+        except Exception as exc:
+            self._fail(KVTransferError(f"posting the cancel header failed: {exc}"))
+            return
+        owed = (self.num_layers or self._next_layer) - self._next_layer
+        if owed > 0:
+            self.padded = True
+            zeros = torch.zeros((self._total, *self._block_shape), dtype=self._dtype, device=self._device)
+            try:
+                for _ in range(owed):
+                    self._post_runs(zeros, "padding")
+                    self._next_layer += 1
+            except KVTransferError:
+                return
 
     def _check_pool(self, pool: torch.Tensor) -> None:
         if pool.dim() != 5 or pool.shape[1] != 2:
             raise ValueError(f"pool must be [num_blocks, 2, block_size, kv_heads, head_dim], got {tuple(pool.shape)}")
         if self._block_shape is None:
-            self._block_shape, self._dtype = pool.shape[1:], pool.dtype
+            self._block_shape, self._dtype, self._device = pool.shape[1:], pool.dtype, pool.device
         elif pool.shape[1:] != self._block_shape or pool.dtype != self._dtype:
             # The header announced the first layout: other sizes would abort the receiving process.
             raise ValueError(f"pool {tuple(pool.shape)} {pool.dtype} differs from the transfer's blocks "
                              f"{tuple(self._block_shape)} {self._dtype}")
-        if self._max_src >= pool.shape[0]:
-            raise ValueError(f"source block {self._max_src} is past the pool's {pool.shape[0]} blocks")
+        if self._src is not None and max(self._src, default=-1) >= pool.shape[0]:
+            raise ValueError(f"source block {max(self._src)} is past the pool's {pool.shape[0]} blocks")
 
     def _post_header(self, pool: torch.Tensor) -> None:
         header = make_header(self.num_layers if self.num_layers is not None else -1, self.dst_runs,
@@ -229,14 +283,21 @@ class KVSender:
     def layers_posted(self) -> int:
         return self._next_layer
 
+    @property
+    def complete(self) -> bool:
+        """Every layer of real data was posted (not cancelled, not padded, not failed)."""
+        return (self._failed is None and not self.cancelled and not self.padded and self.num_layers is not None
+                and self._next_layer == self.num_layers)
+
     def wait(self, timeout: float) -> int:
-        """Waits for every posted send; returns the KV bytes sent (the header not counted). Raises
-        KVTransferError on failure, on timeout, or when fewer than `num_layers` layers were posted."""
+        """Waits for every posted send; returns the bytes sent (the header not counted). Raises
+        KVTransferError on failure, on timeout, or when fewer than `num_layers` layers were posted (and no
+        cancel header went instead)."""
         if self._failed is not None:
             raise self._failed
         if self._done:
             return self.bytes_posted
-        if self.num_layers is not None and self._next_layer != self.num_layers:
+        if not self.cancelled and self.num_layers is not None and self._next_layer != self.num_layers:
             self._fail(KVTransferError(f"only {self._next_layer} of {self.num_layers} layers were posted"))
             raise self._failed
         try:

@@ -1,15 +1,19 @@
 """A prefill node: the `PrefillNode` gRPC service over one engine.
 
 A request's life on a prefill node:
-  1. the pair channel to the chosen decode node is opened (or reused), while the decode node is asked,
-     over gRPC, to receive the request's K/V into the blocks it reserved (ReceiveKV)
-  2. the prompt joins the engine's next batch; as soon as layer L of that step is computed, layer L's K/V
-     for the prompt's blocks are posted to the channel (`after_layer` hook, engine thread, non-blocking)
+  1. the decode node's entry (gRPC channel, pair channel generation) is taken from `DecodePeers`, the decode
+     node is asked over gRPC to receive the request's K/V into the blocks it reserved (ReceiveKV), and the pair
+     channel is opened (or reused)
+  2. the prompt joins the engine's next batch; when its step starts the transfer's header goes out, and as
+     soon as layer L is computed, layer L's K/V for the prompt's blocks are copied out and posted to the
+     channel (the engine's KV sink: engine thread, non-blocking)
   3. the first token is sampled and streamed to the router at once; the engine frees the prompt's blocks
-     (the sends read copies)
+     when the step ends (the sends read the copies)
   4. once every send has completed and the decode node confirmed, TransferDone ends the call
-A failed or timed-out transfer drops the channel (the next transfer opens a new generation) and fails the
-call with UNAVAILABLE; the router then releases the reservation.
+Whatever ends the call early (client cancel, deadline, a failure), the request leaves the engine first, then
+its transfer is ended so that the channel stays in step (a cancel header if it had not begun, zeros for the
+layers it still owed otherwise): the channel is dropped only when the channel itself failed, and then only
+its generation. A failed transfer fails this call with UNAVAILABLE; the router releases the reservation.
 """
 
 from __future__ import annotations
@@ -19,90 +23,97 @@ import logging
 import threading
 
 import grpc
+import torch
 
 from baton.cluster.messages import abort_for, chunk_from_output, finish_to_proto, kv_layout, sampling_from_proto
 from baton.engine import FieldError, NoCapacity
-from baton.engine.async_engine import AsyncEngine
-from baton.engine.scheduler import ScheduledStep
-from baton.kvtransfer.channel import KVTransferError, PairChannels
-from baton.kvtransfer.sender import KVSender, coalesce
+from baton.engine.async_engine import AsyncEngine, EngineFailed
+from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVTransferError, PairChannels
+from baton.kvtransfer.sender import KVSender, check_runs, coalesce
 from baton.v1 import node_pb2, node_pb2_grpc
+
+from .peers import DecodePeer, DecodePeers
 
 log = logging.getLogger(__name__)
 
 
 class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
-    def __init__(self, node_id: str, engine: AsyncEngine, transfer_timeout: float = 30.0) -> None:
+    def __init__(self, node_id: str, engine: AsyncEngine, transfer_timeout: float = 30.0,
+                 peer_idle_seconds: float = 60.0) -> None:
         self.node_id = node_id
         self.engine = engine
-        self.channels = PairChannels(node_id, engine.engine.runner.kv.storage.device)
+        self.spec = engine.kv_spec
+        self.channels = PairChannels(node_id, self.spec.device)
+        self.peers = DecodePeers(self.channels, peer_idle_seconds)
         self.transfer_timeout = transfer_timeout
-        self.layout = kv_layout(engine.engine)
-        self._generations: dict[str, int] = {}  # per decode node: a new one after its channel fails
-        self._generation_locks: dict[str, asyncio.Lock] = {}
-        self._decode_stubs: dict[str, node_pb2_grpc.DecodeNodeStub] = {}
-        self._channels_grpc: list[grpc.aio.Channel] = []
-        # One sender per transfer, made (and its header posted) before the prompt is scheduled; the engine
-        # thread gives it the prompt's own block ids at the first layer.
+        self.layout = kv_layout(self.spec)
+        # One sender per transfer, registered before its prompt can be scheduled and removed only once the
+        # request has left the engine: the engine thread (the KV sink below) reads it in between.
         self._senders: dict[str, KVSender] = {}
         self._lock = threading.Lock()
         self.kv_bytes_sent = 0
         self.requests_served = 0
-        engine.engine.after_layer = self._send_layer
+        engine.set_kv_sink(self)
 
-    def _send_layer(self, layer: int, step: ScheduledStep) -> None:
-        """Engine thread, inside the forward pass: post this layer's sends for every prompt of the step."""
-        engine = self.engine.engine
-        pool = engine.runner.kv.pools[layer]
-        for seq in step.seqs:
-            with self._lock:
-                sender = self._senders.get(seq.request_id)
-            if sender is None:
-                continue
-            if not sender.has_source:
-                sender.set_source(engine.blocks.table(seq.request_id)[: sender.num_blocks])
-            sender.send_layer(layer, pool)
+    # -- the KV sink (engine thread, inside a step): never raises, a failure stays with its transfer ----
 
-    def _stub(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
-        stub = self._decode_stubs.get(address)
-        if stub is None:
-            channel = grpc.aio.insecure_channel(address)
-            self._channels_grpc.append(channel)
-            stub = self._decode_stubs[address] = node_pb2_grpc.DecodeNodeStub(channel)
-        return stub
+    def _sender(self, request_id: str) -> KVSender | None:
+        with self._lock:
+            return self._senders.get(request_id)
+
+    def step_started(self, prompts: list[tuple[str, list[int]]], pool: torch.Tensor) -> None:
+        for rid, table in prompts:
+            sender = self._sender(rid)
+            if sender is not None:
+                try:
+                    sender.begin(table[: sender.num_blocks], pool)
+                except Exception as e:  # noqa: BLE001 - fails this transfer only (kept by the sender)
+                    log.warning("kv transfer of %s: the header failed: %s", rid, e)
+
+    def layer_done(self, layer: int, pool: torch.Tensor, prompts: list[tuple[str, list[int]]]) -> None:
+        for rid, _ in prompts:
+            sender = self._sender(rid)
+            if sender is not None and sender.failed is None and sender.header is not None:
+                try:
+                    sender.send_layer(layer, pool)
+                except Exception as e:  # noqa: BLE001 - a dead decode node fails only the requests bound for it
+                    log.warning("kv transfer of %s: layer %d failed: %s", rid, layer, e)
+
+    # -- the service ----------------------------------------------------------------------------------
 
     async def Prefill(self, request, context):
         rid, target = request.request_id, request.target
         try:
             params = sampling_from_proto(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            runs = coalesce(list(target.block_ids))
+            if check_runs(runs) != self.engine.blocks_for(len(prompt)):
+                raise FieldError("target.block_ids", f"{check_runs(runs)} blocks for a {len(prompt)}-token prompt "
+                                 f"(it fills {self.engine.blocks_for(len(prompt))})")
         except FieldError as e:
             await abort_for(context, e)
         if target.layout != self.layout:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
-        prompt = list(request.prompt_token_ids)
-        runs = coalesce(list(target.block_ids))
-        decode_id = target.decode_node_id
-        receive_call = None
+        transfer = _Transfer()
         try:
-            async with self._generation_locks.setdefault(decode_id, asyncio.Lock()):
-                # One generation at a time per decode node, or concurrent first requests would each open one.
-                generation = self._generations.get(decode_id)
-                if generation is None:  # first transfer to this node, or the last one failed
-                    generation = self._generations[decode_id] = await asyncio.to_thread(
-                        self.channels.next_generation, decode_id, target.kv_store_address, self.transfer_timeout
-                    )
-            receive_call = self._stub(target.decode_address).ReceiveKV(
-                node_pb2.ReceiveKVRequest(request_id=rid, prefill_node_id=self.node_id, generation=generation,
-                                          layout=self.layout, num_tokens=len(prompt)),
+            transfer.peer, transfer.generation = await self.peers.acquire(
+                target.decode_node_id, target.decode_address, target.kv_store_address, self.transfer_timeout)
+            transfer.receive_call = transfer.peer.stub.ReceiveKV(
+                node_pb2.ReceiveKVRequest(request_id=rid, prefill_node_id=self.node_id,
+                                          generation=transfer.generation, layout=self.layout,
+                                          num_tokens=len(prompt)),
                 timeout=self.transfer_timeout,
             )
             group = await asyncio.to_thread(
-                self.channels.get, decode_id, generation, target.kv_store_address, 0, self.transfer_timeout
+                self.channels.get, target.decode_node_id, transfer.generation, target.kv_store_address,
+                PREFILL_RANK, self.transfer_timeout,
             )
-            pools = self.engine.engine.runner.kv.pools
-            sender = KVSender(group, 1, target.transfer_tag, None, runs, num_layers=len(pools), pool=pools[0])
+            transfer.sender = KVSender(group, DECODE_RANK, target.transfer_tag, None, runs,
+                                       num_layers=self.spec.num_layers, pool=self.engine.kv_pools[0],
+                                       post_header=False)
+            del group  # the sender's reference only: a dropped channel closes when its transfers end
             with self._lock:
-                self._senders[rid] = sender
+                self._senders[rid] = transfer.sender
             first = None
             async for out in self.engine.generate(rid, prompt, params, prefill_only=True):
                 first = out
@@ -111,32 +122,44 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 chunk=chunk_from_output(first, request.sampling.logprobs),
                 finish=finish_to_proto(first.finish_reason) if first.finished else 0,
             ))
-            with self._lock:
-                del self._senders[rid]
-            sent = await asyncio.to_thread(sender.wait, self.transfer_timeout)
-            await receive_call
+            sent = await asyncio.shield(transfer.wait(self.transfer_timeout))
+            await transfer.receive_call
             self.kv_bytes_sent += sent
             yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes_sent=sent))
         except (FieldError, NoCapacity) as e:
             await abort_for(context, e)
         except (KVTransferError, grpc.aio.AioRpcError) as e:
-            self.channels.drop(decode_id)
-            self._generations.pop(decode_id, None)
-            log.warning("kv transfer of %s to %s failed: %s", rid, decode_id, e)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer to {decode_id} failed: {e}")
+            transfer.failed = True
+            log.warning("kv transfer of %s to %s failed: %s", rid, target.decode_node_id, e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer to {target.decode_node_id} failed: {e}")
+        except EngineFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill node {self.node_id}: {e}")
         finally:
-            if receive_call is not None:
-                receive_call.cancel()  # a no-op once it has completed
-            with self._lock:
-                sender = self._senders.pop(rid, None)
-            if sender is not None:  # ended early: the sends must be over before the blocks can be reused
-                if sender.layers_posted < sender.num_layers:
-                    # The decode node waits for layers that will never come: closing the channel fails its
-                    # receive at once (and the other transfers on this pair, which is why only then).
-                    self.channels.drop(decode_id)
-                    self._generations.pop(decode_id, None)
-                await asyncio.to_thread(_wait_quietly, sender, self.transfer_timeout)
-            await asyncio.shield(self.engine.call(self.engine.engine.free_reservation, rid))
+            # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
+            await asyncio.shield(self._end(rid, transfer))
+
+    async def _end(self, rid: str, transfer: _Transfer) -> None:
+        """Ends a call's transfer, whatever ended the call. The request leaves the engine first (a queued
+        release runs after the add and after any step computing it): after that no layer is posted for it,
+        and what the sender still owes can be settled here."""
+        await self.engine.release(rid)
+        with self._lock:
+            self._senders.pop(rid, None)
+        sender = transfer.sender
+        if sender is not None:
+            sender.end_early()  # nothing if every layer went
+            try:
+                await transfer.wait(self.transfer_timeout)
+            except KVTransferError as e:
+                if not transfer.failed:
+                    log.warning("kv transfer of %s ended with a failure: %s", rid, e)
+                transfer.failed = True
+        if transfer.receive_call is not None:
+            transfer.receive_call.cancel()  # a no-op once it has completed
+        if transfer.peer is not None:
+            if transfer.failed:
+                self.peers.failed(transfer.peer, transfer.generation)
+            self.peers.release(transfer.peer)
 
     async def GetStats(self, request, context):
         return await self.stats()
@@ -146,16 +169,29 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         return node_pb2.NodeStats(
             node_id=self.node_id, role="prefill", total_blocks=total, free_blocks=free, running=running,
             waiting=waiting, kv_bytes_sent=self.kv_bytes_sent, requests_served=self.requests_served,
+            peers=max(len(self.peers), self.channels.peers()),
         )
 
     async def close(self) -> None:
-        for channel in self._channels_grpc:
-            await channel.close()
+        await self.peers.close()
         self.channels.close()
 
 
-def _wait_quietly(sender: KVSender, timeout: float) -> None:
-    try:
-        sender.wait(timeout)
-    except KVTransferError:
-        pass
+class _Transfer:
+    """One call's transfer state, for its clean-up."""
+
+    __slots__ = ("peer", "generation", "receive_call", "sender", "failed", "_waiting")
+
+    def __init__(self) -> None:
+        self.peer: DecodePeer | None = None
+        self.generation: int | None = None
+        self.receive_call = None
+        self.sender: KVSender | None = None
+        self.failed = False
+        self._waiting: asyncio.Future | None = None
+
+    def wait(self, timeout: float) -> asyncio.Future:
+        """The sender's completion, waited for on one worker thread however many times it is asked for."""
+        if self._waiting is None:
+            self._waiting = asyncio.ensure_future(asyncio.to_thread(self.sender.wait, timeout))
+        return self._waiting

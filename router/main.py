@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
 from baton.cluster.grpc_server import BATON_SERVICE, Server, run_until_signalled
+from baton.cluster.loops import every
 from baton.cluster.membership import MembershipWatcher
 from baton.engine.config import ModelConfig
 from baton.engine.loader import DEFAULT_MODEL, resolve_model_path
@@ -28,29 +30,54 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 0
     lease_ms: int = 30_000  # how long a decode node keeps blocks reserved for a prefill that never comes
+    max_prompt_bytes: int = 0  # longest prompt text admitted (UTF-8 bytes); 0: derived from tokenizer and context
 
 
-def model_card(folder, name: str | None = None) -> ModelCard:
+def model_card(folder, name: str | None = None, max_prompt_bytes: int = 0) -> ModelCard:
     cfg = ModelConfig.from_folder(folder)
     model_id = name or ("stories260K" if folder == DEFAULT_MODEL else folder.name)
-    return ModelCard(model_id, cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype)
+    return ModelCard(model_id, cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype, max_prompt_bytes)
+
+
+async def follow_readiness(server: Server, picker: Picker) -> None:
+    """Health says SERVING only while the router has a live node of every role it needs (a prefill and a
+    decode node, or a colocated one), NOT_SERVING otherwise: what a readiness probe or a client that waits
+    for SERVING before sending expects. Re-checked on every membership change."""
+    membership = picker.membership
+    serving = None
+    while True:
+        version = membership.version
+        ready = picker.ready()
+        if ready != serving:
+            await server.set_serving(ready)
+            log.info("health: %s", "SERVING" if ready else "NOT_SERVING (no live node of a needed role)")
+            serving = ready
+        with contextlib.suppress(TimeoutError):
+            await membership.wait_for(lambda: membership.version != version, 5.0)
 
 
 async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     folder = resolve_model_path(cfg.model)
     membership = await MembershipWatcher.start(cfg.etcd, cfg.cluster)
-    servicer = RouterServicer(model_card(folder), Tokenizer.from_folder(folder), Picker(membership), cfg.lease_ms)
+    picker = Picker(membership)
+    card = model_card(folder, max_prompt_bytes=cfg.max_prompt_bytes)
+    servicer = RouterServicer(card, Tokenizer.from_folder(folder), picker, cfg.lease_ms)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE)])
+    readiness = None
     try:
         address = server.bind(cfg.host, cfg.port)
+        await server.set_serving(False)  # before the port opens: nothing may see SERVING without nodes
         await server.start()
-        await server.set_serving(True)
-        log.info("router serving on %s", address)
+        readiness = asyncio.create_task(every(1.0, lambda: follow_readiness(server, picker), "readiness"))
+        log.info("router listening on %s", address)
         if on_ready is not None:
             on_ready(address)
         await stop.wait()
+        readiness.cancel()
         await server.stop(grace=2.0)
     finally:
+        if readiness is not None:
+            readiness.cancel()
         await servicer.close()
         await membership.close()
 

@@ -14,8 +14,19 @@ class NoNode(LookupError):
 class Picker:
     def __init__(self, membership: MembershipWatcher) -> None:
         self.membership = membership
-        # Requests this router sent that the node's last report may not show yet.
+        # Requests this router sent that the node's last report may not show yet; a node's key goes when
+        # its count is back to 0, so nodes that come and go leave nothing behind.
         self.in_flight: Counter[str] = Counter()
+
+    def acquire(self, node_id: str) -> None:
+        self.in_flight[node_id] += 1
+
+    def release(self, node_id: str) -> None:
+        left = self.in_flight[node_id] - 1
+        if left > 0:
+            self.in_flight[node_id] = left
+        else:
+            del self.in_flight[node_id]
 
     def pick(self, role: str) -> NodeInfo:
         nodes = self.membership.nodes(role)
@@ -23,6 +34,14 @@ class Picker:
             raise NoNode(f"no live {role} node")
         return min(nodes, key=lambda n: (n.running + n.waiting + self.in_flight[n.node_id], -n.free_blocks,
                                          n.node_id))
+
+    def ready(self) -> bool:
+        """Whether a request could be served now (a live node of every needed role)."""
+        try:
+            self.mode()
+        except NoNode:
+            return False
+        return True
 
     def mode(self) -> str:
         """'disaggregated' when prefill and decode nodes are live, else 'colocated' (raises NoNode if neither)."""

@@ -28,7 +28,7 @@ from baton.engine.tokenizer import Tokenizer
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
-from .admission import Admitted, ModelCard, UnknownModel, admit
+from .admission import Admitted, ModelCard, UnknownModel, admit, check_text_size, with_prompt_bound
 from .picker import NoNode, Picker
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class NodeStubs:
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
     def __init__(self, model: ModelCard, tokenizer: Tokenizer, picker: Picker, lease_ms: int = 30_000) -> None:
-        self.model = model
+        self.model = with_prompt_bound(model, tokenizer)  # walks the vocabulary once, here
         self.tokenizer = tokenizer
         self.picker = picker
         self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()})
@@ -101,6 +101,10 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
     async def Tokenize(self, request, context):
         if request.model and request.model != self.model.id:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served here")
+        try:
+            check_text_size("text", request.text, self.model)  # the bound Generate puts on a prompt
+        except FieldError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         special = request.add_special_tokens if request.HasField("add_special_tokens") else True
         return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, special))
 
@@ -128,7 +132,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
 
     async def _colocated(self, req: Admitted, context):
         node = self.picker.pick("colocated")
-        self.picker.in_flight[node.node_id] += 1
+        self.picker.acquire(node.node_id)
         try:
             call = self.stubs.decode(node.address).Generate(
                 node_pb2.NodeGenerateRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
@@ -139,15 +143,15 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             async for response in call:
                 yield response
         finally:
-            self.picker.in_flight[node.node_id] -= 1
+            self.picker.release(node.node_id)
 
     async def _disaggregated(self, req: Admitted, context):
         decode, prefill = self.picker.pick("decode"), self.picker.pick("prefill")
         req.nodes = (prefill.node_id, decode.node_id)
         decode_stub = self.stubs.decode(decode.address)
         timeout = context.time_remaining()
-        self.picker.in_flight[decode.node_id] += 1
-        self.picker.in_flight[prefill.node_id] += 1
+        self.picker.acquire(decode.node_id)
+        self.picker.acquire(prefill.node_id)
         prefill_call = continue_call = transfer = None
         try:
             reservation = await decode_stub.Reserve(
@@ -168,7 +172,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             )
             events = prefill_call.__aiter__()
             first = (await events.__anext__()).first_token
-            self.picker.in_flight[prefill.node_id] -= 1
+            self.picker.release(prefill.node_id)
             prefill = None
             yield pb.GenerateResponse(request_id=req.internal_id, chunk=first.chunk)
             if first.finish:
@@ -189,8 +193,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             await transfer
         finally:
             if prefill is not None:
-                self.picker.in_flight[prefill.node_id] -= 1
-            self.picker.in_flight[decode.node_id] -= 1
+                self.picker.release(prefill.node_id)
+            self.picker.release(decode.node_id)
             for call in (prefill_call, continue_call, transfer):
                 if call is not None:
                     call.cancel()  # a no-op on what has ended

@@ -40,13 +40,14 @@ def cluster_pids(cluster: str) -> list[int]:
 class BatonUp:
     """`with BatonUp(tmp_path, "--prefill", "1", ...) as up:` — up.address, up.etcd, up.cluster."""
 
-    def __init__(self, log_dir: Path, *args: str, timeout: float = 120.0) -> None:
-        self.args = [BATON, "up", "--log-dir", str(log_dir), *args]
+    def __init__(self, log_dir: Path, *args: str, timeout: float = 120.0, baton: str = BATON) -> None:
+        self.args = [baton, "up", "--log-dir", str(log_dir), *args]
         self.log_dir = log_dir
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.address = self.cluster = self.etcd = ""
         self.hung = False  # `baton up` ignored SIGTERM for 30 s
+        self.returncode: int | None = None  # 0: it stopped everything itself on SIGTERM
         self.leftovers: list[int] = []  # processes `baton up` left running
 
     def __enter__(self) -> BatonUp:
@@ -83,6 +84,7 @@ class BatonUp:
             self.hung = True
             self.proc.kill()
             self.proc.wait()
+        self.returncode = self.proc.returncode
         # Never leave a process behind, but remember it: the tests assert that `baton up` cleaned up alone.
         self.leftovers = cluster_pids(self.cluster) if self.cluster else []
         for pid in self.leftovers:

@@ -15,9 +15,11 @@ import pytest
 from baton.engine.loader import DEFAULT_MODEL
 from baton.engine.tokenizer import Tokenizer
 
+from baton.bench.comparison import compare, ratio
 from baton.bench.loadgen import LoadSpec, RequestRecord
 from baton.bench.metrics import SLO, percentile, summarize
-from baton.bench.runner import add_bench_parser, parse_config, run_config
+from baton.bench.runner import parse_config, resolve_slo, run_config
+from baton.bench.slo import Bound, SLOSpec, Unloaded
 from baton.bench.workload import (LengthDist, WorkloadSpec, fit, from_conversations, read_sharegpt, synthetic,
                                   tokenize_sharegpt)
 
@@ -89,6 +91,116 @@ def test_bad_bench_config_names_the_field():
             parse_config(base | change)
 
 
+TWO = {"configurations": [{"name": "a", "router": "x:1"}, {"name": "b", "router": "y:1"}],
+       "workload": {"prompt_len": 4, "output_len": 4}, "num_requests": 3}
+
+
+def test_slo_relative_and_absolute_forms():
+    assert parse_config(TWO | {"slo": {"ttft": "4x", "tpot": "1.5X"}}).slo == \
+        SLOSpec(Bound(multiple=4.0), Bound(multiple=1.5))
+    assert parse_config(TWO | {"slo": {"ttft_ms": 1000, "tpot_ms": 12}}).slo == SLOSpec(Bound(ms=1000), Bound(ms=12))
+    mixed = parse_config(TWO | {"slo": {"ttft_ms": 800, "tpot": " 2 x "}}).slo
+    assert mixed == SLOSpec(Bound(ms=800), Bound(multiple=2.0)) and mixed.relative
+    legacy = parse_config(TWO | {"slo_ttft_ms": 1000, "slo_tpot_ms": 12}).slo  # the older keys still work
+    assert legacy == SLOSpec(Bound(ms=1000), Bound(ms=12)) and not legacy.relative
+    assert parse_config(TWO | {"slo": {"tpot": "2x"}}).slo == SLOSpec(None, Bound(multiple=2.0))
+    assert parse_config(TWO).slo == SLOSpec()
+    assert parse_config(TWO).baseline == "a" and parse_config(TWO | {"baseline": "b"}).baseline == "b"
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"slo": {"tpot": "2y"}}, "slo.tpot"),
+    ({"slo": {"tpot": "0x"}}, "slo.tpot"),
+    ({"slo": {"ttft": "-3x"}}, "slo.ttft"),
+    ({"slo": {"ttft": "x"}}, "slo.ttft"),
+    ({"slo": {"ttft": 4}}, "slo.ttft"),  # 4 ms or 4x? Refused rather than guessed
+    ({"slo": {"ttft_ms": 0}}, "slo.ttft_ms"),
+    ({"slo": {"tpot_ms": "12"}}, "slo.tpot_ms"),
+    ({"slo": {"ttft": "2x", "ttft_ms": 100}}, "slo.ttft"),
+    ({"slo": {"latency": "2x"}}, "slo.latency"),
+    ({"slo": "2x"}, "slo"),
+    ({"slo": {"tpot": "2x"}, "slo_ttft_ms": 100}, "slo_ttft_ms"),
+    ({"slo_tpot_ms": -1}, "slo_tpot_ms"),
+    ({"baseline": "c"}, "baseline"),
+    ({"baseline": 1}, "baseline"),
+    ({"calibration_requests": -1}, "calibration_requests"),
+    ({"calibration_requests": 0, "slo": {"tpot": "2x"}}, "calibration_requests"),  # nothing to multiply
+])
+def test_bad_slo_and_baseline_name_the_key(change, field):
+    with pytest.raises(ValueError, match="^" + re.escape(field) + ":"):
+        parse_config(TWO | change)
+
+
+def test_unloaded_figures_are_medians_of_the_calibration_requests():
+    records = [rec(0, 90.0, 6.0, 20), rec(1, 40.0, 5.0, 20), rec(2, 50.0, 7.0, 20),
+               rec(3, 60.0, None, 1),  # one token: a TTFT, no TPOT
+               rec(4, None, None, 0, error="UNAVAILABLE")]
+    u = Unloaded.from_records(records)
+    assert (u.ttft_ms, u.tpot_ms, u.requests) == (55.0, 6.0, 5)
+    assert u.ttft_samples_ms == (90.0, 40.0, 50.0, 60.0) and u.tpot_samples_ms == (6.0, 5.0, 7.0)
+    assert Unloaded.from_records([]) == Unloaded(None, None)
+
+
+def test_relative_slo_resolves_against_the_baseline_unloaded_figures():
+    unloaded = {"a": Unloaded(ttft_ms=50.0, tpot_ms=6.0), "b": Unloaded(ttft_ms=80.0, tpot_ms=14.0)}
+    spec = SLOSpec(Bound(multiple=4.0), Bound(multiple=2.0))
+    assert spec.resolve(unloaded["b"]) == SLO(320.0, 28.0)
+    assert SLOSpec(Bound(ms=1000.0), Bound(multiple=2.0)).resolve(unloaded["a"]) == SLO(1000.0, 12.0)
+    assert SLOSpec(Bound(ms=1000.0), None).resolve(None) == SLO(1000.0, None)  # nothing relative: no figures needed
+    with pytest.raises(ValueError, match="^slo.tpot:"):
+        spec.resolve(Unloaded(ttft_ms=50.0, tpot_ms=None))
+
+    # The run's SLO: the named baseline's figures (not each configuration's own), else the first's
+    slo, record = resolve_slo(parse_config(TWO | {"slo": {"ttft": "4x", "tpot": "2x"}, "baseline": "b"}), unloaded)
+    assert slo == SLO(320.0, 28.0)
+    assert record == {"ttft_ms": 320.0, "tpot_ms": 28.0, "ttft_multiple": 4.0, "tpot_multiple": 2.0,
+                      "relative_to": "b", "relative_to_unloaded": {"ttft_ms": 80.0, "tpot_ms": 14.0}}
+    slo, record = resolve_slo(parse_config(TWO | {"slo": {"ttft_ms": 1000, "tpot": "2x"}}), unloaded)
+    assert slo == SLO(1000.0, 12.0) and record["relative_to"] == "a" and record["ttft_multiple"] is None
+    slo, record = resolve_slo(parse_config(TWO | {"slo_ttft_ms": 1000, "slo_tpot_ms": 12}), unloaded)
+    assert slo == SLO(1000.0, 12.0) and record["relative_to"] is None and "relative_to_unloaded" not in record
+    # The baseline failed: no SLO to judge by, said so (the caller leaves goodput out)
+    slo, record = resolve_slo(parse_config(TWO | {"slo": {"tpot": "2x"}, "baseline": "b"}), {"a": unloaded["a"]})
+    assert slo is None and record["tpot_ms"] is None and "'b'" in record["error"]
+
+
+def point(ttft_p99: float | None, tpot_p99: float | None, goodput: float | None, attainment: float | None) -> dict:
+    """The fields of a summarize() entry that the comparison reads."""
+    return {"ttft_ms": {"p99": ttft_p99}, "tpot_ms": {"p99": tpot_p99}, "goodput_rps": goodput,
+            "slo_attainment": attainment}
+
+
+def test_comparison_ratios_capacity_and_null_on_zero():
+    results = {
+        "colocated": {"2": point(400.0, 20.0, 1.8, 1.0), "4": point(500.0, 40.0, 0.0, 0.8),
+                      "6": point(800.0, 50.0, 0.0, 0.5)},
+        "1P1D": {"2": point(300.0, 10.0, 1.9, 1.0), "4": point(600.0, 12.0, 3.6, 0.95),
+                 "6": point(900.0, 15.0, 5.1, 0.85)},
+        "idle": {"2": point(None, None, None, None)},  # completed nothing: every ratio null
+    }
+    c = compare(results, "colocated")
+    assert c["baseline"] == "colocated" and c["attainment"] == 0.9 and "error" not in c
+    d = c["configurations"]["1P1D"]
+    assert d["points"]["2"] == {"tpot_p99": 0.5, "ttft_p99": 0.75, "goodput": pytest.approx(1.9 / 1.8)}
+    assert d["points"]["4"] == {"tpot_p99": 0.3, "ttft_p99": 1.2, "goodput": None}  # baseline goodput 0
+    assert d["points"]["6"]["goodput"] is None
+    # Capacity at 90%: colocated 2 + 2 * (1.0 - 0.9) / (1.0 - 0.8) = 3, 1P1D 4 + 2 * 0.05 / 0.1 = 5
+    assert d["capacity"] == {"value": pytest.approx(5.0), "at_least": False, "baseline": pytest.approx(3.0),
+                             "baseline_at_least": False, "ratio": pytest.approx(5 / 3)}
+    assert c["configurations"]["colocated"]["points"]["2"] == {"tpot_p99": 1.0, "ttft_p99": 1.0, "goodput": 1.0}
+    idle = c["configurations"]["idle"]
+    assert idle["points"] == {"2": {"tpot_p99": None, "ttft_p99": None, "goodput": None}}
+    assert idle["capacity"]["value"] is None and idle["capacity"]["ratio"] is None
+    json.dumps(c, allow_nan=False)  # null, never inf or NaN
+
+    # Met at every point: a lower bound; against a baseline whose capacity is None (missed at the lowest rate)
+    c = compare({"a": {"2": point(1.0, 1.0, 1.0, 0.5)}, "b": {"2": point(1.0, 1.0, 1.0, 0.95)}}, "a")
+    assert c["configurations"]["b"]["capacity"] == {"value": 2.0, "at_least": True, "baseline": None,
+                                                    "baseline_at_least": False, "ratio": None}
+    assert compare(results, "gone")["error"]  # the baseline failed: no ratios at all
+    assert ratio(0.0, 0.0) is None and ratio(3.0, 0.0) is None and ratio(None, 2.0) is None and ratio(3.0, 2.0) == 1.5
+
+
 def test_sharegpt_loader(tmp_path: Path):
     data = [
         {"conversations": [{"from": "human", "value": "a b c"}, {"from": "gpt", "value": "d e"}]},
@@ -115,7 +227,7 @@ def test_sharegpt_loader(tmp_path: Path):
 
 def rec(i: int, ttft: float | None, tpot: float | None, out: int, error: str | None = None,
         warmup: bool = False, chunks: list[float] = ()) -> RequestRecord:
-    e2e = None if ttft is None else ttft + tpot * (out - 1)
+    e2e = None if ttft is None else ttft + (tpot or 0.0) * (out - 1)  # one token: no TPOT
     return RequestRecord(i, "w", warmup, 0.0, 0.0, 10, output_tokens=out, ttft_ms=ttft, tpot_ms=tpot, e2e_ms=e2e,
                          chunk_s=list(chunks), chunk_tokens=[1] * len(chunks), error=error)
 
@@ -153,12 +265,10 @@ def test_summary_goodput_errors_and_warmup():
 
 
 def test_cli_parser():
-    import argparse
+    from baton.cluster.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "--config", "c.yaml", "--output", "out"])
-    assert args.config == Path("c.yaml") and args.output == Path("out") and callable(args.run)
+    args = build_parser().parse_args(["bench", "--config", "c.yaml", "--output", "out"])
+    assert args.config == "c.yaml" and args.output == "out" and callable(args.run)
 
 
 def test_run_config_end_to_end(tmp_path: Path, capsys):
@@ -168,12 +278,30 @@ def test_run_config_end_to_end(tmp_path: Path, capsys):
         "workload": {"prompt_len": {"dist": "uniform", "min": 8, "max": 48}, "output_len": {"dist": "normal",
                      "mean": 16, "std": 6, "min": 4, "max": 32}},
         "mode": "closed", "concurrency": 3, "num_requests": 10, "warmup_requests": 2, "seed": 5,
-        "request_timeout_s": 30, "slo_ttft_ms": 5000, "slo_tpot_ms": 1000,
+        "request_timeout_s": 30, "calibration_requests": 3,
+        "slo": {"ttft": "1000x", "tpot": "1000x"},  # relative, and loose: goodput counts (nearly) every request
     }
     summary = run_config(config, tmp_path, progress=False)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    assert set(on_disk) >= {"machine", "commit", "config", "results"}
+    assert set(on_disk) >= {"machine", "commit", "config", "slo", "unloaded", "results", "comparison"}
+    # The unloaded figures: medians of the calibration requests, sent before the load
+    unloaded = on_disk["unloaded"]["1P1D"]
+    assert unloaded["requests"] == 3 and len(unloaded["ttft_samples_ms"]) == len(unloaded["tpot_samples_ms"]) == 3
+    assert unloaded["ttft_ms"] == statistics.median(unloaded["ttft_samples_ms"]) > 0
+    assert unloaded["tpot_ms"] == statistics.median(unloaded["tpot_samples_ms"]) > 0
+    # The SLO goodput was judged by: the milliseconds the multiples resolved to, and what they multiplied
+    slo = on_disk["slo"]
+    assert slo["relative_to"] == "1P1D" and slo["ttft_multiple"] == slo["tpot_multiple"] == 1000
+    assert slo["relative_to_unloaded"] == {"ttft_ms": unloaded["ttft_ms"], "tpot_ms": unloaded["tpot_ms"]}
+    assert slo["ttft_ms"] == pytest.approx(1000 * unloaded["ttft_ms"])
+    assert slo["tpot_ms"] == pytest.approx(1000 * unloaded["tpot_ms"])
+    # The only configuration is the baseline (the first): every ratio to itself is 1
+    comparison = on_disk["comparison"]
+    assert comparison["baseline"] == "1P1D" and set(comparison["configurations"]) == {"1P1D"}
+    assert comparison["configurations"]["1P1D"]["points"] == {"3": {"tpot_p99": 1.0, "ttft_p99": 1.0, "goodput": 1.0}}
+    cap = comparison["configurations"]["1P1D"]["capacity"]
+    assert cap["value"] == cap["baseline"] and cap["ratio"] in (1.0, None)
     s = on_disk["results"]["1P1D"]["3"]
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         assert set(s[name]) == {"mean", "p50", "p90", "p99"} and s[name]["p50"] > 0
@@ -181,12 +309,15 @@ def test_run_config_end_to_end(tmp_path: Path, capsys):
     assert s["throughput_tok_s"] > 0 and s["throughput_rps"] > 0 and s["goodput_rps"] > 0
     raw = json.loads((tmp_path / "raw.json").read_text())["1P1D"]["3"]["records"]
     measured = [r for r in raw if not r["warmup"]]
-    assert len(raw) == 12 and len(measured) == 10
+    assert len(raw) == 12 and len(measured) == 10  # the calibration requests are not among them
+    judged = summarize([RequestRecord.from_dict(r) for r in raw], s["wall_s"], SLO(slo["ttft_ms"], slo["tpot_ms"]))
+    assert judged["goodput_rps"] == s["goodput_rps"]  # goodput was judged by the resolved milliseconds
     for r in measured:  # ignore_eos + max_tokens: exactly the drawn length, through both nodes
         assert r["error"] is None and r["finish_reason"] == "length" and r["output_tokens"] >= 4
         assert r["prefill_node"].startswith("prefill") and r["decode_node"].startswith("decode")
     assert (tmp_path / "latency_cdf.png").stat().st_size > 1000
-    assert "1P1D" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1P1D" in out and "SLO: TTFT <= " in out and "1000x 1P1D's unloaded" in out
 
 
 def test_open_loop_sweep_end_to_end(tmp_path: Path):
@@ -227,11 +358,14 @@ def test_a_configuration_that_cannot_start_is_recorded_and_the_others_run(tmp_pa
         ],
         "workload": {"prompt_len": 8, "output_len": 4},
         "mode": "closed", "concurrency": 2, "num_requests": 4, "warmup_requests": 0, "seed": 1,
-        "request_timeout_s": 30,
+        "request_timeout_s": 30, "slo": {"tpot": "2x"},  # relative to the baseline, the first: broken
     }
     summary = run_config(config, tmp_path / "out", progress=False)
     assert set(summary["failed"]) == {"broken"} and "exited" in summary["failed"]["broken"]
     assert summary["results"]["ok"]["2"]["completed"] == 4
+    # Nothing to resolve the SLO or the ratios against: said so, and no goodput rather than a wrong one
+    assert "broken" in summary["slo"]["error"] and summary["slo"]["tpot_ms"] is None
+    assert summary["results"]["ok"]["2"]["goodput_rps"] is None and "broken" in summary["comparison"]["error"]
     with pytest.raises(RuntimeError):  # nothing ran at all: an error, not an empty report
         run_config({**config, "configurations": config["configurations"][:1]}, tmp_path / "out2", progress=False)
 
@@ -275,6 +409,16 @@ def test_capacity_at_an_slo_attainment():
     assert capacity({2: 1.0, 4: 0.92}, 0.9) == 4  # met at every rate swept: at least the highest
     assert capacity({2: 0.5, 4: 0.2}, 0.9) is None
     assert capacity({2: 0.95, 4: 0.8, 6: 0.95}, 0.9) == pytest.approx(2 + 2 * 0.05 / 0.15)  # the first miss counts
+
+
+def test_slo_sensitivity_defaults_to_the_runs_own_ttft_bound(tmp_path: Path):
+    from baton.bench.slo_sensitivity import run_ttft_ms
+
+    assert run_ttft_ms(tmp_path) == 1000.0  # no summary.json
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"slo_ttft_ms": 800}}))  # before relative SLOs
+    assert run_ttft_ms(tmp_path) == 800.0
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"slo": {"ttft": "4x"}}, "slo": {"ttft_ms": 222.5}}))
+    assert run_ttft_ms(tmp_path) == 222.5
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "bench" / "configs").glob("*.yaml")),

@@ -40,7 +40,7 @@ def kv_bytes(prompt_len: int, cfg, block_size: int = 16) -> int:
 def one_one(stories_path, tmp_path_factory):
     with BatonUp(tmp_path_factory.mktemp("up11"), "--model", str(stories_path)) as up:
         yield up
-    assert not up.hung and up.leftovers == []
+    assert not up.hung and up.leftovers == [] and up.returncode == 0
 
 
 def test_greedy_through_the_cluster_matches_offline(one_one, stories_llm):
@@ -168,7 +168,7 @@ def test_two_by_two_serves_sixteen_concurrent_requests(stories_path, stories_llm
         for node in up.nodes("decode"):
             s = up.stats(node)
             assert s.free_blocks == s.total_blocks and s.reserved == 0
-    assert not up.hung and up.leftovers == []
+    assert not up.hung and up.leftovers == [] and up.returncode == 0
 
 
 def test_sigkilled_decode_node_leaves_membership_and_others_take_over(stories_path, stories_llm, tmp_path):

@@ -14,27 +14,16 @@ def handoff(prefill: LLM, decode: LLM, rid: str, prompt: str, params: SamplingPa
     p, d = prefill.engine, decode.engine
     prompt_ids = p.tokenizer.encode(prompt)
     blocks = d.reserve(rid, len(prompt_ids), params.max_tokens)
-    copied = []
-
-    def copy_layer(layer, step):
-        # The prefill engine's own blocks for this prompt, layer by layer, into the reserved ones.
-        for seq in step.seqs:
-            if seq.request_id == rid:
-                src = p.blocks.table(rid)[: len(blocks)]
-                d.runner.kv.pools[layer][blocks] = p.runner.kv.pools[layer][src]
-                copied.append(layer)
-
-    p.after_layer = copy_layer
+    sink = CopySink(d, rid, blocks)
+    p.set_kv_sink(sink)
     p.add_request(rid, prompt_ids, params, prefill_only=True)
     first = p.step()[0]
-    p.after_layer = None
-    assert copied == list(range(p.model_config.num_layers))
-    # The prefill side keeps the prompt's blocks until its transfer is over, then lets go.
-    assert p.blocks.num_blocks - p.num_free_blocks == p.blocks.blocks_for(len(prompt_ids))
-    assert p.free_reservation(rid) == p.blocks.blocks_for(len(prompt_ids))
-    assert p.num_free_blocks == p.blocks.num_blocks
+    p.set_kv_sink(None)
+    assert sink.started == [rid] and sink.copied == list(range(p.model_config.num_layers))
+    # The sink copied the prompt's K/V during the step: the prefill engine holds nothing once it ends.
+    assert p.num_free_blocks == p.blocks.num_blocks and not p.has_unfinished()
     if first.finished:
-        d.free_reservation(rid)
+        assert d.release(rid)[0] == len(blocks)
         return first.token_ids, first.text, first.finish_reason
     d.adopt(rid, prompt_ids, first.token_ids[0], first.logprobs[0], params)
     tokens, text, reason = list(first.token_ids), first.text, None
@@ -44,6 +33,24 @@ def handoff(prefill: LLM, decode: LLM, rid: str, prompt: str, params: SamplingPa
             text += out.text
             reason = out.finish_reason
     return tokens, text, reason
+
+
+class CopySink:
+    """A KV sink that copies the prompt's blocks, layer by layer, into the other engine's reserved blocks."""
+
+    def __init__(self, dst, rid: str, blocks: list[int]) -> None:
+        self.dst, self.rid, self.blocks = dst, rid, blocks
+        self.started: list[str] = []
+        self.copied: list[int] = []
+
+    def step_started(self, prompts, pool) -> None:
+        self.started += [rid for rid, _ in prompts]
+
+    def layer_done(self, layer, pool, prompts) -> None:
+        for rid, table in prompts:
+            if rid == self.rid:
+                self.dst.kv_pools[layer][self.blocks] = pool[table[: len(self.blocks)]]
+                self.copied.append(layer)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def test_reservations_are_checked_and_freed(stories_path):
     assert e.value.field == "max_tokens"
     with pytest.raises(InvalidRequest):
         engine.adopt("nobody", [1, 2, 3], 5, -0.1, SamplingParams())
-    assert engine.free_reservation("a") == 3 and engine.free_reservation("a") == 0
+    assert engine.release("a") == (3, None) and engine.release("a") == (0, None)
     assert engine.num_free_blocks == 8
 
 
@@ -98,5 +105,6 @@ def test_adopted_sequence_can_be_aborted(pair):
     engine.reserve("x", len(ids), 50)
     engine.adopt("x", ids, 432, -0.1, SamplingParams(max_tokens=50, temperature=0))
     engine.step()
-    assert engine.abort_request("x").finish_reason is FinishReason.ABORT
+    freed, out = engine.release("x")
+    assert out.finish_reason is FinishReason.ABORT and freed == engine.blocks.blocks_for(len(ids) + 2)
     assert engine.num_free_blocks == engine.blocks.num_blocks and not engine.has_unfinished()

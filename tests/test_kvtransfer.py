@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from baton.engine.model_runner import KVCache
-from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVStoreHost, KVTransferError, PairChannels
+from baton.kvtransfer.channel import (DECODE_RANK, PREFILL_RANK, KVStoreHost, KVTransferError, PairChannels,
+                                      TransferCancelled)
 from baton.kvtransfer.receiver import receive
 from baton.kvtransfer.sender import KVSender, coalesce
 
@@ -71,11 +72,14 @@ def prefill_main(node_id: str, conn) -> None:
                                     pool=pools[0] if t.get("early_header") else None)
                            for t in msg["transfers"]]
                 for layer in range(LAYERS):  # as an engine batch would: every request's layer, then the next
-                    for sender in senders:
-                        sender.send_layer(layer, pools[layer])
+                    for sender, t in zip(senders, msg["transfers"]):
+                        if t.get("end_at", LAYERS) > layer:
+                            sender.send_layer(layer, pools[layer])
                     if msg.get("stall_after_layer") == layer:
                         conn.send(("posted", layer))
                         time.sleep(3600)  # killed here
+                for sender in senders:
+                    sender.end_early()  # nothing for a transfer that sent every layer
                 result = [s.wait(TIMEOUT) for s in senders]
             conn.send(("ok", result))
         except Exception as exc:
@@ -344,3 +348,84 @@ def test_killed_prefill_fails_receive_at_once_then_new_generation_works(host, de
                    list(zip(src, dst)))
     finally:
         reborn.stop()
+
+
+def test_a_transfer_ended_early_leaves_the_channel_in_step(host, decode, prefill, gens):
+    """A request cancelled before its prompt was computed sends a cancel header; one cut short after its header
+    sends zeros for the layers it owed. Neither breaks the pair: a transfer on the same group right after works
+    and lands bit for bit, and so does one that ran beside them."""
+    generation = gens.new()
+    dst_cache = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
+    src_cache = make_cache(PREFILL_BLOCKS, torch.float32, PREFILL_SEED)
+    transfers = [
+        {"tag": 301, "src": [1, 2], "runs": coalesce([3, 4]), "end_at": 0},  # never began: cancel header
+        {"tag": 302, "src": [5, 6], "runs": coalesce([7, 8]), "end_at": 2, "early_header": True},  # padded
+        {"tag": 303, "src": [9], "runs": coalesce([10])},  # whole, beside them
+    ]
+    prefill.post(op="send", generation=generation, store=host.address, dtype="float32", transfers=transfers)
+    pg = decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT)
+    with pytest.raises(TransferCancelled):
+        receive(pg, PREFILL_RANK, 301, dst_cache.pools, coalesce([3, 4]), TIMEOUT)
+    assert receive(pg, PREFILL_RANK, 302, dst_cache.pools, coalesce([7, 8]), TIMEOUT) == 2 * LAYERS * block_bytes(
+        torch.float32) // LAYERS
+    assert receive(pg, PREFILL_RANK, 303, dst_cache.pools, coalesce([10]), TIMEOUT) == block_bytes(torch.float32)
+    status, sent = prefill.reply()
+    assert status == "ok", sent
+    for layer in range(LAYERS):
+        assert torch.equal(dst_cache.pools[layer][10], src_cache.pools[layer][9])
+        for d, s in ((7, 5), (8, 6)):  # real data up to the cut, zeros after
+            want = src_cache.pools[layer][s] if layer < 2 else torch.zeros_like(src_cache.pools[layer][s])
+            assert torch.equal(dst_cache.pools[layer][d], want), (layer, d)
+    before = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
+    assert torch.equal(dst_cache.pools[0][3], before.pools[0][3])  # the cancelled one wrote nothing
+    got, sent = transfer(host, decode, prefill, generation, "float32", [(304, [11, 12], [20, 21])], dst_cache)
+    assert got == sent == [2 * block_bytes(torch.float32)]
+
+
+def test_a_late_failure_of_an_old_generation_keeps_the_newer_one():
+    """Dropping generation 3 after generation 5 is in use must not retire 5 (it did: `drop` retired the newest)."""
+    with KVStoreHost("127.0.0.1", 0) as store:
+        channels = PairChannels("d", local_store=store)
+        with pytest.raises(KVTransferError):  # nobody joins: but 5 becomes the newest asked for
+            channels.get("p", 5, store.address, DECODE_RANK, 0.2)
+        channels.drop("p", 3)
+        with pytest.raises(KVTransferError) as e:  # 5 may still be built: it times out, it is not refused
+            channels.get("p", 5, store.address, DECODE_RANK, 0.2)
+        assert "stale" not in str(e.value)
+        with pytest.raises(KVTransferError, match="stale"):
+            channels.get("p", 3, store.address, DECODE_RANK, 0.2)
+        channels.close()
+
+
+def test_a_restarted_decode_store_counts_on_above_its_old_generations():
+    """A decode node restarted under its id gets a new store: the generations it hands out must come after
+    every one the old store did, or the prefill side, which remembers those, refuses them as stale."""
+    prefill = PairChannels("p")
+    first = KVStoreHost("127.0.0.1", 0)
+    old = [prefill.next_generation("d", first.address, TIMEOUT) for _ in range(3)]
+    address = first.address
+    first.close()
+    with pytest.raises(KVTransferError):  # the old store is gone: the connection is dropped, not kept
+        prefill.next_generation("d", address, 2.0)
+    port = int(address.rpartition(":")[2])
+    second = KVStoreHost("127.0.0.1", port)  # the same address, as a restarted node would take it again
+    try:
+        new = prefill.next_generation("d", second.address, TIMEOUT)
+        assert new > max(old), (new, old)
+    finally:
+        prefill.close()
+        second.close()
+
+
+def test_dropped_generations_leave_no_keys_in_the_store(host, decode, prefill, gens):
+    """Each generation's rendezvous writes keys into the decode node's store; superseded or dropped ones are
+    deleted, so the store does not grow with every channel that failed."""
+    dst_cache = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
+    counts = []
+    for i in range(6):
+        generation = gens.new()
+        transfer(host, decode, prefill, generation, "float32", [(400 + i, [1], [2])], dst_cache)
+        if i % 2:
+            decode.drop(prefill.node_id, generation)
+        counts.append(host.store.num_keys())
+    assert counts[-1] <= counts[1], counts  # bounded: not one more set of keys per generation

@@ -45,7 +45,7 @@ def cluster() -> str:
 
 def node(node_id: str, role: str = "prefill", **load) -> NodeInfo:
     return NodeInfo(node_id=node_id, role=role, model="stories260K", address=f"127.0.0.1:{5000 + len(node_id)}",
-                    kv_address="127.0.0.1:6000", capacity=64, free_blocks=64, **load)
+                    capacity=64, free_blocks=64, **load)
 
 
 # -- NodeInfo ------------------------------------------------------------------------------------------

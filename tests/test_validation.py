@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import replace
 
 import pytest
+import tokenizers
+from tokenizers import normalizers, pre_tokenizers
 
 from baton.engine import LLM, ConfigError, EngineConfig, InvalidRequest, SamplingParams
+from baton.engine.tokenizer import Tokenizer
+from baton.router.admission import admit, max_token_bytes, with_prompt_bound
+from baton.router.main import model_card
+from baton.v1 import baton_pb2 as pb
 
 
 @pytest.mark.parametrize(
@@ -16,8 +24,12 @@ from baton.engine import LLM, ConfigError, EngineConfig, InvalidRequest, Samplin
         ("max_tokens", {"max_tokens": -5}),
         ("temperature", {"temperature": -0.1}),
         ("temperature", {"temperature": math.nan}),
+        ("temperature", {"temperature": math.inf}),
+        ("temperature", {"temperature": -math.inf}),
         ("top_p", {"top_p": 0.0}),
         ("top_p", {"top_p": 1.5}),
+        ("top_p", {"top_p": math.nan}),
+        ("top_p", {"top_p": math.inf}),
         ("top_k", {"top_k": -1}),
         ("seed", {"seed": -1}),
         ("stop", {"stop": [""]}),
@@ -93,3 +105,58 @@ def test_engine_options_that_cannot_work_together(stories_path):
     assert e.value.field == "max_num_batched_tokens"
     with pytest.raises(TypeError):
         LLM(str(stories_path), no_such_option=True)
+
+
+# ---- the router's bound on a prompt's bytes ----
+
+@pytest.fixture(scope="module")
+def stories_tokenizer(stories_path) -> Tokenizer:
+    return Tokenizer.from_folder(stories_path)
+
+
+@pytest.mark.parametrize("text", [
+    "Once upon a time, there was a little girl named Lily.",
+    "   spaces   everywhere    ",
+    "héllo wörld — 日本語 🙂🙂🙂",  # byte fallback: one token per byte of what the vocabulary lacks
+    "<s></s><unk>littlelittlelittle",  # special tokens written out in the text
+])
+def test_no_text_takes_more_bytes_per_token_than_the_bound_assumes(stories_tokenizer, text):
+    per_token = max_token_bytes(stories_tokenizer)
+    assert len(text.encode()) <= len(stories_tokenizer.encode(text, add_special_tokens=False)) * per_token
+
+
+def test_a_normalizer_multiplies_the_bytes_a_token_may_cover():
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"ab": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert max_token_bytes(Tokenizer(backend)) == len("[UNK]")
+    backend.normalizer = normalizers.NFKC()  # "ａｂ" (6 bytes) becomes the 2-byte token "ab"
+    assert max_token_bytes(Tokenizer(backend)) == 4 * len("[UNK]")
+
+
+class NeverTokenizes:
+    """A tokenizer that fails the test if admission asks it for anything."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise AssertionError("the prompt was tokenized")
+
+
+@pytest.mark.parametrize("size", ["just over", "3 MB"])
+def test_a_prompt_larger_than_the_context_can_hold_is_refused_untokenized(stories_path, stories_tokenizer, size):
+    card = with_prompt_bound(model_card(stories_path), stories_tokenizer)
+    assert card.max_prompt_bytes == (card.max_model_len - 1) * max_token_bytes(stories_tokenizer)
+    text = "é" * (card.max_prompt_bytes // 2 + 1) if size == "just over" else "a" * 3_000_000
+    with pytest.raises(InvalidRequest) as e:
+        admit(pb.GenerateRequest(text=text), card, NeverTokenizes(), random.Random(0))
+    assert e.value.field == "prompt"
+
+
+def test_the_prompt_bound_can_be_set_and_a_prompt_under_it_is_admitted(stories_path, stories_tokenizer):
+    card = model_card(stories_path)
+    prompt = "Once upon a time, there was a little girl named Lily. " * 8
+    admitted = admit(pb.GenerateRequest(text=prompt), card, stories_tokenizer, random.Random(0))  # derived
+    assert len(admitted.prompt_ids) > 100
+    tight = with_prompt_bound(replace(card, max_prompt_bytes=100), stories_tokenizer)  # set: kept as it is
+    assert tight.max_prompt_bytes == 100
+    with pytest.raises(InvalidRequest) as e:
+        admit(pb.GenerateRequest(text=prompt), tight, NeverTokenizes(), random.Random(0))
+    assert e.value.field == "prompt" and "100 bytes" in str(e.value)

@@ -34,18 +34,16 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("node_id", "block_ids", "kv_store_address", "transfer_tag", "layout")
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("block_ids", "kv_store_address", "transfer_tag", "layout")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
-    node_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     kv_store_address: str
     transfer_tag: int
     layout: KVLayout
-    def __init__(self, node_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., kv_store_address: _Optional[str] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_store_address: _Optional[str] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class ReceiveKVRequest(_message.Message):
     __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens")
@@ -132,22 +130,18 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_baton_pb2.SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVTarget, _Mapping]] = ...) -> None: ...
 
 class FirstToken(_message.Message):
-    __slots__ = ("chunk", "finish", "prefill_ms")
+    __slots__ = ("chunk", "finish")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
-    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     chunk: _baton_pb2.TokenChunk
     finish: _baton_pb2.FinishReason
-    prefill_ms: float
-    def __init__(self, chunk: _Optional[_Union[_baton_pb2.TokenChunk, _Mapping]] = ..., finish: _Optional[_Union[_baton_pb2.FinishReason, str]] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, chunk: _Optional[_Union[_baton_pb2.TokenChunk, _Mapping]] = ..., finish: _Optional[_Union[_baton_pb2.FinishReason, str]] = ...) -> None: ...
 
 class TransferDone(_message.Message):
-    __slots__ = ("bytes_sent", "transfer_ms")
+    __slots__ = ("bytes_sent",)
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
     bytes_sent: int
-    transfer_ms: float
-    def __init__(self, bytes_sent: _Optional[int] = ..., transfer_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, bytes_sent: _Optional[int] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
     __slots__ = ("first_token", "transfer_done")
@@ -162,7 +156,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "running", "waiting", "reserved", "kv_bytes_received", "kv_bytes_sent", "requests_served")
+    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "running", "waiting", "reserved", "kv_bytes_received", "kv_bytes_sent", "requests_served", "peers")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +167,7 @@ class NodeStats(_message.Message):
     KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     total_blocks: int
@@ -183,4 +178,5 @@ class NodeStats(_message.Message):
     kv_bytes_received: int
     kv_bytes_sent: int
     requests_served: int
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ...) -> None: ...
+    peers: int
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ..., peers: _Optional[int] = ...) -> None: ...
