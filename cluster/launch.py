@@ -21,10 +21,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aetcd
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.cluster.etcd_server import EtcdServer, free_port
+from baton.cluster.loops import retrying
 from baton.cluster.membership import MembershipWatcher
 
 @dataclass(slots=True)
@@ -123,7 +125,9 @@ class LocalCluster:
 
     async def _wait_registered(self) -> None:
         deadline = time.monotonic() + self.spec.start_timeout
-        watcher = await MembershipWatcher.start(self.etcd_url, self.cluster)
+        # etcd was just started, on a machine that the starting nodes keep busy: a first connection can time out.
+        watcher = await retrying(lambda: MembershipWatcher.start(self.etcd_url, self.cluster), (aetcd.ClientError,),
+                                 self.spec.start_timeout, "watching the membership")
         try:
             expected = set(self.nodes)
             while True:

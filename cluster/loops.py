@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def every(seconds: float, step: Callable[[], Awaitable[object]], name: str) -> None:
@@ -25,3 +28,20 @@ async def every(seconds: float, step: Callable[[], Awaitable[object]], name: str
         except Exception:  # noqa: BLE001 - logged; the loop must go on
             log.exception("%s failed; retrying in %.1f s", name, seconds)
         await asyncio.sleep(seconds)
+
+
+async def retrying(attempt: Callable[[], Awaitable[T]], errors: tuple[type[BaseException], ...], timeout: float,
+                   what: str) -> T:
+    """`await attempt()`, tried again on `errors` (with a short backoff) until `timeout` seconds have passed:
+    for start-up steps against a service that was started a moment ago on a busy machine (etcd)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        try:
+            return await attempt()
+        except errors as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%s); retrying", what, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -34,17 +34,6 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def sampling_to_proto(p: SamplingParams, logprobs: bool) -> pb.SamplingParams:
-    msg = pb.SamplingParams(
-        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, stop=p.stop,
-        stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos,
-        include_stop_str_in_output=p.include_stop_str_in_output, logprobs=logprobs,
-    )
-    if p.seed is not None:
-        msg.seed = p.seed
-    return msg
-
-
 def chunk_from_output(out: RequestOutput, logprobs: bool) -> pb.TokenChunk:
     return pb.TokenChunk(
         index=out.first_index, token_ids=out.token_ids, text=out.text,

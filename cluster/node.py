@@ -12,10 +12,11 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+import aetcd
 import torch
 
 from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, Server, run_until_signalled
-from baton.cluster.loops import every
+from baton.cluster.loops import every, retrying
 from baton.cluster.membership import NodeInfo, NodeRegistration
 from baton.engine import EngineConfig, LLMEngine
 from baton.engine.async_engine import AsyncEngine
@@ -25,6 +26,7 @@ from baton.v1 import node_pb2_grpc
 log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
+START_RETRY_S = 60.0  # how long start-up keeps trying to reach etcd
 
 
 @dataclass(slots=True)
@@ -98,13 +100,16 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             node_id=cfg.node_id, role=cfg.role, model=engine.model_config.architecture, address=address,
             capacity=stats.total_blocks, free_blocks=stats.free_blocks, running=0, waiting=0,
         )
-        registration = await NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl)
+        registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl),
+                                      (aetcd.ClientError,), START_RETRY_S, "registering in etcd")
         reporter = LoadReporter(servicer, registration)
-        tasks.append(asyncio.create_task(every(cfg.load_report_seconds, reporter.report, "load report")))
+        reporting = asyncio.create_task(every(cfg.load_report_seconds, reporter.report, "load report"))
+        tasks.append(reporting)
         log.info("%s serving on %s", cfg.node_id, address)
         try:
             await stop.wait()
         finally:
+            reporting.cancel()  # before the registration it reports to goes
             await registration.close()  # leave the membership first: the router stops sending at once
             await server.stop(grace=2.0)
     finally:

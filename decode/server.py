@@ -19,8 +19,9 @@ import grpc
 from baton.cluster.messages import abort_for, kv_layout, responses_from_output, sampling_from_proto
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
-from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVStoreHost, PairChannels, TransferCancelled
-from baton.kvtransfer.receiver import receive
+from baton.kvtransfer.channel import (DECODE_RANK, PREFILL_RANK, KVStoreHost, PairChannels, TransferCancelled,
+                                      TransferThreads)
+from baton.kvtransfer.receiver import drain, receive
 from baton.kvtransfer.sender import coalesce
 from baton.v1 import node_pb2, node_pb2_grpc
 
@@ -41,6 +42,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         spec = engine.kv_spec
         # gloo for a CPU pool, NCCL for a CUDA one: the channel follows the KV cache's device.
         self.channels = PairChannels(node_id, spec.device, local_store=store)
+        self.threads = TransferThreads("kv-recv")
         self.transfer_timeout = transfer_timeout
         self.peer_idle_seconds = peer_idle_seconds
         self.reservations = Reservations(engine)
@@ -72,11 +74,15 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     # -- KV transfer --------------------------------------------------------------------------------
 
     async def ReceiveKV(self, request, context):
-        r = self.reservations.get(request.request_id)
-        if r is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no reservation for {request.request_id!r}")
         if request.layout != self.layout:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
+        r = self.reservations.get(request.request_id)
+        if r is None or r.phase is Phase.RELEASED:
+            # Released before its K/V came (the request was cancelled): the prefill node may already be
+            # sending. Take the transfer in and drop it, so the channel stays in step for everyone else.
+            await asyncio.shield(asyncio.ensure_future(self._drain(request)))
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"request_id: no reservation for {request.request_id!r} (its K/V were dropped)")
         if not 0 < self.engine.blocks_for(request.num_tokens) <= len(r.blocks):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"num_tokens: {request.num_tokens} tokens do not fit the {len(r.blocks)} reserved blocks")
@@ -96,9 +102,9 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         prefill_id, generation = request.prefill_node_id, request.generation
         received, cause = None, "kv transfer failed"
         try:
-            group = await asyncio.to_thread(
+            group = await self.threads.run(
                 self.channels.get, prefill_id, generation, self.store.address, DECODE_RANK, self.transfer_timeout)
-            received = await asyncio.to_thread(
+            received = await self.threads.run(
                 receive, group, PREFILL_RANK, r.tag, self.engine.kv_pools, coalesce(blocks), self.transfer_timeout)
             del group
             self.kv_bytes_received += received
@@ -110,6 +116,22 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             self.channels.drop(prefill_id, generation)  # this generation only: a newer one serves others
         await self.reservations.receive_ended(r, received is not None, cause)
         return received
+
+    async def _drain(self, request) -> None:
+        spec = self.engine.kv_spec
+        prefill_id, generation = request.prefill_node_id, request.generation
+        try:
+            group = await self.threads.run(
+                self.channels.get, prefill_id, generation, self.store.address, DECODE_RANK, self.transfer_timeout)
+            await self.threads.run(
+                drain, group, PREFILL_RANK, request.transfer_tag, coalesce(list(request.block_ids)),
+                (2, spec.block_size, spec.num_kv_heads, spec.head_dim), spec.dtype, spec.device,
+                self.transfer_timeout)
+        except TransferCancelled:
+            pass
+        except Exception as e:  # noqa: BLE001 - the channel is out of step: this generation goes
+            log.warning("draining the kv transfer of %s failed: %s", request.request_id, e)
+            self.channels.drop(prefill_id, generation)
 
     # -- decoding -----------------------------------------------------------------------------------
 
@@ -179,3 +201,4 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     async def close(self) -> None:
         await self.reservations.release_all("node shutdown")
         self.channels.close()
+        self.threads.close()

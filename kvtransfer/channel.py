@@ -16,9 +16,11 @@ open), and only then do the peer's pending operations fail: keep references to g
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -369,3 +371,23 @@ class PairChannels:
                 work.wait(_timedelta(timeout))
             return group
         raise KVTransferError(f"no pair channel backend for device {self.device}")
+
+
+class TransferThreads:
+    """Worker threads for a node's blocking transfer calls (channel set-up, receives, waits on sends).
+
+    Not asyncio's default executor: it has a handful of threads (cores + 4), and every in-flight transfer
+    holds one for as long as its peer takes. With more transfers in flight than threads, receives that could
+    complete wait behind ones whose sender is still queued, while their own senders wait for them: each side
+    then times out and the channel breaks. A thread per transfer in flight, up to `max_threads`, avoids it
+    (they wait in C++ without the GIL)."""
+
+    def __init__(self, name: str, max_threads: int = 512) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix=name)
+
+    def run(self, fn, *args):
+        """An asyncio future for `fn(*args)` on a worker thread."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

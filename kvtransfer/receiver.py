@@ -77,3 +77,43 @@ def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: S
         raise KVTransferError(f"KV receive (tag {tag}) failed: {exc}") from exc
     works.clear()
     return nbytes
+
+
+def drain(pg, peer_rank: int, tag: int, runs: Sequence[tuple[int, int]], block_shape: Sequence[int],
+          dtype: torch.dtype, device: torch.device | str, timeout: float) -> int:
+    """Takes in a transfer whose blocks are no longer this node's to write (its reservation was released
+    before the transfer came) and drops it: the header, then every layer's runs into a scratch buffer, so
+    the sender's messages are matched and the channel stays in step for the transfers that share it.
+    Returns the bytes drained; raises TransferCancelled / KVTransferError as `receive` does."""
+    runs = [(int(s), int(c)) for s, c in runs]
+    check_runs(runs)
+    deadline = time.monotonic() + timeout
+    got = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
+    works: list = []
+    nbytes = 0
+    try:
+        works.append(pg.recv([got], peer_rank, tag))
+        _wait_all(works, deadline, f"KV drain (tag {tag}) header")
+        works.clear()
+        header = got.cpu()
+        if is_cancel(header):
+            raise TransferCancelled(f"KV transfer (tag {tag}) cancelled by the sender before it began")
+        num_layers = int(header[3])
+        want = make_header(num_layers, runs, block_shape, dtype)
+        problem = header_mismatch(header, want)
+        if problem is not None or num_layers < 0:
+            raise KVTransferError(f"KV drain (tag {tag}): sender and receiver disagree on {problem or 'layers'}")
+        scratch = torch.empty((max(c for _, c in runs), *block_shape), dtype=dtype, device=device)
+        for _ in range(num_layers):
+            for _, count in runs:
+                works.append(pg.recv([scratch[:count]], peer_rank, tag))
+                nbytes += scratch[:count].numel() * scratch.element_size()
+            _wait_all(works, deadline, f"KV drain (tag {tag})")  # one layer at a time: one scratch buffer
+            works.clear()
+    except BaseException as exc:
+        works.clear()
+        pg = None  # noqa: F841
+        if isinstance(exc, (KVTransferError, TransferCancelled)) or not isinstance(exc, Exception):
+            raise
+        raise KVTransferError(f"KV drain (tag {tag}) failed: {exc}") from exc
+    return nbytes

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from baton.kvtransfer.channel import PairChannels
+from baton.kvtransfer.channel import PairChannels, TransferThreads
 from baton.v1 import node_pb2_grpc
 
 
@@ -35,9 +35,10 @@ class DecodePeer:
 
 
 class DecodePeers:
-    def __init__(self, channels: PairChannels, idle_seconds: float = 60.0,
+    def __init__(self, channels: PairChannels, threads: TransferThreads, idle_seconds: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.channels = channels
+        self.threads = threads
         self.idle_seconds = idle_seconds
         self._clock = clock
         self._peers: dict[str, DecodePeer] = {}
@@ -47,8 +48,8 @@ class DecodePeers:
         return len(self._peers)
 
     async def acquire(self, node_id: str, address: str, store_address: str, timeout: float) -> tuple[DecodePeer, int]:
-        """The peer's entry and the generation to transfer on. Pair every acquire with `release`, also when
-        this raises (KVTransferError: the store cannot be reached)."""
+        """The peer's entry and the generation to transfer on; pair it with `release`. Raises KVTransferError
+        when the peer's store cannot be reached (and then holds nothing for it)."""
         self._prune()
         peer = self._peers.get(node_id)
         if peer is not None and (peer.address, peer.store_address) != (address, store_address) and not peer.active:
@@ -60,11 +61,16 @@ class DecodePeers:
                                                      node_pb2_grpc.DecodeNodeStub(channel), self._clock())
         peer.active += 1
         peer.last_used = self._clock()
-        async with peer.lock:  # concurrent first transfers would each open a generation
-            if peer.generation is None:
-                peer.generation = await asyncio.to_thread(
-                    self.channels.next_generation, node_id, store_address, timeout)
-            return peer, peer.generation
+        try:
+            async with peer.lock:  # concurrent first transfers would each open a generation
+                if peer.generation is None:
+                    peer.generation = await self.threads.run(
+                        self.channels.next_generation, node_id, store_address, timeout)
+                return peer, peer.generation
+        except BaseException:
+            peer.broken = True
+            self.release(peer)
+            raise
 
     def failed(self, peer: DecodePeer, generation: int | None) -> None:
         """A transfer on `generation` failed: that generation goes (a newer one, if any, stays), and the entry

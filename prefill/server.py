@@ -28,7 +28,7 @@ import torch
 from baton.cluster.messages import abort_for, chunk_from_output, finish_to_proto, kv_layout, sampling_from_proto
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
-from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVTransferError, PairChannels
+from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVTransferError, PairChannels, TransferThreads
 from baton.kvtransfer.sender import KVSender, check_runs, coalesce
 from baton.v1 import node_pb2, node_pb2_grpc
 
@@ -44,7 +44,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.engine = engine
         self.spec = engine.kv_spec
         self.channels = PairChannels(node_id, self.spec.device)
-        self.peers = DecodePeers(self.channels, peer_idle_seconds)
+        self.threads = TransferThreads("kv-send")
+        self.peers = DecodePeers(self.channels, self.threads, peer_idle_seconds)
         self.transfer_timeout = transfer_timeout
         self.layout = kv_layout(self.spec)
         # One sender per transfer, registered before its prompt can be scheduled and removed only once the
@@ -98,20 +99,23 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         try:
             transfer.peer, transfer.generation = await self.peers.acquire(
                 target.decode_node_id, target.decode_address, target.kv_store_address, self.transfer_timeout)
+            # From here this node owes the decode node a transfer under this tag (a whole one, or a cancel
+            # header): the decode node posts its receive on this call.
             transfer.receive_call = transfer.peer.stub.ReceiveKV(
                 node_pb2.ReceiveKVRequest(request_id=rid, prefill_node_id=self.node_id,
                                           generation=transfer.generation, layout=self.layout,
-                                          num_tokens=len(prompt)),
+                                          num_tokens=len(prompt), block_ids=target.block_ids,
+                                          transfer_tag=target.transfer_tag),
                 timeout=self.transfer_timeout,
             )
-            group = await asyncio.to_thread(
+            transfer.tag = target.transfer_tag
+            transfer.group = self.threads.run(
                 self.channels.get, target.decode_node_id, transfer.generation, target.kv_store_address,
                 PREFILL_RANK, self.transfer_timeout,
             )
-            transfer.sender = KVSender(group, DECODE_RANK, target.transfer_tag, None, runs,
-                                       num_layers=self.spec.num_layers, pool=self.engine.kv_pools[0],
+            transfer.sender = KVSender(await asyncio.shield(transfer.group), DECODE_RANK, target.transfer_tag, None,
+                                       runs, num_layers=self.spec.num_layers, pool=self.engine.kv_pools[0],
                                        post_header=False)
-            del group  # the sender's reference only: a dropped channel closes when its transfers end
             with self._lock:
                 self._senders[rid] = transfer.sender
             first = None
@@ -122,23 +126,27 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 chunk=chunk_from_output(first, request.sampling.logprobs),
                 finish=finish_to_proto(first.finish_reason) if first.finished else 0,
             ))
-            sent = await asyncio.shield(transfer.wait(self.transfer_timeout))
+            sent = await asyncio.shield(transfer.wait(self.threads, self.transfer_timeout))
             await transfer.receive_call
             self.kv_bytes_sent += sent
             yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes_sent=sent))
         except (FieldError, NoCapacity) as e:
             await abort_for(context, e)
         except (KVTransferError, grpc.aio.AioRpcError) as e:
-            transfer.failed = True
-            log.warning("kv transfer of %s to %s failed: %s", rid, target.decode_node_id, e)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer to {target.decode_node_id} failed: {e}")
+            # NOT_FOUND: the decode node had released the reservation; it took the transfer in and dropped
+            # it, so the channel is fine. Anything else: the channel (or the node) failed.
+            dropped = isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
+            transfer.failed = transfer.failed or not dropped
+            log.warning("kv transfer of %s to %s failed: %s", rid, target.decode_node_id, _short(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"kv transfer to {target.decode_node_id} failed: {_short(e)}")
         except EngineFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill node {self.node_id}: {e}")
         finally:
             # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
-            await asyncio.shield(self._end(rid, transfer))
+            await asyncio.shield(self._end(rid, transfer, runs))
 
-    async def _end(self, rid: str, transfer: _Transfer) -> None:
+    async def _end(self, rid: str, transfer: _Transfer, runs: list[tuple[int, int]]) -> None:
         """Ends a call's transfer, whatever ended the call. The request leaves the engine first (a queued
         release runs after the add and after any step computing it): after that no layer is posted for it,
         and what the sender still owes can be settled here."""
@@ -146,10 +154,20 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         with self._lock:
             self._senders.pop(rid, None)
         sender = transfer.sender
+        if sender is None and transfer.group is not None:
+            # Ended while the channel was being opened: the decode node still waits for this transfer's
+            # header, so a cancel header goes as soon as the channel is there.
+            try:
+                group = await transfer.group
+                sender = transfer.sender = KVSender(group, DECODE_RANK, transfer.tag, None, runs,
+                                                    num_layers=self.spec.num_layers, pool=self.engine.kv_pools[0],
+                                                    post_header=False)
+            except KVTransferError:
+                transfer.failed = True
         if sender is not None:
             sender.end_early()  # nothing if every layer went
             try:
-                await transfer.wait(self.transfer_timeout)
+                await transfer.wait(self.threads, self.transfer_timeout)
             except KVTransferError as e:
                 if not transfer.failed:
                     log.warning("kv transfer of %s ended with a failure: %s", rid, e)
@@ -175,23 +193,30 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
     async def close(self) -> None:
         await self.peers.close()
         self.channels.close()
+        self.threads.close()
+
+
+def _short(e: Exception) -> str:
+    return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
 
 
 class _Transfer:
     """One call's transfer state, for its clean-up."""
 
-    __slots__ = ("peer", "generation", "receive_call", "sender", "failed", "_waiting")
+    __slots__ = ("peer", "generation", "receive_call", "group", "tag", "sender", "failed", "_waiting")
 
     def __init__(self) -> None:
         self.peer: DecodePeer | None = None
         self.generation: int | None = None
         self.receive_call = None
+        self.group: asyncio.Future | None = None  # the pair group being opened (or open)
+        self.tag: int | None = None
         self.sender: KVSender | None = None
         self.failed = False
         self._waiting: asyncio.Future | None = None
 
-    def wait(self, timeout: float) -> asyncio.Future:
+    def wait(self, threads: TransferThreads, timeout: float) -> asyncio.Future:
         """The sender's completion, waited for on one worker thread however many times it is asked for."""
         if self._waiting is None:
-            self._waiting = asyncio.ensure_future(asyncio.to_thread(self.sender.wait, timeout))
+            self._waiting = threads.run(self.sender.wait, timeout)
         return self._waiting

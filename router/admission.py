@@ -45,8 +45,8 @@ class Admitted:
     request_id: str  # the client's, echoed back
     internal_id: str  # unique in the cluster: what the nodes see
     prompt_ids: list[int]
-    params: SamplingParams
-    logprobs: bool
+    params: SamplingParams  # validated: what the router itself needs of them (max_tokens)
+    sampling: pb.SamplingParams  # the client's message as the nodes get it (seed filled in), not re-encoded
     nodes: tuple[str, str] = ("", "")  # (prefill, decode) node ids, once picked
 
 
@@ -127,11 +127,15 @@ def admit(request: pb.GenerateRequest, model: ModelCard, tokenizer: Tokenizer, r
             "max_tokens", f"{len(ids)} prompt + {params.max_tokens} new tokens exceed the model's context "
             f"({model.max_model_len})",
         )
+    sampling = request.sampling  # forwarded as it came: each node converts it once, as the router did here
     if not params.greedy and params.seed is None:
         # Prefill and decode nodes sample from the same per-request generator only if they share its seed.
         params = replace(params, seed=rng.getrandbits(63))
+        sampling = pb.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        sampling.seed = params.seed
     request_id = request.request_id or uuid.uuid4().hex
-    return Admitted(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", ids, params, request.sampling.logprobs)
+    return Admitted(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", ids, params, sampling)
 
 
 def _check_prompt_length(n: int, model: ModelCard) -> None:

@@ -7,8 +7,10 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import aetcd
+
 from baton.cluster.grpc_server import BATON_SERVICE, Server, run_until_signalled
-from baton.cluster.loops import every
+from baton.cluster.loops import every, retrying
 from baton.cluster.membership import MembershipWatcher
 from baton.engine.config import ModelConfig
 from baton.engine.loader import DEFAULT_MODEL, resolve_model_path
@@ -58,7 +60,8 @@ async def follow_readiness(server: Server, picker: Picker) -> None:
 
 async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     folder = resolve_model_path(cfg.model)
-    membership = await MembershipWatcher.start(cfg.etcd, cfg.cluster)
+    membership = await retrying(lambda: MembershipWatcher.start(cfg.etcd, cfg.cluster), (aetcd.ClientError,), 60.0,
+                                "watching the membership")
     picker = Picker(membership)
     card = model_card(folder, max_prompt_bytes=cfg.max_prompt_bytes)
     servicer = RouterServicer(card, Tokenizer.from_folder(folder), picker, cfg.lease_ms)

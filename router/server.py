@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import grpc
 
-from baton.cluster.messages import sampling_to_proto
 from baton.engine import FieldError
 from baton.engine.tokenizer import Tokenizer
 from baton.v1 import baton_pb2 as pb
@@ -125,8 +124,11 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             async for response in stream:
                 yield relay.see(response)
         except grpc.aio.AioRpcError as e:
-            code = e.code() if e.code() in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, e.details() or str(code))
+            if e.code() in _PASS_THROUGH:
+                await context.abort(e.code(), e.details() or str(e.code()))
+            prefill_node, decode_node = req.nodes  # a node failed: say which pair served the request
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{e.details() or e.code().name} (prefill {prefill_node}, decode {decode_node})")
         except NoNode as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
@@ -136,7 +138,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         try:
             call = self.stubs.decode(node.address).Generate(
                 node_pb2.NodeGenerateRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
-                                             sampling=sampling_to_proto(req.params, req.logprobs)),
+                                             sampling=req.sampling),
                 timeout=context.time_remaining(),
             )
             req.nodes = (node.node_id, node.node_id)
@@ -159,7 +161,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                                         max_tokens=req.params.max_tokens, lease_ms=self.lease_ms),
                 timeout=timeout,
             )
-            sampling = sampling_to_proto(req.params, req.logprobs)
+            sampling = req.sampling
             target = node_pb2.KVTarget(
                 decode_node_id=decode.node_id, decode_address=decode.address,
                 kv_store_address=reservation.kv_store_address, block_ids=reservation.block_ids,

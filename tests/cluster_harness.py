@@ -22,7 +22,8 @@ READY = re.compile(r"router listening on (\S+) \(cluster (\S+), etcd (\S+), logs
 
 
 def cluster_pids(cluster: str) -> list[int]:
-    """Every live process whose command line names this cluster (nodes, router)."""
+    """Every live process with `cluster` in an argument of its command line: a cluster's name finds its nodes
+    and router, an etcd's "127.0.0.1:PORT" finds the server and its supervisor."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -32,7 +33,7 @@ def cluster_pids(cluster: str) -> list[int]:
             state = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if cluster.encode() in cmdline and state != "Z":
+        if any(cluster.encode() in arg for arg in cmdline) and state != "Z" and int(entry.name) != os.getpid():
             pids.append(int(entry.name))
     return pids
 

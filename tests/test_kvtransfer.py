@@ -270,7 +270,7 @@ def test_mismatched_sender_is_refused_not_fatal(host, decode, prefill, gens, wro
     t0 = time.monotonic()
     status, detail = prefill.reply()
     assert status == "error" and "KVTransferError" in detail
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < TIMEOUT / 2  # promptly: not at the sender's timeout
     check_pool(dst_cache, make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED), dst_cache, [])
 
 
@@ -294,7 +294,7 @@ def test_receive_timeout_then_next_generation(host, decode, prefill, gens):
     t0 = time.monotonic()
     with pytest.raises(KVTransferError):
         receive(pg, PREFILL_RANK, 55, dst_cache.pools, [(0, 1)], 0.5)
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < TIMEOUT / 2  # promptly: not at the sender's timeout
     decode.drop(prefill.node_id)
     with pytest.raises(KVTransferError, match="stale"):  # its rendezvous keys are spent
         decode.get(prefill.node_id, generation, host.address, DECODE_RANK, 1.0)
@@ -333,7 +333,7 @@ def test_killed_prefill_fails_receive_at_once_then_new_generation_works(host, de
         thread.join(TIMEOUT)
         assert not thread.is_alive()
         assert isinstance(outcome["error"], KVTransferError)
-        assert outcome["at"] - killed_at < 3.0, "receive must fail promptly, not at its timeout"
+        assert outcome["at"] - killed_at < TIMEOUT / 2, "receive must fail promptly, not at its timeout"
         decode.drop(node_id)
     finally:
         victim.stop()

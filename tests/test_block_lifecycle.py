@@ -1,0 +1,168 @@
+"""One owner for every block: the engine's release, the async engine's streams, the decode node's
+reservation lifecycle and the background loops, on a real engine (stories260K) and a real event loop.
+
+Each test makes one of the failure paths of the hardening issue happen deterministically, in process: the
+same paths run end to end in test_failure_paths.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from baton.cluster.loops import every
+from baton.decode.reservations import NotAllowed, Phase, Reservations
+from baton.engine import LLM, FinishReason, SamplingParams
+from baton.engine.async_engine import AsyncEngine
+
+BOUND = 30.0  # seconds: an upper bound on what happens at once; a hang fails the test instead of blocking CI
+
+
+def run(coro):
+    async def bounded():
+        async with asyncio.timeout(BOUND):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture()
+def engine(stories_path):
+    return LLM(str(stories_path), num_kv_blocks=32).engine
+
+
+def test_a_prefill_cancelled_while_queued_leaves_no_block(engine):
+    """The cancel lands while the add is still queued on the engine thread (behind a step): the add runs
+    after it, and the release queued behind the add undoes it. It used to keep the blocks for good."""
+
+    async def main():
+        ae = AsyncEngine(engine, asyncio.get_running_loop())
+        try:
+            ids = engine.tokenizer.encode("Once upon a time there was a little girl")
+            for i in range(100):
+                task = asyncio.ensure_future(_drain(ae.generate(f"q{i}", ids, SamplingParams(max_tokens=1),
+                                                                prefill_only=True)))
+                await asyncio.sleep(0)  # the add is submitted, not run
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            total, free, running, waiting = await ae.load()
+            assert (free, running, waiting) == (total, 0, 0)
+        finally:
+            await ae.close()
+
+    run(main())
+
+
+async def _drain(outputs):
+    async for _ in outputs:
+        pass
+
+
+def test_a_release_ends_the_stream_of_an_adopted_sequence(engine):
+    """A lease that runs out (or any release) while a sequence is being adopted or decoded must end the
+    Continue stream reading it, with no client deadline to save it: the abort output reaches the stream."""
+
+    async def main():
+        ae = AsyncEngine(engine, asyncio.get_running_loop())
+        try:
+            ids = engine.tokenizer.encode("Once upon a time")
+            await ae.reserve("x", len(ids), 400)
+            stream = ae.open_stream("x")
+            await ae.adopt("x", ids, 432, -0.1, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+            outputs = ae.outputs("x", stream)
+            first = await outputs.__anext__()
+            assert first.finish_reason is None
+            assert await ae.release("x") > 0
+            reasons = [out.finish_reason async for out in outputs]
+            assert reasons[-1] is FinishReason.ABORT
+            total, free, _, _ = await ae.load()
+            assert free == total
+        finally:
+            await ae.close()
+
+    run(main())
+
+
+def test_the_reservation_lifecycle_moves_forward_only_and_defers_release_while_receiving(engine, caplog):
+    async def main():
+        ae = AsyncEngine(engine, asyncio.get_running_loop())
+        res = Reservations(ae)
+        try:
+            total = (await ae.load())[0]
+            r = await res.reserve("a", 40, 8, lease_s=60)
+            res.advance(r, Phase.RECEIVING)
+            # A Release while K/V land: nothing is freed now (the receive still writes into the blocks)...
+            assert await res.release("a", "released") == 0
+            assert (await ae.load())[1] == total - 3 and r.phase is Phase.RECEIVING
+            # ...and everything when the receive ends, even a successful one.
+            await res.receive_ended(r, ok=True, cause="")
+            assert r.phase is Phase.RELEASED and r.cause == "released" and (await ae.load())[1] == total
+            assert res.get("a") is None and await res.release("a", "released") == 0  # twice is harmless
+
+            b = await res.reserve("b", 20, 8, lease_s=60)
+            with caplog.at_level(logging.ERROR), pytest.raises(NotAllowed):
+                res.advance(b, Phase.DECODING)  # Continue before the K/V: refused and logged, nothing freed
+            assert "RESERVED -> DECODING is not allowed" in caplog.text
+            res.advance(b, Phase.RECEIVING)
+            with pytest.raises(NotAllowed):
+                res.advance(b, Phase.RECEIVING)  # a duplicate ReceiveKV
+            await res.receive_ended(b, ok=False, cause="kv transfer failed: peer gone")
+            assert b.phase is Phase.RELEASED and b.settled.is_set() and (await ae.load())[1] == total
+        finally:
+            await ae.close()
+
+    run(main())
+
+
+def test_leases_expire_only_while_nobody_writes_or_decodes(engine):
+    async def main():
+        now = [0.0]
+        ae = AsyncEngine(engine, asyncio.get_running_loop())
+        res = Reservations(ae, clock=lambda: now[0])
+        try:
+            total = (await ae.load())[0]
+            idle = await res.reserve("idle", 16, 4, lease_s=1)
+            busy = await res.reserve("busy", 16, 4, lease_s=1)
+            res.advance(busy, Phase.RECEIVING)
+            now[0] = 5.0
+            await res.expire()
+            assert idle.phase is Phase.RELEASED and idle.cause == "lease expired" and idle.settled.is_set()
+            assert busy.phase is Phase.RECEIVING and (await ae.load())[1] == total - 1
+            await res.receive_ended(busy, ok=True, cause="")
+            assert busy.phase is Phase.READY
+            await res.expire()  # READY and past its lease: Continue never came
+            assert busy.phase is Phase.RELEASED and (await ae.load())[1] == total
+        finally:
+            await ae.close()
+
+    run(main())
+
+
+def test_a_background_loop_survives_its_exceptions(caplog):
+    """Lease expiry, load reports and readiness run under `every`: an exception is logged, the loop goes on
+    (the lease-expiry loop used to stop for good on its first one)."""
+
+    async def main():
+        calls = []
+        done = asyncio.Event()
+
+        async def step():
+            calls.append(len(calls))
+            if len(calls) in (1, 2):
+                raise RuntimeError(f"injected failure {len(calls)}")
+            if len(calls) == 4:
+                done.set()
+
+        task = asyncio.create_task(every(0.001, step, "test loop"))
+        await done.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert calls == [0, 1, 2, 3]
+
+    with caplog.at_level(logging.ERROR):
+        run(main())
+    assert caplog.text.count("test loop failed") == 2 and "injected failure 2" in caplog.text
