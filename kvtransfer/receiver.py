@@ -46,16 +46,10 @@ def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: S
     check_runs(runs, first.shape[0])
     deadline = time.monotonic() + timeout
     want = make_header(len(pools), runs, first.shape[1:], first.dtype)
-    got = torch.zeros(HEADER_LEN, dtype=torch.int64, device=first.device)
     works: list = []
     nbytes = 0
     try:
-        works.append(pg.recv([got], peer_rank, tag))
-        _wait_all(works, deadline, f"KV receive (tag {tag}) header")
-        works.clear()
-        if is_cancel(got.cpu()):
-            raise TransferCancelled(f"KV transfer (tag {tag}) cancelled by the sender before it began")
-        problem = header_mismatch(got.cpu(), want)
+        problem = header_mismatch(_header(pg, peer_rank, tag, first.device, deadline), want)
         if problem is not None:
             raise KVTransferError(f"KV receive (tag {tag}): sender and receiver disagree on {problem}")
         for pool in pools:
@@ -88,16 +82,10 @@ def drain(pg, peer_rank: int, tag: int, runs: Sequence[tuple[int, int]], block_s
     runs = [(int(s), int(c)) for s, c in runs]
     check_runs(runs)
     deadline = time.monotonic() + timeout
-    got = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
     works: list = []
     nbytes = 0
     try:
-        works.append(pg.recv([got], peer_rank, tag))
-        _wait_all(works, deadline, f"KV drain (tag {tag}) header")
-        works.clear()
-        header = got.cpu()
-        if is_cancel(header):
-            raise TransferCancelled(f"KV transfer (tag {tag}) cancelled by the sender before it began")
+        header = _header(pg, peer_rank, tag, device, deadline)
         num_layers = int(header[3])
         want = make_header(num_layers, runs, block_shape, dtype)
         problem = header_mismatch(header, want)
@@ -117,3 +105,13 @@ def drain(pg, peer_rank: int, tag: int, runs: Sequence[tuple[int, int]], block_s
             raise
         raise KVTransferError(f"KV drain (tag {tag}) failed: {exc}") from exc
     return nbytes
+
+
+def _header(pg, peer_rank: int, tag: int, device, deadline: float) -> torch.Tensor:
+    """The transfer's header, on the CPU; raises TransferCancelled for a cancel header."""
+    got = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
+    _wait_all([pg.recv([got], peer_rank, tag)], deadline, f"KV receive (tag {tag}) header")
+    header = got.cpu()
+    if is_cancel(header):
+        raise TransferCancelled(f"KV transfer (tag {tag}) cancelled by the sender before it began")
+    return header
