@@ -4,7 +4,7 @@ Two spawned processes, a decode side (hosts the KV store, receives into its pool
 from its pool). For each payload (1, 4, 16, 64 MiB), as one run of 64 KiB bf16 blocks of one layer, in the
 same run and interleaved repetition by repetition:
   - tcp:        `socket.sendall` of the source blocks / `recv_into` straight into the destination blocks;
-  - kv:         `KVSender.send_layer` + `wait` / `receive` (source blocks consecutive: sent from the pool);
+  - kv:         `KVSender.send_layer` + `wait` / `receive` (the layer's blocks packed into one buffer, a copy);
   - gloo:       one bare `pg.send` / `pg.recv` of the same blocks (what kv costs above gloo itself);
   - kv ahead:   kv with the sender made (its header posted) 2 ms before the clock starts, as in a prefill
                 where the header is checked while layer 0 is computed: the data path alone;
@@ -35,7 +35,7 @@ import torch
 from baton.bench.engine_throughput import machine
 from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVStoreHost, PairChannels
 from baton.kvtransfer.receiver import receive
-from baton.kvtransfer.sender import KVSender
+from baton.kvtransfer.sender import KVSender, Staging
 
 SIZES_MIB = (1, 4, 16, 64)
 BLOCK = (2, 16, 8, 128)  # [K/V, block_size, kv_heads, head_dim]
@@ -168,11 +168,12 @@ def prefill_main(conn, bufsize: int) -> None:
     gen_ = torch.Generator().manual_seed(0)
     pool = torch.randn((2 * MAX_BLOCKS + 8, *BLOCK), generator=gen_).to(DTYPE)
     ahead: KVSender | None = None
+    staging = Staging()  # as a prefill node reuses its packed-layer buffers
     while (msg := conn.recv()) is not None:
         what, method, mib, tag = msg
         n = mib * (1 << 20) // BLOCK_BYTES
         if what == "prepare":
-            ahead = KVSender(pg, DECODE_RANK, tag, list(range(n)), [(8, n)], num_layers=1, pool=pool)
+            ahead = KVSender(pg, DECODE_RANK, tag, list(range(n)), [(8, n)], num_layers=1, pool=pool, staging=staging)
             continue
         if method == "kv_ahead":
             ahead.send_layer(0, pool)
@@ -186,7 +187,7 @@ def prefill_main(conn, bufsize: int) -> None:
             pg.send([pool[:n]], DECODE_RANK, tag).wait(datetime.timedelta(seconds=TIMEOUT))
             continue
         src = list(range(n)) if method == "kv" else list(range(2 * n - 2, -1, -2))  # scattered, reversed
-        sender = KVSender(pg, DECODE_RANK, tag, src, [(8, n)], num_layers=1)
+        sender = KVSender(pg, DECODE_RANK, tag, src, [(8, n)], num_layers=1, staging=staging)
         sender.send_layer(0, pool)
         sender.wait(TIMEOUT)
     del pg

@@ -29,7 +29,7 @@ from baton.cluster.messages import abort_for, chunk_from_output, finish_to_proto
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVTransferError, PairChannels, TransferThreads
-from baton.kvtransfer.sender import KVSender, check_runs, coalesce
+from baton.kvtransfer.sender import KVSender, Staging, check_runs, coalesce
 from baton.v1 import node_pb2, node_pb2_grpc
 
 from .peers import DecodePeer, DecodePeers
@@ -45,6 +45,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.spec = engine.kv_spec
         self.channels = PairChannels(node_id, self.spec.device)
         self.threads = TransferThreads("kv-send")
+        self.staging = Staging()  # the packed layers' buffers, reused from transfer to transfer
         self.peers = DecodePeers(self.channels, self.threads, peer_idle_seconds)
         self.transfer_timeout = transfer_timeout
         self.layout = kv_layout(self.spec)
@@ -115,7 +116,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             )
             transfer.sender = KVSender(await asyncio.shield(transfer.group), DECODE_RANK, target.transfer_tag, None,
                                        runs, num_layers=self.spec.num_layers, pool=self.engine.kv_pools[0],
-                                       post_header=False)
+                                       post_header=False, staging=self.staging)
             with self._lock:
                 self._senders[rid] = transfer.sender
             first = None

@@ -22,7 +22,7 @@ from baton.engine.model_runner import KVCache
 from baton.kvtransfer.channel import (DECODE_RANK, PREFILL_RANK, KVStoreHost, KVTransferError, PairChannels,
                                       TransferCancelled)
 from baton.kvtransfer.receiver import receive
-from baton.kvtransfer.sender import KVSender, coalesce
+from baton.kvtransfer.sender import KVSender, Staging, coalesce
 
 LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 16, 2, 32
 DECODE_BLOCKS, PREFILL_BLOCKS = 40, 48
@@ -429,3 +429,17 @@ def test_dropped_generations_leave_no_keys_in_the_store(host, decode, prefill, g
             decode.drop(prefill.node_id, generation)
         counts.append(host.store.num_keys())
     assert counts[-1] <= counts[1], counts  # bounded: not one more set of keys per generation
+
+
+def test_staging_reuses_packed_buffers_within_its_bound():
+    staging = Staging(max_bytes=3 * 4096 * 4)
+    shape = torch.Size((4, 1024))
+    a, b = staging.take(shape, torch.float32, torch.device("cpu")), staging.take(shape, torch.float32,
+                                                                                 torch.device("cpu"))
+    staging.give([a, b])
+    again = staging.take(shape, torch.float32, torch.device("cpu"))
+    assert again.data_ptr() in (a.data_ptr(), b.data_ptr())  # reused, not allocated anew
+    other = staging.take(torch.Size((2, 1024)), torch.float32, torch.device("cpu"))
+    assert other.data_ptr() not in (a.data_ptr(), b.data_ptr())  # another shape: its own buffer
+    staging.give([again, other, torch.empty(4, 1024)])  # past the bound: the last one is not kept
+    assert staging._kept <= staging.max_bytes
