@@ -144,33 +144,32 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             params = sampling_from_proto(request.sampling)
             if not request.first_logprob <= 0:  # NaN, or a probability above 1
                 raise FieldError("first_logprob", f"must be a log-probability (<= 0), got {request.first_logprob}")
+            try:
+                await asyncio.wait_for(r.settled.wait(), self.reservations.lease_left(r))
+            except TimeoutError:
+                await self.reservations.release(rid, "lease expired")  # deferred if K/V are still landing
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "the KV cache did not arrive within the lease")
+            if r.phase is not Phase.READY:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request_id: {rid!r} was released ({r.cause})")
+            self.reservations.advance(r, Phase.DECODING)
+            stream = self.engine.open_stream(rid)  # before adopt: a release from here on ends this stream
+            try:
+                await self.engine.adopt(rid, list(request.prompt_token_ids), request.first_token,
+                                        request.first_logprob, params)
+                self.requests_served += 1
+                async for out in self.engine.outputs(rid, stream):
+                    for response in responses_from_output(out, request.sampling.logprobs):
+                        yield response
+            finally:
+                self.engine.close_stream(rid)
         except FieldError as e:
-            await self.reservations.release(rid, "invalid request")
             await abort_for(context, e)
-        try:
-            await asyncio.wait_for(r.settled.wait(), self.reservations.lease_left(r))
-        except TimeoutError:
-            await self.reservations.release(rid, "lease expired")  # deferred if K/V are still landing
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the KV cache did not arrive within the lease")
-        if r.phase is not Phase.READY:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"request_id: {rid!r} was released ({r.cause})")
-        self.reservations.advance(r, Phase.DECODING)
-        stream = self.engine.open_stream(rid)  # before adopt: a release from here on ends this stream
-        try:
-            await self.engine.adopt(rid, list(request.prompt_token_ids), request.first_token,
-                                    request.first_logprob, params)
-        except FieldError as e:
-            self.engine.close_stream(rid)
-            await self.reservations.release(rid, "invalid request")
-            await abort_for(context, e)
-        self.requests_served += 1
-        try:
-            async for out in self.engine.outputs(rid, stream):
-                for response in responses_from_output(out, request.sampling.logprobs):
-                    yield response
         except EngineFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode node {self.node_id}: {e}")
         finally:
+            # However the call ends (finished, failed, cancelled, lease run out while waiting): the request's
+            # blocks go, now or, if K/V are still landing, when they have landed.
             await asyncio.shield(self.reservations.release(rid, "finished"))
 
     async def Generate(self, request, context):

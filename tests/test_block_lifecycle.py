@@ -166,3 +166,36 @@ def test_a_background_loop_survives_its_exceptions(caplog):
     with caplog.at_level(logging.ERROR):
         run(main())
     assert caplog.text.count("test loop failed") == 2 and "injected failure 2" in caplog.text
+
+
+def test_a_prefill_node_forgets_decode_peers_that_went_quiet():
+    """Decode nodes used once and then gone: idle entries are forgotten when the next transfer starts, so the
+    prefill node's per-peer state stays bounded. (20 nodes on one real rendezvous store: each forgotten peer
+    costs a new store connection, and torch's TCPStore client stalls 5 s on every 25th one in a process.)"""
+    from baton.kvtransfer.channel import KVStoreHost, PairChannels, TransferThreads
+    from baton.prefill.peers import DecodePeers
+
+    async def main():
+        now = [0.0]
+        channels, threads = PairChannels("prefill-0"), TransferThreads("t", 4)
+        peers = DecodePeers(channels, threads, idle_seconds=5, clock=lambda: now[0])
+        with KVStoreHost() as store:
+            try:
+                for i in range(20):
+                    peer, generation = await peers.acquire(f"decode-{i}", f"127.0.0.1:{10000 + i}", store.address, 10)
+                    assert generation > 0
+                    peers.release(peer)
+                    now[0] += 1.0
+                assert len(peers) == 6  # the last 5 s of peers, and the one just used
+                now[0] += 60
+                peer, _ = await peers.acquire("decode-new", "127.0.0.1:9", store.address, 10)
+                assert len(peers) == 1 and channels.peers() <= 1
+                peers.failed(peer, None)  # a failure: forgotten once its last transfer ends
+                peers.release(peer)
+                assert len(peers) == 0
+            finally:
+                await peers.close()
+                channels.close()
+                threads.close()
+
+    run(main())
