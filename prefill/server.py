@@ -138,6 +138,9 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # it, so the channel is fine. Anything else: the channel (or the node) failed.
             dropped = isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
             transfer.failed = transfer.failed or not dropped
+            if dropped:  # the request was over on the decode side (cancelled): not a failure of anything
+                log.info("kv transfer of %s to %s dropped there: %s", rid, target.decode_node_id, e.details())
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{target.decode_node_id}: {e.details()}")
             log.warning("kv transfer of %s to %s failed: %s", rid, target.decode_node_id, _short(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"kv transfer to {target.decode_node_id} failed: {_short(e)}")
