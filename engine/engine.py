@@ -102,7 +102,7 @@ class LLMEngine:
             raise InvalidRequest("prompt", "is empty")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
-        seq = self._new_sequence(request_id, ids, params, draws_done=0)
+        seq = self._new_sequence(request_id, ids, params)
         seq.prefill_only = prefill_only
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -112,15 +112,12 @@ class LLMEngine:
         if request_id in self._seqs or self.blocks.table(request_id):
             raise InvalidRequest("request_id", f"{request_id!r} is already in use on this engine")
 
-    def _new_sequence(self, request_id: str, ids: list[int], params: SamplingParams, draws_done: int) -> Sequence:
+    def _new_sequence(self, request_id: str, ids: list[int], params: SamplingParams) -> Sequence:
         max_len = self._check_fits(len(ids), params.max_tokens)
-        generator = None
+        seed = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
-            for _ in range(draws_done):  # the sampler draws one uniform per token
-                torch.rand(1, generator=generator)
-        seq = Sequence(request_id, list(ids), len(ids), params, max_len, generator)
+        seq = Sequence(request_id, list(ids), len(ids), params, max_len, seed)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
         return seq
 
@@ -157,7 +154,7 @@ class LLMEngine:
         if not self.blocks.table(request_id):
             raise InvalidRequest("request_id", f"{request_id!r} holds no reservation on this engine")
         ids = list(prompt)
-        seq = self._new_sequence(request_id, ids, params, draws_done=0 if params.greedy else 1)
+        seq = self._new_sequence(request_id, ids, params)  # the first token's index was 0: the next is 1
         seq.num_computed = len(ids)
         seq.token_ids.append(first_token)
         seq.logprobs.append(first_logprob)
@@ -239,7 +236,8 @@ class LLMEngine:
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
         chosen = [step.seqs[i] for i in sampled]
-        tokens, logprobs = sample(logits, [s.params for s in chosen], [s.generator for s in chosen])
+        tokens, logprobs = sample(logits, [s.params for s in chosen], [s.seed for s in chosen],
+                                  [s.num_output_tokens for s in chosen])
         outputs = []
         for seq, token, logprob in zip(chosen, tokens, logprobs):
             seq.token_ids.append(token)

@@ -6,7 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
 
 from .request import FinishReason, SamplingParams
 
@@ -28,7 +27,7 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     max_len: int  # prompt + max_tokens, capped by the model's context
-    generator: torch.Generator | None  # per-request RNG: the same seed gives the same tokens in any batch
+    seed: int | None  # sampling's randomness is a function of (seed, token index) only; None when greedy
     detokenizer: IncrementalDetokenizer | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache

@@ -147,3 +147,20 @@ def test_abort_all_frees_every_sequence(stories_llm):
     assert engine.num_free_blocks < engine.blocks.num_blocks
     engine.abort_all()
     assert not engine.has_unfinished() and engine.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_sampling_noise_is_a_function_of_seed_and_index_only():
+    """The uniform number behind a sampled token: the same for the same (seed, index) anywhere, different for
+    another index or seed, and uniform enough (10,000 draws: mean, spread over tenths)."""
+    from baton.engine.sampler import uniform
+
+    assert uniform(7, 3) == uniform(7, 3)
+    assert len({uniform(7, i) for i in range(1000)}) == 1000
+    assert uniform(7, 3) != uniform(8, 3)
+    draws = [uniform(12345, i) for i in range(10_000)]
+    assert all(0.0 <= u < 1.0 for u in draws)
+    assert abs(sum(draws) / len(draws) - 0.5) < 0.01  # sd of the mean: 0.003
+    tenths = [0] * 10
+    for u in draws:
+        tenths[int(u * 10)] += 1
+    assert all(900 <= c <= 1100 for c in tenths), tenths  # expected 1000, sd 30
