@@ -1,0 +1,117 @@
+"""Triton kernels against their torch references, on fresh random inputs of many shapes.
+
+Without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1, set here before any kernel is
+defined): exact enough to test against the references, slow (~10 ms a launch), and no proof that a kernel
+compiles for a GPU. Outputs start poisoned with NaN, so an element a kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+pytest.importorskip("numpy")  # the interpreter needs it (triton does not declare it)
+
+from baton.engine.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref  # noqa: E402
+from baton.engine.kernels.silu_mul import silu_mul, silu_mul_ref  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+# float16 differs from the reference by the order of a few roundings: a few ulps of values ~1-4.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=4e-3),
+       torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}
+
+
+def poisoned(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (5, 80), (33, 128), (7, 100), (3, 4096), (0, 64)])
+def test_add_rmsnorm_matches_its_reference(rows, hidden, dtype):
+    # x is a strided view (rows of a wider tensor), as a slice of a fused projection would be.
+    x = randn(rows, hidden + 24, dtype=dtype, seed=rows * 7 + hidden)[:, :hidden]
+    residual = randn(rows, hidden, dtype=dtype, seed=hidden)
+    weight = randn(hidden, dtype=dtype, seed=3) * 0.1 + 1
+    out, res_out = poisoned(rows, hidden, dtype=dtype), poisoned(rows, hidden, dtype=dtype)
+    got, got_res = add_rmsnorm(x, residual, weight, 1e-5, out=out, residual_out=res_out)
+    want, want_res = add_rmsnorm_ref(x, residual, weight, 1e-5)
+    assert got is out and got_res is res_out
+    torch.testing.assert_close(got_res, want_res, rtol=0, atol=0)  # one addition: exact
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_add_rmsnorm_in_place_over_its_inputs():
+    x, residual = randn(4, 96, dtype=torch.float32, seed=1), randn(4, 96, dtype=torch.float32, seed=2)
+    weight = torch.ones(96, device=DEVICE)
+    want, want_res = add_rmsnorm_ref(x, residual, weight, 1e-6)
+    add_rmsnorm(x, residual, weight, 1e-6, out=x, residual_out=residual)
+    torch.testing.assert_close(x, want, **TOL[torch.float32])
+    torch.testing.assert_close(residual, want_res, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,inter", [(1, 64), (6, 172), (17, 1536), (2, 2816), (0, 8)])
+def test_silu_mul_matches_its_reference(rows, inter, dtype):
+    gate_up = randn(rows, 2 * inter, dtype=dtype, seed=rows + inter) * 3
+    out = poisoned(rows, inter, dtype=dtype)
+    got = silu_mul(gate_up, out=out)
+    assert got is out
+    torch.testing.assert_close(got, silu_mul_ref(gate_up), **TOL[dtype])
+
+
+@pytest.mark.parametrize("call,field", [
+    (lambda: add_rmsnorm(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(8, dtype=torch.float16), 1e-6), "weight"),
+    (lambda: add_rmsnorm(torch.zeros(2, 8), torch.zeros(3, 8), torch.zeros(8), 1e-6), "residual"),
+    (lambda: add_rmsnorm(torch.zeros(8, 2).t(), torch.zeros(2, 8), torch.zeros(8), 1e-6), "x"),
+    (lambda: add_rmsnorm(torch.zeros(2, 8, dtype=torch.int32), torch.zeros(2, 8), torch.zeros(8), 1e-6), "x"),
+    (lambda: silu_mul(torch.zeros(2, 7)), "gate_up"),
+    (lambda: silu_mul(torch.zeros(2, 8), out=torch.zeros(2, 8)), "out"),
+])
+def test_a_wrong_argument_is_named(call, field):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert str(e.value).startswith(f"{field}:"), str(e.value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,kvh,d,block_size", [(1, 1, 64, 16), (37, 2, 80, 8), (9, 8, 128, 32), (0, 2, 64, 16)])
+def test_store_kv_matches_its_reference(tokens, kvh, d, block_size, dtype):
+    from baton.engine.kernels.kv_store import store_kv, store_kv_ref
+
+    num_blocks = 12
+    g = torch.Generator().manual_seed(tokens + d)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]  # distinct slots, any blocks
+    blocks, offsets = (slots // block_size).to(DEVICE), (slots % block_size).to(DEVICE)
+    qkv = randn(tokens, (2 + 2 * kvh) * d, dtype=dtype, seed=tokens)  # k and v as strided slices of it
+    k = qkv[:, 2 * d:(2 + kvh) * d].view(tokens, kvh, d)
+    v = qkv[:, (2 + kvh) * d:].view(tokens, kvh, d)
+    pool = poisoned(num_blocks, 2, block_size, kvh, d, dtype=dtype)
+    want = pool.clone()
+    store_kv(pool, k, v, blocks, offsets)
+    store_kv_ref(want, k, v, blocks, offsets)
+    torch.testing.assert_close(pool, want, rtol=0, atol=0, equal_nan=True)  # untouched slots stay NaN
+
+
+def test_store_kv_names_a_wrong_argument():
+    from baton.engine.kernels.kv_store import store_kv
+
+    pool = torch.zeros(4, 2, 16, 2, 64)
+    k = torch.zeros(3, 2, 64)
+    idx = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="^v:"):
+        store_kv(pool, k, torch.zeros(3, 2, 32), idx, idx)
+    with pytest.raises(ValueError, match="^slot_offsets:"):
+        store_kv(pool, k, k, idx, torch.zeros(3))
+    with pytest.raises(ValueError, match="^pool:"):
+        store_kv(pool.transpose(0, 1), k, k, idx, idx)
