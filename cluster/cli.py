@@ -46,7 +46,7 @@ def _generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from baton.engine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
     for out in llm.stream(args.prompt, _params(args)):
         sys.stdout.write(out.text)
         sys.stdout.flush()
@@ -76,9 +76,16 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N|auto",
+                        help="where the engine runs (auto: CUDA when present; default cpu while the CUDA path "
+                             "is unproven)")
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="HF checkpoint folder (default: the bundled stories260K)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    _device_arg(parser)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -90,7 +97,8 @@ def _engine_config(args: argparse.Namespace):
     from baton.engine import EngineConfig
 
     return EngineConfig(
-        model=args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+        model=args.model, dtype=args.dtype, device=args.device, num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill,
     )
@@ -152,8 +160,11 @@ def _router(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from baton.cluster.launch import ClusterSpec, run_up
+    from baton.engine.config import resolve_device
 
-    passed_on = {"--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
+    resolve_device(args.device)  # a device this machine lacks is refused here, not by every node it starts
+
+    passed_on = {"--device": args.device, "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens}
     node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
@@ -188,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds (with --router)")
     gen.add_argument("--model", default="", help="HF checkpoint folder (default: the bundled stories260K)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    _device_arg(gen)
     _sampling_args(gen)
     gen.set_defaults(run=_generate)
 
@@ -202,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pin", action="store_true", help="pin node i to core i (isolated, equal resources)")
     up.add_argument("--enable-chunked-prefill", action="store_true", help="in decode and colocated nodes")
     up.add_argument("--max-num-batched-tokens", type=int, default=None)
+    _device_arg(up)
     up.add_argument("--num-kv-blocks", type=int, default=None)
     up.add_argument("--max-num-seqs", type=int, default=None)
     up.add_argument("--transfer-timeout", type=float, default=None, help="seconds a KV transfer may take (30)")

@@ -157,13 +157,32 @@ def _rope_scaling(raw: dict) -> RopeScaling:
     raise ConfigError("rope_type", f"{rope_type!r} not supported (default, linear, llama3)")
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; refuses a device this machine cannot run."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError("device", f"must be cpu, cuda, cuda:N or auto, got {device!r}") from None
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type != "cuda":
+        raise ConfigError("device", f"must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError("device", f"{device!r}: torch {torch.__version__} sees no CUDA device on this machine")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError("device", f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(parsed)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """How one engine runs a checkpoint. Every field is checked here, naming the field."""
 
     model: str = ""  # checkpoint folder; "" means the bundled default (stories260K)
     dtype: str | None = None  # None: the checkpoint's own dtype
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when present); resolved at construction
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30
@@ -177,6 +196,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
+        self.device = resolve_device(self.device)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and value <= 0:

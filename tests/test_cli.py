@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from baton.engine import SamplingParams
 
 BATON = [str(Path(sys.executable).with_name("baton"))]
@@ -40,3 +42,13 @@ def test_generate_rejects_bad_values_naming_the_field():
     proc = run_baton("generate", "--model", "/nonexistent/model", "hello")
     assert proc.returncode == 2
     assert "model" in proc.stderr and "/nonexistent/model" in proc.stderr
+
+
+def test_device_flag(stories_llm, stories_path):
+    proc = run_baton("generate", "--model", str(stories_path), "--device", "auto", "--max-tokens", "8", "Once")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == stories_llm.generate(["Once"], SamplingParams(max_tokens=8, temperature=0))[0].text + "\n"
+    for bad in ["tpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        for cmd in (["generate", "--device", bad, "hi"], ["up", "--device", bad]):
+            proc = run_baton(*cmd)
+            assert proc.returncode == 2 and proc.stderr.startswith("baton: error: device:"), (cmd, proc.stderr)
