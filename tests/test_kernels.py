@@ -115,3 +115,29 @@ def test_store_kv_names_a_wrong_argument():
         store_kv(pool, k, k, idx, torch.zeros(3))
     with pytest.raises(ValueError, match="^pool:"):
         store_kv(pool.transpose(0, 1), k, k, idx, idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,heads,d,scaling", [
+    (1, 1, 64, "default"), (13, 3, 80, "linear"), (7, 8, 128, "llama3"), (0, 4, 64, "default"), (5, 12, 96, "llama3"),
+])
+def test_rotary_matches_its_reference(tokens, heads, d, scaling, dtype):
+    from baton.engine.config import RopeScaling
+    from baton.engine.kernels.rotary import rotary, rotary_ref
+    from baton.engine.rope import RotaryEmbedding, apply_rotary
+
+    rope_scaling = {"default": RopeScaling(), "linear": RopeScaling("linear", factor=4.0),
+                    "llama3": RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=64)}[scaling]
+    table = RotaryEmbedding(d, 1024, 500000.0, rope_scaling).to(DEVICE)
+    positions = torch.randint(0, 1024, (tokens,), generator=torch.Generator().manual_seed(d)).to(DEVICE)
+    fused = randn(tokens, (heads + 2) * d, dtype=dtype, seed=tokens)  # x: a strided slice, as q is of QKV
+    x = fused[:, : heads * d].view(tokens, heads, d)
+    want = rotary_ref(x, table.cos, table.sin, positions)
+    # The reference is the engine's own rotary, on the same tables.
+    cos, sin = table(positions, dtype)
+    torch.testing.assert_close(want, apply_rotary(x, x, cos, sin)[0], rtol=0, atol=0)
+    got = rotary(x, table.cos, table.sin, positions, out=poisoned(tokens, heads, d, dtype=dtype))
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    rotary(x, table.cos, table.sin, positions, out=x)  # in place
+    torch.testing.assert_close(x, want, **TOL[dtype])
