@@ -141,3 +141,42 @@ def test_rotary_matches_its_reference(tokens, heads, d, scaling, dtype):
     torch.testing.assert_close(got, want, **TOL[dtype])
     rotary(x, table.cos, table.sin, positions, out=x)  # in place
     torch.testing.assert_close(x, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lens,heads,kv_heads,d,block_size,per_split", [
+    ([1], 4, 4, 64, 16, 16),  # GQA 1, a one-token context
+    ([37, 5, 16], 6, 2, 80, 8, 2),  # GQA 3, head_dim 80, partly filled last blocks, several splits
+    ([100, 64], 8, 2, 128, 32, 1),  # GQA 4, one block per split
+    ([300, 17, 1, 129], 8, 1, 64, 16, 4),  # GQA 8, contexts over many blocks, empty splits for the short ones
+])
+def test_decode_attention_matches_its_reference(lens, heads, kv_heads, d, block_size, per_split, dtype):
+    from baton.engine.kernels.decode_attention import decode_attention, decode_attention_ref
+
+    b = len(lens)
+    max_blocks = -(-max(lens) // block_size)
+    num_blocks = b * max_blocks + 3
+    g = torch.Generator().manual_seed(sum(lens) + d)
+    ids = torch.randperm(num_blocks, generator=g)[: b * max_blocks].view(b, max_blocks)  # scattered blocks
+    tables = ids.to(DEVICE)
+    seq_lens = torch.tensor(lens, device=DEVICE)
+    pool = randn(num_blocks, 2, block_size, kv_heads, d, dtype=dtype, seed=d)
+    q = randn(b, heads, d, dtype=dtype, seed=b)
+    want = decode_attention_ref(q, pool, tables, seq_lens, d**-0.5)
+    got = decode_attention(q, pool, tables, seq_lens, d**-0.5, blocks_per_split=per_split,
+                           out=poisoned(b, heads, d, dtype=dtype))
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_decode_attention_names_a_wrong_argument():
+    from baton.engine.kernels.decode_attention import decode_attention
+
+    pool, tables, lens = torch.zeros(4, 2, 16, 2, 64), torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="^q: 3 query heads"):
+        decode_attention(torch.zeros(1, 3, 64), pool, tables, lens, 0.1)
+    with pytest.raises(ValueError, match="^pool: block_size"):
+        decode_attention(torch.zeros(1, 4, 64), torch.zeros(4, 2, 12, 2, 64), tables, lens, 0.1)
+    with pytest.raises(ValueError, match="^seq_lens:"):
+        decode_attention(torch.zeros(1, 4, 64), pool, tables, torch.ones(2, dtype=torch.int64), 0.1)
+    with pytest.raises(ValueError, match="^block_tables:"):
+        decode_attention(torch.zeros(1, 4, 64), pool, tables.float(), lens, 0.1)
