@@ -180,3 +180,31 @@ def test_decode_attention_names_a_wrong_argument():
         decode_attention(torch.zeros(1, 4, 64), pool, tables, torch.ones(2, dtype=torch.int64), 0.1)
     with pytest.raises(ValueError, match="^block_tables:"):
         decode_attention(torch.zeros(1, 4, 64), pool, tables.float(), lens, 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spans,heads,kv_heads,d,block_size", [
+    ([(1, 1)], 4, 4, 64, 16),  # a one-token prompt
+    ([(37, 37), (5, 21), (16, 16)], 6, 2, 80, 8),  # whole prompts and a chunk after 16 cached tokens, GQA 3
+    ([(0, 9), (50, 130)], 8, 2, 128, 32),  # an empty span, and a chunk after 80 cached tokens, GQA 4
+    ([(19, 19), (3, 40), (33, 33)], 8, 1, 64, 16),  # GQA 8
+])
+def test_prefill_attention_matches_its_reference(spans, heads, kv_heads, d, block_size, dtype):
+    """spans: (query tokens, context tokens) each, the queries being the context's last tokens."""
+    from baton.engine.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+
+    s = len(spans)
+    max_blocks = max(-(-ctx // block_size) for _, ctx in spans)
+    num_blocks = s * max_blocks + 2
+    g = torch.Generator().manual_seed(d + s)
+    tables = torch.randperm(num_blocks, generator=g)[: s * max_blocks].view(s, max_blocks).to(DEVICE)
+    starts = [0]
+    for n, _ in spans:
+        starts.append(starts[-1] + n)
+    qsl = torch.tensor(starts, device=DEVICE)
+    lens = torch.tensor([ctx for _, ctx in spans], device=DEVICE)
+    pool = randn(num_blocks, 2, block_size, kv_heads, d, dtype=dtype, seed=d)
+    q = randn(starts[-1], heads, d, dtype=dtype, seed=starts[-1])
+    want = prefill_attention_ref(q, pool, tables, qsl, lens, d**-0.5)
+    got = prefill_attention(q, pool, tables, qsl, lens, d**-0.5, out=poisoned(starts[-1], heads, d, dtype=dtype))
+    torch.testing.assert_close(got, want, **TOL[dtype])
