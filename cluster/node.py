@@ -20,7 +20,7 @@ from baton.cluster.loops import every, retrying
 from baton.cluster.membership import NodeInfo, NodeRegistration
 from baton.engine import EngineConfig, LLMEngine
 from baton.engine.async_engine import AsyncEngine
-from baton.kvtransfer.channel import KVStoreHost
+from baton.kvtransfer.channel import KVStoreHost, join_address
 from baton.v1 import node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             server = Server([(node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)])
             tasks.append(asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry")))
         port = server.bind(cfg.host, cfg.port).rpartition(":")[2]
-        address = f"[{cfg.advertise_host}]:{port}" if ":" in cfg.advertise_host else f"{cfg.advertise_host}:{port}"
+        address = join_address(cfg.advertise_host, port)
         await server.start()
         await server.set_serving(True)
         stats = await servicer.stats()

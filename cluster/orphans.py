@@ -4,7 +4,7 @@ Linux's parent-death signal (`prctl(PR_SET_PDEATHSIG)`) does it, set in the chil
 `Popen(preexec_fn=...)` in a threaded parent (running Python between fork and exec there can deadlock), so
 each kind of child sets it itself:
 - Baton's own processes (nodes, the router) call `die_with_parent` first thing in `main`;
-- a foreign binary (the etcd server) runs under `supervise`, a small single-threaded Python process that
+- a foreign binary (the etcd server) runs under a supervisor (`supervise_command`, then `main`), a small single-threaded Python process that
   dies with its parent, takes its child down with it, and, when it was the parent that died, removes the
   folders it was given (etcd's temporary data), which the dead parent can no longer do.
 """

@@ -55,6 +55,11 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_address(host: str, port: int | str) -> str:
+    """(host, port) -> `"host:port"`, an IPv6 host in brackets (`split_address` reads either)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def pair_prefix(prefill_id: str, decode_id: str, generation: int | str) -> str:
     return f"kv/{prefill_id}/{decode_id}/{generation}"
 
@@ -76,8 +81,7 @@ class KVStoreHost:
         self.store.add(GENERATION_KEY, time.time_ns() // 1000)
         self.host = advertise_host or host
         self.port = int(self.store.port)
-        shown = f"[{self.host}]" if ":" in self.host else self.host
-        self.address = f"{shown}:{self.port}"
+        self.address = join_address(self.host, self.port)
 
     def close(self) -> None:
         # A TCPStore has no close(): the listening socket goes with the last reference.

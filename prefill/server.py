@@ -114,9 +114,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 self.channels.get, target.decode_node_id, transfer.generation, target.kv_store_address,
                 PREFILL_RANK, self.transfer_timeout,
             )
-            transfer.sender = KVSender(await asyncio.shield(transfer.group), DECODE_RANK, target.transfer_tag, None,
-                                       runs, num_layers=self.spec.num_layers, pool=self.engine.kv_pools[0],
-                                       post_header=False, staging=self.staging)
+            transfer.sender = self._new_sender(await asyncio.shield(transfer.group), transfer.tag, runs)
             with self._lock:
                 self._senders[rid] = transfer.sender
             first = None
@@ -150,6 +148,11 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
             await asyncio.shield(self._end(rid, transfer, runs))
 
+    def _new_sender(self, group, tag: int, runs: list[tuple[int, int]]) -> KVSender:
+        """A transfer's sender: its header goes when the prompt's step starts (or a cancel header instead)."""
+        return KVSender(group, DECODE_RANK, tag, None, runs, num_layers=self.spec.num_layers,
+                        pool=self.engine.kv_pools[0], post_header=False, staging=self.staging)
+
     async def _end(self, rid: str, transfer: _Transfer, runs: list[tuple[int, int]]) -> None:
         """Ends a call's transfer, whatever ended the call. The request leaves the engine first (a queued
         release runs after the add and after any step computing it): after that no layer is posted for it,
@@ -163,9 +166,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # header, so a cancel header goes as soon as the channel is there.
             try:
                 group = await transfer.group
-                sender = transfer.sender = KVSender(group, DECODE_RANK, transfer.tag, None, runs,
-                                                    num_layers=self.spec.num_layers, pool=self.engine.kv_pools[0],
-                                                    post_header=False)
+                sender = transfer.sender = self._new_sender(group, transfer.tag, runs)
             except KVTransferError:
                 transfer.failed = True
         if sender is not None:

@@ -30,3 +30,20 @@ def check_tensor(name: str, t: object, *, dims: int | None = None, dtypes: Seque
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_query_and_pool(q: torch.Tensor, pool: torch.Tensor) -> tuple[int, int]:
+    """For the attention kernels: q [*, H, D] and a contiguous pool [num_blocks, 2, block_size, KVH, D] on q's
+    device and dtype, with a power-of-two block size and H a multiple of KVH. Returns (block_size, KVH)."""
+    check_tensor("q", q, dims=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    h, d = q.shape[1], q.shape[2]
+    check_tensor("pool", pool, dims=5, dtypes=(q.dtype,), device=q.device)
+    if not pool.is_contiguous() or pool.shape[1] != 2 or pool.shape[4] != d:
+        raise ValueError(f"pool: expected a contiguous [num_blocks, 2, block_size, kvh, {d}], got "
+                         f"{tuple(pool.shape)} with strides {pool.stride()}")
+    block_size, kvh = pool.shape[2], pool.shape[3]
+    if block_size & (block_size - 1):
+        raise ValueError(f"pool: block_size must be a power of two, got {block_size}")
+    if h % kvh:
+        raise ValueError(f"q: {h} query heads are not a multiple of the pool's {kvh} KV heads")
+    return block_size, kvh

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import FLOAT_DTYPES, check_tensor
+from .checks import check_query_and_pool, check_tensor
 
 DEFAULT_BLOCKS_PER_SPLIT = 16
 
@@ -96,17 +96,8 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, num_splits, head_dim, part_sb, p
 def decode_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, blocks_per_split: int = DEFAULT_BLOCKS_PER_SPLIT,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    check_tensor("q", q, dims=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    block_size, kvh = check_query_and_pool(q, pool)
     b, h, d = q.shape
-    check_tensor("pool", pool, dims=5, dtypes=(q.dtype,), device=q.device)
-    if not pool.is_contiguous() or pool.shape[1] != 2 or pool.shape[4] != d:
-        raise ValueError(f"pool: expected a contiguous [num_blocks, 2, block_size, kvh, {d}], got "
-                         f"{tuple(pool.shape)} with strides {pool.stride()}")
-    block_size, kvh = pool.shape[2], pool.shape[3]
-    if block_size & (block_size - 1):
-        raise ValueError(f"pool: block_size must be a power of two, got {block_size}")
-    if h % kvh:
-        raise ValueError(f"q: {h} query heads are not a multiple of the pool's {kvh} KV heads")
     check_tensor("block_tables", block_tables, dims=2, dtypes=(torch.int32, torch.int64), device=q.device,
                  shape=(b, None), last_dim_contiguous=True)
     check_tensor("seq_lens", seq_lens, shape=(b,), dtypes=(torch.int32, torch.int64), device=q.device)
