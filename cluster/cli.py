@@ -46,7 +46,7 @@ def _generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from baton.engine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
     for out in llm.stream(args.prompt, _params(args)):
         sys.stdout.write(out.text)
         sys.stdout.flush()
@@ -80,6 +80,9 @@ def _device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N|auto",
                         help="where the engine runs (auto: CUDA when present; default cpu while the CUDA path "
                              "is unproven)")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                        help="the model's hot operations in torch or Triton (auto: Triton on CUDA, torch on a "
+                             "CPU; triton on a CPU needs TRITON_INTERPRET=1)")
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +100,8 @@ def _engine_config(args: argparse.Namespace):
     from baton.engine import EngineConfig
 
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, num_kv_blocks=args.num_kv_blocks,
+        model=args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+        num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill,
@@ -160,11 +164,12 @@ def _router(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from baton.cluster.launch import ClusterSpec, run_up
-    from baton.engine.config import resolve_device
+    from baton.engine.config import resolve_device, resolve_kernels
 
-    resolve_device(args.device)  # a device this machine lacks is refused here, not by every node it starts
+    # A device this machine lacks, or kernels it cannot run, are refused here, not by every node it starts.
+    resolve_kernels(args.kernels, resolve_device(args.device))
 
-    passed_on = {"--device": args.device, "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
+    passed_on = {"--device": args.device, "--kernels": args.kernels, "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens}
     node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,

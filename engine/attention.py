@@ -1,11 +1,8 @@
 """Attention over the paged KV cache: torch reference implementations.
 
 Every function takes a layer's pool `[num_blocks, 2, block_size, num_kv_heads, head_dim]` (K and V of a
-block side by side) and block tables, never a per-sequence contiguous cache, so that a Triton kernel can
-replace each one behind the same signature.
-
-A step's tokens are laid out decode rows first (one query token each), then the prefill spans (a prompt,
-or a chunk of one) back to back.
+block side by side) and block tables, never a per-sequence contiguous cache, so that a Triton kernel
+(`engine/kernels`) can replace each one on the same `AttentionMetadata`.
 """
 
 from __future__ import annotations
@@ -17,11 +14,36 @@ import torch.nn.functional as F
 
 
 @dataclass(slots=True)
-class PrefillSpan:
-    query_start: int  # row of the span's first token in the step's token layout
-    query_len: int
-    context_len: int  # tokens in the cache once this span is written (earlier chunks included)
-    block_table: torch.Tensor  # [ceil(context_len / block_size)] int64
+class AttentionMetadata:
+    """One step's attention inputs, built once per step as flat tensors (`ModelRunner`), the same layout for
+    the torch functions here and the Triton kernels (`engine/kernels`). Rows of the step's token layout: the
+    decode rows first (one query token each, longest context first), then the prefill spans back to back.
+
+    The `*_host` lists repeat what the torch path needs on the host (span boundaries and lengths): read on
+    the CPU as they were built, never copied back from the device."""
+
+    slot_blocks: torch.Tensor  # [T] block each new token's K/V goes to
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64, padded with block 0
+    decode_seq_lens: torch.Tensor  # [num_decodes] tokens in the cache, the new one included
+    prefill_query_start_loc: torch.Tensor  # [S + 1] rows of the step (absolute: the first is num_decodes)
+    prefill_seq_lens: torch.Tensor  # [S] tokens in the cache once the span is written (earlier chunks included)
+    prefill_block_tables: torch.Tensor  # [S, max_blocks] int64, padded with block 0
+    max_query_len: int  # the longest prefill span (0 without one)
+    decode_seq_lens_host: list[int]
+    prefill_query_start_host: list[int]
+    prefill_seq_lens_host: list[int]
+
+    @property
+    def num_prefills(self) -> int:
+        return len(self.prefill_seq_lens_host)
+
+
+def write_kv(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    # k, v: [T, KVH, D]
+    pool[meta.slot_blocks, 0, meta.slot_offsets] = k
+    pool[meta.slot_blocks, 1, meta.slot_offsets] = v
 
 
 @dataclass(slots=True)
@@ -33,18 +55,23 @@ class DecodeGroup:
     valid: torch.Tensor  # [g, max_blocks * block_size] bool: position < context length
 
 
-@dataclass(slots=True)
-class AttentionMetadata:
-    slot_blocks: torch.Tensor  # [T] block id each new token's K/V goes to
-    slot_offsets: torch.Tensor  # [T] offset inside that block
-    decode_groups: list[DecodeGroup]  # together they cover rows [0, num_decode)
-    prefills: list[PrefillSpan]
-
-
-def write_kv(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    # k, v: [T, KVH, D]
-    pool[meta.slot_blocks, 0, meta.slot_offsets] = k
-    pool[meta.slot_blocks, 1, meta.slot_offsets] = v
+def decode_groups(meta: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
+    """Splits the decode rows (longest context first) where padding to the group's longest would waste more
+    than a quarter of the gathered K/V. Once per step: every layer uses the same groups."""
+    lens = meta.decode_seq_lens_host
+    groups = []
+    start = 0
+    while start < len(lens):
+        width = -(-lens[start] // block_size)
+        end = start + 1
+        while end < len(lens) and -(-lens[end] // block_size) * 4 >= width * 3:
+            end += 1
+        tables = meta.decode_block_tables[start:end, :width]
+        positions = torch.arange(width * block_size, device=tables.device)
+        valid = positions[None, :] < meta.decode_seq_lens[start:end, None]
+        groups.append(DecodeGroup(slice(start, end), tables, valid))
+        start = end
+    return groups
 
 
 def paged_attention(
@@ -54,21 +81,21 @@ def paged_attention(
     pool: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    groups: list[DecodeGroup],
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D], the step's new keys/values, already written to `pool`.
-
-    Returns [T, H, D]. Each query attends causally to its sequence's cached tokens.
-    """
+    """q: [T, H, D]; k, v: [T, KVH, D], the step's new keys/values, already written to `pool`; `groups`
+    from `decode_groups(meta)`. Returns [T, H, D]. Each query attends causally to its sequence's tokens."""
     out = torch.empty_like(q)
-    for group in meta.decode_groups:
+    for group in groups:
         out[group.rows] = decode_attention(q[group.rows], pool, group.block_tables, group.valid, scale)
-    for span in meta.prefills:
-        rows = slice(span.query_start, span.query_start + span.query_len)
-        if span.context_len == span.query_len:
+    starts = meta.prefill_query_start_host
+    for s, ctx in enumerate(meta.prefill_seq_lens_host):
+        rows = slice(starts[s], starts[s + 1])
+        if ctx == rows.stop - rows.start:
             # Nothing cached before this span: its own K/V are the whole context, no gather needed.
             out[rows] = _causal_attention(q[rows], k[rows], v[rows], scale)
         else:
-            ck, cv = gather_context(pool, span.block_table, span.context_len)
+            ck, cv = gather_context(pool, meta.prefill_block_tables[s], ctx)
             out[rows] = _causal_attention(q[rows], ck, cv, scale)
     return out
 
@@ -84,7 +111,7 @@ def decode_attention(
     b, max_blocks = block_tables.shape
     _, _, block_size, kvh, d = pool.shape
     length = max_blocks * block_size
-    keys, values = _gather(pool, block_tables.view(-1))
+    keys, values = _gather(pool, block_tables.reshape(-1))
     keys = keys.view(b, length, kvh, d).transpose(1, 2)  # [B, KVH, L, D], read in place
     values = values.view(b, length, kvh, d).transpose(1, 2)
     # The query heads that share a KV head become that head's query rows: no K/V repeated for GQA.
@@ -94,8 +121,8 @@ def decode_attention(
 
 
 def gather_context(pool: torch.Tensor, block_table: torch.Tensor, context_len: int):
-    """A sequence's cached K and V as [context_len, KVH, D] each (a copy)."""
-    keys, values = _gather(pool, block_table)
+    """A sequence's cached K and V as [context_len, KVH, D] each (a copy); `block_table` may be padded."""
+    keys, values = _gather(pool, block_table[: -(-context_len // pool.shape[2])])
     _, _, _, kvh, d = pool.shape
     return keys.view(-1, kvh, d)[:context_len], values.view(-1, kvh, d)[:context_len]
 

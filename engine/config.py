@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,34 @@ def resolve_device(device: str) -> str:
     return str(parsed)
 
 
+KERNELS = ("auto", "torch", "triton")
+
+
+def resolve_kernels(kernels: str, device: str) -> str:
+    """"auto" -> "triton" on CUDA (when triton is installed), "torch" on a CPU. "triton" on a CPU runs
+    Triton's interpreter, which must be switched on before any kernel is defined: TRITON_INTERPRET=1."""
+    if kernels not in KERNELS:
+        raise ConfigError("kernels", f"must be one of {list(KERNELS)}, got {kernels!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if kernels == "auto":
+        return "triton" if on_cuda and _triton_installed() else "torch"
+    if kernels == "triton":
+        if not _triton_installed():
+            raise ConfigError("kernels", "triton is not installed (pip install triton), or use --kernels torch")
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("kernels", "triton on a CPU runs only under its interpreter: set TRITON_INTERPRET=1 "
+                                         "(slow: for tests), or use --kernels torch")
+    return kernels
+
+
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """How one engine runs a checkpoint. Every field is checked here, naming the field."""
@@ -192,11 +221,14 @@ class EngineConfig:
     enable_chunked_prefill: bool = False
     seed: int = 0  # seeds the requests that bring no seed of their own
     pack_cpu_weights: bool = True  # oneDNN packed-weight matmuls on CPU (engine/linear.py)
+    kernels: str = "auto"  # "torch", "triton" or "auto" (Triton on CUDA, torch on a CPU); resolved here
+
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
         self.device = resolve_device(self.device)
+        self.kernels = resolve_kernels(self.kernels, self.device)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and value <= 0:

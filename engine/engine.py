@@ -19,6 +19,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import ConfigError, InvalidRequest, NoCapacity
 from .loader import load_model, resolve_model_path
 from .model_runner import KVCache, ModelRunner
+from .ops import make_ops
 from .request import FinishReason, RequestOutput, SamplingParams
 from .sampler import sample
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
@@ -70,6 +71,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
 
         model = load_model(folder, cfg, dtype, config.device, self.max_model_len, config.pack_cpu_weights)
+        model.ops = make_ops(config.kernels, model.rotary, config.block_size)
         num_blocks = config.num_kv_blocks or self._default_num_blocks(DTYPES[dtype])
         self.blocks = BlockManager(num_blocks, config.block_size)
         kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], config.device)

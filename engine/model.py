@@ -2,7 +2,8 @@
 
 Tokens of all sequences in a step are flattened into one `[T, hidden]` batch (no padding); attention is the
 only place that looks at sequence boundaries, through `AttentionMetadata` and the paged KV pool.
-q/k/v and gate/up are fused into one matmul each (the loader concatenates the checkpoint's tensors).
+q/k/v and gate/up are fused into one matmul each (the loader concatenates the checkpoint's tensors). Every
+other hot operation goes through `ops` (`engine/ops.py`): torch, or the Triton kernels.
 """
 
 from __future__ import annotations
@@ -10,25 +11,28 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, paged_attention, write_kv
+from .attention import AttentionMetadata
 from .config import ModelConfig
-from .rope import RotaryEmbedding, apply_rotary
+from .ops import Step, TorchOps, TritonOps
+from .rope import RotaryEmbedding
+
+Ops = TorchOps | TritonOps
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the backend normalises, adding the residual first when one is given (fused on
+    Triton): returns (normalised, the new residual)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype, then scale in the model dtype.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, ops: Ops, x: torch.Tensor, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -41,29 +45,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pool: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, ops: Ops, x: torch.Tensor, step: Step, pool: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
-        write_kv(pool, k, v, meta)
-        o = paged_attention(q, k, v, pool, meta, self.scale)
+        qkv = self.qkv_proj(x)
+        # The query and key heads are adjacent in each row: rotated together, one pass.
+        qk = ops.rotary(qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads,
+                                                                   self.head_dim), step)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        o = ops.attention(q, k, v, pool, step, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -74,13 +75,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, pool, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, pool, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, ops: Ops, x: torch.Tensor, residual: torch.Tensor | None, step: Step, pool: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it is added): the next norm adds
+        them, so each residual addition is fused into the norm that follows it."""
+        h, residual = self.input_layernorm(ops, x, residual)
+        h = self.self_attn(ops, h, step, pool)
+        h, residual = self.post_attention_layernorm(ops, h, residual)
+        return self.mlp(ops, h), residual
 
 
 class CausalLM(nn.Module):
-    """Build under `torch.device("meta")` and fill with the loader; `rotary` is made beforehand, for real."""
+    """Build under `torch.device("meta")` and fill with the loader; `rotary` is made beforehand, for real.
+    `ops` (torch or Triton) is set by the loader once the weights are in place."""
 
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -91,6 +98,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # With tied embeddings the loader gives lm_head the embedding's tensor (shared, not copied).
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ops: Ops | None = None
 
     def forward(
         self,
@@ -100,13 +108,15 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         after_layer: Callable[[int], None] | None = None,  # called once layer i's K/V are in the pool
     ) -> torch.Tensor:
+        ops = self.ops
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
+        step = ops.prepare(meta, positions, x.dtype)
+        residual = None
         for i, (layer, pool) in enumerate(zip(self.layers, kv_pools, strict=True)):
-            x = layer(x, rope, pool, meta)
+            x, residual = layer(ops, x, residual, step, pool)
             if after_layer is not None:
                 after_layer(i)
-        return self.norm(x)  # [T, hidden]
+        return self.norm(ops, x, residual)[0]  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, vocab]

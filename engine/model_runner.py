@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .attention import AttentionMetadata, DecodeGroup, PrefillSpan
+from .attention import AttentionMetadata
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .model import CausalLM
@@ -44,68 +46,78 @@ class ModelRunner:
         Returns logits `[S, vocab]` for the sequences whose last token was computed, and their indices.
         `after_layer(i)` runs as soon as layer i's K/V of this step are in the pools (KV transfer hooks here).
         """
-        # Decode rows first (longest context first, for `_decode_groups`), then the prompt spans.
+        inputs = self.prepare(seqs, num_tokens)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv.pools, inputs.meta, after_layer)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        return logits, inputs.sample_seqs
+
+    def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> StepInputs:
+        """The step's inputs as flat tensors: per sequence a few Python operations (its tokens, its block
+        table), per token none (numpy builds positions and slots). One host-to-device copy for all of it."""
+        # Decode rows first, longest context first (the torch path groups decodes of similar length).
         def rank(i: int) -> tuple[bool, int]:
             is_decode = num_tokens[i] == 1 and seqs[i].num_computed > 0
             return (not is_decode, -seqs[i].num_computed if is_decode else 0)
 
         order = sorted(range(len(seqs)), key=rank)
+        starts = np.fromiter((seqs[i].num_computed for i in order), np.int64, len(order))
+        lens = np.fromiter((num_tokens[i] for i in order), np.int64, len(order))
+        ends = starts + lens
+        num_decodes = int(np.count_nonzero((lens == 1) & (starts > 0)))
         ids: list[int] = []
-        positions: list[int] = []
-        slot_blocks: list[int] = []
-        slot_offsets: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillSpan] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[int] = []
+        for i, start, end in zip(order, starts.tolist(), ends.tolist()):
+            ids.extend(seqs[i].token_ids[start:end])
         bs = self.blocks.block_size
-        for i in order:
-            seq, n = seqs[i], num_tokens[i]
-            start, end = seq.num_computed, seq.num_computed + n
-            table = self.blocks.table(seq.request_id)
-            row = len(ids)
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_blocks.extend(table[p // bs] for p in range(start, end))
-            slot_offsets.extend(p % bs for p in range(start, end))
-            if n == 1 and start > 0:
-                decode_tables.append(table)
-                decode_lens.append(end)
-            else:
-                used = table[: self.blocks.blocks_for(end)]
-                prefills.append(PrefillSpan(row, n, end, torch.tensor(used, device=self.device)))
-            if end == seq.num_tokens:
-                sample_rows.append(row + n - 1)
-                sample_seqs.append(i)
-
+        used = (ends + bs - 1) // bs
+        tables = np.zeros((len(order), int(used.max())), np.int64)
+        for row, (i, n) in enumerate(zip(order, used.tolist())):
+            tables[row, :n] = self.blocks.table(seqs[i].request_id)[:n]
+        row_start = np.cumsum(lens) - lens
+        owner = np.repeat(np.arange(len(order)), lens)  # the sequence (row of `tables`) of each token
+        positions = np.arange(len(ids), dtype=np.int64) - np.repeat(row_start - starts, lens)
+        slot_blocks = tables[owner, positions // bs]
+        last = row_start + lens - 1
+        samples = [r for r, (i, end) in enumerate(zip(order, ends.tolist())) if end == seqs[i].num_tokens]
+        dwidth = int(used[0]) if num_decodes else 0
+        pwidth = int(used[num_decodes:].max()) if num_decodes < len(order) else 0
+        query_start = np.append(row_start[num_decodes:], len(ids))
+        parts = {
+            "input_ids": np.asarray(ids, np.int64),
+            "positions": positions,
+            "slot_blocks": slot_blocks,
+            "slot_offsets": positions % bs,
+            "decode_tables": tables[:num_decodes, :dwidth].ravel(),
+            "decode_lens": ends[:num_decodes],
+            "query_start": query_start,
+            "prefill_lens": ends[num_decodes:],
+            "prefill_tables": tables[num_decodes:, :pwidth].ravel(),
+            "sample_rows": last[samples],
+        }
+        flat = torch.from_numpy(np.concatenate(list(parts.values())))
+        if self.device != "cpu":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        t = dict(zip(parts, flat.split([len(p) for p in parts.values()])))
         meta = AttentionMetadata(
-            slot_blocks=self._tensor(slot_blocks),
-            slot_offsets=self._tensor(slot_offsets),
-            decode_groups=self._decode_groups(decode_tables, decode_lens),
-            prefills=prefills,
+            slot_blocks=t["slot_blocks"],
+            slot_offsets=t["slot_offsets"],
+            num_decodes=num_decodes,
+            decode_block_tables=t["decode_tables"].view(num_decodes, dwidth),
+            decode_seq_lens=t["decode_lens"],
+            prefill_query_start_loc=t["query_start"],
+            prefill_seq_lens=t["prefill_lens"],
+            prefill_block_tables=t["prefill_tables"].view(len(order) - num_decodes, pwidth),
+            max_query_len=int(lens[num_decodes:].max()) if num_decodes < len(order) else 0,
+            decode_seq_lens_host=ends[:num_decodes].tolist(),
+            prefill_query_start_host=query_start.tolist(),
+            prefill_seq_lens_host=ends[num_decodes:].tolist(),
         )
-        hidden = self.model(self._tensor(ids), self._tensor(positions), self.kv.pools, meta, after_layer)
-        logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
-        return logits, sample_seqs
+        return StepInputs(t["input_ids"], t["positions"], meta, t["sample_rows"], [order[r] for r in samples])
 
-    def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
-        """Splits the decode rows (longest context first) where padding to the group's longest would waste
-        more than a quarter of the gathered K/V."""
-        groups = []
-        start = 0
-        bs = self.blocks.block_size
-        while start < len(tables):
-            width = self.blocks.blocks_for(lens[start])
-            end = start + 1
-            while end < len(tables) and self.blocks.blocks_for(lens[end]) * 4 >= width * 3:
-                end += 1
-            padded = [t[:width] + [0] * (width - min(len(t), width)) for t in tables[start:end]]
-            positions = torch.arange(width * bs, device=self.device)
-            valid = positions[None, :] < self._tensor(lens[start:end])[:, None]
-            groups.append(DecodeGroup(slice(start, end), self._tensor(padded), valid))
-            start = end
-        return groups
 
-    def _tensor(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [N] the rows whose logits are sampled (each such sequence's last token)
+    sample_seqs: list[int]  # their sequences, as indices into the step's list

@@ -55,7 +55,12 @@ def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # q: [T, H, D], k: [T, KVH, D], cos/sin: [T, 1, D]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return apply_rotary_one(q, cos, sin), apply_rotary_one(k, cos, sin)
+
+
+def apply_rotary_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D] (the query and key heads of a token may come together), cos/sin: [T, 1, D]
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,18 @@ def test_add_rmsnorm_matches_its_reference(rows, hidden, dtype):
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rmsnorm_without_a_residual(dtype):
+    x = randn(9, 200, dtype=dtype, seed=4)[:, :72]  # strided rows
+    weight = randn(72, dtype=dtype, seed=5) * 0.1 + 1
+    got, res = add_rmsnorm(x, None, weight, 1e-6, out=poisoned(9, 72, dtype=dtype))
+    want, _ = add_rmsnorm_ref(x, None, weight, 1e-6)
+    assert res is x
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    with pytest.raises(ValueError, match="residual_out"):
+        add_rmsnorm(x, None, weight, 1e-6, residual_out=poisoned(9, 72, dtype=dtype))
+
+
 def test_add_rmsnorm_in_place_over_its_inputs():
     x, residual = randn(4, 96, dtype=torch.float32, seed=1), randn(4, 96, dtype=torch.float32, seed=2)
     weight = torch.ones(96, device=DEVICE)
@@ -146,6 +158,7 @@ def test_rotary_matches_its_reference(tokens, heads, d, scaling, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lens,heads,kv_heads,d,block_size,per_split", [
     ([1], 4, 4, 64, 16, 16),  # GQA 1, a one-token context
+    ([45, 3], 4, 1, 64, 16, 16),  # GQA 4, one split covers every context: written directly, no combine
     ([37, 5, 16], 6, 2, 80, 8, 2),  # GQA 3, head_dim 80, partly filled last blocks, several splits
     ([100, 64], 8, 2, 128, 32, 1),  # GQA 4, one block per split
     ([300, 17, 1, 129], 8, 1, 64, 16, 4),  # GQA 8, contexts over many blocks, empty splits for the short ones

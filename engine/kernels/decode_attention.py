@@ -3,7 +3,7 @@
 GQA-aware: a program takes one KV head of one sequence and all the query heads that share it, so each K/V
 tile is loaded once for the group. Long contexts are split: program (sequence, KV head, split) runs an
 online softmax over its `blocks_per_split` blocks and writes a partial output and its log-sum-exp; a second
-kernel combines the splits. Accumulation in float32. Works for any block size Triton can tile (8/16/32).
+kernel combines the splits. A context that fits one split skips the second launch. Accumulation in float32. Works for any block size Triton can tile (8/16/32).
 
 Shapes: q [B, H, D]; pool [num_blocks, 2, block_size, KVH, D] (contiguous); block_tables [B, max_blocks]
 (padded with any valid id); seq_lens [B] (>= 1). Returns [B, H, D] in q's dtype.
@@ -34,7 +34,8 @@ def decode_attention_ref(q: torch.Tensor, pool: torch.Tensor, block_tables: torc
 def _split_kernel(q_ptr, pool_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr,
                   q_sb, q_sh, t_sb, p_sblock, p_shalf, p_stok, p_shead, part_sb, part_sh, part_ss, lse_sb, lse_sh,
                   scale, group, head_dim, blocks_per_split,
-                  G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                  G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr):
+    # DIRECT (a single split): part_ptr is the output itself ([B, H, D], part_ss unused), no LSE is written.
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -69,10 +70,14 @@ def _split_kernel(q_ptr, pool_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr,
         m = m_new
     nonempty = l > 0
     out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l, 1.0)[:, None], 0.0)
-    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
     mask2 = hmask[:, None] & dmask[None, :]
-    tl.store(part_ptr + b * part_sb + heads[:, None] * part_sh + split * part_ss + d[None, :], out, mask=mask2)
-    tl.store(lse_ptr + b * lse_sb + heads * lse_sh + split, lse, mask=hmask)
+    if DIRECT:
+        tl.store(part_ptr + b * part_sb + heads[:, None] * part_sh + d[None, :],
+                 out.to(part_ptr.dtype.element_ty), mask=mask2)
+    else:
+        lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+        tl.store(part_ptr + b * part_sb + heads[:, None] * part_sh + split * part_ss + d[None, :], out, mask=mask2)
+        tl.store(lse_ptr + b * lse_sb + heads * lse_sh + split, lse, mask=hmask)
 
 
 @triton.jit
@@ -109,17 +114,25 @@ def decode_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Te
     if b == 0:
         return out
     splits = max(1, triton.cdiv(block_tables.shape[1], blocks_per_split))
-    parts = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
-    lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
     group = h // kvh
     d_pad = triton.next_power_of_2(d)
+    direct = splits == 1  # short contexts: the one split writes the output, no combine launch
+    if direct:
+        parts, lse = out, out  # lse unused
+        part_strides = (out.stride(0), out.stride(1), 0)
+    else:
+        parts = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
+        part_strides = (parts.stride(0), parts.stride(1), parts.stride(2))
     _split_kernel[(b, kvh, splits)](
         q, pool, block_tables, seq_lens, parts, lse,
         q.stride(0), q.stride(1), block_tables.stride(0), pool.stride(0), pool.stride(1), pool.stride(2),
-        pool.stride(3), parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
+        pool.stride(3), *part_strides, lse.stride(0), lse.stride(1),
         scale, group, d, blocks_per_split,
-        G_PAD=max(triton.next_power_of_2(group), 1), D_PAD=d_pad, BLOCK_SIZE=block_size,
+        G_PAD=max(triton.next_power_of_2(group), 1), D_PAD=d_pad, BLOCK_SIZE=block_size, DIRECT=direct,
     )
+    if direct:
+        return out
     _combine_kernel[(b, h)](parts, lse, out, splits, d, parts.stride(0), parts.stride(1), parts.stride(2),
                             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
                             S_PAD=triton.next_power_of_2(splits), D_PAD=d_pad)
