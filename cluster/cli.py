@@ -46,7 +46,8 @@ def _generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from baton.engine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+              enforce_eager=args.enforce_eager)
     for out in llm.stream(args.prompt, _params(args)):
         sys.stdout.write(out.text)
         sys.stdout.flush()
@@ -83,6 +84,8 @@ def _device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                         help="the model's hot operations in torch or Triton (auto: Triton on CUDA, torch on a "
                              "CPU; triton on a CPU needs TRITON_INTERPRET=1)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs for decode steps (by default captured on CUDA with Triton kernels)")
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +104,7 @@ def _engine_config(args: argparse.Namespace):
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-        num_kv_blocks=args.num_kv_blocks,
+        enforce_eager=args.enforce_eager, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill,
@@ -172,6 +175,7 @@ def _up(args: argparse.Namespace) -> int:
     passed_on = {"--device": args.device, "--kernels": args.kernels, "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens}
     node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
+    node_args += ["--enforce-eager"] if args.enforce_eager else []
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
                               port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args,

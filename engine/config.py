@@ -222,6 +222,7 @@ class EngineConfig:
     seed: int = 0  # seeds the requests that bring no seed of their own
     pack_cpu_weights: bool = True  # oneDNN packed-weight matmuls on CPU (engine/linear.py)
     kernels: str = "auto"  # "torch", "triton" or "auto" (Triton on CUDA, torch on a CPU); resolved here
+    enforce_eager: bool = False  # no CUDA graphs for decode steps (they need CUDA and the Triton kernels)
 
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from .block_manager import BlockManager
 from .config import DTYPES, EngineConfig, ModelConfig
+from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .errors import ConfigError, InvalidRequest, NoCapacity
 from .loader import load_model, resolve_model_path
@@ -75,7 +76,12 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or self._default_num_blocks(DTYPES[dtype])
         self.blocks = BlockManager(num_blocks, config.block_size)
         kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], config.device)
-        self.runner = ModelRunner(model, kv, self.blocks, config.device)
+        graphs = None
+        if config.device.startswith("cuda") and config.kernels == "triton" and not config.enforce_eager:
+            graphs = DecodeGraphs(model, kv.pools, config.max_num_seqs, self.blocks.blocks_for(self.max_model_len),
+                                  config.device)
+            graphs.capture()
+        self.runner = ModelRunner(model, kv, self.blocks, config.device, graphs)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, batched, config.enable_chunked_prefill), self.blocks
         )

@@ -10,6 +10,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .block_manager import BlockManager
+from .cuda_graphs import DecodeGraphs
 from .config import ModelConfig
 from .model import CausalLM
 from .sequence import Sequence
@@ -31,11 +32,13 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, blocks: BlockManager, device: str) -> None:
+    def __init__(self, model: CausalLM, kv: KVCache, blocks: BlockManager, device: str,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv = kv
         self.blocks = blocks
         self.device = device
+        self.graphs = graphs  # decode-only steps replay a CUDA graph when they fit one
 
     @torch.inference_mode()
     def run(
@@ -47,7 +50,12 @@ class ModelRunner:
         `after_layer(i)` runs as soon as layer i's K/V of this step are in the pools (KV transfer hooks here).
         """
         inputs = self.prepare(seqs, num_tokens)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv.pools, inputs.meta, after_layer)
+        meta = inputs.meta
+        if (self.graphs is not None and after_layer is None and not meta.num_prefills
+                and self.graphs.fits(meta.num_decodes, meta.decode_block_tables.shape[1])):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)[inputs.sample_rows]
+            return logits, inputs.sample_seqs
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv.pools, meta, after_layer)
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         return logits, inputs.sample_seqs
 

@@ -53,3 +53,27 @@ def test_chunked_mixed_steps_with_gqa_match_transformers(kernels, tmp_path):
     outs = llm.generate(RANDOM_PROMPTS, params)
     for prompt, out in zip(RANDOM_PROMPTS, outs):
         assert out.token_ids == hf_greedy(hf, prompt)[0]
+
+
+def test_fixed_buffer_decode_path_pads_without_harm(stories_path, hf_stories):
+    """The CUDA-graph path without the capture: decode steps of 3 sequences copied into a batch of 4's fixed
+    buffers, the padding row storing nothing and its output dropped; same tokens as transformers."""
+    from baton.engine.cuda_graphs import DecodeGraphs
+
+    llm = LLM(str(stories_path), kernels="triton", max_num_seqs=4)
+    runner = llm.engine.runner
+    graphs = runner.graphs = DecodeGraphs(runner.model, runner.kv.pools, 4, 16, "cpu", capture=False)
+    assert graphs.sizes == [1, 2, 4]
+    replayed = []
+    run = graphs.run
+    graphs.run = lambda ids, pos, meta: replayed.append(meta.num_decodes) or run(ids, pos, meta)
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[4]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert replayed and set(replayed) <= {3}  # every decode step (of all three) took the padded path
+    hf_stories_eos = hf_stories.generation_config.eos_token_id
+    hf_stories.generation_config.eos_token_id = None
+    try:
+        for prompt, out in zip(prompts, outs):
+            assert out.token_ids == hf_stories_greedy(hf_stories, out.prompt_token_ids, 12), prompt
+    finally:
+        hf_stories.generation_config.eos_token_id = hf_stories_eos

@@ -115,6 +115,19 @@ def test_store_kv_matches_its_reference(tokens, kvh, d, block_size, dtype):
     torch.testing.assert_close(pool, want, rtol=0, atol=0, equal_nan=True)  # untouched slots stay NaN
 
 
+def test_store_kv_skips_padding_rows():
+    """Rows with a negative block (a CUDA graph's padding above the real batch) store nothing."""
+    from baton.engine.kernels.kv_store import store_kv
+
+    pool = poisoned(4, 2, 8, 2, 64, dtype=torch.float32)
+    k, v = randn(3, 2, 64, dtype=torch.float32, seed=1), randn(3, 2, 64, dtype=torch.float32, seed=2)
+    blocks = torch.tensor([2, -1, -1], device=DEVICE)
+    store_kv(pool, k, v, blocks, torch.tensor([5, 0, 0], device=DEVICE))
+    torch.testing.assert_close(pool[2, 0, 5], k[0], rtol=0, atol=0)
+    torch.testing.assert_close(pool[2, 1, 5], v[0], rtol=0, atol=0)
+    assert int(torch.isnan(pool).logical_not().sum()) == 2 * 2 * 64  # nothing else was written
+
+
 def test_store_kv_names_a_wrong_argument():
     from baton.engine.kernels.kv_store import store_kv
 

@@ -4,7 +4,7 @@ of each of its K and V rows (`kvh * head_dim` elements); no index tensors built 
 
 Shapes: pool [num_blocks, 2, block_size, kvh, head_dim] (contiguous); k, v [T, kvh, head_dim] (a token's
 heads contiguous, tokens may be strided, as slices of the fused QKV projection are); slot_blocks,
-slot_offsets [T] int64.
+slot_offsets [T] int64. A token whose block is negative is skipped (padding rows of a CUDA graph's batch).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from .checks import FLOAT_DTYPES, check_tensor
 
 def store_kv_ref(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
                  slot_offsets: torch.Tensor) -> None:
-    pool[slot_blocks, 0, slot_offsets] = k
-    pool[slot_blocks, 1, slot_offsets] = v
+    real = slot_blocks >= 0
+    pool[slot_blocks[real], 0, slot_offsets[real]] = k[real]
+    pool[slot_blocks[real], 1, slot_offsets[real]] = v[real]
 
 
 @triton.jit
@@ -30,9 +31,10 @@ def _store_kv_kernel(pool_ptr, k_ptr, v_ptr, blocks_ptr, offsets_ptr, k_stride, 
     mask = cols < row
     block = tl.load(blocks_ptr + t)
     offset = tl.load(offsets_ptr + t)
-    base = pool_ptr + block * block_stride + offset * slot_stride
-    tl.store(base + cols, tl.load(k_ptr + t * k_stride + cols, mask=mask), mask=mask)
-    tl.store(base + half_stride + cols, tl.load(v_ptr + t * v_stride + cols, mask=mask), mask=mask)
+    if block >= 0:  # a padding row (a CUDA graph's batch above the real one) stores nothing
+        base = pool_ptr + block * block_stride + offset * slot_stride
+        tl.store(base + cols, tl.load(k_ptr + t * k_stride + cols, mask=mask), mask=mask)
+        tl.store(base + half_stride + cols, tl.load(v_ptr + t * v_stride + cols, mask=mask), mask=mask)
 
 
 def store_kv(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
