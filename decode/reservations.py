@@ -47,7 +47,7 @@ class NotAllowed(RuntimeError):
 class Reservation:
     request_id: str
     blocks: list[int]
-    tag: int  # unique on this node: tags the transfer's messages on the pair channel
+    tag: int  # unique on this node: names the transfer (ReserveResponse.transfer_tag); not on the wire
     expires: float  # lease deadline (clock), for RESERVED and READY
     phase: Phase = Phase.RESERVED
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # READY or RELEASED: what Continue waits for

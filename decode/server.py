@@ -2,7 +2,8 @@
 
 A request's life on a decode node (its blocks' lifecycle is `reservations.Phase`, owned by `Reservations`):
   Reserve   blocks allocated for the prompt, under a lease        (router, before anything is computed)
-  ReceiveKV the prefill node's K/V land straight in those blocks  (prefill node, layer by layer)
+  ReceiveKV the prefill node's K/V land straight in those blocks  (prefill node, layer by layer, on the lane
+            of the pair channel it names: one transfer at a time per lane, answered once its side is over)
   Continue  the sequence is adopted with its first token and decoded by continuous batching; tokens stream
             back to the router until it finishes, is cancelled (the call ends) or the node is stopped
   Release   frees whatever is left; also what the lease does on its own if Continue never comes
@@ -19,8 +20,8 @@ import grpc
 from baton.cluster.messages import abort_for, kv_layout, responses_from_output, sampling_from_proto
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
-from baton.kvtransfer.channel import (DECODE_RANK, PREFILL_RANK, KVStoreHost, PairChannels, TransferCancelled,
-                                      TransferThreads)
+from baton.kvtransfer.channel import (DECODE_RANK, LANES_PER_PAIR, PREFILL_RANK, KVStoreHost, PairChannels,
+                                      TransferCancelled, TransferThreads)
 from baton.kvtransfer.receiver import drain, receive
 from baton.kvtransfer.sender import coalesce
 from baton.v1 import node_pb2, node_pb2_grpc
@@ -49,6 +50,9 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         self.layout = kv_layout(spec)
         self.kv_bytes_received = 0
         self.requests_served = 0
+        # (prefill node, generation, lane) of the receives and drains in progress: the prefill node never puts
+        # two transfers on one lane at once, and one that did would get the other's messages.
+        self._busy: set[tuple[str, int, int]] = set()
 
     # -- reservations -------------------------------------------------------------------------------
 
@@ -74,64 +78,98 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     # -- KV transfer --------------------------------------------------------------------------------
 
     async def ReceiveKV(self, request, context):
+        """Answered only once this node's side of the transfer is over (every message on its lane matched, or
+        the lane given up): OK, NOT_FOUND (drained) and ABORTED (the sender's cancel header) leave the lane in
+        step for the prefill node's next transfer on it; any other answer means its generation must go."""
         if request.layout != self.layout:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
-        r = self.reservations.get(request.request_id)
-        if r is None or r.phase is Phase.RELEASED:
-            # Released before its K/V came (the request was cancelled): the prefill node may already be
-            # sending. Take the transfer in and drop it, so the channel stays in step for everyone else.
-            await asyncio.shield(asyncio.ensure_future(self._drain(request)))
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"request_id: no reservation for {request.request_id!r} (its K/V were dropped)")
-        if not 0 < self.engine.blocks_for(request.num_tokens) <= len(r.blocks):
+        if request.lane >= LANES_PER_PAIR:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"num_tokens: {request.num_tokens} tokens do not fit the {len(r.blocks)} reserved blocks")
+                                f"lane: must be below {LANES_PER_PAIR}, got {request.lane}")
+        lane = (request.prefill_node_id, request.generation, request.lane)
+        if lane in self._busy:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"lane: lane {request.lane} of generation {request.generation} with "
+                                f"{request.prefill_node_id!r} is carrying another transfer")
+        self._busy.add(lane)  # until the receive (or drain) on it ends, even if this call is cancelled
+        task = None
         try:
-            self.reservations.advance(r, Phase.RECEIVING)  # at once, before any await: see Reservations
-        except NotAllowed as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        # Shielded: if this call is cancelled, the receive still ends (done or failed) before its blocks
-        # can be freed or reused, and its bookkeeping still runs.
-        received = await asyncio.shield(asyncio.ensure_future(self._receive(request, r)))
+            r = self.reservations.get(request.request_id)
+            if r is None or r.phase is Phase.RELEASED:
+                # Released before its K/V came (the request was cancelled): the prefill node may already be
+                # sending. Take the transfer in and drop it, so the lane stays in step for the next transfer.
+                task = self._on_lane(lane, self._drain(request))
+                if not await asyncio.shield(task):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {request.request_id!r} "
+                                        "was released and could not be drained")
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"request_id: no reservation for {request.request_id!r} (its K/V were dropped)")
+            if not 0 < self.engine.blocks_for(request.num_tokens) <= len(r.blocks):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_tokens: {request.num_tokens} tokens "
+                                    f"do not fit the {len(r.blocks)} reserved blocks")
+            try:
+                self.reservations.advance(r, Phase.RECEIVING)  # at once, before any await: see Reservations
+            except NotAllowed as e:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            # Shielded: if this call is cancelled, the receive still ends (done or failed) before its blocks
+            # can be freed or reused, and its bookkeeping still runs.
+            task = self._on_lane(lane, self._receive(request, r))
+            received, cancelled = await asyncio.shield(task)
+        finally:
+            if task is None:
+                self._busy.discard(lane)
+        if cancelled:
+            await context.abort(grpc.StatusCode.ABORTED,
+                                f"kv transfer of {request.request_id!r} cancelled by the prefill node")
         if received is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {r.cause}")
         return node_pb2.ReceiveKVResponse(bytes_received=received)
 
-    async def _receive(self, request, r: Reservation) -> int | None:
+    async def _receive(self, request, r: Reservation) -> tuple[int | None, bool]:
+        """(bytes received or None, whether the sender cancelled the transfer)."""
         blocks = r.blocks[: self.engine.blocks_for(request.num_tokens)]
-        prefill_id, generation = request.prefill_node_id, request.generation
-        received, cause = None, "kv transfer failed"
+        prefill_id, generation, lane = request.prefill_node_id, request.generation, request.lane
+        received, cancelled, cause = None, False, "kv transfer failed"
         try:
-            group = await self.threads.run(
-                self.channels.get, prefill_id, generation, self.store.address, DECODE_RANK, self.transfer_timeout)
-            received = await self.threads.run(
-                receive, group, PREFILL_RANK, r.tag, self.engine.kv_pools, coalesce(blocks), self.transfer_timeout)
+            group = await self.threads.run(self.channels.get, prefill_id, generation, self.store.address,
+                                           DECODE_RANK, self.transfer_timeout, lane)
+            received = await self.threads.run(receive, group, PREFILL_RANK, request.request_id,
+                                              self.engine.kv_pools, coalesce(blocks), self.transfer_timeout)
             del group
             self.kv_bytes_received += received
         except TransferCancelled:
-            cause = "kv transfer cancelled by the prefill node"  # the channel is in step: keep it
+            cancelled, cause = True, "kv transfer cancelled by the prefill node"  # the lane is in step: keep it
         except Exception as e:  # noqa: BLE001 - whatever failed, the reservation must not stay behind
             cause = f"kv transfer failed: {e}"
             log.warning("kv transfer of %s failed: %s", request.request_id, e)
             self.channels.drop(prefill_id, generation)  # this generation only: a newer one serves others
         await self.reservations.receive_ended(r, received is not None, cause)
-        return received
+        return received, cancelled
 
-    async def _drain(self, request) -> None:
+    async def _drain(self, request) -> bool:
+        """Whether the transfer was taken in (or cancelled by its sender) with the lane left in step."""
         spec = self.engine.kv_spec
-        prefill_id, generation = request.prefill_node_id, request.generation
+        prefill_id, generation, lane = request.prefill_node_id, request.generation, request.lane
         try:
-            group = await self.threads.run(
-                self.channels.get, prefill_id, generation, self.store.address, DECODE_RANK, self.transfer_timeout)
+            group = await self.threads.run(self.channels.get, prefill_id, generation, self.store.address,
+                                           DECODE_RANK, self.transfer_timeout, lane)
             await self.threads.run(
-                drain, group, PREFILL_RANK, request.transfer_tag, coalesce(list(request.block_ids)),
+                drain, group, PREFILL_RANK, request.request_id, coalesce(list(request.block_ids)),
                 (2, spec.block_size, spec.num_kv_heads, spec.head_dim), spec.dtype, spec.device,
                 self.transfer_timeout)
         except TransferCancelled:
             pass
-        except Exception as e:  # noqa: BLE001 - the channel is out of step: this generation goes
+        except Exception as e:  # noqa: BLE001 - the lane is out of step: this generation goes
             log.warning("draining the kv transfer of %s failed: %s", request.request_id, e)
             self.channels.drop(prefill_id, generation)
+            return False
+        return True
+
+    def _on_lane(self, lane: tuple[str, int, int], work) -> asyncio.Future:
+        """`work` (a receive or a drain) as a task that holds `lane`'s claim until it ends."""
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda _: self._busy.discard(lane))
+        return task
 
     # -- decoding -----------------------------------------------------------------------------------
 

@@ -1,14 +1,24 @@
 """Pair channels between a prefill node and a decode node: 2-rank torch.distributed groups built on demand.
 
 No global process group exists anywhere (no `init_process_group`): each (prefill node, decode node) pair gets its
-own `ProcessGroupGloo` (pool on CPU) or `ProcessGroupNCCL` (pool on CUDA), rendezvousing through a `TCPStore`
-that the decode node hosts (`KVStoreHost`) under the prefix `kv/{prefill_id}/{decode_id}/{generation}`.
-The prefill node is rank 0, the decode node rank 1. The prefill node chooses the generation (from the decode
-node's store counter, `PairChannels.next_generation`: a restarted prefill process never reuses one, and a
-restarted decode node's new store counts on from above its old one's); after a failure on a generation both
-sides drop that generation (never a newer one) and the next transfer uses a newer generation (a newer
-generation arriving at the decode node drops its older group for that peer). A dropped generation is never
-built again; the decode side deletes its rendezvous keys, so the store does not grow with failures.
+own `ProcessGroupGloo` (pool on CPU) or `ProcessGroupNCCL` (pool on CUDA) groups, rendezvousing through a
+`TCPStore` that the decode node hosts (`KVStoreHost`), each under the prefix
+`kv/{prefill_id}/{decode_id}/{generation}/{lane}`. The prefill node is rank 0, the decode node rank 1.
+
+Lanes: a pair has up to `LANES_PER_PAIR` groups per generation, each built on its first use, and a lane carries
+one transfer at a time, taken in the same order by both sides (the prefill node hands lanes out, `DecodePeers`,
+and tells the decode node which one with each ReceiveKV). Every message goes under tag 0: NCCL ignores the tag
+of send/recv, so tags cannot keep concurrent transfers on one group apart, and messages on one group are matched
+in the order they were posted. Concurrent transfers therefore use different lanes; a lane is taken again only
+once the decode node has answered its previous transfer (all its recvs were posted and matched). Both sides
+build a generation's lanes in order, 0 first (see `PairChannels.get`: a store client does one thing at a time).
+
+Generations: the prefill node chooses the generation (from the decode node's store counter,
+`PairChannels.next_generation`: a restarted prefill process never reuses one, and a restarted decode node's new
+store counts on from above its old one's); after a failure on a generation both sides drop that generation,
+every lane of it (never a newer one), and the next transfer uses a newer generation (a newer generation arriving
+at the decode node drops its older groups for that peer). A dropped generation is never built again; the decode
+side deletes its rendezvous keys, so the store does not grow with failures.
 
 A gloo group's connections close only when its last Python reference goes (`abort()`/`shutdown()` leave them
 open), and only then do the peer's pending operations fail: keep references to groups short-lived.
@@ -28,6 +38,8 @@ import torch.distributed as dist
 
 PREFILL_RANK = 0
 DECODE_RANK = 1
+LANES_PER_PAIR = 8  # groups per (pair, generation): at most this many transfers in flight between two nodes
+WIRE_TAG = 0  # every message's tag: NCCL ignores tags, so nothing may depend on them
 GENERATION_KEY = "kv/next-generation"  # in the decode node's store: one counter for all its pairs
 # What a gloo group's rendezvous leaves under its prefix (one address per rank, measured on torch 2.13; a
 # test counts the store's keys, so a torch that names them otherwise is noticed).
@@ -60,8 +72,15 @@ def join_address(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def pair_prefix(prefill_id: str, decode_id: str, generation: int | str) -> str:
-    return f"kv/{prefill_id}/{decode_id}/{generation}"
+def pair_prefix(prefill_id: str, decode_id: str, generation: int | str, lane: int | str = 0) -> str:
+    return f"kv/{prefill_id}/{decode_id}/{generation}/{lane}"
+
+
+def check_lane(lane: int) -> int:
+    """`lane` if it is one of a pair's lanes, else ValueError naming `lane`."""
+    if not 0 <= lane < LANES_PER_PAIR:
+        raise ValueError(f"lane: must be in [0, {LANES_PER_PAIR}), got {lane}")
+    return lane
 
 
 class KVStoreHost:
@@ -146,7 +165,8 @@ class _Pending:
 
 
 class PairChannels:
-    """One per node: the pair groups this node holds, keyed by peer node id, one live generation per peer.
+    """One per node: the pair groups this node holds, keyed by (peer node id, generation, lane), one live
+    generation per peer (its lanes built as they are first used).
 
     `device` is where this node's KV pool lives: "cpu" gives gloo groups, "cuda[:i]" NCCL groups.
     `local_store` (the decode node's own `KVStoreHost`) is used for its own address instead of a client.
@@ -164,7 +184,7 @@ class PairChannels:
         self._local_address = local_store.address if local_store is not None else None
         if local_store is not None:
             self._stores[local_store.address] = local_store.store
-        self._groups: dict[tuple[str, int], object] = {}  # (peer, generation) -> group (or _Pending)
+        self._groups: dict[tuple[str, int, int], object] = {}  # (peer, generation, lane) -> group (or _Pending)
         self._generation: dict[str, int] = {}  # peer -> newest generation asked for
         self._retired: dict[str, int] = {}  # peer -> newest generation dropped
         self._last_used: dict[str, float] = {}  # peer -> time.monotonic() of its last `get`
@@ -172,13 +192,26 @@ class PairChannels:
 
     # -- groups ---------------------------------------------------------------------------------------
 
-    def get(self, peer_id: str, generation: int, store_address: str, rank: int, timeout: float):
-        """The group for (peer, generation): reused if it exists, else created (blocks until the peer joins,
-        at most `timeout` seconds). Drops this node's older generations for that peer. Raises
-        `KVTransferError` on timeout, on a generation older than one already used, or on a closed object."""
+    def get(self, peer_id: str, generation: int, store_address: str, rank: int, timeout: float, lane: int = 0):
+        """The group for (peer, generation, lane): reused if it exists, else created (blocks until the peer
+        joins, at most `timeout` seconds). Drops this node's older generations for that peer, every lane of
+        them. Raises `KVTransferError` on timeout, on a generation older than one already used, or on a closed
+        object; ValueError for a lane out of range.
+
+        A generation's lanes are built in order, one at a time, on both sides: lane k only once lanes 0..k-1
+        are there (building them first if need be). A `TCPStore` client does one operation at a time, and a
+        rendezvous blocks in it until the peer's key comes: with two lanes of one pair built at once, each
+        side could wait for the other's key of one lane while its own key of the other lane waits behind."""
         if rank not in (PREFILL_RANK, DECODE_RANK):
             raise ValueError(f"rank must be {PREFILL_RANK} (prefill) or {DECODE_RANK} (decode), got {rank}")
-        key = (peer_id, generation)
+        check_lane(lane)
+        deadline = time.monotonic() + timeout
+        for below in range(lane):
+            self._get(peer_id, generation, store_address, rank, deadline - time.monotonic(), below)
+        return self._get(peer_id, generation, store_address, rank, deadline - time.monotonic(), lane)
+
+    def _get(self, peer_id: str, generation: int, store_address: str, rank: int, timeout: float, lane: int):
+        key = (peer_id, generation, lane)
         with self._lock:
             self._last_used[peer_id] = time.monotonic()
             if self._closed:
@@ -193,7 +226,7 @@ class PairChannels:
                 superseded = [k for k in self._groups if k[0] == peer_id and k[1] < generation]
                 stale = [self._groups.pop(k) for k in superseded]
             entry, creator = _Pending.claim(self._groups, key)
-        self._delete_rendezvous(peer_id, [k[1] for k in superseded])
+        self._delete_rendezvous(peer_id, {k[1] for k in superseded})
         if not isinstance(entry, _Pending):
             return entry
         if not creator:
@@ -203,7 +236,7 @@ class PairChannels:
         try:
             store = self._store(store_address, timeout)
             prefill_id, decode_id = (self.node_id, peer_id) if rank == PREFILL_RANK else (peer_id, self.node_id)
-            prefixed = dist.PrefixStore(pair_prefix(prefill_id, decode_id, generation), store)
+            prefixed = dist.PrefixStore(pair_prefix(prefill_id, decode_id, generation, lane), store)
             group = self._make_group(prefixed, rank, timeout)
         except BaseException as exc:
             _release(stale)
@@ -213,14 +246,14 @@ class PairChannels:
                 self._forget_store(store_address, store)
             if isinstance(exc, KVTransferError):
                 raise
-            raise KVTransferError(f"cannot build the pair group with {peer_id!r} (generation {generation}): "
-                                  f"{exc}") from exc
+            raise KVTransferError(f"cannot build the pair group with {peer_id!r} (generation {generation}, "
+                                  f"lane {lane}): {exc}") from exc
         # Older generations go only now: destroying a group on the shared gloo device while another connects
         # through it makes the connection wait for the destruction (~10 ms).
         _release(stale)
         # Dropped (or superseded by a newer generation, or closed) while it was being built: an error.
         dropped = entry.settle(self._groups, key, self._lock, value=group,
-                               what=f"the pair group with {peer_id!r} generation {generation}")
+                               what=f"the pair group with {peer_id!r} generation {generation} lane {lane}")
         if dropped is not None:
             raise dropped
         return group
@@ -238,9 +271,9 @@ class PairChannels:
             raise KVTransferError(f"cannot reach the KV store at {store_address}: {exc}") from exc
 
     def drop(self, peer_id: str, generation: int | None = None) -> None:
-        """Forgets the group of `generation` with `peer_id` and any older one (after a failure on it); None
-        drops them all. A newer generation, already in use by other transfers, is kept: a late failure of an
-        old generation must not take down the pair's current channel. A gloo group closes its connections,
+        """Forgets the groups (every lane) of `generation` with `peer_id` and of any older one (after a failure
+        on it); None drops them all. A newer generation, already in use by other transfers, is kept: a late
+        failure of an old generation must not take down the pair's current channel. A gloo group closes its connections,
         failing the peer's pending operations at once, when its last reference goes (`abort()`/`shutdown()`
         do not close them): transfers still holding it keep it open until they end. A dropped generation is
         never built again."""
@@ -249,7 +282,7 @@ class PairChannels:
             upto = newest if generation is None else generation
             self._retired[peer_id] = max(self._retired.get(peer_id, -1), upto)
             dropped = [(k, self._groups.pop(k)) for k in list(self._groups) if k[0] == peer_id and k[1] <= upto]
-        self._delete_rendezvous(peer_id, [k[1] for k, _ in dropped])
+        self._delete_rendezvous(peer_id, {k[1] for k, _ in dropped})
         _release([g for _, g in dropped])
 
     def forget(self, peer_id: str, store_address: str | None = None) -> None:
@@ -288,6 +321,11 @@ class PairChannels:
         with self._lock:
             return self._generation.get(peer_id)
 
+    def lanes(self, peer_id: str, generation: int) -> list[int]:
+        """The lanes of (peer, generation) whose group is built or being built."""
+        with self._lock:
+            return sorted(k[2] for k in self._groups if k[0] == peer_id and k[1] == generation)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -306,22 +344,24 @@ class PairChannels:
             if self._stores.get(address) is store:
                 del self._stores[address]
 
-    def _delete_rendezvous(self, peer_id: str, generations: list[int]) -> None:
+    def _delete_rendezvous(self, peer_id: str, generations: set[int]) -> None:
         """Decode side (the store's owner): a generation that will never be built again needs its rendezvous
-        keys no more; deleting them keeps the store from growing with every dropped channel."""
+        keys no more, on any lane (one the prefill node built alone has its key there too); deleting them
+        keeps the store from growing with every dropped channel."""
         if self._local_address is None or not generations:
             return
         with self._lock:
             store = self._stores.get(self._local_address)
         if store is None:
             return
-        for generation in generations:
-            prefix = pair_prefix(peer_id, self.node_id, generation)
-            for key in _RENDEZVOUS_KEYS:
-                try:
-                    store.delete_key(f"{prefix}/{key}")
-                except Exception:  # noqa: BLE001 - a key that is not there is fine
-                    pass
+        for generation in sorted(generations):
+            for lane in range(LANES_PER_PAIR):
+                prefix = pair_prefix(peer_id, self.node_id, generation, lane)
+                for key in _RENDEZVOUS_KEYS:
+                    try:
+                        store.delete_key(f"{prefix}/{key}")
+                    except Exception:  # noqa: BLE001 - a key that is not there is fine
+                        pass
 
     def _store(self, address: str, timeout: float):
         # Connections are kept: torch 2.13's TCPStore client stalls 5 s on every 25th connection a process
@@ -377,7 +417,10 @@ class PairChannels:
             # peer joins: do it here (on the caller's worker thread), not in the engine thread's first send.
             with torch.cuda.device(self.device):
                 probe = torch.zeros(1, device=self.device)
-                work = group.send([probe], 1 - rank, 0) if rank == PREFILL_RANK else group.recv([probe], 1 - rank, 0)
+                if rank == PREFILL_RANK:
+                    work = group.send([probe], 1 - rank, WIRE_TAG)
+                else:
+                    work = group.recv([probe], 1 - rank, WIRE_TAG)
                 work.wait(_timedelta(timeout))
             return group
         raise KVTransferError(f"no pair channel backend for device {self.device}")

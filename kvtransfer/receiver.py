@@ -1,7 +1,7 @@
 """The decode side of one request's KV transfer: receives straight into the reserved blocks of the pools.
 
 Protocol: see `sender` (a fixed-size header, then per layer 0..L-1, per run in order, one tensor
-`[count, 2, block_size, kvh, head_dim]`, all under the transfer's tag). Each recv lands in
+`[count, 2, block_size, kvh, head_dim]`, all under tag 0 on the transfer's own lane). Each recv lands in
 `pools[layer][start:start + count]`, a contiguous slice of the pool: nothing is staged or copied.
 """
 
@@ -12,25 +12,24 @@ from collections.abc import Sequence
 
 import torch
 
-from .channel import KVTransferError, TransferCancelled
+from .channel import WIRE_TAG, KVTransferError, TransferCancelled
 from .sender import HEADER_LEN, _wait_all, check_runs, header_mismatch, is_cancel, make_header
 
 
-def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: Sequence[tuple[int, int]],
-            timeout: float) -> int:
+def receive(pg, peer_rank: int, transfer_id: int | str, pools: Sequence[torch.Tensor],
+            runs: Sequence[tuple[int, int]], timeout: float) -> int:
     """Receives the header, checks it, then posts every recv of the transfer (all layers, all runs, protocol
-    order) and waits for them all.
+    order) and waits for them all. `pg` is the transfer's lane, which nothing else may use until this returns
+    (messages on a group are matched in posting order); `transfer_id` names the transfer in errors only.
 
     Returns the KV bytes received (the header not counted). Raises TransferCancelled when the sender ended
-    the transfer before it began (nothing was written; the channel is in step). Raises KVTransferError when the peer fails (at
-    once: a closed connection fails every pending recv), when the sender's header disagrees with `pools` and
-    `runs` (nothing is then received into the pools), or after `timeout` seconds. After any failure the
-    blocks may hold partial data and the caller must drop the group (`PairChannels.drop`): the sender's
-    unreceived messages are still queued under this tag, and a gloo group is broken after a timeout anyway.
+    the transfer before it began (nothing was written; the lane is in step). Raises KVTransferError when the
+    peer fails (at once: a closed connection fails every pending recv), when the sender's header disagrees
+    with `pools` and `runs` (nothing is then received into the pools), or after `timeout` seconds. After any
+    failure the blocks may hold partial data and the caller must drop the group (`PairChannels.drop`): the
+    sender's unreceived messages are still queued on the lane, and a gloo group is broken after a timeout.
     Blocking: run it on a worker thread.
     """
-    if tag < 0:
-        raise ValueError(f"tag must be >= 0, got {tag}")
     if not pools:
         raise ValueError("no pools")
     first = pools[0]
@@ -49,15 +48,15 @@ def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: S
     works: list = []
     nbytes = 0
     try:
-        problem = header_mismatch(_header(pg, peer_rank, tag, first.device, deadline), want)
+        problem = header_mismatch(_header(pg, peer_rank, transfer_id, first.device, deadline), want)
         if problem is not None:
-            raise KVTransferError(f"KV receive (tag {tag}): sender and receiver disagree on {problem}")
+            raise KVTransferError(f"KV receive of {transfer_id}: sender and receiver disagree on {problem}")
         for pool in pools:
             for start, count in runs:
                 dst = pool[start:start + count]
-                works.append(pg.recv([dst], peer_rank, tag))
+                works.append(pg.recv([dst], peer_rank, WIRE_TAG))
                 nbytes += dst.numel() * dst.element_size()
-        _wait_all(works, deadline, f"KV receive (tag {tag})")
+        _wait_all(works, deadline, f"KV receive of {transfer_id}")
     except BaseException as exc:
         # Let go of the pending works (the backend then forgets the pool slices) and of the group: the
         # traceback keeps this frame alive, and a gloo group closes its connections (failing the peer's
@@ -68,16 +67,16 @@ def receive(pg, peer_rank: int, tag: int, pools: Sequence[torch.Tensor], runs: S
             raise
         if not isinstance(exc, Exception):
             raise
-        raise KVTransferError(f"KV receive (tag {tag}) failed: {exc}") from exc
+        raise KVTransferError(f"KV receive of {transfer_id} failed: {exc}") from exc
     works.clear()
     return nbytes
 
 
-def drain(pg, peer_rank: int, tag: int, runs: Sequence[tuple[int, int]], block_shape: Sequence[int],
+def drain(pg, peer_rank: int, transfer_id: int | str, runs: Sequence[tuple[int, int]], block_shape: Sequence[int],
           dtype: torch.dtype, device: torch.device | str, timeout: float) -> int:
     """Takes in a transfer whose blocks are no longer this node's to write (its reservation was released
     before the transfer came) and drops it: the header, then every layer's runs into a scratch buffer, so
-    the sender's messages are matched and the channel stays in step for the transfers that share it.
+    the sender's messages are matched and the lane stays in step for the transfers that come after it.
     Returns the bytes drained; raises TransferCancelled / KVTransferError as `receive` does."""
     runs = [(int(s), int(c)) for s, c in runs]
     check_runs(runs)
@@ -85,33 +84,33 @@ def drain(pg, peer_rank: int, tag: int, runs: Sequence[tuple[int, int]], block_s
     works: list = []
     nbytes = 0
     try:
-        header = _header(pg, peer_rank, tag, device, deadline)
+        header = _header(pg, peer_rank, transfer_id, device, deadline)
         num_layers = int(header[3])
         want = make_header(num_layers, runs, block_shape, dtype)
         problem = header_mismatch(header, want)
         if problem is not None or num_layers < 0:
-            raise KVTransferError(f"KV drain (tag {tag}): sender and receiver disagree on {problem or 'layers'}")
+            raise KVTransferError(f"KV drain of {transfer_id}: sender and receiver disagree on {problem or 'layers'}")
         scratch = torch.empty((max(c for _, c in runs), *block_shape), dtype=dtype, device=device)
         for _ in range(num_layers):
             for _, count in runs:
-                works.append(pg.recv([scratch[:count]], peer_rank, tag))
+                works.append(pg.recv([scratch[:count]], peer_rank, WIRE_TAG))
                 nbytes += scratch[:count].numel() * scratch.element_size()
-            _wait_all(works, deadline, f"KV drain (tag {tag})")  # one layer at a time: one scratch buffer
+            _wait_all(works, deadline, f"KV drain of {transfer_id}")  # one layer at a time: one scratch buffer
             works.clear()
     except BaseException as exc:
         works.clear()
         pg = None  # noqa: F841
         if isinstance(exc, (KVTransferError, TransferCancelled)) or not isinstance(exc, Exception):
             raise
-        raise KVTransferError(f"KV drain (tag {tag}) failed: {exc}") from exc
+        raise KVTransferError(f"KV drain of {transfer_id} failed: {exc}") from exc
     return nbytes
 
 
-def _header(pg, peer_rank: int, tag: int, device, deadline: float) -> torch.Tensor:
+def _header(pg, peer_rank: int, transfer_id: int | str, device, deadline: float) -> torch.Tensor:
     """The transfer's header, on the CPU; raises TransferCancelled for a cancel header."""
     got = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
-    _wait_all([pg.recv([got], peer_rank, tag)], deadline, f"KV receive (tag {tag}) header")
+    _wait_all([pg.recv([got], peer_rank, WIRE_TAG)], deadline, f"KV receive of {transfer_id}: the header")
     header = got.cpu()
     if is_cancel(header):
-        raise TransferCancelled(f"KV transfer (tag {tag}) cancelled by the sender before it began")
+        raise TransferCancelled(f"KV transfer {transfer_id} cancelled by the sender before it began")
     return header

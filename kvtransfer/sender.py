@@ -1,14 +1,16 @@
 """The prefill side of one request's KV transfer: posts each layer's blocks as soon as that layer is written.
 
 Wire protocol (shared with `receiver.receive`): the decode node's reserved block ids, in block-table order, are
-coalesced into runs of consecutive ids `[(start, count), ...]`. Everything travels under the one `tag` the
-decode node assigned to the transfer (so concurrent transfers on one pair do not mix):
+coalesced into runs of consecutive ids `[(start, count), ...]`. A transfer has one pair channel lane (a group,
+`channel.PairChannels.get(..., lane=...)`) to itself from its header to the decode node's answer, and every
+message travels under tag 0 (`channel.WIRE_TAG`): NCCL ignores tags, and a group matches messages in the order
+they were posted, so concurrent transfers must be on different lanes, never told apart by tags:
   1. a header, `int64[HEADER_LEN]` (`make_header`): layers, runs, block shape and dtype as the sender sees them;
   2. for each layer 0..L-1, for each run in order, exactly one tensor `[count, 2, block_size, kvh, head_dim]`.
 A transfer that ends before its header was posted (the request was cancelled while it waited for the
 prefill) sends a cancel header instead (`make_cancel_header`) and nothing after it; one that ends after its
-header sends zeros for the layers it still owes. Either way the pair channel stays in step and can carry the
-next transfer: an early end costs its own request only, never the channel that other requests share.
+header sends zeros for the layers it still owes. Either way the lane stays in step and can carry the next
+transfer: an early end costs its own request only, never the channel that other requests share.
 The receiver checks the header before it posts a single data recv. This is not optional politeness: gloo
 aborts the *receiving process* (std::terminate from its I/O thread) when a message is larger than the recv
 posted for it, and silently completes a recv with a shorter message. With the header, a sender and receiver
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .channel import KVTransferError
+from .channel import WIRE_TAG, KVTransferError
 
 HEADER_LEN = 16
 _MAGIC = 0x4B565452  # "KVTR"
@@ -156,18 +158,18 @@ class KVSender:
     `post_header` is left on, else with `begin` or layer 0: the receiver checks it and posts its recvs while
     layer 0 is computed. `num_layers`, when given, is checked by both sides. `end_early` keeps the protocol
     whole when the transfer stops short (see the module's docstring). Never raises from `send_layer` into a
-    caller that only logs: a failure is kept (`failed`) and raised by `wait`.
+    caller that only logs: a failure is kept (`failed`) and raised by `wait`. `pg` is the transfer's lane: no
+    other transfer may use it until this one's receiver has finished. `transfer_id` names the transfer in
+    errors only (it is not on the wire).
     """
 
-    def __init__(self, pg, peer_rank: int, tag: int, src_blocks: Sequence[int] | None,
+    def __init__(self, pg, peer_rank: int, transfer_id: int | str, src_blocks: Sequence[int] | None,
                  dst_runs: Sequence[tuple[int, int]], *, num_layers: int | None = None,
                  pool: torch.Tensor | None = None, post_header: bool = True, staging: Staging | None = None) -> None:
-        if tag < 0:
-            raise ValueError(f"tag must be >= 0, got {tag}")
         self._total = check_runs(dst_runs)
         self.pg = pg
         self.peer_rank = peer_rank
-        self.tag = tag
+        self.transfer_id = transfer_id
         self.num_layers = num_layers
         self.dst_runs = [(int(s), int(c)) for s, c in dst_runs]
         self._src: list[int] | None = None
@@ -256,7 +258,7 @@ class KVSender:
             offset = 0
             for _, count in self.dst_runs:
                 t = packed[offset:offset + count]
-                self._works.append(self.pg.send([t], self.peer_rank, self.tag))
+                self._works.append(self.pg.send([t], self.peer_rank, WIRE_TAG))
                 self.bytes_posted += t.numel() * t.element_size()
                 offset += count
             self._tensors.append(packed)
@@ -276,7 +278,7 @@ class KVSender:
                 header = make_cancel_header()
                 if self._device is not None and self._device.type != "cpu":
                     header = header.to(self._device)
-                self._works.append(self.pg.send([header], self.peer_rank, self.tag))
+                self._works.append(self.pg.send([header], self.peer_rank, WIRE_TAG))
                 self._tensors.append(header)
                 self.cancelled = True
                 return
@@ -312,7 +314,7 @@ class KVSender:
         if pool.device.type != "cpu":
             header = header.to(pool.device)
         try:
-            work = self.pg.send([header], self.peer_rank, self.tag)
+            work = self.pg.send([header], self.peer_rank, WIRE_TAG)
         except Exception as exc:
             self._fail(KVTransferError(f"posting the header failed: {exc}"))
             raise self._failed from exc
@@ -342,7 +344,7 @@ class KVSender:
             self._fail(KVTransferError(f"only {self._next_layer} of {self.num_layers} layers were posted"))
             raise self._failed
         try:
-            _wait_all(self._works, time.monotonic() + timeout, f"KV send (tag {self.tag})")
+            _wait_all(self._works, time.monotonic() + timeout, f"KV send of {self.transfer_id}")
         except KVTransferError as exc:
             self._fail(exc)
             raise

@@ -1,22 +1,30 @@
 """The decode nodes a prefill node sends to, and what it keeps for each: one owner for that state.
 
-Per decode node: a gRPC channel (for ReceiveKV), the pair channel's current generation, and how many
-transfers use them now. Nothing else on the prefill node holds per-peer state, so it stays bounded however
-many decode nodes come and go: a peer whose transfer failed is forgotten once its last transfer ends (its next
-request opens everything afresh, as after a restart), and a peer unused for `idle_seconds` is forgotten when
-the next transfer starts (a node that left the cluster sends no failure to learn from).
+Per decode node: a gRPC channel (for ReceiveKV), the pair channel's current generation, its free lanes, and
+how many transfers use them now. Nothing else on the prefill node holds per-peer state, so it stays bounded
+however many decode nodes come and go: a peer whose transfer failed is forgotten once its last transfer ends
+(its next request opens everything afresh, as after a restart), and a peer unused for `idle_seconds` is
+forgotten when the next transfer starts (a node that left the cluster sends no failure to learn from).
+
+Lanes (see `kvtransfer.channel`): each transfer gets a lane of the generation that no other transfer holds, and
+waits while all are taken. A lane comes back only through `release` on a generation that did not fail, which
+the caller does once the decode node has answered the transfer's ReceiveKV (its side is over: every message
+of the transfer was matched). A transfer that ended any other way marks its generation `failed`, so its lanes
+are never used again: a lane whose receiver may not have posted all its recvs would hand the next transfer's
+receiver the previous transfer's messages (NCCL can complete small sends before the recvs are posted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from baton.kvtransfer.channel import PairChannels, TransferThreads
+from baton.kvtransfer.channel import LANES_PER_PAIR, PairChannels, TransferThreads
 from baton.v1 import node_pb2_grpc
 
 
@@ -29,17 +37,22 @@ class DecodePeer:
     stub: node_pb2_grpc.DecodeNodeStub
     last_used: float
     generation: int | None = None  # None: the next transfer asks the store for a new one
-    active: int = 0  # transfers using this entry now
+    free_lanes: list[int] = field(default_factory=list)  # lanes of `generation` that no transfer holds
+    waiters: deque = field(default_factory=deque)  # futures of transfers waiting for a lane, oldest first
+    active: int = 0  # transfers using this entry now (holding a lane or waiting for one)
     broken: bool = False  # a transfer failed: forget the entry once the last one ends
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one generation request at a time
 
 
 class DecodePeers:
     def __init__(self, channels: PairChannels, threads: TransferThreads, idle_seconds: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, lanes: int = LANES_PER_PAIR) -> None:
+        if not 0 < lanes <= LANES_PER_PAIR:
+            raise ValueError(f"lanes: must be in [1, {LANES_PER_PAIR}], got {lanes}")
         self.channels = channels
         self.threads = threads
         self.idle_seconds = idle_seconds
+        self.lanes = lanes
         self._clock = clock
         self._peers: dict[str, DecodePeer] = {}
         self._closing: set[asyncio.Task] = set()
@@ -47,9 +60,14 @@ class DecodePeers:
     def __len__(self) -> int:
         return len(self._peers)
 
-    async def acquire(self, node_id: str, address: str, store_address: str, timeout: float) -> tuple[DecodePeer, int]:
-        """The peer's entry and the generation to transfer on; pair it with `release`. Raises KVTransferError
-        when the peer's store cannot be reached (and then holds nothing for it)."""
+    def get(self, node_id: str) -> DecodePeer | None:
+        return self._peers.get(node_id)
+
+    async def acquire(self, node_id: str, address: str, store_address: str,
+                      timeout: float) -> tuple[DecodePeer, int, int]:
+        """The peer's entry, the generation to transfer on and a lane of it that this transfer alone holds
+        (waiting while every lane is held); pair it with `release`. Raises KVTransferError when the peer's
+        store cannot be reached (and then holds nothing for it)."""
         self._prune()
         peer = self._peers.get(node_id)
         if peer is not None and (peer.address, peer.store_address) != (address, store_address) and not peer.active:
@@ -62,30 +80,70 @@ class DecodePeers:
         peer.active += 1
         peer.last_used = self._clock()
         try:
-            async with peer.lock:  # concurrent first transfers would each open a generation
-                if peer.generation is None:
-                    peer.generation = await self.threads.run(
-                        self.channels.next_generation, node_id, store_address, timeout)
-                return peer, peer.generation
+            woken = False
+            while True:
+                async with peer.lock:  # concurrent first transfers would each open a generation
+                    if peer.generation is None:
+                        try:
+                            generation = await self.threads.run(
+                                self.channels.next_generation, node_id, store_address, timeout)
+                        except BaseException:
+                            peer.broken = True
+                            raise
+                        peer.generation, peer.free_lanes = generation, list(range(self.lanes))
+                    if peer.free_lanes:
+                        # The lowest free lane: a node that never has many transfers in flight builds few groups.
+                        peer.free_lanes.sort()
+                        return peer, peer.generation, peer.free_lanes.pop(0)
+                    waiter = asyncio.get_running_loop().create_future()
+                    if woken:  # woken, but a newcomer took the lane first: first in line again, not last
+                        peer.waiters.appendleft(waiter)
+                    else:
+                        peer.waiters.append(waiter)
+                try:
+                    await waiter
+                    woken = True
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake(peer)  # woken, but cancelled before it ran: the next waiter takes the lane
+                    raise
+                finally:
+                    if waiter in peer.waiters:
+                        peer.waiters.remove(waiter)
         except BaseException:
-            peer.broken = True
             self.release(peer)
             raise
 
     def failed(self, peer: DecodePeer, generation: int | None) -> None:
-        """A transfer on `generation` failed: that generation goes (a newer one, if any, stays), and the entry
-        is forgotten when its last transfer ends."""
+        """A transfer on `generation` failed, or ended without the decode node's answer: that generation goes,
+        every lane of it (a newer one, if any, stays), and the entry is forgotten when its last transfer ends."""
         if generation is not None:
             self.channels.drop(peer.node_id, generation)
             if peer.generation == generation:
-                peer.generation = None
+                peer.generation, peer.free_lanes = None, []
+                self._wake(peer, every=True)  # the waiters open the next generation
         peer.broken = True
 
-    def release(self, peer: DecodePeer) -> None:
+    def release(self, peer: DecodePeer, generation: int | None = None, lane: int | None = None) -> None:
+        """Ends a transfer's use of the entry. Its lane (when it got one) comes back only if its generation is
+        still the current one: call `failed` first when the decode node did not answer the transfer."""
+        if lane is not None and generation is not None and generation == peer.generation:
+            if lane not in peer.free_lanes:
+                peer.free_lanes.append(lane)
+                self._wake(peer)
         peer.active -= 1
         peer.last_used = self._clock()
         if peer.active == 0 and peer.broken:
             self._forget(peer)
+
+    @staticmethod
+    def _wake(peer: DecodePeer, every: bool = False) -> None:
+        while peer.waiters:
+            waiter = peer.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not every:
+                    return
 
     def _prune(self) -> None:
         now = self._clock()

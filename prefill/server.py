@@ -1,9 +1,10 @@
 """A prefill node: the `PrefillNode` gRPC service over one engine.
 
 A request's life on a prefill node:
-  1. the decode node's entry (gRPC channel, pair channel generation) is taken from `DecodePeers`, the decode
-     node is asked over gRPC to receive the request's K/V into the blocks it reserved (ReceiveKV), and the pair
-     channel is opened (or reused)
+  1. the decode node's entry (gRPC channel, pair channel generation) and a lane of that generation which no other
+     transfer holds are taken from `DecodePeers` (waiting while every lane is held), the decode node is asked
+     over gRPC to receive the request's K/V on that lane into the blocks it reserved (ReceiveKV), and the
+     lane's group is opened (or reused)
   2. the prompt joins the engine's next batch; when its step starts the transfer's header goes out, and as
      soon as layer L is computed, layer L's K/V for the prompt's blocks are copied out and posted to the
      channel (the engine's KV sink: engine thread, non-blocking)
@@ -11,9 +12,12 @@ A request's life on a prefill node:
      when the step ends (the sends read the copies)
   4. once every send has completed and the decode node confirmed, TransferDone ends the call
 Whatever ends the call early (client cancel, deadline, a failure), the request leaves the engine first, then
-its transfer is ended so that the channel stays in step (a cancel header if it had not begun, zeros for the
-layers it still owed otherwise): the channel is dropped only when the channel itself failed, and then only
-its generation. A failed transfer fails this call with UNAVAILABLE; the router releases the reservation.
+its transfer is ended so that the lane stays in step (a cancel header if it had not begun, zeros for the
+layers it still owed otherwise). The lane goes back only once the decode node has answered the ReceiveKV
+call (received, drained after a release, or cancelled by the header): only then has it matched every message
+of the transfer, and only then may the next transfer use the lane. Any other end (the channel failed, the
+call failed or timed out) drops the generation, every lane of it. A failed transfer fails this call with
+UNAVAILABLE; the router releases the reservation.
 """
 
 from __future__ import annotations
@@ -98,23 +102,26 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
         transfer = _Transfer()
         try:
-            transfer.peer, transfer.generation = await self.peers.acquire(
+            transfer.peer, transfer.generation, transfer.lane = await self.peers.acquire(
                 target.decode_node_id, target.decode_address, target.kv_store_address, self.transfer_timeout)
-            # From here this node owes the decode node a transfer under this tag (a whole one, or a cancel
+            # From here this node owes the decode node a transfer on this lane (a whole one, or a cancel
             # header): the decode node posts its receive on this call.
             transfer.receive_call = transfer.peer.stub.ReceiveKV(
                 node_pb2.ReceiveKVRequest(request_id=rid, prefill_node_id=self.node_id,
                                           generation=transfer.generation, layout=self.layout,
                                           num_tokens=len(prompt), block_ids=target.block_ids,
-                                          transfer_tag=target.transfer_tag),
+                                          transfer_tag=target.transfer_tag, lane=transfer.lane),
                 timeout=self.transfer_timeout,
             )
-            transfer.tag = target.transfer_tag
+            # Its answer, awaited through a shield (awaiting the call itself would cancel it with its awaiter):
+            # the lane may not go back before it.
+            transfer.answer = asyncio.ensure_future(transfer.receive_call)
+            transfer.answer.add_done_callback(_retrieve)
             transfer.group = self.threads.run(
                 self.channels.get, target.decode_node_id, transfer.generation, target.kv_store_address,
-                PREFILL_RANK, self.transfer_timeout,
+                PREFILL_RANK, self.transfer_timeout, transfer.lane,
             )
-            transfer.sender = self._new_sender(await asyncio.shield(transfer.group), transfer.tag, runs)
+            transfer.sender = self._new_sender(await asyncio.shield(transfer.group), rid, runs)
             with self._lock:
                 self._senders[rid] = transfer.sender
             first = None
@@ -126,16 +133,16 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 finish=finish_to_proto(first.finish_reason) if first.finished else 0,
             ))
             sent = await asyncio.shield(transfer.wait(self.threads, self.transfer_timeout))
-            await transfer.receive_call
+            await asyncio.shield(transfer.answer)
             self.kv_bytes_sent += sent
             yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes_sent=sent))
         except (FieldError, NoCapacity) as e:
             await abort_for(context, e)
         except (KVTransferError, grpc.aio.AioRpcError) as e:
             # NOT_FOUND: the decode node had released the reservation; it took the transfer in and dropped
-            # it, so the channel is fine. Anything else: the channel (or the node) failed.
+            # it, so the lane is fine. Anything else: the channel (or the node) failed.
             dropped = isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
-            transfer.failed = transfer.failed or not dropped
+            transfer.failed = transfer.failed or not _lane_in_step(e)
             if dropped:  # the request was over on the decode side (cancelled): not a failure of anything
                 log.info("kv transfer of %s to %s dropped there: %s", rid, target.decode_node_id, e.details())
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{target.decode_node_id}: {e.details()}")
@@ -148,9 +155,9 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
             await asyncio.shield(self._end(rid, transfer, runs))
 
-    def _new_sender(self, group, tag: int, runs: list[tuple[int, int]]) -> KVSender:
+    def _new_sender(self, group, rid: str, runs: list[tuple[int, int]]) -> KVSender:
         """A transfer's sender: its header goes when the prompt's step starts (or a cancel header instead)."""
-        return KVSender(group, DECODE_RANK, tag, None, runs, num_layers=self.spec.num_layers,
+        return KVSender(group, DECODE_RANK, rid, None, runs, num_layers=self.spec.num_layers,
                         pool=self.engine.kv_pools[0], post_header=False, staging=self.staging)
 
     async def _end(self, rid: str, transfer: _Transfer, runs: list[tuple[int, int]]) -> None:
@@ -162,12 +169,12 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             self._senders.pop(rid, None)
         sender = transfer.sender
         if sender is None and transfer.group is not None:
-            # Ended while the channel was being opened: the decode node still waits for this transfer's
-            # header, so a cancel header goes as soon as the channel is there.
+            # Ended while the lane's group was being opened: the decode node still waits for this transfer's
+            # header, so a cancel header goes as soon as the group is there.
             try:
                 group = await transfer.group
-                sender = transfer.sender = self._new_sender(group, transfer.tag, runs)
-            except KVTransferError:
+                sender = transfer.sender = self._new_sender(group, rid, runs)
+            except Exception:  # noqa: BLE001 - KVTransferError, or the threads closed: the lane is lost
                 transfer.failed = True
         if sender is not None:
             sender.end_early()  # nothing if every layer went
@@ -177,12 +184,24 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 if not transfer.failed:
                     log.warning("kv transfer of %s ended with a failure: %s", rid, e)
                 transfer.failed = True
-        if transfer.receive_call is not None:
+        elif transfer.answer is not None:
+            transfer.failed = True  # the decode node waits for a header that will not come
+        if transfer.answer is not None:
+            if not transfer.failed:
+                # The lane is this transfer's until the decode node has answered: only then were all its
+                # messages matched there (a completed send proves nothing: NCCL completes small sends
+                # before the recvs are posted).
+                try:
+                    await asyncio.wait_for(asyncio.shield(transfer.answer), self.transfer_timeout)
+                except Exception as e:  # noqa: BLE001 - the call's error, or no answer in time
+                    if not _lane_in_step(e):
+                        log.warning("kv transfer of %s: the decode node did not answer in step: %s", rid, _short(e))
+                        transfer.failed = True
             transfer.receive_call.cancel()  # a no-op once it has completed
         if transfer.peer is not None:
             if transfer.failed:
-                self.peers.failed(transfer.peer, transfer.generation)
-            self.peers.release(transfer.peer)
+                self.peers.failed(transfer.peer, transfer.generation)  # before the release: the lane is lost
+            self.peers.release(transfer.peer, transfer.generation, transfer.lane)
 
     async def GetStats(self, request, context):
         return await self.stats()
@@ -201,21 +220,40 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.threads.close()
 
 
-def _short(e: Exception) -> str:
-    return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
+def _short(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return str(e) or type(e).__name__
+
+
+# The decode node's answers that say its side of the transfer is over with the lane in step: it drained the
+# transfer (the reservation was gone), or it read a cancel header. Success is the third.
+_IN_STEP = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED)
+
+
+def _lane_in_step(e: BaseException) -> bool:
+    """Whether a transfer that ended with `e` left its lane fit for the next transfer."""
+    return isinstance(e, grpc.aio.AioRpcError) and e.code() in _IN_STEP
+
+
+def _retrieve(answer: asyncio.Future) -> None:
+    """Marks a ReceiveKV answer's error as seen (a failed transfer does not wait for its answer)."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 class _Transfer:
     """One call's transfer state, for its clean-up."""
 
-    __slots__ = ("peer", "generation", "receive_call", "group", "tag", "sender", "failed", "_waiting")
+    __slots__ = ("peer", "generation", "lane", "receive_call", "answer", "group", "sender", "failed", "_waiting")
 
     def __init__(self) -> None:
         self.peer: DecodePeer | None = None
         self.generation: int | None = None
+        self.lane: int | None = None
         self.receive_call = None
-        self.group: asyncio.Future | None = None  # the pair group being opened (or open)
-        self.tag: int | None = None
+        self.answer: asyncio.Future | None = None  # the ReceiveKV call's outcome
+        self.group: asyncio.Future | None = None  # the lane's group being opened (or open)
         self.sender: KVSender | None = None
         self.failed = False
         self._waiting: asyncio.Future | None = None

@@ -182,17 +182,72 @@ def test_a_prefill_node_forgets_decode_peers_that_went_quiet():
         with KVStoreHost() as store:
             try:
                 for i in range(20):
-                    peer, generation = await peers.acquire(f"decode-{i}", f"127.0.0.1:{10000 + i}", store.address, 10)
-                    assert generation > 0
-                    peers.release(peer)
+                    peer, generation, lane = await peers.acquire(f"decode-{i}", f"127.0.0.1:{10000 + i}",
+                                                                 store.address, 10)
+                    assert generation > 0 and lane == 0
+                    peers.release(peer, generation, lane)
                     now[0] += 1.0
                 assert len(peers) == 6  # the last 5 s of peers, and the one just used
                 now[0] += 60
-                peer, _ = await peers.acquire("decode-new", "127.0.0.1:9", store.address, 10)
+                peer, _, _ = await peers.acquire("decode-new", "127.0.0.1:9", store.address, 10)
                 assert len(peers) == 1 and channels.peers() <= 1
                 peers.failed(peer, None)  # a failure: forgotten once its last transfer ends
                 peers.release(peer)
                 assert len(peers) == 0
+            finally:
+                await peers.close()
+                channels.close()
+                threads.close()
+
+    run(main())
+
+
+def test_a_decode_peers_lanes_are_held_one_transfer_each_and_lost_with_their_generation():
+    """`DecodePeers` hands each transfer a lane no other transfer holds, makes the next one wait while all are
+    held, takes a lane back only on a generation that did not fail, and loses no wake-up to a waiter that was
+    cancelled just after it was woken."""
+    from baton.kvtransfer.channel import KVStoreHost, PairChannels, TransferThreads
+    from baton.prefill.peers import DecodePeers
+
+    async def until(condition) -> None:  # yields to the loop until `condition` holds (bounded by `run`)
+        while not condition():
+            await asyncio.sleep(0)
+
+    async def main():
+        channels, threads = PairChannels("prefill-0"), TransferThreads("t", 4)
+        peers = DecodePeers(channels, threads, lanes=2)
+        acquire = lambda: peers.acquire("decode-0", "127.0.0.1:9", store.address, 10)  # noqa: E731
+        with KVStoreHost() as store:
+            try:
+                peer, generation, first = await acquire()
+                _, same, second = await acquire()
+                assert (same, first, second) == (generation, 0, 1)
+                waiting = asyncio.ensure_future(acquire())
+                await until(lambda: len(peer.waiters) == 1)
+                assert not waiting.done() and peer.active == 3
+                peers.release(peer, generation, 0)  # the decode node answered: the waiter gets lane 0
+                assert await waiting == (peer, generation, 0)
+
+                # Both lanes held again: two waiters; the first is woken and cancelled before it runs.
+                w1, w2 = asyncio.ensure_future(acquire()), asyncio.ensure_future(acquire())
+                await until(lambda: len(peer.waiters) == 2)
+                peers.release(peer, generation, 1)
+                w1.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await w1
+                assert await w2 == (peer, generation, 1)  # the wake-up went on to the next in line
+
+                # A transfer that ended without the decode node's answer: its generation goes, lanes and all.
+                w3 = asyncio.ensure_future(acquire())
+                await until(lambda: len(peer.waiters) == 1)
+                peers.failed(peer, generation)
+                peers.release(peer, generation, 0)
+                _, newer, lane = await w3  # woken to open the next generation
+                assert newer > generation and lane == 0
+                peers.release(peer, generation, 1)  # a late end on the old generation returns nothing
+                assert peer.free_lanes == [1]
+                peers.release(peer, newer, lane)
+                assert peer.active == 0 and len(peers) == 0  # broken: forgotten with its last transfer
             finally:
                 await peers.close()
                 channels.close()

@@ -1,7 +1,8 @@
 """KV transfer over real pair channels: spawned prefill processes, real gloo groups, no mocks.
 
 The pytest process plays the decode node (it hosts the KV store, owns a pool and receives on worker threads);
-each prefill node is a spawned process with its own pool and its own block ids, driven over a pipe.
+each prefill node is a spawned process with its own pool and its own block ids, driven over a pipe. Every
+message travels under tag 0 (NCCL ignores tags): transfers in flight together each have a lane of their own.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import random
 import signal
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -19,26 +22,39 @@ import pytest
 import torch
 
 from baton.engine.model_runner import KVCache
-from baton.kvtransfer.channel import (DECODE_RANK, PREFILL_RANK, KVStoreHost, KVTransferError, PairChannels,
-                                      TransferCancelled)
+from baton.kvtransfer.channel import (_RENDEZVOUS_KEYS, DECODE_RANK, LANES_PER_PAIR, PREFILL_RANK, KVStoreHost,
+                                      KVTransferError, PairChannels, TransferCancelled, pair_prefix)
 from baton.kvtransfer.receiver import receive
-from baton.kvtransfer.sender import KVSender, Staging, coalesce
+from baton.kvtransfer.sender import HEADER_LEN, KVSender, Staging, coalesce, make_header
 
 LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 16, 2, 32
 DECODE_BLOCKS, PREFILL_BLOCKS = 40, 48
+MANY_BLOCKS = 128  # the pools of the many-transfers test: room for 40 transfers' disjoint blocks
+# A block of exactly a header's size (2 * 1 * 1 * 16 float32 = 16 int64): any message fits any recv, so a
+# mix-up of messages is silent corruption (gloo aborts a process whose recv is smaller than the message).
+TINY = dict(block_size=1, kv_heads=1, head_dim=16)
 DECODE_SEED, PREFILL_SEED = 1, 2
 DECODE_ID = "decode-0"
 TIMEOUT = 20.0  # generous: every failure below must come much sooner
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def make_cache(num_blocks: int, dtype: torch.dtype, seed: int) -> KVCache:
+def make_cache(num_blocks: int, dtype: torch.dtype, seed: int, *, block_size: int = BLOCK_SIZE,
+               kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM) -> KVCache:
     """The engine's own KV layout, every element filled with a reproducible pattern."""
-    cfg = SimpleNamespace(num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
-    cache = KVCache(cfg, num_blocks, BLOCK_SIZE, dtype, "cpu")
+    cfg = SimpleNamespace(num_layers=LAYERS, num_kv_heads=kv_heads, head_dim=head_dim)
+    cache = KVCache(cfg, num_blocks, block_size, dtype, "cpu")
     gen = torch.Generator().manual_seed(seed)
     cache.storage.copy_(torch.randn(cache.storage.shape, generator=gen).to(dtype))
     return cache
+
+
+def prefill_caches() -> dict[str, KVCache]:
+    """The prefill node's pools, by name (the decode side rebuilds the same ones to check what landed)."""
+    caches = {name: make_cache(PREFILL_BLOCKS, dt, PREFILL_SEED) for name, dt in DTYPES.items()}
+    caches["tiny"] = make_cache(PREFILL_BLOCKS, torch.float32, PREFILL_SEED, **TINY)
+    caches["many"] = make_cache(MANY_BLOCKS, torch.float32, PREFILL_SEED)
+    return caches
 
 
 def block_bytes(dtype: torch.dtype) -> int:
@@ -55,7 +71,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def prefill_main(node_id: str, conn) -> None:
     torch.set_num_threads(1)
     channels = PairChannels(node_id)
-    caches = {name: make_cache(PREFILL_BLOCKS, dt, PREFILL_SEED) for name, dt in DTYPES.items()}
+    caches = prefill_caches()
     while True:
         msg = conn.recv()
         if msg is None:
@@ -64,11 +80,19 @@ def prefill_main(node_id: str, conn) -> None:
             if msg["op"] == "next_generation":
                 conn.send(("ok", channels.next_generation(DECODE_ID, msg["store"], TIMEOUT)))
                 continue
-            pg = channels.get(DECODE_ID, msg["generation"], msg["store"], PREFILL_RANK, TIMEOUT)
+            if msg["op"] == "lanes":
+                conn.send(("ok", send_through_lanes(channels, msg, caches["many"].pools, conn)))
+                continue
             result = None
+            if msg["op"] == "connect":
+                channels.get(DECODE_ID, msg["generation"], msg["store"], PREFILL_RANK, TIMEOUT)
             if msg["op"] == "send":
-                pools = caches[msg["dtype"]].pools
-                senders = [KVSender(pg, DECODE_RANK, t["tag"], t["src"], t["runs"], num_layers=LAYERS,
+                pools = caches[msg["cache"]].pools
+                # Each transfer on its lane's group (lane 0 unless told): one group, for the test that shows
+                # why transfers in flight together must not share one.
+                senders = [KVSender(channels.get(DECODE_ID, msg["generation"], msg["store"], PREFILL_RANK, TIMEOUT,
+                                                 t.get("lane", 0)),
+                                    DECODE_RANK, t["id"], t["src"], t["runs"], num_layers=LAYERS,
                                     pool=pools[0] if t.get("early_header") else None)
                            for t in msg["transfers"]]
                 for layer in range(LAYERS):  # as an engine batch would: every request's layer, then the next
@@ -85,6 +109,42 @@ def prefill_main(node_id: str, conn) -> None:
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
     channels.close()
+
+
+def send_through_lanes(channels: PairChannels, msg: dict, pools, conn) -> list[tuple[int, int]]:
+    """Sends `msg["transfers"]` as a prefill node does: each takes the lowest free lane of the generation (waiting
+    while all are held) and announces it to the decode side ("start", the ReceiveKV call); the layers of every
+    transfer in flight go out interleaved, one layer of each per engine step; a lane comes back only when the
+    decode side has answered its transfer ("answered"). Returns (transfer, lane) in the order they started."""
+    free, pending = list(range(msg["lanes"])), deque(enumerate(msg["transfers"]))
+    in_flight: dict[int, tuple[int, KVSender]] = {}  # lane -> (transfer, its sender)
+    unanswered: dict[int, int] = {}  # transfer -> lane: sends done, the decode side's answer still to come
+    started = []
+
+    def take_answer() -> None:
+        kind, i, error = conn.recv()
+        assert kind == "answered", kind
+        if error:
+            raise KVTransferError(f"the decode side failed transfer {i}: {error}")
+        free.append(unanswered.pop(i))
+        free.sort()
+
+    while pending or in_flight or unanswered:
+        while free and pending:
+            lane, (i, t) = free.pop(0), pending.popleft()
+            conn.send(("start", i, lane))  # first: the decode side joins the lane's rendezvous on it
+            pg = channels.get(DECODE_ID, msg["generation"], msg["store"], PREFILL_RANK, TIMEOUT, lane)
+            in_flight[lane] = (i, KVSender(pg, DECODE_RANK, i, t["src"], t["runs"], num_layers=LAYERS, pool=pools[0]))
+            started.append((i, lane))
+        for lane, (i, sender) in list(in_flight.items()):  # one engine step: the next layer of each
+            sender.send_layer(sender.layers_posted, pools[sender.layers_posted])
+            if sender.layers_posted == LAYERS:
+                sender.wait(TIMEOUT)
+                del in_flight[lane]
+                unanswered[i] = lane
+        while unanswered and (conn.poll() or not in_flight and not (free and pending)):
+            take_answer()  # without blocking while sends can go on; blocking when only an answer can help
+    return started
 
 
 class Prefill:
@@ -157,18 +217,20 @@ def gens(host, prefill):
 
 
 def transfer(host, decode, prefill, generation, dtype, transfers, pool_cache, timeout=TIMEOUT):
-    """Runs `transfers` ([(tag, src ids, dst ids)]) concurrently on one pair; returns the decode side's bytes."""
+    """Runs `transfers` ([(lane, src ids, dst ids)], each on its own lane) concurrently on one pair; returns the
+    decode side's bytes and the prefill side's."""
+    assert len({lane for lane, _, _ in transfers}) == len(transfers), "one transfer at a time per lane"
     # Every other transfer posts its header when the sender is made (before layer 0), the others with layer 0.
-    msg_transfers = [{"tag": tag, "src": src, "runs": coalesce(dst), "early_header": i % 2 == 1}
-                     for i, (tag, src, dst) in enumerate(transfers)]
-    prefill.post(op="send", generation=generation, store=host.address, dtype=dtype, transfers=msg_transfers)
+    msg_transfers = [{"id": f"t{i}", "lane": lane, "src": src, "runs": coalesce(dst), "early_header": i % 2 == 1}
+                     for i, (lane, src, dst) in enumerate(transfers)]
+    prefill.post(op="send", generation=generation, store=host.address, cache=dtype, transfers=msg_transfers)
 
-    def recv_one(tag, dst):
-        return receive(decode.get(prefill.node_id, generation, host.address, DECODE_RANK, timeout),
-                       PREFILL_RANK, tag, pool_cache.pools, coalesce(dst), timeout)
+    def recv_one(lane, dst):
+        return receive(decode.get(prefill.node_id, generation, host.address, DECODE_RANK, timeout, lane),
+                       PREFILL_RANK, f"lane {lane}", pool_cache.pools, coalesce(dst), timeout)
 
     with ThreadPoolExecutor(len(transfers)) as pool:
-        futures = [pool.submit(recv_one, tag, dst) for tag, _, dst in transfers]
+        futures = [pool.submit(recv_one, lane, dst) for lane, _, dst in transfers]
         got = [f.result() for f in futures]
     status, sent = prefill.reply()
     assert status == "ok", sent
@@ -219,6 +281,10 @@ def test_stale_generation_is_refused():
     assert channels.generation("d") == 5
     with pytest.raises(KVTransferError, match="stale"):
         channels.get("d", 4, "127.0.0.1:1", PREFILL_RANK, 1.0)
+    with pytest.raises(KVTransferError, match="stale"):  # whatever the lane: generations are the pair's
+        channels.get("d", 4, "127.0.0.1:1", PREFILL_RANK, 1.0, lane=LANES_PER_PAIR - 1)
+    with pytest.raises(ValueError, match="lane"):
+        channels.get("d", 5, "127.0.0.1:1", PREFILL_RANK, 1.0, lane=LANES_PER_PAIR)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -230,7 +296,7 @@ def test_prompt_blocks_land_in_reserved_blocks(host, decode, prefill, gens, dtyp
     src = [30, 31, 32, 33, 34, 35, 36, 37]  # the prefill node's table for the same prompt
     dst_cache = make_cache(DECODE_BLOCKS, dt, DECODE_SEED)
     before = make_cache(DECODE_BLOCKS, dt, DECODE_SEED)
-    got, sent = transfer(host, decode, prefill, gens.new(), dtype, [(7, src[:used], reserved[:used])], dst_cache)
+    got, sent = transfer(host, decode, prefill, gens.new(), dtype, [(0, src[:used], reserved[:used])], dst_cache)
     assert got == sent == [used * block_bytes(dt)]
     check_pool(dst_cache, before, make_cache(PREFILL_BLOCKS, dt, PREFILL_SEED), list(zip(src[:used], reserved)))
 
@@ -240,16 +306,129 @@ def test_fragmented_ids_and_two_concurrent_transfers(host, decode, prefill, gens
     dt = DTYPES[dtype]
     # Request A: destination in 4 runs; sources partly consecutive (sent from the pool), partly scattered.
     a_src, a_dst = [10, 11, 12, 30, 0, 5, 2], [3, 4, 5, 9, 20, 21, 7]
-    # Request B, on the same pair at the same time, under another tag.
+    # Request B, on the same pair at the same time, on another lane.
     b_src, b_dst = [40, 41, 42, 43, 1], [33, 34, 0, 1, 38]
     assert len(coalesce(a_dst)) == 4 and len(coalesce(b_dst)) == 3
     dst_cache = make_cache(DECODE_BLOCKS, dt, DECODE_SEED)
     before = make_cache(DECODE_BLOCKS, dt, DECODE_SEED)
     got, sent = transfer(host, decode, prefill, gens.new(), dtype,
-                         [(101, a_src, a_dst), (102, b_src, b_dst)], dst_cache)
+                         [(0, a_src, a_dst), (1, b_src, b_dst)], dst_cache)
     assert got == sent == [len(a_src) * block_bytes(dt), len(b_src) * block_bytes(dt)]
     check_pool(dst_cache, before, make_cache(PREFILL_BLOCKS, dt, PREFILL_SEED),
                list(zip(a_src, a_dst)) + list(zip(b_src, b_dst)))
+
+
+def test_many_concurrent_transfers_on_one_pair_through_lanes(host, decode, prefill, gens):
+    """The proof that tags are not needed: 40 transfers on one gloo pair, every message under tag 0, up to
+    LANES_PER_PAIR in flight at once with their layers interleaved as an engine batch sends them, each on a
+    lane no other transfer holds until the decode side has answered it. Fragmented destinations, disjoint
+    random contents: every destination block holds its own transfer's data and nothing else moved. A lane is
+    one group, reused transfer after transfer."""
+    rng = random.Random(12)
+    generation = gens.new()
+    count = 40
+    sizes = [rng.randint(1, 5) for _ in range(count)]
+    src_ids, dst_ids = rng.sample(range(MANY_BLOCKS), sum(sizes)), rng.sample(range(MANY_BLOCKS), sum(sizes))
+    cut = [sum(sizes[:i]) for i in range(count + 1)]
+    transfers = [(src_ids[cut[i]:cut[i + 1]], dst_ids[cut[i]:cut[i + 1]]) for i in range(count)]
+    assert sum(len(coalesce(dst)) for _, dst in transfers) > count  # fragmented: runs of several blocks and of one
+    dst_cache = make_cache(MANY_BLOCKS, torch.float32, DECODE_SEED)
+    prefill.post(op="lanes", generation=generation, store=host.address, lanes=LANES_PER_PAIR,
+                 transfers=[{"src": src, "runs": coalesce(dst)} for src, dst in transfers])
+
+    answer_lock, lane_lock = threading.Lock(), threading.Lock()
+    busy: set[int] = set()
+    groups: dict[int, set[int]] = {}
+    received: dict[int, int] = {}
+
+    def answer(i: int, lane: int) -> None:  # the decode node's ReceiveKV for transfer i on `lane`
+        error = None
+        try:
+            with lane_lock:
+                assert lane not in busy, f"two transfers on lane {lane} at once"
+                busy.add(lane)
+            pg = decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT, lane)
+            with lane_lock:
+                groups.setdefault(lane, set()).add(id(pg))
+            received[i] = receive(pg, PREFILL_RANK, i, dst_cache.pools, coalesce(transfers[i][1]), TIMEOUT)
+            del pg
+        except BaseException as exc:  # noqa: BLE001 - reported to the sender, and failed on below
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with lane_lock:
+                busy.discard(lane)
+        with answer_lock:  # the answer goes only once this side of the transfer is over
+            prefill.conn.send(("answered", i, error))
+
+    with ThreadPoolExecutor(LANES_PER_PAIR) as pool:
+        while True:
+            msg = prefill.reply()
+            if msg[0] != "start":
+                break
+            pool.submit(answer, msg[1], msg[2])
+    status, started = msg
+    assert status == "ok", started
+    assert sorted(i for i, _ in started) == list(range(count))
+    lanes_used = [lane for _, lane in started]
+    assert set(lanes_used) == set(range(LANES_PER_PAIR))  # all of them were in flight at some point
+    assert received == {i: len(src) * block_bytes(torch.float32) for i, (src, _) in enumerate(transfers)}
+    check_pool(dst_cache, make_cache(MANY_BLOCKS, torch.float32, DECODE_SEED),
+               make_cache(MANY_BLOCKS, torch.float32, PREFILL_SEED),
+               [pair for src, dst in transfers for pair in zip(src, dst)])
+    # A group per lane, not per transfer: each lane's group served every transfer that went on it.
+    assert decode.lanes(prefill.node_id, generation) == list(range(LANES_PER_PAIR))
+    assert {lane: len(ids) for lane, ids in groups.items()} == {lane: 1 for lane in range(LANES_PER_PAIR)}
+
+
+def test_transfers_in_flight_together_on_one_group_get_mixed_up(host, decode, prefill, gens):
+    """Why lanes: two transfers in flight together on ONE group, every message under tag 0 (what the tagged
+    protocol becomes on NCCL, which ignores tags). A group matches messages in the order they were posted, so
+    when the receiver takes the transfers one after the other while the sender interleaves them (headers at
+    step start, then layer by layer, as an engine batch does), the first receive completes with the other's
+    messages in its blocks (blocks and header the same size: no error, silent corruption) and the second
+    finds a layer where its header should be. The same schedule on two lanes lands bit for bit."""
+    block = make_cache(1, torch.float32, 0, **TINY).pools[0][0]
+    assert block.numel() * block.element_size() == HEADER_LEN * 8  # every message the same size
+    src = make_cache(PREFILL_BLOCKS, torch.float32, PREFILL_SEED, **TINY)
+    a_src, a_dst, b_src, b_dst = [3], [5], [4], [9]
+
+    def post(generation: int, lanes: tuple[int, int]) -> None:
+        prefill.post(op="send", generation=generation, store=host.address, cache="tiny", transfers=[
+            {"id": "a", "lane": lanes[0], "src": a_src, "runs": coalesce(a_dst), "early_header": True},
+            {"id": "b", "lane": lanes[1], "src": b_src, "runs": coalesce(b_dst), "early_header": True}])
+
+    # One group (the old protocol without tags).
+    generation = gens.new()
+    dst = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED, **TINY)
+    post(generation, (0, 0))
+    pg = decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT)
+    assert receive(pg, PREFILL_RANK, "a", dst.pools, coalesce(a_dst), TIMEOUT) == LAYERS * HEADER_LEN * 8
+    # Sent: header a, header b, then a0 b0 a1 b1 ...; a's recvs took header a, then b's header, a0, b0, a1.
+    landed = [bits(dst.pools[layer][5]).flatten() for layer in range(LAYERS)]
+    b_header = make_header(LAYERS, coalesce(b_dst), src.pools[0].shape[1:], torch.float32)
+    assert torch.equal(landed[0], bits(b_header))
+    assert [torch.equal(landed[layer], bits(want).flatten()) for layer, want in
+            ((1, src.pools[0][3]), (2, src.pools[0][4]), (3, src.pools[1][3]))] == [True, True, True]
+    assert not any(torch.equal(landed[layer], bits(src.pools[layer][3]).flatten()) for layer in range(LAYERS))
+    with pytest.raises(KVTransferError, match="disagree on magic"):
+        receive(pg, PREFILL_RANK, "b", dst.pools, coalesce(b_dst), TIMEOUT)  # b's layer 1 came as its header
+    del pg
+    decode.drop(prefill.node_id, generation)  # the group is out of step: it goes, the sender's waits fail
+    prefill.reply()  # an error, or "ok" if its last sends had completed
+
+    # Two lanes: the same interleaved schedule, every block where it belongs.
+    generation = gens.new()
+    dst = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED, **TINY)
+    post(generation, (0, 1))
+    # The lanes' groups first, in the sender's order (it builds them all before it sends a layer).
+    pgs = [decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT, lane) for lane in (0, 1)]
+    for pg, name, d in zip(pgs, "ab", (a_dst, b_dst)):  # one after the other, as above
+        assert receive(pg, PREFILL_RANK, name, dst.pools, coalesce(d), TIMEOUT) == LAYERS * HEADER_LEN * 8
+    del pg, pgs
+    assert prefill.reply()[0] == "ok"
+    for layer in range(LAYERS):
+        assert torch.equal(dst.pools[layer][5], src.pools[layer][3]), layer
+        assert torch.equal(dst.pools[layer][9], src.pools[layer][4]), layer
 
 
 @pytest.mark.parametrize("wrong", ["dtype", "block ids"])
@@ -260,12 +439,12 @@ def test_mismatched_sender_is_refused_not_fatal(host, decode, prefill, gens, wro
     dst = [3, 4, 5]
     sent_dst = dst if wrong == "dtype" else [3, 4, 9]
     prefill.post(op="send", generation=generation, store=host.address,
-                 dtype="bfloat16" if wrong == "dtype" else "float32",
-                 transfers=[{"tag": 77, "src": [1, 2, 3], "runs": coalesce(sent_dst)}])
+                 cache="bfloat16" if wrong == "dtype" else "float32",
+                 transfers=[{"id": "t", "src": [1, 2, 3], "runs": coalesce(sent_dst)}])
     dst_cache = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
     with pytest.raises(KVTransferError, match="disagree on (dtype|runs|block ids)"):
         receive(decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT),
-                PREFILL_RANK, 77, dst_cache.pools, coalesce(dst), TIMEOUT)
+                PREFILL_RANK, "t", dst_cache.pools, coalesce(dst), TIMEOUT)
     decode.drop(prefill.node_id)  # the last reference: the group closes, the sender fails at once
     t0 = time.monotonic()
     status, detail = prefill.reply()
@@ -277,10 +456,11 @@ def test_mismatched_sender_is_refused_not_fatal(host, decode, prefill, gens, wro
 def test_group_is_reused_within_a_generation(host, decode, prefill, gens):
     generation = gens.new()
     dst_cache = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
-    transfer(host, decode, prefill, generation, "float32", [(1, [0, 1], [2, 3])], dst_cache)
+    transfer(host, decode, prefill, generation, "float32", [(0, [0, 1], [2, 3])], dst_cache)
     pg = decode.get(prefill.node_id, generation, host.address, DECODE_RANK, 1.0)  # cached: returns at once
-    transfer(host, decode, prefill, generation, "float32", [(2, [4], [5])], dst_cache)
+    transfer(host, decode, prefill, generation, "float32", [(0, [4], [5])], dst_cache)
     assert decode.get(prefill.node_id, generation, host.address, DECODE_RANK, 1.0) is pg
+    assert decode.lanes(prefill.node_id, generation) == [0]  # lanes are built when first used, not before
 
 
 def test_receive_timeout_then_next_generation(host, decode, prefill, gens):
@@ -293,14 +473,16 @@ def test_receive_timeout_then_next_generation(host, decode, prefill, gens):
     assert prefill.reply() == ("ok", None)
     t0 = time.monotonic()
     with pytest.raises(KVTransferError):
-        receive(pg, PREFILL_RANK, 55, dst_cache.pools, [(0, 1)], 0.5)
+        receive(pg, PREFILL_RANK, "t", dst_cache.pools, [(0, 1)], 0.5)
     assert time.monotonic() - t0 < TIMEOUT / 2  # promptly: not at the sender's timeout
     decode.drop(prefill.node_id)
     with pytest.raises(KVTransferError, match="stale"):  # its rendezvous keys are spent
         decode.get(prefill.node_id, generation, host.address, DECODE_RANK, 1.0)
+    with pytest.raises(KVTransferError, match="stale"):  # on every lane
+        decode.get(prefill.node_id, generation, host.address, DECODE_RANK, 1.0, LANES_PER_PAIR - 1)
     before = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
     dst_cache = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
-    transfer(host, decode, prefill, gens.new(), "float32", [(56, [8, 9], [0, 1])], dst_cache)
+    transfer(host, decode, prefill, gens.new(), "float32", [(0, [8, 9], [0, 1])], dst_cache)
     check_pool(dst_cache, before, make_cache(PREFILL_BLOCKS, torch.float32, PREFILL_SEED), [(8, 0), (9, 1)])
 
 
@@ -312,14 +494,14 @@ def test_killed_prefill_fails_receive_at_once_then_new_generation_works(host, de
     victim = Prefill(node_id)
     try:
         generation = victim.next_generation(host.address)
-        victim.post(op="send", generation=generation, store=host.address, dtype="float32", stall_after_layer=0,
-                    transfers=[{"tag": 9, "src": src, "runs": coalesce(dst)}])
+        victim.post(op="send", generation=generation, store=host.address, cache="float32", stall_after_layer=0,
+                    transfers=[{"id": "t", "src": src, "runs": coalesce(dst)}])
         outcome: dict = {}
 
         def recv() -> None:
             pg = decode.get(node_id, generation, host.address, DECODE_RANK, TIMEOUT)
             try:
-                receive(pg, PREFILL_RANK, 9, dst_cache.pools, coalesce(dst), TIMEOUT)
+                receive(pg, PREFILL_RANK, "t", dst_cache.pools, coalesce(dst), TIMEOUT)
                 outcome["error"] = None
             except KVTransferError as exc:
                 outcome["error"] = exc
@@ -342,7 +524,7 @@ def test_killed_prefill_fails_receive_at_once_then_new_generation_works(host, de
     try:
         new_generation = reborn.next_generation(host.address)
         assert new_generation > generation
-        got, sent = transfer(host, decode, reborn, new_generation, "float32", [(9, src, dst)], dst_cache)
+        got, sent = transfer(host, decode, reborn, new_generation, "float32", [(0, src, dst)], dst_cache)
         assert got == sent == [len(src) * block_bytes(torch.float32)]
         check_pool(dst_cache, before, make_cache(PREFILL_BLOCKS, torch.float32, PREFILL_SEED),
                    list(zip(src, dst)))
@@ -350,25 +532,28 @@ def test_killed_prefill_fails_receive_at_once_then_new_generation_works(host, de
         reborn.stop()
 
 
-def test_a_transfer_ended_early_leaves_the_channel_in_step(host, decode, prefill, gens):
+def test_a_transfer_ended_early_leaves_its_lane_in_step(host, decode, prefill, gens):
     """A request cancelled before its prompt was computed sends a cancel header; one cut short after its header
-    sends zeros for the layers it owed. Neither breaks the pair: a transfer on the same group right after works
-    and lands bit for bit, and so does one that ran beside them."""
+    sends zeros for the layers it owed. Neither breaks its lane: the next transfer on the same lane works and
+    lands bit for bit, and so does one that ran beside them on another lane."""
     generation = gens.new()
     dst_cache = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
     src_cache = make_cache(PREFILL_BLOCKS, torch.float32, PREFILL_SEED)
     transfers = [
-        {"tag": 301, "src": [1, 2], "runs": coalesce([3, 4]), "end_at": 0},  # never began: cancel header
-        {"tag": 302, "src": [5, 6], "runs": coalesce([7, 8]), "end_at": 2, "early_header": True},  # padded
-        {"tag": 303, "src": [9], "runs": coalesce([10])},  # whole, beside them
+        {"id": "c", "lane": 0, "src": [1, 2], "runs": coalesce([3, 4]), "end_at": 0},  # never began: cancel header
+        {"id": "p", "lane": 1, "src": [5, 6], "runs": coalesce([7, 8]), "end_at": 2, "early_header": True},  # padded
+        {"id": "w", "lane": 2, "src": [9], "runs": coalesce([10])},  # whole, beside them
     ]
-    prefill.post(op="send", generation=generation, store=host.address, dtype="float32", transfers=transfers)
-    pg = decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT)
+    prefill.post(op="send", generation=generation, store=host.address, cache="float32", transfers=transfers)
+
+    # The lanes' groups first, in the sender's order (it builds them all before it sends a layer).
+    lane = [decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT, n) for n in range(3)]
     with pytest.raises(TransferCancelled):
-        receive(pg, PREFILL_RANK, 301, dst_cache.pools, coalesce([3, 4]), TIMEOUT)
-    assert receive(pg, PREFILL_RANK, 302, dst_cache.pools, coalesce([7, 8]), TIMEOUT) == 2 * LAYERS * block_bytes(
-        torch.float32) // LAYERS
-    assert receive(pg, PREFILL_RANK, 303, dst_cache.pools, coalesce([10]), TIMEOUT) == block_bytes(torch.float32)
+        receive(lane[0], PREFILL_RANK, "c", dst_cache.pools, coalesce([3, 4]), TIMEOUT)
+    assert receive(lane[1], PREFILL_RANK, "p", dst_cache.pools, coalesce([7, 8]), TIMEOUT) == 2 * block_bytes(
+        torch.float32)
+    assert receive(lane[2], PREFILL_RANK, "w", dst_cache.pools, coalesce([10]), TIMEOUT) == block_bytes(torch.float32)
+    del lane
     status, sent = prefill.reply()
     assert status == "ok", sent
     for layer in range(LAYERS):
@@ -378,8 +563,13 @@ def test_a_transfer_ended_early_leaves_the_channel_in_step(host, decode, prefill
             assert torch.equal(dst_cache.pools[layer][d], want), (layer, d)
     before = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
     assert torch.equal(dst_cache.pools[0][3], before.pools[0][3])  # the cancelled one wrote nothing
-    got, sent = transfer(host, decode, prefill, generation, "float32", [(304, [11, 12], [20, 21])], dst_cache)
-    assert got == sent == [2 * block_bytes(torch.float32)]
+    # The next transfers on the lanes the early ends used: in step, bit for bit.
+    got, sent = transfer(host, decode, prefill, generation, "float32",
+                         [(0, [11, 12], [20, 21]), (1, [13], [25])], dst_cache)
+    assert got == sent == [2 * block_bytes(torch.float32), block_bytes(torch.float32)]
+    for layer in range(LAYERS):
+        for d, s in ((20, 11), (21, 12), (25, 13)):
+            assert torch.equal(dst_cache.pools[layer][d], src_cache.pools[layer][s]), (layer, d)
 
 
 def test_a_late_failure_of_an_old_generation_keeps_the_newer_one():
@@ -418,16 +608,28 @@ def test_a_restarted_decode_store_counts_on_above_its_old_generations():
 
 
 def test_dropped_generations_leave_no_keys_in_the_store(host, decode, prefill, gens):
-    """Each generation's rendezvous writes keys into the decode node's store; superseded or dropped ones are
-    deleted, so the store does not grow with every channel that failed."""
+    """Each lane's rendezvous writes keys into the decode node's store; a superseded or dropped generation's
+    are deleted, on every lane, so the store does not grow with every channel that failed."""
     dst_cache = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
-    counts = []
+
+    def keys(generation: int, lane: int) -> list[str]:
+        return [f"{pair_prefix(prefill.node_id, DECODE_ID, generation, lane)}/{k}" for k in _RENDEZVOUS_KEYS]
+
+    def present(generation: int) -> list[int]:
+        return [lane for lane in range(LANES_PER_PAIR) if host.store.check(keys(generation, lane))]
+
+    counts, previous = [], None
     for i in range(6):
         generation = gens.new()
-        transfer(host, decode, prefill, generation, "float32", [(400 + i, [1], [2])], dst_cache)
+        transfer(host, decode, prefill, generation, "float32", [(0, [1], [2]), (1, [3], [4])], dst_cache)
+        assert present(generation) == [0, 1]
+        if previous is not None:
+            assert present(previous) == []  # superseded (or dropped before): gone
         if i % 2:
             decode.drop(prefill.node_id, generation)
+            assert present(generation) == []
         counts.append(host.store.num_keys())
+        previous = generation
     assert counts[-1] <= counts[1], counts  # bounded: not one more set of keys per generation
 
 

@@ -46,7 +46,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_store_address: _Optional[str] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class ReceiveKVRequest(_message.Message):
-    __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens", "block_ids", "transfer_tag")
+    __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens", "block_ids", "transfer_tag", "lane")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class ReceiveKVRequest(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prefill_node_id: str
     generation: int
@@ -61,7 +62,8 @@ class ReceiveKVRequest(_message.Message):
     num_tokens: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     transfer_tag: int
-    def __init__(self, request_id: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ...) -> None: ...
+    lane: int
+    def __init__(self, request_id: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., lane: _Optional[int] = ...) -> None: ...
 
 class ReceiveKVResponse(_message.Message):
     __slots__ = ("bytes_received",)
