@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= Once upon a time
 
-.PHONY: run up test venv
+.PHONY: run up test venv gpu-kit gpu-check
 venv: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU build on this machine's local disk; a bare `torch` requirement
@@ -27,3 +27,12 @@ up: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# On a machine with network: what the GPU machine lacks, into .gpu-kit/ (git-ignored; carry it there).
+gpu-kit:
+	bash bench/gpu/make_kit.sh
+
+# On the GPU machine (one CUDA GPU, no network, the repository plus .gpu-kit/): the whole GPU check, results
+# as JSON and logs in bench/results/gpu-check/.
+gpu-check:
+	bash bench/gpu/check.sh bench/results/gpu-check

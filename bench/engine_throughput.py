@@ -119,21 +119,31 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / best
 
 
-def median_decode_step_s(llm: LLM, batch: int, context: int, steps: int = 20) -> float:
-    """Median time of a decode-only engine step over `batch` sequences of ~`context` tokens each."""
+def start_decodes(llm: LLM, batch: int, context: int, max_tokens: int) -> None:
+    """`batch` sequences (ids d0, d1, ...) of `context` prompt tokens, prefilled: every later step decodes."""
     engine = llm.engine
     for i in range(batch):
         engine.add_request(f"d{i}", list(range(3, 3 + context)),
-                           SamplingParams(max_tokens=2 * steps, ignore_eos=True, temperature=0))
+                           SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0))
     while engine.scheduler.waiting:  # the prompts, in as few steps as the token budget allows
         engine.step()
+
+
+def step_times_s(llm: LLM, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        engine.step()
+        llm.engine.step()
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def median_decode_step_s(llm: LLM, batch: int, context: int, steps: int = 20) -> float:
+    """Median time of a decode-only engine step over `batch` sequences of ~`context` tokens each."""
+    start_decodes(llm, batch, context, 2 * steps)
+    times = step_times_s(llm, steps)
     for i in range(batch):
-        engine.abort_request(f"d{i}")
+        llm.engine.abort_request(f"d{i}")
     return statistics.median(times)
 
 

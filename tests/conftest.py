@@ -10,6 +10,18 @@ from baton.engine.loader import DEFAULT_MODEL
 SHARED_STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped, visibly, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check runs it on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     """The real trained stories260K checkpoint: ../shared's copy when present, else the bundled one."""

@@ -16,18 +16,9 @@ import triton
 import triton.language as tl
 
 from .checks import check_query_and_pool, check_tensor
+from .reference import decode_attention_ref  # noqa: F401 - the oracle, importable beside its kernel
 
 DEFAULT_BLOCKS_PER_SPLIT = 16
-
-
-def decode_attention_ref(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-    """The engine's own torch decode attention, given lengths instead of a mask."""
-    from baton.engine.attention import decode_attention
-
-    length = block_tables.shape[1] * pool.shape[2]
-    valid = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
-    return decode_attention(q, pool, block_tables.long(), valid, scale)
 
 
 @triton.jit

@@ -18,23 +18,9 @@ import triton
 import triton.language as tl
 
 from .checks import check_query_and_pool, check_tensor
+from .reference import prefill_attention_ref  # noqa: F401 - the oracle, importable beside its kernel
 
 BLOCK_M = 16
-
-
-def prefill_attention_ref(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor,
-                          query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The engine's own torch path, span by span."""
-    from baton.engine.attention import _causal_attention, gather_context
-
-    out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    for s, ctx in enumerate(seq_lens.tolist()):
-        rows = slice(starts[s], starts[s + 1])
-        if rows.stop > rows.start:
-            k, v = gather_context(pool, block_tables[s].long(), ctx)
-            out[rows] = _causal_attention(q[rows], k, v, scale)
-    return out
 
 
 @triton.jit

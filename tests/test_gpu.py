@@ -1,0 +1,99 @@
+"""The engine on a CUDA GPU (marked `gpu`: skipped, visibly, without one; `make gpu-check` runs them).
+
+Parity with transformers in float32 (exact tokens) and bfloat16 (logits within the measured half-precision
+bound), with the Triton kernels (CUDA graphs on and off) and with the torch path; seeded sampling that does
+not depend on the batch nor on the device; and a cluster on the GPU serving stories260K token for token.
+The kernels themselves are checked on the GPU by tests/test_kernels.py, which runs there in bf16 too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baton.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+transformers = pytest.importorskip("transformers")
+
+from test_architectures import (  # noqa: E402
+    HALF_TOL, PROMPTS as RANDOM_PROMPTS, VARIANTS, baton_last_logits, hf_greedy, load_hf, write_checkpoint,
+)
+from test_stories import PROMPTS, hf_greedy as hf_stories_greedy  # noqa: E402
+
+KERNELS = [dict(kernels="triton"), dict(kernels="triton", enforce_eager=True), dict(kernels="torch")]
+KERNEL_IDS = ["triton-graphs", "triton-eager", "torch"]
+
+
+def _truncated_at_eos(ids: list[int], eos: set[int]) -> list[int]:
+    return ids[: next(i for i, t in enumerate(ids) if t in eos) + 1] if any(t in eos for t in ids) else ids
+
+
+@pytest.mark.parametrize("options", KERNELS, ids=KERNEL_IDS)
+def test_stories_float32_on_cuda_matches_transformers(stories_path, hf_stories, options):
+    llm = LLM(str(stories_path), device="cuda", **options)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=128, temperature=0))
+    eos = set(hf_stories.generation_config.eos_token_id)
+    for prompt, out in zip(PROMPTS, outs):
+        want = _truncated_at_eos(hf_stories_greedy(hf_stories, out.prompt_token_ids, 128), eos)
+        assert out.token_ids == want, prompt
+
+
+@pytest.mark.parametrize("variant", ["llama-head-dim", "llama3-rope", "qwen2-tied", "mistral"])
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_variants_float32_chunked_on_cuda_match_transformers(variant, block_size, tmp_path):
+    folder = write_checkpoint(tmp_path / variant, VARIANTS[variant])
+    hf = load_hf(folder)
+    llm = LLM(str(folder), device="cuda", block_size=block_size, enable_chunked_prefill=True,
+              max_num_batched_tokens=16, max_num_seqs=4)
+    outs = llm.generate(RANDOM_PROMPTS, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    for prompt, out in zip(RANDOM_PROMPTS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt)[0]
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa4-tied", "qwen2-tied"])
+@pytest.mark.parametrize("split", ["prefill", "chunked", "decode"])
+def test_bfloat16_on_cuda_last_logits_within_half_precision_bound(variant, split, tmp_path):
+    folder = write_checkpoint(tmp_path / variant, VARIANTS[variant])
+    hf = load_hf(folder, torch.bfloat16).cuda()
+    llm = LLM(str(folder), device="cuda", dtype="bfloat16")
+    for prompt in RANDOM_PROMPTS:
+        with torch.inference_mode():
+            want = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
+        got = baton_last_logits(llm, prompt, split)
+        assert (got - want).abs().max().item() <= HALF_TOL["bfloat16"]
+
+
+def test_seeded_sampling_on_cuda_ignores_the_batch_and_matches_the_cpu(stories_path, stories_llm):
+    params = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, top_k=40, seed=77)
+    gpu = LLM(str(stories_path), device="cuda")
+    alone = gpu.generate([PROMPTS[0]], params)[0].token_ids
+    crowd = gpu.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+                         [SamplingParams(max_tokens=30, temperature=1.0, seed=5), params,
+                          SamplingParams(max_tokens=50, temperature=0)])[1].token_ids
+    assert alone == crowd
+    assert alone == stories_llm.generate([PROMPTS[0]], params)[0].token_ids
+
+
+def test_cuda_graphs_on_and_off_give_the_same_tokens(stories_path):
+    """Batches of 1, 3, 5 and 9 (padded to 1, 4, 8 and 16), greedy and seeded."""
+    graphs = LLM(str(stories_path), device="cuda", kernels="triton", max_num_seqs=16)
+    eager = LLM(str(stories_path), device="cuda", kernels="triton", enforce_eager=True, max_num_seqs=16)
+    assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
+    for n in (1, 3, 5, 9):
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        params = [SamplingParams(max_tokens=40, temperature=0 if i % 2 else 0.9, seed=i) for i in range(n)]
+        assert ([o.token_ids for o in graphs.generate(prompts, params)]
+                == [o.token_ids for o in eager.generate(prompts, params)])
+
+
+def test_colocated_cluster_on_the_gpu_serves_stories_token_for_token(stories_path, stories_llm, tmp_path):
+    from baton.router.client import BatonClient
+    from cluster_harness import BatonUp
+
+    with BatonUp(tmp_path, "--model", str(stories_path), "--colocated", "1", "--device", "cuda") as up:
+        with BatonClient(up.address, timeout=120) as client:
+            for prompt in PROMPTS:
+                want = stories_llm.generate([prompt], SamplingParams(max_tokens=64, temperature=0))[0]
+                assert client.complete(prompt, max_tokens=64, temperature=0).token_ids == want.token_ids
+    assert not up.hung and up.leftovers == [] and up.returncode == 0
