@@ -88,6 +88,13 @@ def _device_arg(parser: argparse.ArgumentParser) -> None:
                         help="no CUDA graphs for decode steps (by default captured on CUDA with Triton kernels)")
 
 
+def _kv_path_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-path", choices=["auto", "pair", "shared"], default="auto",
+                        help="how K/V go from prefill to decode nodes: the pair channel (gloo, NCCL), or straight "
+                             "into the decode node's memory when both nodes are on one device (auto: on a shared "
+                             "GPU; shared: on one CPU host too, through /dev/shm)")
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="HF checkpoint folder (default: the bundled stories260K)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -152,7 +159,7 @@ def _node(args: argparse.Namespace) -> int:
     _start_process(args)
     run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
                    port=args.port, advertise_host=args.advertise_host, ttl=args.ttl, threads=args.threads,
-                   transfer_timeout=args.transfer_timeout, engine=_engine_config(args)))
+                   transfer_timeout=args.transfer_timeout, kv_path=args.kv_path, engine=_engine_config(args)))
     return 0
 
 
@@ -173,7 +180,8 @@ def _up(args: argparse.Namespace) -> int:
     resolve_kernels(args.kernels, resolve_device(args.device))
 
     passed_on = {"--device": args.device, "--kernels": args.kernels, "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
-                 "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens}
+                 "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
+                 "--kv-path": args.kv_path}
     node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
@@ -227,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-kv-blocks", type=int, default=None)
     up.add_argument("--max-num-seqs", type=int, default=None)
     up.add_argument("--transfer-timeout", type=float, default=None, help="seconds a KV transfer may take (30)")
+    _kv_path_arg(up)
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     up.set_defaults(run=_up)
 
@@ -236,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--ttl", type=float, default=3.0, help="membership lease in seconds")
     node.add_argument("--threads", type=int, default=0)
     node.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
+    _kv_path_arg(node)
     node.add_argument("--advertise-host", default="",
                       help="the address other nodes and the router dial (default: --host, or this machine's "
                            "address when --host is a wildcard such as 0.0.0.0)")

@@ -19,6 +19,7 @@ from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, Server, r
 from baton.cluster.loops import every, retrying
 from baton.cluster.membership import NodeInfo, NodeRegistration
 from baton.engine import EngineConfig, LLMEngine
+from baton.engine.shm import remove_stale_shm
 from baton.engine.async_engine import AsyncEngine
 from baton.kvtransfer.channel import KVStoreHost, join_address
 from baton.v1 import node_pb2_grpc
@@ -42,6 +43,10 @@ class NodeConfig:
     threads: int = 0  # torch threads; 0 -> torch's default
     load_report_seconds: float = 0.2
     transfer_timeout: float = 30.0  # a KV transfer (or its channel set-up) that takes longer fails
+    # "auto": a decode node offers its KV storage to prefill nodes on its device when that is a GPU, and a
+    # prefill node writes into any storage offered on its own device; "shared": a CPU decode node offers its
+    # storage too (in /dev/shm); "pair": always the pair channel (gloo or NCCL).
+    kv_path: str = "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -53,9 +58,14 @@ class NodeConfig:
             raise ValueError("enable_chunked_prefill: a prefill node sends whole prompts; turn it off")
         if not self.advertise_host:
             self.advertise_host = advertised_host(self.host)
+        if self.kv_path not in KV_PATHS:
+            raise ValueError(f"kv_path: must be one of {KV_PATHS}, got {self.kv_path!r}")
+        if self.kv_path == "shared" and self.role != "prefill":
+            self.engine.share_kv_cache = True
 
 
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+KV_PATHS = ("auto", "pair", "shared")
 
 
 def advertised_host(host: str) -> str:
@@ -74,6 +84,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loop = asyncio.get_running_loop()
+    if cfg.engine.share_kv_cache:
+        remove_stale_shm()  # what killed nodes on this host left in /dev/shm
     engine = await asyncio.to_thread(LLMEngine, cfg.engine)
     store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host) if cfg.role != "prefill" else None
     servicer, tasks = None, []
@@ -82,13 +94,14 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             from baton.prefill.server import PrefillServicer
 
             async_engine = AsyncEngine(engine, loop)
-            servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout)
+            servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path)
             server = Server([(node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)])
         else:
             from baton.decode.server import DecodeServicer
 
             async_engine = AsyncEngine(engine, loop)
-            servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout)
+            servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout,
+                                      publish_share=cfg.kv_path != "pair")
             server = Server([(node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)])
             tasks.append(asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry")))
         port = server.bind(cfg.host, cfg.port).rpartition(":")[2]

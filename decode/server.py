@@ -17,13 +17,14 @@ import logging
 
 import grpc
 
-from baton.cluster.messages import abort_for, kv_layout, responses_from_output, sampling_from_proto
+from baton.cluster.messages import abort_for, kv_layout, responses_from_output, sampling_from_proto, share_to_proto
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.kvtransfer.channel import (DECODE_RANK, LANES_PER_PAIR, PREFILL_RANK, KVStoreHost, PairChannels,
                                       TransferCancelled, TransferThreads)
 from baton.kvtransfer.receiver import drain, receive
 from baton.kvtransfer.sender import coalesce
+from baton.kvtransfer.shared import share
 from baton.v1 import node_pb2, node_pb2_grpc
 
 from .reservations import NotAllowed, Phase, Reservation, Reservations
@@ -35,7 +36,7 @@ DEFAULT_LEASE_MS = 30_000
 
 class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     def __init__(self, node_id: str, role: str, engine: AsyncEngine, store: KVStoreHost | None,
-                 transfer_timeout: float = 30.0, peer_idle_seconds: float = 60.0) -> None:
+                 transfer_timeout: float = 30.0, peer_idle_seconds: float = 60.0, publish_share: bool = True) -> None:
         self.node_id = node_id
         self.role = role
         self.engine = engine
@@ -53,6 +54,14 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         # (prefill node, generation, lane) of the receives and drains in progress: the prefill node never puts
         # two transfers on one lane at once, and one that did would get the other's messages.
         self._busy: set[tuple[str, int, int]] = set()
+        # The same-device path: how a prefill node on this device maps the KV storage (a CUDA allocation is
+        # always shareable; a CPU one only when the engine put it in /dev/shm), and the writes in progress.
+        storage, shm_path = engine.kv_storage
+        self.share = None
+        if publish_share and (storage.device.type == "cuda" or shm_path):
+            self.share = share_to_proto(share(storage, shm_path))
+            log.info("kv storage shareable on %s", self.share.device_id)
+        self._writes: dict[str, asyncio.Task] = {}  # request id -> its deadline, until KVWritten
 
     # -- reservations -------------------------------------------------------------------------------
 
@@ -64,7 +73,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await abort_for(context, e)
         return node_pb2.ReserveResponse(
             block_ids=r.blocks, kv_store_address=self.store.address if self.store else "", transfer_tag=r.tag,
-            layout=self.layout,
+            layout=self.layout, share=self.share,
         )
 
     async def housekeeping(self) -> None:
@@ -83,6 +92,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         step for the prefill node's next transfer on it; any other answer means its generation must go."""
         if request.layout != self.layout:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
+        if request.shared:
+            return await self._begin_write(request, context)
         if request.lane >= LANES_PER_PAIR:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"lane: must be below {LANES_PER_PAIR}, got {request.lane}")
@@ -171,6 +182,46 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         task.add_done_callback(lambda _: self._busy.discard(lane))
         return task
 
+    async def _begin_write(self, request, context):
+        """The same-device path: the prefill node writes into the reserved blocks itself. The reservation
+        becomes RECEIVING (so a release waits for the writes to end), and KVWritten, or the transfer timeout,
+        ends it."""
+        if self.share is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "shared: this node's KV storage is not shared")
+        r = self.reservations.get(request.request_id)
+        if r is None or r.phase is Phase.RELEASED:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no reservation for {request.request_id!r}")
+        if not 0 < self.engine.blocks_for(request.num_tokens) <= len(r.blocks):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_tokens: {request.num_tokens} tokens "
+                                f"do not fit the {len(r.blocks)} reserved blocks")
+        if list(request.block_ids) != r.blocks[: len(request.block_ids)]:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_ids: not this reservation's blocks")
+        try:
+            self.reservations.advance(r, Phase.RECEIVING)  # at once, before any await: see Reservations
+        except NotAllowed as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        self._writes[request.request_id] = asyncio.create_task(self._write_deadline(r, request.prefill_node_id))
+        return node_pb2.ReceiveKVResponse()
+
+    async def _write_deadline(self, r: Reservation, prefill_id: str) -> None:
+        await asyncio.sleep(self.transfer_timeout)
+        if self._writes.pop(r.request_id, None) is not None:
+            log.warning("kv writes of %s by %s did not end in %.0f s", r.request_id, prefill_id, self.transfer_timeout)
+            await self.reservations.receive_ended(r, False, "the prefill node's KV writes did not end in time")
+
+    async def KVWritten(self, request, context):
+        deadline = self._writes.pop(request.request_id, None)
+        r = self.reservations.get(request.request_id)
+        if deadline is None or r is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no KV write in progress for "
+                                f"{request.request_id!r}")
+        deadline.cancel()
+        if request.ok:
+            self.kv_bytes_received += request.bytes_written
+        await self.reservations.receive_ended(r, request.ok, "kv written" if request.ok else
+                                              f"the prefill node {request.prefill_node_id} gave up its KV writes")
+        return node_pb2.KVWrittenResponse()
+
     # -- decoding -----------------------------------------------------------------------------------
 
     async def Continue(self, request, context):
@@ -236,6 +287,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         )
 
     async def close(self) -> None:
+        for deadline in self._writes.values():
+            deadline.cancel()
         await self.reservations.release_all("node shutdown")
         self.channels.close()
         self.threads.close()

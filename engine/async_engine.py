@@ -128,6 +128,10 @@ class AsyncEngine:
     def kv_pools(self) -> list:
         return self.engine.kv_pools
 
+    @property
+    def kv_storage(self) -> tuple:
+        return self.engine.kv_storage
+
     def blocks_for(self, num_tokens: int) -> int:
         return self.engine.blocks_for(num_tokens)
 

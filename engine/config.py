@@ -223,6 +223,7 @@ class EngineConfig:
     pack_cpu_weights: bool = True  # oneDNN packed-weight matmuls on CPU (engine/linear.py)
     kernels: str = "auto"  # "torch", "triton" or "auto" (Triton on CUDA, torch on a CPU); resolved here
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they need CUDA and the Triton kernels)
+    share_kv_cache: bool = False  # CPU: the KV cache in /dev/shm, mappable by another process (CUDA: always)
 
 
     def __post_init__(self) -> None:

@@ -75,7 +75,7 @@ class LLMEngine:
         model.ops = make_ops(config.kernels, model.rotary, config.block_size)
         num_blocks = config.num_kv_blocks or self._default_num_blocks(DTYPES[dtype])
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], config.device)
+        kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], config.device, config.share_kv_cache)
         graphs = None
         if config.device.startswith("cuda") and config.kernels == "triton" and not config.enforce_eager:
             graphs = DecodeGraphs(model, kv.pools, config.max_num_seqs, self.blocks.blocks_for(self.max_model_len),
@@ -203,6 +203,12 @@ class LLMEngine:
     @property
     def kv_pools(self) -> list[torch.Tensor]:
         return self.runner.kv.pools
+
+    @property
+    def kv_storage(self) -> tuple[torch.Tensor, str]:
+        """Every layer's pool as one tensor `[layers, blocks, 2, block_size, kv_heads, head_dim]`, and the
+        /dev/shm file that holds it ("" unless `share_kv_cache` on a CPU)."""
+        return self.runner.kv.storage, self.runner.kv.shm_path
 
     def blocks_for(self, num_tokens: int) -> int:
         return self.blocks.blocks_for(num_tokens)

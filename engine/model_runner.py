@@ -14,15 +14,21 @@ from .cuda_graphs import DecodeGraphs
 from .config import ModelConfig
 from .model import CausalLM
 from .sequence import Sequence
+from .shm import allocate_shm
 
 
 class KVCache:
     """One pool per layer, `[num_blocks, 2, block_size, num_kv_heads, head_dim]`: a block of one layer is one
     contiguous slice, so it can be sent to another process as it is."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str,
+                 shared: bool = False):
         shape = (cfg.num_layers, num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.shm_path = ""  # on a CPU with `shared`: the /dev/shm file another process maps the storage from
+        if shared and torch.device(device).type == "cpu":
+            self.storage, self.shm_path = allocate_shm(shape, dtype, "kv")
+        else:  # a CUDA allocation is shareable as it is (an IPC handle)
+            self.storage = torch.zeros(shape, dtype=dtype, device=device)
         self.pools = list(self.storage.unbind(0))
 
     @staticmethod

@@ -14,19 +14,13 @@ use this path. The choice between this path and the pair channel is the prefill 
 
 from __future__ import annotations
 
-import os
 import socket
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .channel import KVTransferError
-
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "baton-kv-"
-
 
 def _host_id() -> str:
     try:
@@ -65,41 +59,9 @@ class SharedPool:
     tensor_offset: int = 0
 
 
-def allocate_shm(shape: tuple[int, ...], dtype: torch.dtype, name: str) -> tuple[torch.Tensor, str]:
-    """Zeroed storage in a new /dev/shm file (removed when the tensor is collected or the process ends;
-    `remove_stale_shm` removes what a killed process left)."""
-    path = SHM_DIR / f"{SHM_PREFIX}{os.getpid()}-{name}"
-    if path.exists():
-        path.unlink()
-    numel = 1
-    for s in shape:
-        numel *= s
-    storage = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
-    weakref.finalize(storage, _unlink, str(path))
-    return storage, str(path)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def remove_stale_shm() -> int:
-    """Removes the /dev/shm KV files of processes that no longer run; returns how many."""
-    removed = 0
-    for path in SHM_DIR.glob(f"{SHM_PREFIX}*"):
-        pid = path.name[len(SHM_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            _unlink(str(path))
-            removed += 1
-    return removed
-
-
 def share(storage: torch.Tensor, shm_path: str = "") -> SharedPool:
     """The description another process maps `storage` from (CUDA: any allocation; CPU: one made by
-    `allocate_shm`, whose path is given)."""
+    `engine.shm.allocate_shm`, whose path is given)."""
     if not storage.is_contiguous():
         raise ValueError("the KV storage must be contiguous to be shared")
     if storage.device.type == "cuda":
@@ -113,7 +75,7 @@ def share(storage: torch.Tensor, shm_path: str = "") -> SharedPool:
                           ref_counter_handle=args[11], ref_counter_offset=args[12], event_handle=args[13] or b"",
                           event_sync_required=bool(args[14]), tensor_offset=args[3])
     if not shm_path:
-        raise ValueError("a CPU KV storage is shared through its /dev/shm file: allocate it with allocate_shm")
+        raise ValueError("a CPU KV storage is shared through its /dev/shm file: allocate it with engine.shm.allocate_shm")
     return SharedPool(device_id("cpu"), tuple(storage.shape), storage.dtype, shm_path=shm_path)
 
 
@@ -194,8 +156,18 @@ class SharedWriter:
         return self._next_layer
 
     def end_early(self) -> None:
+        """The transfer stops short (call once nothing else will post for it). Copies already queued on the
+        device may still be running: `settle` waits for them before the decode node may reuse the blocks."""
         if self._next_layer < self.num_layers:
             self.ended_early = True
+        if self._next_layer and self.target.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()  # the default stream: where the engine thread queued the copies
+
+    def settle(self) -> None:
+        """Blocks until no copy of this transfer is running (after `end_early`)."""
+        if self._event is not None:
+            self._event.synchronize()
 
     def wait(self, timeout: float) -> int:
         """Blocks until every copy is done (CUDA: the last layer's event; a copy on the device cannot hang, so

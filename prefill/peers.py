@@ -17,15 +17,20 @@ receiver the previous transfer's messages (NCCL can complete small sends before 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 
 from baton.kvtransfer.channel import LANES_PER_PAIR, PairChannels, TransferThreads
+from baton.kvtransfer.shared import SharedPool, open_shared
 from baton.v1 import node_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, eq=False)
@@ -41,6 +46,7 @@ class DecodePeer:
     waiters: deque = field(default_factory=deque)  # futures of transfers waiting for a lane, oldest first
     active: int = 0  # transfers using this entry now (holding a lane or waiting for one)
     broken: bool = False  # a transfer failed: forget the entry once the last one ends
+    mapped: tuple | None = None  # the same-device path: (what was mapped, the decode node's storage mapped here)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one generation request at a time
 
 
@@ -68,17 +74,7 @@ class DecodePeers:
         """The peer's entry, the generation to transfer on and a lane of it that this transfer alone holds
         (waiting while every lane is held); pair it with `release`. Raises KVTransferError when the peer's
         store cannot be reached (and then holds nothing for it)."""
-        self._prune()
-        peer = self._peers.get(node_id)
-        if peer is not None and (peer.address, peer.store_address) != (address, store_address) and not peer.active:
-            self._forget(peer)  # restarted elsewhere under the same id
-            peer = None
-        if peer is None:
-            channel = grpc.aio.insecure_channel(address)
-            peer = self._peers[node_id] = DecodePeer(node_id, address, store_address, channel,
-                                                     node_pb2_grpc.DecodeNodeStub(channel), self._clock())
-        peer.active += 1
-        peer.last_used = self._clock()
+        peer = self.entry(node_id, address, store_address)
         try:
             woken = False
             while True:
@@ -91,6 +87,8 @@ class DecodePeers:
                             peer.broken = True
                             raise
                         peer.generation, peer.free_lanes = generation, list(range(self.lanes))
+                        log.info("kv path to %s: pair channel (%s), generation %d", node_id,
+                                 "nccl" if self.channels.device.type == "cuda" else "gloo", generation)
                     if peer.free_lanes:
                         # The lowest free lane: a node that never has many transfers in flight builds few groups.
                         peer.free_lanes.sort()
@@ -113,6 +111,32 @@ class DecodePeers:
         except BaseException:
             self.release(peer)
             raise
+
+    def entry(self, node_id: str, address: str, store_address: str) -> DecodePeer:
+        """The peer's entry (its gRPC stub), counted as in use: pair it with `release`. `acquire` adds a
+        lane; the same-device path needs none."""
+        self._prune()
+        peer = self._peers.get(node_id)
+        if peer is not None and (peer.address, peer.store_address) != (address, store_address) and not peer.active:
+            self._forget(peer)  # restarted elsewhere under the same id
+            peer = None
+        if peer is None:
+            channel = grpc.aio.insecure_channel(address)
+            peer = self._peers[node_id] = DecodePeer(node_id, address, store_address, channel,
+                                                     node_pb2_grpc.DecodeNodeStub(channel), self._clock())
+        peer.active += 1
+        peer.last_used = self._clock()
+        return peer
+
+    async def mapped_pool(self, peer: DecodePeer, pool: SharedPool, device) -> torch.Tensor:
+        """The decode node's KV storage mapped into this process: once per entry and storage (a restarted
+        decode node shares a new one)."""
+        key = (pool.device_id, pool.shm_path, pool.cuda_handle, pool.storage_offset)
+        if peer.mapped is None or peer.mapped[0] != key:
+            tensor = await self.threads.run(open_shared, pool, device)
+            peer.mapped = (key, tensor)
+            log.info("kv path to %s: shared memory on %s", peer.node_id, pool.device_id)
+        return peer.mapped[1]
 
     def failed(self, peer: DecodePeer, generation: int | None) -> None:
         """A transfer on `generation` failed, or ended without the decode node's answer: that generation goes,

@@ -29,11 +29,13 @@ import threading
 import grpc
 import torch
 
-from baton.cluster.messages import abort_for, chunk_from_output, finish_to_proto, kv_layout, sampling_from_proto
+from baton.cluster.messages import (abort_for, chunk_from_output, finish_to_proto, kv_layout, sampling_from_proto,
+                                   share_from_proto)
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVTransferError, PairChannels, TransferThreads
 from baton.kvtransfer.sender import KVSender, Staging, check_runs, coalesce
+from baton.kvtransfer.shared import SharedWriter, device_id
 from baton.v1 import node_pb2, node_pb2_grpc
 
 from .peers import DecodePeer, DecodePeers
@@ -43,10 +45,14 @@ log = logging.getLogger(__name__)
 
 class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
     def __init__(self, node_id: str, engine: AsyncEngine, transfer_timeout: float = 30.0,
-                 peer_idle_seconds: float = 60.0) -> None:
+                 peer_idle_seconds: float = 60.0, kv_path: str = "auto") -> None:
         self.node_id = node_id
         self.engine = engine
         self.spec = engine.kv_spec
+        # "pair": always the pair channel; otherwise the same-device path wherever a decode node offers its
+        # storage on this node's device (kvtransfer/shared.py).
+        self.kv_path = kv_path
+        self.device_id = device_id(self.spec.device)
         self.channels = PairChannels(node_id, self.spec.device)
         self.threads = TransferThreads("kv-send")
         self.staging = Staging()  # the packed layers' buffers, reused from transfer to transfer
@@ -55,7 +61,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.layout = kv_layout(self.spec)
         # One sender per transfer, registered before its prompt can be scheduled and removed only once the
         # request has left the engine: the engine thread (the KV sink below) reads it in between.
-        self._senders: dict[str, KVSender] = {}
+        self._senders: dict[str, KVSender | SharedWriter] = {}
         self._lock = threading.Lock()
         self.kv_bytes_sent = 0
         self.requests_served = 0
@@ -63,7 +69,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
 
     # -- the KV sink (engine thread, inside a step): never raises, a failure stays with its transfer ----
 
-    def _sender(self, request_id: str) -> KVSender | None:
+    def _sender(self, request_id: str) -> KVSender | SharedWriter | None:
         with self._lock:
             return self._senders.get(request_id)
 
@@ -100,6 +106,10 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             await abort_for(context, e)
         if target.layout != self.layout:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
+        if self.kv_path != "pair" and target.HasField("share") and target.share.device_id == self.device_id:
+            async for event in self._prefill_shared(request, prompt, params, context):
+                yield event
+            return
         transfer = _Transfer()
         try:
             transfer.peer, transfer.generation, transfer.lane = await self.peers.acquire(
@@ -154,6 +164,71 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         finally:
             # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
             await asyncio.shield(self._end(rid, transfer, runs))
+
+    async def _prefill_shared(self, request, prompt: list[int], params, context):
+        """The same-device path: the K/V are copied straight into the decode node's pool, mapped here; the
+        decode node holds the reservation as receiving from ReceiveKV (shared) until KVWritten."""
+        rid, target = request.request_id, request.target
+        peer = self.peers.entry(target.decode_node_id, target.decode_address, target.kv_store_address)
+        writer, owed = None, False  # owed: the decode node waits for KVWritten
+        try:
+            pool = await self.peers.mapped_pool(peer, share_from_proto(target.share), self.spec.device)
+            # Owed from the moment the call may reach the decode node: cancelled while it is in flight, this
+            # call still says "given up" (a decode node that never began answers NOT_FOUND, harmlessly).
+            owed = True
+            await peer.stub.ReceiveKV(node_pb2.ReceiveKVRequest(
+                request_id=rid, prefill_node_id=self.node_id, layout=self.layout, num_tokens=len(prompt),
+                block_ids=target.block_ids, transfer_tag=target.transfer_tag, shared=True), timeout=self.transfer_timeout)
+            writer = SharedWriter(pool, list(target.block_ids), self.spec.num_layers)
+            with self._lock:
+                self._senders[rid] = writer
+            first = None
+            async for out in self.engine.generate(rid, prompt, params, prefill_only=True):
+                first = out
+            self.requests_served += 1
+            yield node_pb2.PrefillEvent(first_token=node_pb2.FirstToken(
+                chunk=chunk_from_output(first, request.sampling.logprobs),
+                finish=finish_to_proto(first.finish_reason) if first.finished else 0,
+            ))
+            written = await asyncio.shield(self.threads.run(writer.wait, self.transfer_timeout))
+            await peer.stub.KVWritten(node_pb2.KVWrittenRequest(
+                request_id=rid, prefill_node_id=self.node_id, ok=True, bytes_written=written),
+                timeout=self.transfer_timeout)
+            owed = False
+            self.kv_bytes_sent += written
+            yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes_sent=written))
+        except (FieldError, NoCapacity) as e:
+            await abort_for(context, e)
+        except (KVTransferError, grpc.aio.AioRpcError, ValueError, RuntimeError) as e:
+            # ValueError / RuntimeError: the pool could not be mapped (a stale handle, another device).
+            # A refused ReceiveKV owes nothing; a failed KVWritten leaves the blocks to the decode node's deadline.
+            owed = owed and not isinstance(e, grpc.aio.AioRpcError)
+            log.warning("kv writes of %s into %s failed: %s", rid, target.decode_node_id, _short(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"kv transfer to {target.decode_node_id} failed: {_short(e)}")
+        except EngineFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill node {self.node_id}: {e}")
+        finally:
+            await asyncio.shield(self._end_shared(rid, peer, writer, owed))
+
+    async def _end_shared(self, rid: str, peer: DecodePeer, writer: SharedWriter | None, owed: bool) -> None:
+        await self.engine.release(rid)  # after it, the engine thread queues no copy for this request
+        with self._lock:
+            self._senders.pop(rid, None)
+        if writer is not None:
+            writer.end_early()
+            await self.threads.run(writer.settle)  # the blocks are the decode node's again only after this
+        if owed:
+            try:
+                await peer.stub.KVWritten(node_pb2.KVWrittenRequest(request_id=rid, prefill_node_id=self.node_id,
+                                                                    ok=False), timeout=self.transfer_timeout)
+            except grpc.aio.AioRpcError as e:
+                # NOT_FOUND: the decode node had not begun (the call was cancelled in flight) or already ended.
+                # Anything else: its deadline frees the blocks anyway.
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    log.info("kv writes of %s: telling %s they were given up did not reach it: %s", rid,
+                             peer.node_id, _short(e))
+        self.peers.release(peer)
 
     def _new_sender(self, group, rid: str, runs: list[tuple[int, int]]) -> KVSender:
         """A transfer's sender: its header goes when the prompt's step starts (or a cancel header instead)."""

@@ -97,3 +97,54 @@ def test_colocated_cluster_on_the_gpu_serves_stories_token_for_token(stories_pat
                 want = stories_llm.generate([prompt], SamplingParams(max_tokens=64, temperature=0))[0]
                 assert client.complete(prompt, max_tokens=64, temperature=0).token_ids == want.token_ids
     assert not up.hung and up.leftovers == [] and up.returncode == 0
+
+
+def test_one_prefill_one_decode_on_one_gpu_through_the_same_device_path(stories_path, stories_llm, tmp_path):
+    """NCCL refuses two ranks on one GPU: the prefill node writes into the decode node's pool through CUDA IPC."""
+    from baton.router.client import BatonClient
+    from cluster_harness import BatonUp
+
+    with BatonUp(tmp_path, "--model", str(stories_path), "--device", "cuda") as up:
+        [decode], [prefill] = up.nodes("decode"), up.nodes("prefill")
+        with BatonClient(up.address, timeout=120) as client:
+            for prompt in PROMPTS:
+                want = stories_llm.generate([prompt], SamplingParams(max_tokens=64, temperature=0))[0]
+                assert client.complete(prompt, max_tokens=64, temperature=0).token_ids == want.token_ids
+        assert up.stats(prefill).kv_bytes_sent == up.stats(decode).kv_bytes_received > 0
+        logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+        assert "kv path to decode-0: shared memory on cuda:" in logs
+    assert not up.hung and up.leftovers == [] and up.returncode == 0
+
+
+def _ipc_writer(desc, done) -> None:
+    from baton.kvtransfer.shared import SharedWriter, open_shared
+
+    target = open_shared(desc, "cuda")
+    local = torch.arange(4 * 2 * 8 * 2 * 16, dtype=torch.float32, device="cuda").view(4, 2, 8, 2, 16)
+    writer = SharedWriter(target, [3, 1], 2)
+    writer.begin([0, 2], local)
+    for layer in range(2):
+        writer.send_layer(layer, local + layer)
+    done.put(writer.wait(10.0))
+
+
+def test_another_process_writes_into_a_cuda_pool_through_ipc():
+    import multiprocessing as mp
+
+    from baton.kvtransfer.shared import share
+
+    storage = torch.full((2, 4, 2, 8, 2, 16), -1.0, device="cuda")
+    ctx = mp.get_context("spawn")
+    done = ctx.Queue()
+    proc = ctx.Process(target=_ipc_writer, args=(share(storage), done))
+    proc.start()
+    try:
+        assert done.get(timeout=120) == 2 * 2 * 2 * 8 * 2 * 16 * 4
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    local = torch.arange(4 * 2 * 8 * 2 * 16, dtype=torch.float32, device="cuda").view(4, 2, 8, 2, 16)
+    for layer in range(2):
+        assert torch.equal(storage[layer, [3, 1]], (local + layer)[[0, 2]])
+        assert bool((storage[layer, [0, 2]] == -1).all())

@@ -34,6 +34,8 @@ METHODS = [
      node_pb2.ReserveRequest(request_id="r", prompt_tokens=4, max_tokens=4, lease_ms=1000)),
     ("decode", "/baton.v1.DecodeNode/Continue", True,
      node_pb2.ContinueRequest(request_id="r", prompt_token_ids=[1, 403, 407], first_token=5)),
+    ("decode", "/baton.v1.DecodeNode/KVWritten", False,
+     node_pb2.KVWrittenRequest(request_id="r", prefill_node_id="p", ok=True, bytes_written=64)),
     ("prefill", "/baton.v1.PrefillNode/Prefill", True,
      node_pb2.PrefillRequest(request_id="r", prompt_token_ids=[1, 403, 407])),
 ]

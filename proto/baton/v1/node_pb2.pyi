@@ -21,6 +21,34 @@ class KVLayout(_message.Message):
     dtype: str
     def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
+class KVShare(_message.Message):
+    __slots__ = ("device_id", "shape", "dtype", "shm_path", "cuda_handle", "storage_size", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "tensor_offset")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHM_PATH_FIELD_NUMBER: _ClassVar[int]
+    CUDA_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    shm_path: str
+    cuda_handle: bytes
+    storage_size: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    tensor_offset: int
+    def __init__(self, device_id: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shm_path: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., storage_size: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: bool = ..., tensor_offset: _Optional[int] = ...) -> None: ...
+
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_tokens", "max_tokens", "lease_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -34,19 +62,21 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("block_ids", "kv_store_address", "transfer_tag", "layout")
+    __slots__ = ("block_ids", "kv_store_address", "transfer_tag", "layout", "share")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     kv_store_address: str
     transfer_tag: int
     layout: KVLayout
-    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_store_address: _Optional[str] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    share: KVShare
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_store_address: _Optional[str] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ...) -> None: ...
 
 class ReceiveKVRequest(_message.Message):
-    __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens", "block_ids", "transfer_tag", "lane")
+    __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens", "block_ids", "transfer_tag", "lane", "shared")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +85,7 @@ class ReceiveKVRequest(_message.Message):
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prefill_node_id: str
     generation: int
@@ -63,7 +94,24 @@ class ReceiveKVRequest(_message.Message):
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     transfer_tag: int
     lane: int
-    def __init__(self, request_id: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., lane: _Optional[int] = ...) -> None: ...
+    shared: bool
+    def __init__(self, request_id: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., lane: _Optional[int] = ..., shared: bool = ...) -> None: ...
+
+class KVWrittenRequest(_message.Message):
+    __slots__ = ("request_id", "prefill_node_id", "ok", "bytes_written")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prefill_node_id: str
+    ok: bool
+    bytes_written: int
+    def __init__(self, request_id: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., ok: bool = ..., bytes_written: _Optional[int] = ...) -> None: ...
+
+class KVWrittenResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ReceiveKVResponse(_message.Message):
     __slots__ = ("bytes_received",)
@@ -108,20 +156,22 @@ class NodeGenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_baton_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class KVTarget(_message.Message):
-    __slots__ = ("decode_node_id", "decode_address", "kv_store_address", "block_ids", "transfer_tag", "layout")
+    __slots__ = ("decode_node_id", "decode_address", "kv_store_address", "block_ids", "transfer_tag", "layout", "share")
     DECODE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
     decode_node_id: str
     decode_address: str
     kv_store_address: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     transfer_tag: int
     layout: KVLayout
-    def __init__(self, decode_node_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., kv_store_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    share: KVShare
+    def __init__(self, decode_node_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., kv_store_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "target")

@@ -51,6 +51,11 @@ class DecodeNodeStub(object):
                 request_serializer=baton_dot_v1_dot_node__pb2.ContinueRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_baton__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.KVWritten = channel.unary_unary(
+                '/baton.v1.DecodeNode/KVWritten',
+                request_serializer=baton_dot_v1_dot_node__pb2.KVWrittenRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_node__pb2.KVWrittenResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/baton.v1.DecodeNode/Release',
                 request_serializer=baton_dot_v1_dot_node__pb2.ReleaseRequest.SerializeToString,
@@ -95,6 +100,14 @@ class DecodeNodeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVWritten(self, request, context):
+        """Called by a prefill node that wrote the request's K/V itself into this node's shared pool (ReceiveKV with
+        `shared`): the writes are over (done, or given up). The reservation then becomes ready, or is released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Frees whatever the node holds for a request (reservation or running sequence). Safe to call twice.
         """
@@ -132,6 +145,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.Continue,
                     request_deserializer=baton_dot_v1_dot_node__pb2.ContinueRequest.FromString,
                     response_serializer=baton_dot_v1_dot_baton__pb2.GenerateResponse.SerializeToString,
+            ),
+            'KVWritten': grpc.unary_unary_rpc_method_handler(
+                    servicer.KVWritten,
+                    request_deserializer=baton_dot_v1_dot_node__pb2.KVWrittenRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_node__pb2.KVWrittenResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -231,6 +249,33 @@ class DecodeNode(object):
             '/baton.v1.DecodeNode/Continue',
             baton_dot_v1_dot_node__pb2.ContinueRequest.SerializeToString,
             baton_dot_v1_dot_baton__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KVWritten(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DecodeNode/KVWritten',
+            baton_dot_v1_dot_node__pb2.KVWrittenRequest.SerializeToString,
+            baton_dot_v1_dot_node__pb2.KVWrittenResponse.FromString,
             options,
             channel_credentials,
             insecure,
