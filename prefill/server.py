@@ -132,16 +132,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 PREFILL_RANK, self.transfer_timeout, transfer.lane,
             )
             transfer.sender = self._new_sender(await asyncio.shield(transfer.group), rid, runs)
-            with self._lock:
-                self._senders[rid] = transfer.sender
-            first = None
-            async for out in self.engine.generate(rid, prompt, params, prefill_only=True):
-                first = out
-            self.requests_served += 1
-            yield node_pb2.PrefillEvent(first_token=node_pb2.FirstToken(
-                chunk=chunk_from_output(first, request.sampling.logprobs),
-                finish=finish_to_proto(first.finish_reason) if first.finished else 0,
-            ))
+            yield await self._compute(request, prompt, params, transfer.sender)
             sent = await asyncio.shield(transfer.wait(self.threads, self.transfer_timeout))
             await asyncio.shield(transfer.answer)
             self.kv_bytes_sent += sent
@@ -165,6 +156,21 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
             await asyncio.shield(self._end(rid, transfer, runs))
 
+    async def _compute(self, request, prompt: list[int], params, sender: KVSender | SharedWriter
+                       ) -> node_pb2.PrefillEvent:
+        """Registers the transfer's sender for the KV sink, computes the prompt (its layers go out as they are
+        done) and returns the first-token event."""
+        with self._lock:
+            self._senders[request.request_id] = sender
+        first = None
+        async for out in self.engine.generate(request.request_id, prompt, params, prefill_only=True):
+            first = out
+        self.requests_served += 1
+        return node_pb2.PrefillEvent(first_token=node_pb2.FirstToken(
+            chunk=chunk_from_output(first, request.sampling.logprobs),
+            finish=finish_to_proto(first.finish_reason) if first.finished else 0,
+        ))
+
     async def _prefill_shared(self, request, prompt: list[int], params, context):
         """The same-device path: the K/V are copied straight into the decode node's pool, mapped here; the
         decode node holds the reservation as receiving from ReceiveKV (shared) until KVWritten."""
@@ -180,16 +186,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 request_id=rid, prefill_node_id=self.node_id, layout=self.layout, num_tokens=len(prompt),
                 block_ids=target.block_ids, transfer_tag=target.transfer_tag, shared=True), timeout=self.transfer_timeout)
             writer = SharedWriter(pool, list(target.block_ids), self.spec.num_layers)
-            with self._lock:
-                self._senders[rid] = writer
-            first = None
-            async for out in self.engine.generate(rid, prompt, params, prefill_only=True):
-                first = out
-            self.requests_served += 1
-            yield node_pb2.PrefillEvent(first_token=node_pb2.FirstToken(
-                chunk=chunk_from_output(first, request.sampling.logprobs),
-                finish=finish_to_proto(first.finish_reason) if first.finished else 0,
-            ))
+            yield await self._compute(request, prompt, params, writer)
             written = await asyncio.shield(self.threads.run(writer.wait, self.transfer_timeout))
             await peer.stub.KVWritten(node_pb2.KVWrittenRequest(
                 request_id=rid, prefill_node_id=self.node_id, ok=True, bytes_written=written),
