@@ -11,6 +11,8 @@ Shapes: q [B, H, D]; pool [num_blocks, 2, block_size, KVH, D] (contiguous); bloc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -89,14 +91,30 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, num_splits, head_dim, part_sb, p
     tl.store(out_ptr + b * out_sb + h * out_sh + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_blocks_per_split(batch: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
+    """On a GPU, enough splits for about four programs per multiprocessor (a single long sequence would
+    otherwise leave most of them idle); a function of the shapes only, so a CUDA graph's grid stays fixed."""
+    if device.type != "cuda":
+        return DEFAULT_BLOCKS_PER_SPLIT
+    splits = max(1, min(max_blocks, triton.cdiv(4 * _multiprocessors(device), batch * kv_heads)))
+    return max(1, triton.cdiv(max_blocks, splits))
+
+
 def decode_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float, blocks_per_split: int = DEFAULT_BLOCKS_PER_SPLIT,
+                     scale: float, blocks_per_split: int | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     block_size, kvh = check_query_and_pool(q, pool)
     b, h, d = q.shape
     check_tensor("block_tables", block_tables, dims=2, dtypes=(torch.int32, torch.int64), device=q.device,
                  shape=(b, None), last_dim_contiguous=True)
     check_tensor("seq_lens", seq_lens, shape=(b,), dtypes=(torch.int32, torch.int64), device=q.device)
+    if blocks_per_split is None:
+        blocks_per_split = default_blocks_per_split(b, kvh, block_tables.shape[1], q.device)
     if blocks_per_split < 1:
         raise ValueError(f"blocks_per_split: must be >= 1, got {blocks_per_split}")
     if out is None:
