@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from baton.kvtransfer.channel import LANES_PER_PAIR, PairChannels, TransferThreads
+from baton.kvtransfer.channel import LANES_PER_PAIR, KVTransferError, PairChannels, TransferThreads
 from baton.kvtransfer.shared import SharedPool, open_shared
 from baton.v1 import node_pb2_grpc
 
@@ -46,6 +46,7 @@ class DecodePeer:
     waiters: deque = field(default_factory=deque)  # futures of transfers waiting for a lane, oldest first
     active: int = 0  # transfers using this entry now (holding a lane or waiting for one)
     broken: bool = False  # a transfer failed: forget the entry once the last one ends
+    unreachable: bool = False  # its KV store could not be reached: the entry's waiting transfers fail at once
     mapped: tuple | None = None  # the same-device path: (what was mapped, the decode node's storage mapped here)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one generation request at a time
 
@@ -80,11 +81,16 @@ class DecodePeers:
             while True:
                 async with peer.lock:  # concurrent first transfers would each open a generation
                     if peer.generation is None:
+                        if peer.unreachable:
+                            raise KVTransferError(f"the KV store of {node_id} at {store_address} cannot be reached")
                         try:
                             generation = await self.threads.run(
                                 self.channels.next_generation, node_id, store_address, timeout)
                         except BaseException:
-                            peer.broken = True
+                            # Every transfer queued behind this one fails now, not one connect timeout after
+                            # another; the next request after the entry is forgotten tries afresh.
+                            peer.broken = peer.unreachable = True
+                            self._wake(peer, every=True)
                             raise
                         peer.generation, peer.free_lanes = generation, list(range(self.lanes))
                         log.info("kv path to %s: pair channel (%s), generation %d", node_id,

@@ -254,3 +254,42 @@ def test_a_decode_peers_lanes_are_held_one_transfer_each_and_lost_with_their_gen
                 threads.close()
 
     run(main())
+
+
+def test_transfers_queued_for_a_lane_of_a_dead_decode_node_fail_together():
+    """The decode node died with every lane held: the transfers waiting for a lane are woken when its
+    generation fails, one tries its store, and all fail together, instead of each waiting out a connection
+    timeout to the dead store in turn (they used to reach the client's deadline)."""
+    from baton.kvtransfer.channel import KVStoreHost, KVTransferError, PairChannels, TransferThreads
+    from baton.prefill.peers import DecodePeers
+
+    async def until(condition) -> None:
+        while not condition():
+            await asyncio.sleep(0)
+
+    async def main():
+        channels, threads = PairChannels("prefill-0"), TransferThreads("t", 4)
+        peers = DecodePeers(channels, threads, lanes=1)
+        attempts = []
+        next_generation = channels.next_generation
+        channels.next_generation = lambda *a: attempts.append(a) or next_generation(*a)
+        store = KVStoreHost()
+        address = store.address
+        try:
+            peer, generation, lane = await peers.acquire("decode-0", "127.0.0.1:9", address, 10)
+            waiters = [asyncio.ensure_future(peers.acquire("decode-0", "127.0.0.1:9", address, 10)) for _ in range(3)]
+            await until(lambda: len(peer.waiters) == 3)
+            store.close()  # the decode node dies: its store goes with it
+            del store
+            peers.failed(peer, generation)  # the lane's transfer failed
+            results = await asyncio.gather(*waiters, return_exceptions=True)
+            assert all(isinstance(r, KVTransferError) for r in results), results
+            assert len(attempts) == 2  # the first acquire's, and one after the failure: not one per waiter
+            peers.release(peer, generation, lane)
+            assert len(peers) == 0
+        finally:
+            await peers.close()
+            channels.close()
+            threads.close()
+
+    run(main())
