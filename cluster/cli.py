@@ -46,11 +46,11 @@ def _generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from baton.engine import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-              enforce_eager=args.enforce_eager)
-    for out in llm.stream(args.prompt, _params(args)):
-        sys.stdout.write(out.text)
-        sys.stdout.flush()
+    with LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, enforce_eager=args.enforce_eager,
+             tensor_parallel_size=args.tp) as llm:
+        for out in llm.stream(args.prompt, _params(args)):
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
@@ -86,6 +86,8 @@ def _device_arg(parser: argparse.ArgumentParser) -> None:
                              "CPU; triton on a CPU needs TRITON_INTERPRET=1)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs for decode steps (by default captured on CUDA with Triton kernels)")
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor-parallel ranks, one process each (on CUDA, one GPU each from --device's)")
 
 
 def _kv_path_arg(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +113,7 @@ def _engine_config(args: argparse.Namespace):
 
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-        enforce_eager=args.enforce_eager, num_kv_blocks=args.num_kv_blocks,
+        enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill,
@@ -174,12 +176,17 @@ def _router(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from baton.cluster.launch import ClusterSpec, run_up
+    from baton.engine import FieldError
     from baton.engine.config import resolve_device, resolve_kernels
 
     # A device this machine lacks, or kernels it cannot run, are refused here, not by every node it starts.
     resolve_kernels(args.kernels, resolve_device(args.device))
 
-    passed_on = {"--device": args.device, "--kernels": args.kernels, "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
+    if args.tp > 1 and (args.prefill or args.decode):
+        raise FieldError("tp", "tensor parallelism runs in colocated nodes only so far (--prefill 0 --decode 0 "
+                               "--colocated K): KV transfer between parallel layouts is not built yet")
+    passed_on = {"--device": args.device, "--kernels": args.kernels, "--tp": args.tp if args.tp > 1 else 0,
+                 "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
                  "--kv-path": args.kv_path}
     node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]

@@ -58,6 +58,9 @@ class NodeConfig:
             raise ValueError("enable_chunked_prefill: a prefill node sends whole prompts; turn it off")
         if not self.advertise_host:
             self.advertise_host = advertised_host(self.host)
+        if self.engine.tensor_parallel_size > 1 and self.role != "colocated":
+            raise ValueError("tp: tensor parallelism runs in colocated nodes only so far (KV transfer between "
+                             "parallel layouts is not built yet)")
         if self.kv_path not in KV_PATHS:
             raise ValueError(f"kv_path: must be one of {KV_PATHS}, got {self.kv_path!r}")
         if self.kv_path == "shared" and self.role != "prefill":
@@ -115,6 +118,14 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         )
         registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl),
                                       (aetcd.ClientError,), START_RETRY_S, "registering in etcd")
+        if cfg.engine.tensor_parallel_size > 1:
+            async def watch_ranks() -> None:
+                # A dead rank leaves the engine unable to step: the whole node goes, at once.
+                if not engine.ranks_alive() and not stop.is_set():
+                    log.error("%s: a tensor-parallel rank died; stopping the node", cfg.node_id)
+                    stop.set()
+
+            tasks.append(asyncio.create_task(every(0.2, watch_ranks, "rank watch")))
         reporter = LoadReporter(servicer, registration)
         reporting = asyncio.create_task(every(cfg.load_report_seconds, reporter.report, "load report"))
         tasks.append(reporting)
@@ -131,6 +142,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         if servicer is not None:
             await servicer.close()
             await async_engine.close()
+        await asyncio.to_thread(engine.close)  # a tensor-parallel engine's other ranks
         if store is not None:
             store.close()
 

@@ -224,6 +224,7 @@ class EngineConfig:
     kernels: str = "auto"  # "torch", "triton" or "auto" (Triton on CUDA, torch on a CPU); resolved here
     enforce_eager: bool = False  # no CUDA graphs for decode steps (they need CUDA and the Triton kernels)
     share_kv_cache: bool = False  # CPU: the KV cache in /dev/shm, mappable by another process (CUDA: always)
+    tensor_parallel_size: int = 1  # ranks, one process each (the degree is checked against the model at load)
 
 
     def __post_init__(self) -> None:
@@ -231,7 +232,8 @@ class EngineConfig:
             raise ConfigError("dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
         self.device = resolve_device(self.device)
         self.kernels = resolve_kernels(self.kernels, self.device)
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "num_kv_blocks"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "num_kv_blocks",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(name, f"must be > 0, got {value}")

@@ -21,6 +21,8 @@ from .errors import ConfigError, InvalidRequest, NoCapacity
 from .loader import load_model, resolve_model_path
 from .model_runner import KVCache, ModelRunner
 from .ops import make_ops
+from .parallel import shard
+from .tp_runtime import TPWorkers, rank_device
 from .request import FinishReason, RequestOutput, SamplingParams
 from .sampler import sample
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
@@ -71,17 +73,25 @@ class LLMEngine:
         dtype = config.dtype or cfg.dtype
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
 
-        model = load_model(folder, cfg, dtype, config.device, self.max_model_len, config.pack_cpu_weights)
+        tp = config.tensor_parallel_size
+        self.shard = shard(cfg, tp, 0)  # refuses a degree the model cannot take, naming the numbers
+        device = str(rank_device(config.device, 0))
+        model = load_model(folder, cfg, dtype, device, self.max_model_len, config.pack_cpu_weights, self.shard)
         model.ops = make_ops(config.kernels, model.rotary, config.block_size)
         num_blocks = config.num_kv_blocks or self._default_num_blocks(DTYPES[dtype])
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], config.device, config.share_kv_cache)
+        kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], device, config.share_kv_cache,
+                     self.shard.num_kv_heads)
+        self._workers = None
+        if tp > 1:  # the other ranks: their own processes, each with its shard and its own pool
+            self._workers = TPWorkers(config, str(folder), cfg, num_blocks, self.max_model_len)
+            model.set_tp(self._workers.group)
         graphs = None
-        if config.device.startswith("cuda") and config.kernels == "triton" and not config.enforce_eager:
+        if device.startswith("cuda") and config.kernels == "triton" and not config.enforce_eager and tp == 1:
             graphs = DecodeGraphs(model, kv.pools, config.max_num_seqs, self.blocks.blocks_for(self.max_model_len),
-                                  config.device)
+                                  device)
             graphs.capture()
-        self.runner = ModelRunner(model, kv, self.blocks, config.device, graphs)
+        self.runner = ModelRunner(model, kv, self.blocks, device, graphs, self._workers)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, batched, config.enable_chunked_prefill), self.blocks
         )
@@ -89,8 +99,17 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._kv_sink: KVSink | None = None
 
+    def ranks_alive(self) -> bool:
+        """Whether every other rank of a tensor-parallel engine still runs (without one, it cannot step)."""
+        return self._workers is None or all(p.is_alive() for p in self._workers.procs)
+
+    def close(self) -> None:
+        """Stops the other ranks of a tensor-parallel engine (nothing to do otherwise)."""
+        if self._workers is not None:
+            self._workers.close()
+
     def _default_num_blocks(self, dtype: torch.dtype) -> int:
-        per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, dtype)
+        per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, dtype, self.shard.num_kv_heads)
         enough = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
         return max(1, min(self.config.kv_cache_bytes // per_block, enough))
 
@@ -197,7 +216,7 @@ class LLMEngine:
     @property
     def kv_spec(self) -> KVSpec:
         cfg, kv = self.model_config, self.runner.kv
-        return KVSpec(cfg.num_layers, self.blocks.num_blocks, self.blocks.block_size, cfg.num_kv_heads,
+        return KVSpec(cfg.num_layers, self.blocks.num_blocks, self.blocks.block_size, self.shard.num_kv_heads,
                       cfg.head_dim, kv.storage.dtype, kv.storage.device)
 
     @property

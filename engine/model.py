@@ -16,6 +16,7 @@ from torch import nn
 from .attention import AttentionMetadata
 from .config import ModelConfig
 from .ops import Step, TorchOps, TritonOps
+from .parallel import Shard, TPGroup, all_reduce, whole
 from .rope import RotaryEmbedding
 
 Ops = TorchOps | TritonOps
@@ -36,14 +37,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # This rank's heads only (all of them without tensor parallelism).
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)  # row-parallel
         self.scale = cfg.head_dim**-0.5
+        self.tp: TPGroup | None = None
 
     def forward(self, ops: Ops, x: torch.Tensor, step: Step, pool: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
@@ -54,26 +57,27 @@ class Attention(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         o = ops.attention(q, k, v, pool, step, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return all_reduce(self.o_proj(o.reshape(t, self.q_size)), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * shard.intermediate, bias=cfg.mlp_bias)  # column-parallel
+        self.down_proj = nn.Linear(shard.intermediate, cfg.hidden_size, bias=cfg.mlp_bias)  # row-parallel
+        self.tp: TPGroup | None = None
 
     def forward(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return all_reduce(self.down_proj(ops.silu_mul(self.gate_up_proj(x))), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard)
 
     def forward(self, ops: Ops, x: torch.Tensor, residual: torch.Tensor | None, step: Step, pool: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,16 +93,25 @@ class CausalLM(nn.Module):
     """Build under `torch.device("meta")` and fill with the loader; `rotary` is made beforehand, for real.
     `ops` (torch or Triton) is set by the loader once the weights are in place."""
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, shard: Shard | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.shard = shard = shard or whole(cfg)
+        vocab = shard.vocab_end - shard.vocab_start  # vocabulary-parallel: this rank's rows
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
         self.rotary = rotary
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # With tied embeddings the loader gives lm_head the embedding's tensor (shared, not copied).
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
         self.ops: Ops | None = None
+        self.tp: TPGroup | None = None
+
+    def set_tp(self, tp: TPGroup) -> None:
+        """The group of this model's ranks: every row-parallel layer ends with an all-reduce over it."""
+        self.tp = tp
+        for layer in self.layers:
+            layer.self_attn.tp = layer.mlp.tp = tp
 
     def forward(
         self,
@@ -109,7 +122,7 @@ class CausalLM(nn.Module):
         after_layer: Callable[[int], None] | None = None,  # called once layer i's K/V are in the pool
     ) -> torch.Tensor:
         ops = self.ops
-        x = self.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         step = ops.prepare(meta, positions, x.dtype)
         residual = None
         for i, (layer, pool) in enumerate(zip(self.layers, kv_pools, strict=True)):
@@ -118,5 +131,15 @@ class CausalLM(nn.Module):
                 after_layer(i)
         return self.norm(ops, x, residual)[0]  # [T, hidden]
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        # This rank's rows only: other ids look up zeros, and the all-reduce fills them in from their ranks.
+        local = input_ids - self.shard.vocab_start
+        mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(torch.where(mine, local, 0)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return all_reduce(x, self.tp)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, vocab]
+        logits = self.lm_head(hidden).float()  # [N, this rank's vocabulary]
+        return logits if self.tp is None else self.tp.gather_vocab(logits)  # [N, vocab]

@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .model import CausalLM
 from .sequence import Sequence
 from .shm import allocate_shm
+from .tp_runtime import TPWorkers
 
 
 class KVCache:
@@ -22,8 +23,9 @@ class KVCache:
     contiguous slice, so it can be sent to another process as it is."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str,
-                 shared: bool = False):
-        shape = (cfg.num_layers, num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
+                 shared: bool = False, num_kv_heads: int | None = None):
+        # A tensor-parallel rank's pool holds its KV heads only.
+        shape = (cfg.num_layers, num_blocks, 2, block_size, num_kv_heads or cfg.num_kv_heads, cfg.head_dim)
         self.shm_path = ""  # on a CPU with `shared`: the /dev/shm file another process maps the storage from
         if shared and torch.device(device).type == "cpu":
             self.storage, self.shm_path = allocate_shm(shape, dtype, "kv")
@@ -32,19 +34,20 @@ class KVCache:
         self.pools = list(self.storage.unbind(0))
 
     @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+        return cfg.num_layers * 2 * block_size * (num_kv_heads or cfg.num_kv_heads) * cfg.head_dim * elem
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, blocks: BlockManager, device: str,
-                 graphs: DecodeGraphs | None = None) -> None:
+    def __init__(self, model: CausalLM, kv: KVCache, blocks: BlockManager | None, device: str,
+                 graphs: DecodeGraphs | None = None, workers: TPWorkers | None = None) -> None:
         self.model = model
         self.kv = kv
-        self.blocks = blocks
+        self.blocks = blocks  # None on a tensor-parallel worker rank: rank 0 schedules
         self.device = device
         self.graphs = graphs  # decode-only steps replay a CUDA graph when they fit one
+        self.workers = workers  # rank 0 of a tensor-parallel engine: each step's inputs go to the other ranks
 
     @torch.inference_mode()
     def run(
@@ -66,8 +69,22 @@ class ModelRunner:
         return logits, inputs.sample_seqs
 
     def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> StepInputs:
-        """The step's inputs as flat tensors: per sequence a few Python operations (its tokens, its block
-        table), per token none (numpy builds positions and slots). One host-to-device copy for all of it."""
+        """The step's inputs as flat tensors (sent to the other ranks first, in a tensor-parallel engine)."""
+        header, flat, sample_seqs = self.flatten(seqs, num_tokens)
+        if self.workers is not None:
+            self.workers.send_step(header, flat)
+        return self.assemble(header, flat, sample_seqs)
+
+    @torch.inference_mode()
+    def execute(self, header: np.ndarray, flat: np.ndarray) -> None:
+        """A worker rank's step: its shard of the forward pass on rank 0's inputs (the logits are rank 0's)."""
+        inputs = self.assemble(header, flat, [])
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv.pools, inputs.meta)
+        self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def flatten(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(header, one int64 array of every part, the sampled sequences): per sequence a few Python operations
+        (its tokens, its block table), per token none (numpy builds positions and slots)."""
         # Decode rows first, longest context first (the torch path groups decodes of similar length).
         def rank(i: int) -> tuple[bool, int]:
             is_decode = num_tokens[i] == 1 and seqs[i].num_computed > 0
@@ -89,43 +106,51 @@ class ModelRunner:
         row_start = np.cumsum(lens) - lens
         owner = np.repeat(np.arange(len(order)), lens)  # the sequence (row of `tables`) of each token
         positions = np.arange(len(ids), dtype=np.int64) - np.repeat(row_start - starts, lens)
-        slot_blocks = tables[owner, positions // bs]
         last = row_start + lens - 1
         samples = [r for r, (i, end) in enumerate(zip(order, ends.tolist())) if end == seqs[i].num_tokens]
         dwidth = int(used[0]) if num_decodes else 0
         pwidth = int(used[num_decodes:].max()) if num_decodes < len(order) else 0
-        query_start = np.append(row_start[num_decodes:], len(ids))
-        parts = {
-            "input_ids": np.asarray(ids, np.int64),
-            "positions": positions,
-            "slot_blocks": slot_blocks,
-            "slot_offsets": positions % bs,
-            "decode_tables": tables[:num_decodes, :dwidth].ravel(),
-            "decode_lens": ends[:num_decodes],
-            "query_start": query_start,
-            "prefill_lens": ends[num_decodes:],
-            "prefill_tables": tables[num_decodes:, :pwidth].ravel(),
-            "sample_rows": last[samples],
-        }
-        flat = torch.from_numpy(np.concatenate(list(parts.values())))
+        parts = [
+            np.asarray(ids, np.int64),  # input_ids
+            positions,
+            tables[owner, positions // bs],  # slot_blocks
+            positions % bs,  # slot_offsets
+            tables[:num_decodes, :dwidth].ravel(),  # decode_tables
+            ends[:num_decodes],  # decode_lens
+            np.append(row_start[num_decodes:], len(ids)),  # query_start
+            ends[num_decodes:],  # prefill_lens
+            tables[num_decodes:, :pwidth].ravel(),  # prefill_tables
+            last[samples],  # sample_rows
+        ]
+        max_query_len = int(lens[num_decodes:].max()) if num_decodes < len(order) else 0
+        header = np.array([1, num_decodes, len(order), dwidth, pwidth, max_query_len] + [len(p) for p in parts],
+                          np.int64)
+        return header, np.concatenate(parts), [order[r] for r in samples]
+
+    def assemble(self, header: np.ndarray, flat: np.ndarray, sample_seqs: list[int]) -> StepInputs:
+        """The tensors of `flatten`'s output, on the device in one copy; the host lists the torch path reads."""
+        num_decodes, num_seqs, dwidth, pwidth, max_query_len = (int(v) for v in header[1:6])
+        sizes = header[6:].tolist()
+        host = np.split(flat, np.cumsum(sizes)[:-1])
+        tensor = torch.from_numpy(flat)
         if self.device != "cpu":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        t = dict(zip(parts, flat.split([len(p) for p in parts.values()])))
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        t = tensor.split(sizes)
         meta = AttentionMetadata(
-            slot_blocks=t["slot_blocks"],
-            slot_offsets=t["slot_offsets"],
+            slot_blocks=t[2],
+            slot_offsets=t[3],
             num_decodes=num_decodes,
-            decode_block_tables=t["decode_tables"].view(num_decodes, dwidth),
-            decode_seq_lens=t["decode_lens"],
-            prefill_query_start_loc=t["query_start"],
-            prefill_seq_lens=t["prefill_lens"],
-            prefill_block_tables=t["prefill_tables"].view(len(order) - num_decodes, pwidth),
-            max_query_len=int(lens[num_decodes:].max()) if num_decodes < len(order) else 0,
-            decode_seq_lens_host=ends[:num_decodes].tolist(),
-            prefill_query_start_host=query_start.tolist(),
-            prefill_seq_lens_host=ends[num_decodes:].tolist(),
+            decode_block_tables=t[4].view(num_decodes, dwidth),
+            decode_seq_lens=t[5],
+            prefill_query_start_loc=t[6],
+            prefill_seq_lens=t[7],
+            prefill_block_tables=t[8].view(num_seqs - num_decodes, pwidth),
+            max_query_len=max_query_len,
+            decode_seq_lens_host=host[5].tolist(),
+            prefill_query_start_host=host[6].tolist(),
+            prefill_seq_lens_host=host[7].tolist(),
         )
-        return StepInputs(t["input_ids"], t["positions"], meta, t["sample_rows"], [order[r] for r in samples])
+        return StepInputs(t[0], t[1], meta, t[9], sample_seqs)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,136 @@
+"""The processes of a tensor-parallel engine: rank 0 is the engine (scheduler, sampler, the node's service);
+ranks 1..N-1 are workers that only execute. Each step, rank 0 broadcasts the step's flat inputs (a header and
+one int64 array: `ModelRunner.flatten`) and every rank runs its shard of the forward pass; the row-parallel
+layers' all-reduces and the logits' gather keep them in step. A worker dies with rank 0 (and rank 0's next
+collective fails when a worker dies), so no rank outlives the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import multiprocessing as mp
+import os
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import DTYPES, EngineConfig, ModelConfig
+from .parallel import TPGroup, make_group, shard
+
+HEADER_LEN = 16
+KIND_STEP, KIND_STOP = 1, 0
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank r's device: the r-th GPU after the engine's own (each rank its own GPU), or the CPU."""
+    d = torch.device(device)
+    return torch.device("cuda", (d.index or 0) + rank) if d.type == "cuda" else d
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    config: EngineConfig
+    folder: str
+    rank: int
+    size: int
+    num_blocks: int
+    max_model_len: int
+    store_port: int
+    parent_pid: int
+
+
+class TPWorkers:
+    """Rank 0's side: starts the other ranks, joins them in one group, and sends each step to them."""
+
+    def __init__(self, config: EngineConfig, folder: str, cfg: ModelConfig, num_blocks: int, max_model_len: int,
+                 timeout: float = 300.0) -> None:
+        size = config.tensor_parallel_size
+        self.store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=timeout),
+                                   wait_for_workers=False)
+        ctx = mp.get_context("spawn")  # torch's threads exist already: never fork
+        self.procs = [ctx.Process(target=worker_main, name=f"tp-rank-{rank}", daemon=True,
+                                  args=(WorkerArgs(config, folder, rank, size, num_blocks, max_model_len,
+                                                   self.store.port, os.getpid()),))
+                      for rank in range(1, size)]
+        for p in self.procs:
+            p.start()
+        try:
+            self.group = make_group(0, size, self.store, rank_device(config.device, 0), vocab_sizes(cfg, size),
+                                    timeout)
+        except BaseException:
+            self.close()
+            raise
+        self._closed = False
+
+    def send_step(self, header: np.ndarray, flat: np.ndarray) -> None:
+        self.group.broadcast(torch.from_numpy(header))
+        self.group.broadcast(torch.from_numpy(flat))
+
+    def close(self) -> None:
+        """Tells the workers to stop (if the group still works) and makes sure they are gone."""
+        if getattr(self, "_closed", True) is False:
+            self._closed = True
+            try:
+                stop = np.zeros(HEADER_LEN, np.int64)
+                stop[0] = KIND_STOP
+                self.group.broadcast(torch.from_numpy(stop))
+            except Exception:  # noqa: BLE001 - a dead worker: the kill below
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def vocab_sizes(cfg: ModelConfig, size: int) -> list[int]:
+    return [s.vocab_end - s.vocab_start for s in (shard(cfg, size, r) for r in range(size))]
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # Linux: SIGKILL this process when the thread that started it exits (rank 0's death ends its workers).
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:  # it died before the line above
+        os._exit(1)
+
+
+def worker_main(args: WorkerArgs) -> None:
+    """Rank `args.rank`: loads its shard, joins the group, then executes the steps rank 0 broadcasts."""
+    _die_with_parent(args.parent_pid)
+    from pathlib import Path
+
+    from .loader import load_model
+    from .model_runner import KVCache, ModelRunner
+    from .ops import make_ops
+
+    config = args.config
+    device = rank_device(config.device, args.rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg = ModelConfig.from_folder(Path(args.folder))
+    mine = shard(cfg, args.size, args.rank)
+    dtype = config.dtype or cfg.dtype
+    model = load_model(Path(args.folder), cfg, dtype, str(device), args.max_model_len, config.pack_cpu_weights,
+                       shard=mine)
+    model.ops = make_ops(config.kernels, model.rotary, config.block_size)
+    kv = KVCache(cfg, args.num_blocks, config.block_size, DTYPES[dtype], str(device), num_kv_heads=mine.num_kv_heads)
+    store = dist.TCPStore("127.0.0.1", args.store_port, None, False, datetime.timedelta(seconds=300),
+                          wait_for_workers=False)
+    group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size))
+    model.set_tp(group)
+    runner = ModelRunner(model, kv, None, str(device))
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    while True:
+        group.broadcast(header)
+        if int(header[0]) == KIND_STOP:
+            return
+        flat = torch.empty(int(header[6:].sum()), dtype=torch.int64)
+        group.broadcast(flat)
+        runner.execute(header.numpy(), flat.numpy())

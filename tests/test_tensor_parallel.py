@@ -1,0 +1,143 @@
+"""Tensor-parallel engines: one process per rank (real gloo groups on the CPU), rank 0 scheduling and
+sampling, against transformers and against the same engine with one rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from baton.engine import LLM, ConfigError, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+from test_architectures import PROMPTS as RANDOM_PROMPTS, Variant, hf_greedy, load_hf, write_checkpoint  # noqa: E402
+from test_stories import PROMPTS, hf_greedy as hf_stories_greedy  # noqa: E402
+
+# 6 query heads on 2 KV heads with q/k/v biases (Qwen2), and Llama with 8 on 2 plus attention and MLP biases
+# (row-parallel biases are added once) and a vocabulary the ranks split unevenly.
+QWEN = Variant("Qwen2ForCausalLM", dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96,
+                                        intermediate_size=161))
+LLAMA = Variant("LlamaForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2, attention_bias=True,
+                                         mlp_bias=True, vocab_size=515))
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (a reaped process has no /proc entry; a zombie is not running)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] != "Z":
+                    alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _children_of(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry))
+    return found
+
+
+def _worker_pids(llm: LLM) -> list[int]:
+    return [p.pid for p in llm.engine._workers.procs]
+
+
+def test_stories_with_two_ranks_matches_transformers_and_one_rank(stories_path, hf_stories, stories_llm):
+    params = SamplingParams(max_tokens=64, temperature=0)
+    with LLM(str(stories_path), tensor_parallel_size=2) as llm:
+        workers = _worker_pids(llm)
+        assert llm.engine.runner.model.shard.num_heads == 4 and llm.engine.kv_spec.num_kv_heads == 2
+        outs = llm.generate(PROMPTS, params)
+        seeded = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=11)
+        sampled = llm.generate(PROMPTS[:2], seeded)
+    eos = set(hf_stories.generation_config.eos_token_id)
+    for prompt, out in zip(PROMPTS, outs):
+        want = hf_stories_greedy(hf_stories, out.prompt_token_ids, 64)
+        if any(t in eos for t in want):
+            want = want[: next(i for i, t in enumerate(want) if t in eos) + 1]
+        assert out.token_ids == want, prompt
+    assert [o.token_ids for o in sampled] == [o.token_ids for o in stories_llm.generate(PROMPTS[:2], seeded)]
+    assert len(workers) == 1 and _alive(workers) == []  # the other rank is gone with the engine
+
+
+@pytest.mark.parametrize("variant, tp", [(QWEN, 2), (LLAMA, 2), (LLAMA, 4)], ids=["qwen2-6q2kv-tp2",
+                                                                                  "llama-biases-tp2",
+                                                                                  "llama-kv-replicated-tp4"])
+def test_random_checkpoints_with_several_ranks_match_transformers(variant, tp, tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt", variant)
+    hf = load_hf(folder)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with LLM(str(folder), tensor_parallel_size=tp, block_size=8, enable_chunked_prefill=True,
+             max_num_batched_tokens=32, max_num_seqs=4) as llm:
+        outs = llm.generate(RANDOM_PROMPTS, params)
+    for prompt, out in zip(RANDOM_PROMPTS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt)[0]
+
+
+def test_a_degree_the_model_cannot_take_is_refused_before_any_process_starts(tmp_path):
+    folder = write_checkpoint(tmp_path / "qwen", QWEN)
+    with pytest.raises(ConfigError, match="4 does not divide the model's 6 query heads") as e:
+        LLM(str(folder), tensor_parallel_size=4)
+    assert e.value.field == "tensor_parallel_size"
+
+
+def test_a_dead_rank_fails_the_engine_instead_of_hanging(stories_path):
+    llm = LLM(str(stories_path), tensor_parallel_size=2)
+    try:
+        [worker] = llm.engine._workers.procs
+        pids = _worker_pids(llm)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        with pytest.raises(RuntimeError):
+            llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0))
+    finally:
+        llm.close()
+    assert _alive(pids) == []
+
+
+def test_a_colocated_node_with_two_ranks_serves_and_goes_down_whole_when_a_rank_dies(stories_path, stories_llm,
+                                                                                     tmp_path):
+    from baton.router.client import BatonClient, BatonError
+
+    from cluster_harness import BatonUp
+
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "0", "--decode", "0", "--colocated", "1",
+                 "--tp", "2") as up:
+        node = up.node_pid("colocated-0")
+        [rank1] = [pid for pid in _children_of(node) if b"spawn_main" in _cmdline(pid)]
+        with BatonClient(up.address, timeout=60) as client:
+            for prompt in PROMPTS[:3]:
+                want = stories_llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
+                assert client.complete(prompt, max_tokens=40, temperature=0).token_ids == want.token_ids
+            stream = client.generate(PROMPTS[0], max_tokens=400, temperature=0, ignore_eos=True)
+            next(stream)
+            os.kill(rank1, signal.SIGKILL)
+            with pytest.raises(BatonError) as e:  # its stream fails cleanly, it does not hang
+                for _ in stream:
+                    pass
+            assert e.value.code.name in ("UNAVAILABLE", "CANCELLED"), e.value
+        took = up.wait_until(lambda: not up.nodes("colocated"), timeout=10, interval=0.1)
+        assert took <= 3.0 + 1.0  # the membership TTL + 1 s
+        up.wait_until(lambda: _alive([node, rank1]) == [], timeout=15, interval=0.1)
+    assert not up.hung and up.leftovers == []
