@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .host_collectives import HostCollectives
 
 
 def _ranges(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -118,12 +119,16 @@ class TPGroup:
     tensors, NCCL for CUDA ones), `control` (always gloo, CPU tensors) the step inputs rank 0 broadcasts.
     `vocab_sizes`: each rank's rows of the vocabulary, for gathering logits."""
 
-    def __init__(self, rank: int, size: int, pg, control, vocab_sizes: list[int]) -> None:
+    def __init__(self, rank: int, size: int, pg, control, vocab_sizes: list[int],
+                 host: HostCollectives | None = None) -> None:
         self.rank, self.size = rank, size
         self.pg, self.control = pg, control
         self.vocab_sizes = vocab_sizes
+        self.host = host  # CPU ranks of one host: shared memory instead of gloo where a tensor fits
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.host is not None and self.host.fits(x):
+            return self.host.all_reduce(x)
         self.pg.allreduce([x]).wait()
         return x
 
@@ -131,8 +136,11 @@ class TPGroup:
         """[N, this rank's vocabulary] on every rank -> [N, vocab] (all-gather; ranges may differ by one)."""
         width = max(self.vocab_sizes)
         padded = F.pad(logits, (0, width - logits.shape[1])).contiguous()
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        self.pg.allgather([parts], [padded]).wait()
+        if self.host is not None and self.host.fits(padded):
+            parts = self.host.all_gather(padded)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.size)]
+            self.pg.allgather([parts], [padded]).wait()
         return torch.cat([p[:, :n] for p, n in zip(parts, self.vocab_sizes)], dim=1)
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
@@ -146,7 +154,7 @@ def all_reduce(x: torch.Tensor, tp: TPGroup | None) -> torch.Tensor:
 
 
 def make_group(rank: int, size: int, store, device: torch.device, vocab_sizes: list[int],
-               timeout: float = 300.0) -> TPGroup:
+               timeout: float = 300.0, host: HostCollectives | None = None) -> TPGroup:
     """Joins the engine's ranks over `store` (rank 0 hosts it): blocks until all of them have."""
     import datetime
 
@@ -165,4 +173,4 @@ def make_group(rank: int, size: int, store, device: torch.device, vocab_sizes: l
         pg = dist.ProcessGroupNCCL(dist.PrefixStore("tp/nccl", store), rank, size, opts)
     else:
         pg = gloo("tp/activations")
-    return TPGroup(rank, size, pg, control, vocab_sizes)
+    return TPGroup(rank, size, pg, control, vocab_sizes, host)

@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 
 from .config import DTYPES, EngineConfig, ModelConfig
+from .host_collectives import HostCollectives
 from .parallel import TPGroup, make_group, shard
 
 HEADER_LEN = 16
+HOST_SLOT_BYTES = 8 << 20  # per rank and call: larger tensors (long prompts' activations) go over gloo
 KIND_STEP, KIND_STOP = 1, 0
 
 
@@ -41,6 +43,7 @@ class WorkerArgs:
     max_model_len: int
     store_port: int
     parent_pid: int
+    host_path: str  # rank 0's shared-memory collectives buffer ("" on CUDA)
 
 
 class TPWorkers:
@@ -51,16 +54,19 @@ class TPWorkers:
         size = config.tensor_parallel_size
         self.store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=timeout),
                                    wait_for_workers=False)
+        host = None
+        if rank_device(config.device, 0).type == "cpu":
+            host = HostCollectives(0, size, HOST_SLOT_BYTES)
         ctx = mp.get_context("spawn")  # torch's threads exist already: never fork
         self.procs = [ctx.Process(target=worker_main, name=f"tp-rank-{rank}", daemon=True,
                                   args=(WorkerArgs(config, folder, rank, size, num_blocks, max_model_len,
-                                                   self.store.port, os.getpid()),))
+                                                   self.store.port, os.getpid(), host.path if host else ""),))
                       for rank in range(1, size)]
         for p in self.procs:
             p.start()
         try:
             self.group = make_group(0, size, self.store, rank_device(config.device, 0), vocab_sizes(cfg, size),
-                                    timeout)
+                                    timeout, host)
         except BaseException:
             self.close()
             raise
@@ -123,7 +129,8 @@ def worker_main(args: WorkerArgs) -> None:
     kv = KVCache(cfg, args.num_blocks, config.block_size, DTYPES[dtype], str(device), num_kv_heads=mine.num_kv_heads)
     store = dist.TCPStore("127.0.0.1", args.store_port, None, False, datetime.timedelta(seconds=300),
                           wait_for_workers=False)
-    group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size))
+    host = HostCollectives(args.rank, args.size, HOST_SLOT_BYTES, args.host_path) if args.host_path else None
+    group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size), host=host)
     model.set_tp(group)
     runner = ModelRunner(model, kv, None, str(device))
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)

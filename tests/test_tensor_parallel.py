@@ -141,3 +141,42 @@ def test_a_colocated_node_with_two_ranks_serves_and_goes_down_whole_when_a_rank_
         assert took <= 3.0 + 1.0  # the membership TTL + 1 s
         up.wait_until(lambda: _alive([node, rank1]) == [], timeout=15, interval=0.1)
     assert not up.hung and up.leftovers == []
+
+
+def _host_rank(path: str, calls: int, result) -> None:
+    from baton.engine.host_collectives import HostCollectives
+
+    host = HostCollectives(1, 2, 1 << 16, path)
+    total = 0.0
+    for k in range(calls):
+        x = torch.full((1 + k % 7, 33), float(k), dtype=torch.float32)
+        host.all_reduce(x)
+        total += float(x.sum())
+        host.all_gather(torch.tensor([k, 100 + k]))
+    result.put(total)
+
+
+def test_shared_memory_collectives_sum_and_gather_across_processes_and_notice_a_dead_peer():
+    import multiprocessing as mp
+
+    from baton.engine.host_collectives import HostCollectives
+
+    host = HostCollectives(0, 2, 1 << 16)
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    calls = 300  # many more than the two alternating slot sets: a slot reused too early would show
+    peer = ctx.Process(target=_host_rank, args=(host.path, calls, result))
+    peer.start()
+    try:
+        total = 0.0
+        for k in range(calls):
+            x = torch.full((1 + k % 7, 33), float(k) + 0.5, dtype=torch.float32)
+            host.all_reduce(x)
+            assert bool((x == 2 * k + 0.5).all()), k  # rank 1 sent k, rank 0 k + 0.5
+            total += float(x.sum())
+            assert [t.tolist() for t in host.all_gather(torch.tensor([-k, -100 - k]))] == [[-k, -100 - k], [k, 100 + k]]
+        assert result.get(timeout=60) == total
+    finally:
+        peer.join(timeout=30)
+    with pytest.raises(RuntimeError, match="rank 1 .* is gone"):
+        host.all_reduce(torch.ones(4))  # the peer has exited: noticed, not waited for
