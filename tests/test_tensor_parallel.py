@@ -59,6 +59,13 @@ def _children_of(parent: int) -> list[int]:
     return found
 
 
+def _matrix_elements(llm: LLM) -> int:
+    """Elements of the model's projection matrices and embedding (packed CPU weights included)."""
+    model = llm.engine.runner.model
+    linear = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "in_features"))
+    return linear + model.embed_tokens.weight.numel()
+
+
 def _worker_pids(llm: LLM) -> list[int]:
     return [p.pid for p in llm.engine._workers.procs]
 
@@ -68,6 +75,8 @@ def test_stories_with_two_ranks_matches_transformers_and_one_rank(stories_path, 
     with LLM(str(stories_path), tensor_parallel_size=2) as llm:
         workers = _worker_pids(llm)
         assert llm.engine.runner.model.shard.num_heads == 4 and llm.engine.kv_spec.num_kv_heads == 2
+        # Rank 0 holds half of every matrix (its heads, its MLP and vocabulary slices): never the whole model.
+        assert _matrix_elements(llm) * 2 == _matrix_elements(stories_llm)
         outs = llm.generate(PROMPTS, params)
         seeded = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=11)
         sampled = llm.generate(PROMPTS[:2], seeded)
@@ -180,3 +189,46 @@ def test_shared_memory_collectives_sum_and_gather_across_processes_and_notice_a_
         peer.join(timeout=30)
     with pytest.raises(RuntimeError, match="rank 1 .* is gone"):
         host.all_reduce(torch.ones(4))  # the peer has exited: noticed, not waited for
+
+
+def _group_rank(port: int, path: str, done) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from baton.engine.host_collectives import HostCollectives
+    from baton.engine.parallel import make_group
+
+    store = dist.TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=60), wait_for_workers=False)
+    group = make_group(1, 2, store, torch.device("cpu"), [3, 2], 60.0, HostCollectives(1, 2, 64, path))
+    small, large = torch.full((4,), 2.0), torch.full((100,), 2.0)  # 16 bytes fit the slot, 400 do not
+    group.all_reduce(small), group.all_reduce(large)
+    done.put((small.tolist(), large.tolist(), group.gather_vocab(torch.tensor([[7.0, 8.0]])).tolist()))
+
+
+def test_the_rank_group_takes_shared_memory_where_a_tensor_fits_and_gloo_where_it_does_not():
+    import datetime
+    import multiprocessing as mp
+
+    import torch.distributed as dist
+
+    from baton.engine.host_collectives import HostCollectives
+    from baton.engine.parallel import make_group
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=60), wait_for_workers=False)
+    host = HostCollectives(0, 2, 64)
+    ctx = mp.get_context("spawn")
+    done = ctx.Queue()
+    peer = ctx.Process(target=_group_rank, args=(store.port, host.path, done))
+    peer.start()
+    try:
+        group = make_group(0, 2, store, torch.device("cpu"), [3, 2], 60.0, host)
+        small, large = torch.full((4,), 1.0), torch.full((100,), 1.0)
+        group.all_reduce(small), group.all_reduce(large)
+        logits = group.gather_vocab(torch.tensor([[4.0, 5.0, 6.0]]))  # vocabulary ranges of 3 and 2
+        theirs = done.get(timeout=60)
+    finally:
+        peer.join(timeout=30)
+    assert small.tolist() == [3.0] * 4 and large.tolist() == [3.0] * 100
+    assert logits.tolist() == [[4.0, 5.0, 6.0, 7.0, 8.0]]
+    assert theirs == ([3.0] * 4, [3.0] * 100, [[4.0, 5.0, 6.0, 7.0, 8.0]])
