@@ -43,6 +43,7 @@ class ClusterSpec:
     pin: bool = False  # pin node i to core i % cores (equal, isolated resources for comparisons)
     chunked_prefill: bool = False  # in decode and colocated nodes (a prefill node sends whole prompts)
     node_args: list[str] = field(default_factory=list)  # extra `baton node` options (engine settings)
+    role_args: dict[str, list[str]] = field(default_factory=dict)  # more options for one role's nodes
     log_dir: str = ""
     start_timeout: float = 180.0
 
@@ -106,7 +107,8 @@ class LocalCluster:
                 node_id = f"{role}-{i}"
                 core = cores[len(self.nodes) % len(cores)] if spec.pin else None
                 chunked = ["--enable-chunked-prefill"] if spec.chunked_prefill and role != "prefill" else []
-                args = ["node", "--role", role, "--node-id", node_id, *common, *chunked, *spec.node_args]
+                args = ["node", "--role", role, "--node-id", node_id, *common, *chunked, *spec.node_args,
+                        *spec.role_args.get(role, [])]
                 self.nodes[node_id] = self._spawn(node_id, args, threads, core)
         port = spec.port or free_port(spec.host)
         router_args = ["router", "--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host,

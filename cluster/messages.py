@@ -72,9 +72,20 @@ async def abort_for(context: grpc.aio.ServicerContext, error: Exception) -> None
 def kv_layout(spec: KVSpec) -> node_pb2.KVLayout:
     """What a KV transfer between two engines must agree on."""
     return node_pb2.KVLayout(
-        num_layers=spec.num_layers, block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
+        num_layers=spec.num_layers, block_size=spec.block_size, num_kv_heads=spec.model_kv_heads,
         head_dim=spec.head_dim, dtype=str(spec.dtype).removeprefix("torch."),
+        tensor_parallel_size=spec.tensor_parallel_size,
     )
+
+
+def layouts_match(theirs: node_pb2.KVLayout, ours: node_pb2.KVLayout, any_degree: bool) -> bool:
+    """Whether a KV transfer between the two layouts can land; `any_degree`: the same-device path, which
+    writes each decode rank its own heads whatever the two nodes' tensor-parallel degrees."""
+    other = node_pb2.KVLayout()
+    other.CopyFrom(theirs)
+    if any_degree:
+        other.tensor_parallel_size = ours.tensor_parallel_size
+    return other == ours
 
 
 def share_to_proto(pool: SharedPool) -> node_pb2.KVShare:

@@ -17,14 +17,15 @@ import logging
 
 import grpc
 
-from baton.cluster.messages import abort_for, kv_layout, responses_from_output, sampling_from_proto, share_to_proto
+from baton.cluster.messages import (abort_for, kv_layout, layouts_match, responses_from_output, sampling_from_proto,
+                                   share_to_proto)
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.kvtransfer.channel import (DECODE_RANK, LANES_PER_PAIR, PREFILL_RANK, KVStoreHost, PairChannels,
                                       TransferCancelled, TransferThreads)
 from baton.kvtransfer.receiver import drain, receive
 from baton.kvtransfer.sender import coalesce
-from baton.kvtransfer.shared import share
+from baton.kvtransfer.shared import decode, share
 from baton.v1 import node_pb2, node_pb2_grpc
 
 from .reservations import NotAllowed, Phase, Reservation, Reservations
@@ -57,10 +58,12 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         # The same-device path: how a prefill node on this device maps the KV storage (a CUDA allocation is
         # always shareable; a CPU one only when the engine put it in /dev/shm), and the writes in progress.
         storage, shm_path = engine.kv_storage
-        self.share = None
+        self.share, self.rank_shares = None, []
         if publish_share and (storage.device.type == "cuda" or shm_path):
             self.share = share_to_proto(share(storage, shm_path))
-            log.info("kv storage shareable on %s", self.share.device_id)
+            self.rank_shares = [share_to_proto(decode(p)) for p in engine.rank_pools()]
+            log.info("kv storage shareable on %s (%d ranks)", self.share.device_id, 1 + len(self.rank_shares))
+        self.tensor_parallel = spec.tensor_parallel_size > 1
         self._writes: dict[str, asyncio.Task] = {}  # request id -> its deadline, until KVWritten
 
     # -- reservations -------------------------------------------------------------------------------
@@ -73,7 +76,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await abort_for(context, e)
         return node_pb2.ReserveResponse(
             block_ids=r.blocks, kv_store_address=self.store.address if self.store else "", transfer_tag=r.tag,
-            layout=self.layout, share=self.share,
+            layout=self.layout, share=self.share, rank_shares=self.rank_shares,
         )
 
     async def housekeeping(self) -> None:
@@ -90,10 +93,13 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         """Answered only once this node's side of the transfer is over (every message on its lane matched, or
         the lane given up): OK, NOT_FOUND (drained) and ABORTED (the sender's cancel header) leave the lane in
         step for the prefill node's next transfer on it; any other answer means its generation must go."""
-        if request.layout != self.layout:
+        if not layouts_match(request.layout, self.layout, any_degree=request.shared):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
         if request.shared:
             return await self._begin_write(request, context)
+        if self.tensor_parallel:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "shared: this node is tensor-parallel; its "
+                                "ranks take K/V only through the same-device path so far")
         if request.lane >= LANES_PER_PAIR:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"lane: must be below {LANES_PER_PAIR}, got {request.lane}")

@@ -132,6 +132,13 @@ class AsyncEngine:
     def kv_storage(self) -> tuple:
         return self.engine.kv_storage
 
+    def rank_pools(self) -> list[bytes]:
+        return self.engine.rank_pools()
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
     def blocks_for(self, num_tokens: int) -> int:
         return self.engine.blocks_for(num_tokens)
 

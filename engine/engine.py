@@ -37,10 +37,12 @@ class KVSpec:
     num_layers: int
     num_blocks: int
     block_size: int
-    num_kv_heads: int
+    num_kv_heads: int  # in this rank's pool
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    model_kv_heads: int = 0  # the model's, split between the ranks
+    tensor_parallel_size: int = 1
 
 
 class KVSink(Protocol):
@@ -98,6 +100,11 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
         self._kv_sink: KVSink | None = None
+
+    def rank_pools(self) -> list[bytes]:
+        """The other ranks' KV storages, as they describe them for mapping (`kvtransfer.shared.encode`): ranks
+        1, 2, ... of a tensor-parallel engine whose pools are shareable (CUDA, or `share_kv_cache`)."""
+        return [] if self._workers is None else self._workers.pools
 
     def ranks_alive(self) -> bool:
         """Whether every other rank of a tensor-parallel engine still runs (without one, it cannot step)."""
@@ -217,7 +224,7 @@ class LLMEngine:
     def kv_spec(self) -> KVSpec:
         cfg, kv = self.model_config, self.runner.kv
         return KVSpec(cfg.num_layers, self.blocks.num_blocks, self.blocks.block_size, self.shard.num_kv_heads,
-                      cfg.head_dim, kv.storage.dtype, kv.storage.device)
+                      cfg.head_dim, kv.storage.dtype, kv.storage.device, cfg.num_kv_heads, self.shard.size)
 
     @property
     def kv_pools(self) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ from .host_collectives import HostCollectives
 from .parallel import TPGroup, make_group, shard
 
 HEADER_LEN = 16
+POOL_KEY = "tp/kv-pool"  # + "/rank": that rank's KV storage described for mapping ("" if not shareable)
 HOST_SLOT_BYTES = 8 << 20  # per rank and call: larger tensors (long prompts' activations) go over gloo
 KIND_STEP, KIND_STOP = 1, 0
 
@@ -67,6 +68,9 @@ class TPWorkers:
         try:
             self.group = make_group(0, size, self.store, rank_device(config.device, 0), vocab_sizes(cfg, size),
                                     timeout, host)
+            # The other ranks' KV storages, described for mapping by a prefill node on the same device.
+            self.pools = [self.store.get(f"{POOL_KEY}/{rank}") for rank in range(1, size)]
+            self.pools = [p for p in self.pools if p]
         except BaseException:
             self.close()
             raise
@@ -126,9 +130,16 @@ def worker_main(args: WorkerArgs) -> None:
     model = load_model(Path(args.folder), cfg, dtype, str(device), args.max_model_len, config.pack_cpu_weights,
                        shard=mine)
     model.ops = make_ops(config.kernels, model.rotary, config.block_size)
-    kv = KVCache(cfg, args.num_blocks, config.block_size, DTYPES[dtype], str(device), num_kv_heads=mine.num_kv_heads)
+    kv = KVCache(cfg, args.num_blocks, config.block_size, DTYPES[dtype], str(device), config.share_kv_cache,
+                 num_kv_heads=mine.num_kv_heads)
     store = dist.TCPStore("127.0.0.1", args.store_port, None, False, datetime.timedelta(seconds=300),
                           wait_for_workers=False)
+    description = b""
+    if kv.shm_path or device.type == "cuda":  # a pool another process on this device can map
+        from baton.kvtransfer.shared import encode, share
+
+        description = encode(share(kv.storage, kv.shm_path))
+    store.set(f"{POOL_KEY}/{args.rank}", description)  # before joining the group: rank 0 reads it after
     host = HostCollectives(args.rank, args.size, HOST_SLOT_BYTES, args.host_path) if args.host_path else None
     group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size), host=host)
     model.set_tp(group)

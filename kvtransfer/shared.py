@@ -6,7 +6,8 @@ slice) cannot use the pair channel. Instead the decode node shares its KV storag
 handle of the allocation, on a CPU through a file in /dev/shm that holds the storage. The prefill node maps
 it once per decode node and, as each layer is done, copies the prompt's blocks into the reserved blocks with
 one indexed copy on its own stream: the layer-by-layer overlap stays, and no byte crosses a socket. It then
-waits for its copies (one event) before it tells the decode node that the K/V are in place.
+waits for its copies (one event) before it tells the decode node that the K/V are in place. A tensor-parallel
+decode node shares one storage per rank, and each rank gets only its KV heads (`engine.parallel.kv_routes`).
 
 `device_id` names where a pool lives, host included (a boot id): two nodes whose pools have the same id can
 use this path. The choice between this path and the pair channel is the prefill node's (prefill/server.py).
@@ -14,6 +15,7 @@ use this path. The choice between this path and the pair channel is the prefill 
 
 from __future__ import annotations
 
+import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,24 @@ class SharedPool:
     tensor_offset: int = 0
 
 
+def encode(pool: SharedPool) -> bytes:
+    """A description as bytes (JSON), for passing between a node's ranks through their store."""
+    fields = {f: getattr(pool, f) for f in pool.__slots__}
+    fields["dtype"] = str(pool.dtype).removeprefix("torch.")
+    for f in ("cuda_handle", "ref_counter_handle", "event_handle"):
+        fields[f] = fields[f].hex()
+    return json.dumps(fields).encode()
+
+
+def decode(data: bytes) -> SharedPool:
+    fields = json.loads(data)
+    fields["dtype"] = getattr(torch, fields["dtype"])
+    fields["shape"] = tuple(fields["shape"])
+    for f in ("cuda_handle", "ref_counter_handle", "event_handle"):
+        fields[f] = bytes.fromhex(fields[f])
+    return SharedPool(**fields)
+
+
 def share(storage: torch.Tensor, shm_path: str = "") -> SharedPool:
     """The description another process maps `storage` from (CUDA: any allocation; CPU: one made by
     `engine.shm.allocate_shm`, whose path is given)."""
@@ -100,15 +120,17 @@ def open_shared(pool: SharedPool, device: torch.device | str) -> torch.Tensor:
 
 
 class SharedWriter:
-    """One request's prompt K/V, copied layer by layer into the decode node's mapped pool: the same verbs as
+    """One request's prompt K/V, copied layer by layer into the decode node's mapped pools: the same verbs as
     the pair channel's `KVSender` (begin, send_layer, end_early, wait), so the prefill node's KV sink drives
-    either. An early end owes nothing (no peer waits for messages); the decode node learns the outcome from
-    the prefill node's call, and frees the blocks if the K/V did not all arrive."""
+    either. `targets`: (a decode rank's mapped storage, the range of this node's KV heads it holds), one per
+    decode rank (`engine.parallel.kv_routes`); without tensor parallelism, one target with every head. An
+    early end owes nothing (no peer waits for messages); the decode node learns the outcome from the prefill
+    node's call, and frees the blocks if the K/V did not all arrive."""
 
-    def __init__(self, target: torch.Tensor, dst_blocks: list[int], num_layers: int) -> None:
-        self.target = target  # [num_layers, num_blocks, 2, block_size, kvh, head_dim], mapped
+    def __init__(self, targets: list[tuple[torch.Tensor, int, int]], dst_blocks: list[int], num_layers: int) -> None:
+        self.targets = targets  # each [num_layers, num_blocks, 2, block_size, its kv heads, head_dim], mapped
         self.num_layers = num_layers
-        self._dst = torch.tensor(dst_blocks, dtype=torch.long, device=target.device)
+        self._dst = torch.tensor(dst_blocks, dtype=torch.long, device=targets[0][0].device)
         self._src: torch.Tensor | None = None
         self._next_layer = 0
         self._event = None
@@ -132,9 +154,11 @@ class SharedWriter:
     def begin(self, src_blocks: list[int], pool: torch.Tensor) -> None:
         if len(src_blocks) != self.num_blocks:
             raise ValueError(f"{len(src_blocks)} source blocks for {self.num_blocks} destination blocks")
-        if pool.shape[1:] != self.target.shape[2:] or pool.dtype != self.target.dtype:
-            raise ValueError(f"pool {tuple(pool.shape)} {pool.dtype} differs from the target's blocks "
-                             f"{tuple(self.target.shape[2:])} {self.target.dtype}")
+        for target, first, last in self.targets:
+            want = (*pool.shape[1:3], last - first, pool.shape[4])
+            if tuple(target.shape[2:]) != want or pool.dtype != target.dtype or last > pool.shape[3]:
+                raise ValueError(f"pool {tuple(pool.shape)} {pool.dtype} heads [{first}, {last}) do not fit the "
+                                 f"target's blocks {tuple(target.shape[2:])} {target.dtype}")
         self._src = torch.tensor(src_blocks, dtype=torch.long, device=pool.device)
         self.header = True
 
@@ -143,9 +167,13 @@ class SharedWriter:
             raise ValueError("send_layer before begin")
         if layer != self._next_layer:
             raise ValueError(f"layer {layer} sent out of order (expected {self._next_layer})")
-        # One gather and one scatter on this process's stream, queued behind the layer's own kernels.
-        self.target[layer].index_copy_(0, self._dst, pool.index_select(0, self._src))
-        self.bytes_posted += self.num_blocks * pool[0].numel() * pool.element_size()
+        # One gather, then one scatter per decode rank of its heads, on this process's stream, queued behind
+        # the layer's own kernels.
+        blocks = pool.index_select(0, self._src)
+        for target, first, last in self.targets:
+            part = blocks[:, :, :, first:last]
+            target[layer].index_copy_(0, self._dst, part)
+            self.bytes_posted += part.numel() * part.element_size()
         self._next_layer += 1
         if self._next_layer == self.num_layers and pool.device.type == "cuda":
             self._event = torch.cuda.Event()
@@ -160,7 +188,7 @@ class SharedWriter:
         device may still be running: `settle` waits for them before the decode node may reuse the blocks."""
         if self._next_layer < self.num_layers:
             self.ended_early = True
-        if self._next_layer and self.target.device.type == "cuda":
+        if self._next_layer and self._dst.device.type == "cuda":
             self._event = torch.cuda.Event()
             self._event.record()  # the default stream: where the engine thread queued the copies
 

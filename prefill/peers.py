@@ -47,7 +47,8 @@ class DecodePeer:
     active: int = 0  # transfers using this entry now (holding a lane or waiting for one)
     broken: bool = False  # a transfer failed: forget the entry once the last one ends
     unreachable: bool = False  # its KV store could not be reached: the entry's waiting transfers fail at once
-    mapped: tuple | None = None  # the same-device path: (what was mapped, the decode node's storage mapped here)
+    # The same-device path: per decode rank, (what was mapped, that rank's storage mapped here).
+    mapped: dict[int, tuple] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one generation request at a time
 
 
@@ -134,15 +135,17 @@ class DecodePeers:
         peer.last_used = self._clock()
         return peer
 
-    async def mapped_pool(self, peer: DecodePeer, pool: SharedPool, device) -> torch.Tensor:
-        """The decode node's KV storage mapped into this process: once per entry and storage (a restarted
-        decode node shares a new one)."""
+    async def mapped_pool(self, peer: DecodePeer, pool: SharedPool, device, rank: int = 0) -> torch.Tensor:
+        """Rank `rank` of the decode node's KV storage mapped into this process: once per entry and storage
+        (a restarted decode node shares a new one)."""
         key = (pool.device_id, pool.shm_path, pool.cuda_handle, pool.storage_offset)
-        if peer.mapped is None or peer.mapped[0] != key:
+        known = peer.mapped.get(rank)
+        if known is None or known[0] != key:
             tensor = await self.threads.run(open_shared, pool, device)
-            peer.mapped = (key, tensor)
-            log.info("kv path to %s: shared memory on %s", peer.node_id, pool.device_id)
-        return peer.mapped[1]
+            known = peer.mapped[rank] = (key, tensor)
+            if rank == 0:
+                log.info("kv path to %s: shared memory on %s", peer.node_id, pool.device_id)
+        return known[1]
 
     def failed(self, peer: DecodePeer, generation: int | None) -> None:
         """A transfer on `generation` failed, or ended without the decode node's answer: that generation goes,

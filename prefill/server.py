@@ -29,10 +29,11 @@ import threading
 import grpc
 import torch
 
-from baton.cluster.messages import (abort_for, chunk_from_output, finish_to_proto, kv_layout, sampling_from_proto,
-                                   share_from_proto)
+from baton.cluster.messages import (abort_for, chunk_from_output, finish_to_proto, kv_layout, layouts_match,
+                                   sampling_from_proto, share_from_proto)
 from baton.engine import FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
+from baton.engine.parallel import kv_routes
 from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVTransferError, PairChannels, TransferThreads
 from baton.kvtransfer.sender import KVSender, Staging, check_runs, coalesce
 from baton.kvtransfer.shared import SharedWriter, device_id
@@ -104,9 +105,13 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                                  f"(it fills {self.engine.blocks_for(len(prompt))})")
         except FieldError as e:
             await abort_for(context, e)
-        if target.layout != self.layout:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
-        if self.kv_path != "pair" and target.HasField("share") and target.share.device_id == self.device_id:
+        same_device = self.kv_path != "pair" and target.HasField("share") and target.share.device_id == self.device_id
+        if not layouts_match(target.layout, self.layout, any_degree=same_device):
+            degrees = target.layout.tensor_parallel_size != self.layout.tensor_parallel_size
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ"
+                                + (" (different tensor-parallel degrees meet only through the same-device path so "
+                                   "far)" if degrees else ""))
+        if same_device:
             async for event in self._prefill_shared(request, prompt, params, context):
                 yield event
             return
@@ -178,14 +183,14 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         peer = self.peers.entry(target.decode_node_id, target.decode_address, target.kv_store_address)
         writer, owed = None, False  # owed: the decode node waits for KVWritten
         try:
-            pool = await self.peers.mapped_pool(peer, share_from_proto(target.share), self.spec.device)
+            targets = await self._shared_targets(peer, target)
             # Owed from the moment the call may reach the decode node: cancelled while it is in flight, this
             # call still says "given up" (a decode node that never began answers NOT_FOUND, harmlessly).
             owed = True
             await peer.stub.ReceiveKV(node_pb2.ReceiveKVRequest(
                 request_id=rid, prefill_node_id=self.node_id, layout=self.layout, num_tokens=len(prompt),
                 block_ids=target.block_ids, transfer_tag=target.transfer_tag, shared=True), timeout=self.transfer_timeout)
-            writer = SharedWriter(pool, list(target.block_ids), self.spec.num_layers)
+            writer = SharedWriter(targets, list(target.block_ids), self.spec.num_layers)
             yield await self._compute(request, prompt, params, writer)
             written = await asyncio.shield(self.threads.run(writer.wait, self.transfer_timeout))
             await peer.stub.KVWritten(node_pb2.KVWrittenRequest(
@@ -207,6 +212,15 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill node {self.node_id}: {e}")
         finally:
             await asyncio.shield(self._end_shared(rid, peer, writer, owed))
+
+    async def _shared_targets(self, peer: DecodePeer, target) -> list[tuple[torch.Tensor, int, int]]:
+        """Each decode rank's storage, mapped here, with the range of this node's KV heads it holds
+        (`kv_routes`: all of them from this single rank)."""
+        shares = [target.share, *target.rank_shares]
+        routes = kv_routes(self.engine.model_config, 1, len(shares))
+        mapped = [await self.peers.mapped_pool(peer, share_from_proto(s), self.spec.device, rank)
+                  for rank, s in enumerate(shares)]
+        return [(mapped[r.dst], r.head_start, r.head_end) for r in routes]
 
     async def _end_shared(self, rid: str, peer: DecodePeer, writer: SharedWriter | None, owed: bool) -> None:
         await self.engine.release(rid)  # after it, the engine thread queues no copy for this request

@@ -166,6 +166,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 decode_node_id=decode.node_id, decode_address=decode.address,
                 kv_store_address=reservation.kv_store_address, block_ids=reservation.block_ids,
                 transfer_tag=reservation.transfer_tag, layout=reservation.layout, share=reservation.share,
+                rank_shares=reservation.rank_shares,
             )
             prefill_call = self.stubs.prefill(prefill.address).Prefill(
                 node_pb2.PrefillRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,

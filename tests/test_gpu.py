@@ -121,7 +121,7 @@ def _ipc_writer(desc, done) -> None:
 
     target = open_shared(desc, "cuda")
     local = torch.arange(4 * 2 * 8 * 2 * 16, dtype=torch.float32, device="cuda").view(4, 2, 8, 2, 16)
-    writer = SharedWriter(target, [3, 1], 2)
+    writer = SharedWriter([(target, 0, 2)], [3, 1], 2)
     writer.begin([0, 2], local)
     for layer in range(2):
         writer.send_layer(layer, local + layer)

@@ -22,7 +22,7 @@ def _writer(pool_desc, src_blocks, dst_blocks, done) -> None:
     target = open_shared(pool_desc, "cpu")
     g = torch.Generator().manual_seed(7)
     local = torch.randn(SHAPE[1:], generator=g)  # this process's own pool (one layer's shape)
-    writer = SharedWriter(target, dst_blocks, SHAPE[0])
+    writer = SharedWriter([(target, 0, SHAPE[4])], dst_blocks, SHAPE[0])
     writer.begin(src_blocks, local)
     for layer in range(SHAPE[0]):
         writer.send_layer(layer, local * (layer + 1))
@@ -55,7 +55,7 @@ def test_another_process_writes_into_the_reserved_blocks():
 
 def test_a_writer_that_ends_early_says_so():
     storage, path = allocate_shm(SHAPE, torch.float32, "early")
-    writer = SharedWriter(open_shared(share(storage, path), "cpu"), [1, 2], SHAPE[0])
+    writer = SharedWriter([(open_shared(share(storage, path), "cpu"), 0, SHAPE[4])], [1, 2], SHAPE[0])
     writer.begin([0, 1], torch.zeros(SHAPE[1:]))
     writer.send_layer(0, torch.zeros(SHAPE[1:]))
     with pytest.raises(ValueError, match="out of order"):

@@ -232,3 +232,30 @@ def test_the_rank_group_takes_shared_memory_where_a_tensor_fits_and_gloo_where_i
     assert small.tolist() == [3.0] * 4 and large.tolist() == [3.0] * 100
     assert logits.tolist() == [[4.0, 5.0, 6.0, 7.0, 8.0]]
     assert theirs == ([3.0] * 4, [3.0] * 100, [[4.0, 5.0, 6.0, 7.0, 8.0]])
+
+
+def test_a_prefill_node_writes_each_rank_of_a_two_rank_decode_node_its_heads(stories_path, stories_llm, tmp_path):
+    """Prefill TP=1 -> decode TP=2 on one host (the same-device path through /dev/shm): each decode rank's pool
+    gets exactly its KV heads of the prompt's blocks, and the tokens are the offline engine's."""
+    from baton.router.client import BatonClient
+
+    from cluster_harness import BatonUp
+
+    with BatonUp(tmp_path, "--model", str(stories_path), "--kv-path", "shared", "--decode-tp", "2") as up:
+        [decode], [prefill] = up.nodes("decode"), up.nodes("prefill")
+        baseline = up.stats(decode).total_blocks
+        with BatonClient(up.address, timeout=60) as client:
+            for prompt in PROMPTS:
+                want = stories_llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
+                got = client.complete(prompt, max_tokens=40, temperature=0)
+                assert got.token_ids == want.token_ids, prompt
+            seeded = dict(max_tokens=30, temperature=0.8, top_p=0.9, seed=5)
+            want = stories_llm.generate([PROMPTS[1]], SamplingParams(**seeded))[0].token_ids
+            assert client.complete(PROMPTS[1], **seeded).token_ids == want
+        cfg = stories_llm.engine.model_config
+        per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4  # every head once, float32
+        prompts = [len(stories_llm.tokenizer.encode(p)) for p in PROMPTS] + [len(stories_llm.tokenizer.encode(PROMPTS[1]))]
+        blocks = sum(-(-n // 16) for n in prompts)
+        assert up.stats(prefill).kv_bytes_sent == up.stats(decode).kv_bytes_received == blocks * 16 * per_token
+        up.wait_until(lambda: (s := up.stats(decode)).free_blocks == baseline and not s.running, timeout=10)
+    assert not up.hung and up.leftovers == [] and up.returncode == 0

@@ -25,53 +25,53 @@ _sym_db = _symbol_database.Default()
 from baton.v1 import baton_pb2 as baton_dot_v1_dot_baton__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62\x61ton/v1/node.proto\x12\x08\x62\x61ton.v1\x1a\x14\x62\x61ton/v1/baton.proto\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x91\x02\n\x07KVShare\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08shm_path\x18\x04 \x01(\t\x12\x13\n\x0b\x63uda_handle\x18\x05 \x01(\x0c\x12\x14\n\x0cstorage_size\x18\x06 \x01(\x04\x12\x16\n\x0estorage_offset\x18\x07 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x08 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\t \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\n \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0b \x01(\x08\x12\x15\n\rtensor_offset\x18\x0c \x01(\x04\"a\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"\xa0\x01\n\x0fReserveResponse\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x18\n\x10kv_store_address\x18\x03 \x01(\t\x12\x14\n\x0ctransfer_tag\x18\x04 \x01(\x04\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12 \n\x05share\x18\x06 \x01(\x0b\x32\x11.baton.v1.KVShareJ\x04\x08\x01\x10\x02\"\xd2\x01\n\x10ReceiveKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fprefill_node_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\"\n\x06layout\x18\x04 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\x14\n\x0ctransfer_tag\x18\x07 \x01(\x04\x12\x0c\n\x04lane\x18\x08 \x01(\r\x12\x0e\n\x06shared\x18\t \x01(\x08\"b\n\x10KVWrittenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fprefill_node_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x15\n\rbytes_written\x18\x04 \x01(\x04\"\x13\n\x11KVWrittenResponse\"+\n\x11ReceiveKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\"\x97\x01\n\x0f\x43ontinueRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x04 \x01(\x02\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.baton.v1.SamplingParams\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\'\n\x0fReleaseResponse\x12\x14\n\x0c\x66reed_blocks\x18\x01 \x01(\r\"o\n\x13NodeGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\"\xc3\x01\n\x08KVTarget\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x02 \x01(\t\x12\x18\n\x10kv_store_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x14\n\x0ctransfer_tag\x18\x05 \x01(\x04\x12\"\n\x06layout\x18\x06 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12 \n\x05share\x18\x07 \x01(\x0b\x32\x11.baton.v1.KVShare\"\x8e\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\"\n\x06target\x18\x04 \x01(\x0b\x32\x12.baton.v1.KVTarget\"_\n\nFirstToken\x12#\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.baton.v1.TokenChunk\x12&\n\x06\x66inish\x18\x02 \x01(\x0e\x32\x16.baton.v1.FinishReasonJ\x04\x08\x03\x10\x04\"(\n\x0cTransferDone\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04J\x04\x08\x02\x10\x03\"t\n\x0cPrefillEvent\x12+\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x14.baton.v1.FirstTokenH\x00\x12/\n\rtransfer_done\x18\x02 \x01(\x0b\x32\x16.baton.v1.TransferDoneH\x00\x42\x06\n\x04kind\"\x11\n\x0fGetStatsRequest\"\xe3\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x10\n\x08reserved\x18\x07 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\x08 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\t \x01(\x04\x12\x17\n\x0frequests_served\x18\n \x01(\x04\x12\r\n\x05peers\x18\x0b \x01(\r2\xe2\x03\n\nDecodeNode\x12>\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x19.baton.v1.ReserveResponse\x12\x44\n\tReceiveKV\x12\x1a.baton.v1.ReceiveKVRequest\x1a\x1b.baton.v1.ReceiveKVResponse\x12\x43\n\x08\x43ontinue\x12\x19.baton.v1.ContinueRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12\x44\n\tKVWritten\x12\x1a.baton.v1.KVWrittenRequest\x1a\x1b.baton.v1.KVWrittenResponse\x12>\n\x07Release\x12\x18.baton.v1.ReleaseRequest\x1a\x19.baton.v1.ReleaseResponse\x12G\n\x08Generate\x12\x1d.baton.v1.NodeGenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12:\n\x08GetStats\x12\x19.baton.v1.GetStatsRequest\x1a\x13.baton.v1.NodeStats2\x88\x01\n\x0bPrefillNode\x12=\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x16.baton.v1.PrefillEvent0\x01\x12:\n\x08GetStats\x12\x19.baton.v1.GetStatsRequest\x1a\x13.baton.v1.NodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62\x61ton/v1/node.proto\x12\x08\x62\x61ton.v1\x1a\x14\x62\x61ton/v1/baton.proto\"\x87\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\"\x91\x02\n\x07KVShare\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08shm_path\x18\x04 \x01(\t\x12\x13\n\x0b\x63uda_handle\x18\x05 \x01(\x0c\x12\x14\n\x0cstorage_size\x18\x06 \x01(\x04\x12\x16\n\x0estorage_offset\x18\x07 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x08 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\t \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\n \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0b \x01(\x08\x12\x15\n\rtensor_offset\x18\x0c \x01(\x04\"a\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"\xc8\x01\n\x0fReserveResponse\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x18\n\x10kv_store_address\x18\x03 \x01(\t\x12\x14\n\x0ctransfer_tag\x18\x04 \x01(\x04\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12 \n\x05share\x18\x06 \x01(\x0b\x32\x11.baton.v1.KVShare\x12&\n\x0brank_shares\x18\x07 \x03(\x0b\x32\x11.baton.v1.KVShareJ\x04\x08\x01\x10\x02\"\xd2\x01\n\x10ReceiveKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fprefill_node_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\"\n\x06layout\x18\x04 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\x14\n\x0ctransfer_tag\x18\x07 \x01(\x04\x12\x0c\n\x04lane\x18\x08 \x01(\r\x12\x0e\n\x06shared\x18\t \x01(\x08\"b\n\x10KVWrittenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fprefill_node_id\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x15\n\rbytes_written\x18\x04 \x01(\x04\"\x13\n\x11KVWrittenResponse\"+\n\x11ReceiveKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\"\x97\x01\n\x0f\x43ontinueRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x04 \x01(\x02\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.baton.v1.SamplingParams\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\'\n\x0fReleaseResponse\x12\x14\n\x0c\x66reed_blocks\x18\x01 \x01(\r\"o\n\x13NodeGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\"\xeb\x01\n\x08KVTarget\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x02 \x01(\t\x12\x18\n\x10kv_store_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x14\n\x0ctransfer_tag\x18\x05 \x01(\x04\x12\"\n\x06layout\x18\x06 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12 \n\x05share\x18\x07 \x01(\x0b\x32\x11.baton.v1.KVShare\x12&\n\x0brank_shares\x18\x08 \x03(\x0b\x32\x11.baton.v1.KVShare\"\x8e\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\"\n\x06target\x18\x04 \x01(\x0b\x32\x12.baton.v1.KVTarget\"_\n\nFirstToken\x12#\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x14.baton.v1.TokenChunk\x12&\n\x06\x66inish\x18\x02 \x01(\x0e\x32\x16.baton.v1.FinishReasonJ\x04\x08\x03\x10\x04\"(\n\x0cTransferDone\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04J\x04\x08\x02\x10\x03\"t\n\x0cPrefillEvent\x12+\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x14.baton.v1.FirstTokenH\x00\x12/\n\rtransfer_done\x18\x02 \x01(\x0b\x32\x16.baton.v1.TransferDoneH\x00\x42\x06\n\x04kind\"\x11\n\x0fGetStatsRequest\"\xe3\x01\n\tNodeStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x10\n\x08reserved\x18\x07 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\x08 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\t \x01(\x04\x12\x17\n\x0frequests_served\x18\n \x01(\x04\x12\r\n\x05peers\x18\x0b \x01(\r2\xe2\x03\n\nDecodeNode\x12>\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x19.baton.v1.ReserveResponse\x12\x44\n\tReceiveKV\x12\x1a.baton.v1.ReceiveKVRequest\x1a\x1b.baton.v1.ReceiveKVResponse\x12\x43\n\x08\x43ontinue\x12\x19.baton.v1.ContinueRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12\x44\n\tKVWritten\x12\x1a.baton.v1.KVWrittenRequest\x1a\x1b.baton.v1.KVWrittenResponse\x12>\n\x07Release\x12\x18.baton.v1.ReleaseRequest\x1a\x19.baton.v1.ReleaseResponse\x12G\n\x08Generate\x12\x1d.baton.v1.NodeGenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12:\n\x08GetStats\x12\x19.baton.v1.GetStatsRequest\x1a\x13.baton.v1.NodeStats2\x88\x01\n\x0bPrefillNode\x12=\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x16.baton.v1.PrefillEvent0\x01\x12:\n\x08GetStats\x12\x19.baton.v1.GetStatsRequest\x1a\x13.baton.v1.NodeStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVLAYOUT']._serialized_start=55
-  _globals['_KVLAYOUT']._serialized_end=160
-  _globals['_KVSHARE']._serialized_start=163
-  _globals['_KVSHARE']._serialized_end=436
-  _globals['_RESERVEREQUEST']._serialized_start=438
-  _globals['_RESERVEREQUEST']._serialized_end=535
-  _globals['_RESERVERESPONSE']._serialized_start=538
-  _globals['_RESERVERESPONSE']._serialized_end=698
-  _globals['_RECEIVEKVREQUEST']._serialized_start=701
-  _globals['_RECEIVEKVREQUEST']._serialized_end=911
-  _globals['_KVWRITTENREQUEST']._serialized_start=913
-  _globals['_KVWRITTENREQUEST']._serialized_end=1011
-  _globals['_KVWRITTENRESPONSE']._serialized_start=1013
-  _globals['_KVWRITTENRESPONSE']._serialized_end=1032
-  _globals['_RECEIVEKVRESPONSE']._serialized_start=1034
-  _globals['_RECEIVEKVRESPONSE']._serialized_end=1077
-  _globals['_CONTINUEREQUEST']._serialized_start=1080
-  _globals['_CONTINUEREQUEST']._serialized_end=1231
-  _globals['_RELEASEREQUEST']._serialized_start=1233
-  _globals['_RELEASEREQUEST']._serialized_end=1269
-  _globals['_RELEASERESPONSE']._serialized_start=1271
-  _globals['_RELEASERESPONSE']._serialized_end=1310
-  _globals['_NODEGENERATEREQUEST']._serialized_start=1312
-  _globals['_NODEGENERATEREQUEST']._serialized_end=1423
-  _globals['_KVTARGET']._serialized_start=1426
-  _globals['_KVTARGET']._serialized_end=1621
-  _globals['_PREFILLREQUEST']._serialized_start=1624
-  _globals['_PREFILLREQUEST']._serialized_end=1766
-  _globals['_FIRSTTOKEN']._serialized_start=1768
-  _globals['_FIRSTTOKEN']._serialized_end=1863
-  _globals['_TRANSFERDONE']._serialized_start=1865
-  _globals['_TRANSFERDONE']._serialized_end=1905
-  _globals['_PREFILLEVENT']._serialized_start=1907
-  _globals['_PREFILLEVENT']._serialized_end=2023
-  _globals['_GETSTATSREQUEST']._serialized_start=2025
-  _globals['_GETSTATSREQUEST']._serialized_end=2042
-  _globals['_NODESTATS']._serialized_start=2045
-  _globals['_NODESTATS']._serialized_end=2272
-  _globals['_DECODENODE']._serialized_start=2275
-  _globals['_DECODENODE']._serialized_end=2757
-  _globals['_PREFILLNODE']._serialized_start=2760
-  _globals['_PREFILLNODE']._serialized_end=2896
+  _globals['_KVLAYOUT']._serialized_start=56
+  _globals['_KVLAYOUT']._serialized_end=191
+  _globals['_KVSHARE']._serialized_start=194
+  _globals['_KVSHARE']._serialized_end=467
+  _globals['_RESERVEREQUEST']._serialized_start=469
+  _globals['_RESERVEREQUEST']._serialized_end=566
+  _globals['_RESERVERESPONSE']._serialized_start=569
+  _globals['_RESERVERESPONSE']._serialized_end=769
+  _globals['_RECEIVEKVREQUEST']._serialized_start=772
+  _globals['_RECEIVEKVREQUEST']._serialized_end=982
+  _globals['_KVWRITTENREQUEST']._serialized_start=984
+  _globals['_KVWRITTENREQUEST']._serialized_end=1082
+  _globals['_KVWRITTENRESPONSE']._serialized_start=1084
+  _globals['_KVWRITTENRESPONSE']._serialized_end=1103
+  _globals['_RECEIVEKVRESPONSE']._serialized_start=1105
+  _globals['_RECEIVEKVRESPONSE']._serialized_end=1148
+  _globals['_CONTINUEREQUEST']._serialized_start=1151
+  _globals['_CONTINUEREQUEST']._serialized_end=1302
+  _globals['_RELEASEREQUEST']._serialized_start=1304
+  _globals['_RELEASEREQUEST']._serialized_end=1340
+  _globals['_RELEASERESPONSE']._serialized_start=1342
+  _globals['_RELEASERESPONSE']._serialized_end=1381
+  _globals['_NODEGENERATEREQUEST']._serialized_start=1383
+  _globals['_NODEGENERATEREQUEST']._serialized_end=1494
+  _globals['_KVTARGET']._serialized_start=1497
+  _globals['_KVTARGET']._serialized_end=1732
+  _globals['_PREFILLREQUEST']._serialized_start=1735
+  _globals['_PREFILLREQUEST']._serialized_end=1877
+  _globals['_FIRSTTOKEN']._serialized_start=1879
+  _globals['_FIRSTTOKEN']._serialized_end=1974
+  _globals['_TRANSFERDONE']._serialized_start=1976
+  _globals['_TRANSFERDONE']._serialized_end=2016
+  _globals['_PREFILLEVENT']._serialized_start=2018
+  _globals['_PREFILLEVENT']._serialized_end=2134
+  _globals['_GETSTATSREQUEST']._serialized_start=2136
+  _globals['_GETSTATSREQUEST']._serialized_end=2153
+  _globals['_NODESTATS']._serialized_start=2156
+  _globals['_NODESTATS']._serialized_end=2383
+  _globals['_DECODENODE']._serialized_start=2386
+  _globals['_DECODENODE']._serialized_end=2868
+  _globals['_PREFILLNODE']._serialized_start=2871
+  _globals['_PREFILLNODE']._serialized_end=3007
 # @@protoc_insertion_point(module_scope)

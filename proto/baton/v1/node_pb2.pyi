@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVLayout(_message.Message):
-    __slots__ = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+    __slots__ = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype", "tensor_parallel_size")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     block_size: int
     num_kv_heads: int
     head_dim: int
     dtype: str
-    def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class KVShare(_message.Message):
     __slots__ = ("device_id", "shape", "dtype", "shm_path", "cuda_handle", "storage_size", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "tensor_offset")
@@ -62,18 +64,20 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("block_ids", "kv_store_address", "transfer_tag", "layout", "share")
+    __slots__ = ("block_ids", "kv_store_address", "transfer_tag", "layout", "share", "rank_shares")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    RANK_SHARES_FIELD_NUMBER: _ClassVar[int]
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     kv_store_address: str
     transfer_tag: int
     layout: KVLayout
     share: KVShare
-    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_store_address: _Optional[str] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ...) -> None: ...
+    rank_shares: _containers.RepeatedCompositeFieldContainer[KVShare]
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_store_address: _Optional[str] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ..., rank_shares: _Optional[_Iterable[_Union[KVShare, _Mapping]]] = ...) -> None: ...
 
 class ReceiveKVRequest(_message.Message):
     __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens", "block_ids", "transfer_tag", "lane", "shared")
@@ -156,7 +160,7 @@ class NodeGenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_baton_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class KVTarget(_message.Message):
-    __slots__ = ("decode_node_id", "decode_address", "kv_store_address", "block_ids", "transfer_tag", "layout", "share")
+    __slots__ = ("decode_node_id", "decode_address", "kv_store_address", "block_ids", "transfer_tag", "layout", "share", "rank_shares")
     DECODE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +168,7 @@ class KVTarget(_message.Message):
     TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    RANK_SHARES_FIELD_NUMBER: _ClassVar[int]
     decode_node_id: str
     decode_address: str
     kv_store_address: str
@@ -171,7 +176,8 @@ class KVTarget(_message.Message):
     transfer_tag: int
     layout: KVLayout
     share: KVShare
-    def __init__(self, decode_node_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., kv_store_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ...) -> None: ...
+    rank_shares: _containers.RepeatedCompositeFieldContainer[KVShare]
+    def __init__(self, decode_node_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., kv_store_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ..., rank_shares: _Optional[_Iterable[_Union[KVShare, _Mapping]]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "target")
