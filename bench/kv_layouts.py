@@ -10,16 +10,14 @@ node process (the decode node's second rank is one more process). TTFT is client
 
 from __future__ import annotations
 
-import argparse
 import json
-import random
 import statistics
 import tempfile
 from pathlib import Path
 
-from baton.bench.engine_throughput import MODEL, machine, write_checkpoint
+from baton.bench.engine_throughput import machine, write_checkpoint
 from baton.bench.runner import git_commit
-from baton.bench.ttft import measure
+from baton.bench.ttft import measure, parse_args, random_prompt
 from baton.cluster.launch import ClusterSpec, LocalCluster
 
 SETUPS = {
@@ -30,13 +28,8 @@ SETUPS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    rng = random.Random(0)
-    prompt = [rng.randrange(3, MODEL["vocab_size"]) for _ in range(args.prompt_tokens)]
+    args = parse_args(__doc__)
+    prompt = random_prompt(args.prompt_tokens)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(Path(tmp))

@@ -36,14 +36,24 @@ def measure(address: str, prompt: list[int], repeats: int) -> list[float]:
         return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options of a TTFT benchmark (this one and kv_layouts.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def random_prompt(tokens: int) -> list[int]:
+    """The same prompt in every run: random ids of the benchmark model's vocabulary."""
     rng = random.Random(0)
-    prompt = [rng.randrange(3, MODEL["vocab_size"]) for _ in range(args.prompt_tokens)]
+    return [rng.randrange(3, MODEL["vocab_size"]) for _ in range(tokens)]
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    prompt = random_prompt(args.prompt_tokens)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

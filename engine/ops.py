@@ -34,6 +34,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + residual), x + residual); without a residual, x is the residual."""
+    added = x if residual is None else x + residual
+    return rms_norm(added, weight, eps), added
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate/up projection [T, 2 * I] (gate in the first half)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class TorchOps:
     name = "torch"
 
@@ -44,19 +57,12 @@ class TorchOps:
     def prepare(self, meta: AttentionMetadata, positions: torch.Tensor, dtype: torch.dtype) -> Step:
         return Step(meta, positions, self.rotary_tables(positions, dtype), decode_groups(meta, self.block_size))
 
-    def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight * rmsnorm(x + residual), x + residual); without a residual, x is the residual."""
-        added = x if residual is None else x + residual
-        return rms_norm(added, weight, eps), added
+    rms_norm = staticmethod(add_rms_norm)
+    silu_mul = staticmethod(silu_and_mul)
 
     def rotary(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """x [T, heads, head_dim] (the query and key heads together) rotated by each token's position."""
         return apply_rotary_one(x, *step.rope)
-
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor, step: Step,
                   scale: float) -> torch.Tensor:

@@ -53,11 +53,10 @@ class TPWorkers:
     def __init__(self, config: EngineConfig, folder: str, cfg: ModelConfig, num_blocks: int, max_model_len: int,
                  timeout: float = 300.0) -> None:
         size = config.tensor_parallel_size
+        device = rank_device(config.device, 0)
         self.store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=timeout),
                                    wait_for_workers=False)
-        host = None
-        if rank_device(config.device, 0).type == "cpu":
-            host = HostCollectives(0, size, HOST_SLOT_BYTES)
+        host = HostCollectives(0, size, HOST_SLOT_BYTES) if device.type == "cpu" else None
         ctx = mp.get_context("spawn")  # torch's threads exist already: never fork
         self.procs = [ctx.Process(target=worker_main, name=f"tp-rank-{rank}", daemon=True,
                                   args=(WorkerArgs(config, folder, rank, size, num_blocks, max_model_len,
@@ -65,16 +64,14 @@ class TPWorkers:
                       for rank in range(1, size)]
         for p in self.procs:
             p.start()
+        self.group: TPGroup | None = None  # None until every rank has joined, and again once stopped
         try:
-            self.group = make_group(0, size, self.store, rank_device(config.device, 0), vocab_sizes(cfg, size),
-                                    timeout, host)
+            self.group = make_group(0, size, self.store, device, vocab_sizes(cfg, size), timeout, host)
             # The other ranks' KV storages, described for mapping by a prefill node on the same device.
-            self.pools = [self.store.get(f"{POOL_KEY}/{rank}") for rank in range(1, size)]
-            self.pools = [p for p in self.pools if p]
+            self.pools = [p for p in (self.store.get(f"{POOL_KEY}/{rank}") for rank in range(1, size)) if p]
         except BaseException:
             self.close()
             raise
-        self._closed = False
 
     def send_step(self, header: np.ndarray, flat: np.ndarray) -> None:
         self.group.broadcast(torch.from_numpy(header))
@@ -82,12 +79,12 @@ class TPWorkers:
 
     def close(self) -> None:
         """Tells the workers to stop (if the group still works) and makes sure they are gone."""
-        if getattr(self, "_closed", True) is False:
-            self._closed = True
+        group, self.group = self.group, None
+        if group is not None:
+            stop = np.zeros(HEADER_LEN, np.int64)
+            stop[0] = KIND_STOP
             try:
-                stop = np.zeros(HEADER_LEN, np.int64)
-                stop[0] = KIND_STOP
-                self.group.broadcast(torch.from_numpy(stop))
+                group.broadcast(torch.from_numpy(stop))
             except Exception:  # noqa: BLE001 - a dead worker: the kill below
                 pass
         for p in self.procs:

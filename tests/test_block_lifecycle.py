@@ -8,6 +8,7 @@ same paths run end to end in test_failure_paths.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -168,19 +169,38 @@ def test_a_background_loop_survives_its_exceptions(caplog):
     assert caplog.text.count("test loop failed") == 2 and "injected failure 2" in caplog.text
 
 
+@contextlib.asynccontextmanager
+async def decode_peers(**options):
+    """A prefill node's `DecodePeers` over real pair channels and transfer threads, closed afterwards."""
+    from baton.kvtransfer.channel import PairChannels, TransferThreads
+    from baton.prefill.peers import DecodePeers
+
+    channels, threads = PairChannels("prefill-0"), TransferThreads("t", 4)
+    peers = DecodePeers(channels, threads, **options)
+    try:
+        yield peers, channels
+    finally:
+        await peers.close()
+        channels.close()
+        threads.close()
+
+
+async def until(condition) -> None:
+    """Yields to the loop until `condition` holds (bounded by `run`)."""
+    while not condition():
+        await asyncio.sleep(0)
+
+
 def test_a_prefill_node_forgets_decode_peers_that_went_quiet():
     """Decode nodes used once and then gone: idle entries are forgotten when the next transfer starts, so the
     prefill node's per-peer state stays bounded. (20 nodes on one real rendezvous store: each forgotten peer
     costs a new store connection, and torch's TCPStore client stalls 5 s on every 25th one in a process.)"""
-    from baton.kvtransfer.channel import KVStoreHost, PairChannels, TransferThreads
-    from baton.prefill.peers import DecodePeers
+    from baton.kvtransfer.channel import KVStoreHost
 
     async def main():
         now = [0.0]
-        channels, threads = PairChannels("prefill-0"), TransferThreads("t", 4)
-        peers = DecodePeers(channels, threads, idle_seconds=5, clock=lambda: now[0])
-        with KVStoreHost() as store:
-            try:
+        async with decode_peers(idle_seconds=5, clock=lambda: now[0]) as (peers, channels):
+            with KVStoreHost() as store:
                 for i in range(20):
                     peer, generation, lane = await peers.acquire(f"decode-{i}", f"127.0.0.1:{10000 + i}",
                                                                  store.address, 10)
@@ -194,10 +214,6 @@ def test_a_prefill_node_forgets_decode_peers_that_went_quiet():
                 peers.failed(peer, None)  # a failure: forgotten once its last transfer ends
                 peers.release(peer)
                 assert len(peers) == 0
-            finally:
-                await peers.close()
-                channels.close()
-                threads.close()
 
     run(main())
 
@@ -206,19 +222,12 @@ def test_a_decode_peers_lanes_are_held_one_transfer_each_and_lost_with_their_gen
     """`DecodePeers` hands each transfer a lane no other transfer holds, makes the next one wait while all are
     held, takes a lane back only on a generation that did not fail, and loses no wake-up to a waiter that was
     cancelled just after it was woken."""
-    from baton.kvtransfer.channel import KVStoreHost, PairChannels, TransferThreads
-    from baton.prefill.peers import DecodePeers
-
-    async def until(condition) -> None:  # yields to the loop until `condition` holds (bounded by `run`)
-        while not condition():
-            await asyncio.sleep(0)
+    from baton.kvtransfer.channel import KVStoreHost
 
     async def main():
-        channels, threads = PairChannels("prefill-0"), TransferThreads("t", 4)
-        peers = DecodePeers(channels, threads, lanes=2)
-        acquire = lambda: peers.acquire("decode-0", "127.0.0.1:9", store.address, 10)  # noqa: E731
-        with KVStoreHost() as store:
-            try:
+        async with decode_peers(lanes=2) as (peers, _):
+            acquire = lambda: peers.acquire("decode-0", "127.0.0.1:9", store.address, 10)  # noqa: E731
+            with KVStoreHost() as store:
                 peer, generation, first = await acquire()
                 _, same, second = await acquire()
                 assert (same, first, second) == (generation, 0, 1)
@@ -248,10 +257,6 @@ def test_a_decode_peers_lanes_are_held_one_transfer_each_and_lost_with_their_gen
                 assert peer.free_lanes == [1]
                 peers.release(peer, newer, lane)
                 assert peer.active == 0 and len(peers) == 0  # broken: forgotten with its last transfer
-            finally:
-                await peers.close()
-                channels.close()
-                threads.close()
 
     run(main())
 
@@ -260,22 +265,15 @@ def test_transfers_queued_for_a_lane_of_a_dead_decode_node_fail_together():
     """The decode node died with every lane held: the transfers waiting for a lane are woken when its
     generation fails, one tries its store, and all fail together, instead of each waiting out a connection
     timeout to the dead store in turn (they used to reach the client's deadline)."""
-    from baton.kvtransfer.channel import KVStoreHost, KVTransferError, PairChannels, TransferThreads
-    from baton.prefill.peers import DecodePeers
-
-    async def until(condition) -> None:
-        while not condition():
-            await asyncio.sleep(0)
+    from baton.kvtransfer.channel import KVStoreHost, KVTransferError
 
     async def main():
-        channels, threads = PairChannels("prefill-0"), TransferThreads("t", 4)
-        peers = DecodePeers(channels, threads, lanes=1)
-        attempts = []
-        next_generation = channels.next_generation
-        channels.next_generation = lambda *a: attempts.append(a) or next_generation(*a)
-        store = KVStoreHost()
-        address = store.address
-        try:
+        async with decode_peers(lanes=1) as (peers, channels):
+            attempts = []
+            next_generation = channels.next_generation
+            channels.next_generation = lambda *a: attempts.append(a) or next_generation(*a)
+            store = KVStoreHost()
+            address = store.address
             peer, generation, lane = await peers.acquire("decode-0", "127.0.0.1:9", address, 10)
             waiters = [asyncio.ensure_future(peers.acquire("decode-0", "127.0.0.1:9", address, 10)) for _ in range(3)]
             await until(lambda: len(peer.waiters) == 3)
@@ -287,9 +285,5 @@ def test_transfers_queued_for_a_lane_of_a_dead_decode_node_fail_together():
             assert len(attempts) == 2  # the first acquire's, and one after the failure: not one per waiter
             peers.release(peer, generation, lane)
             assert len(peers) == 0
-        finally:
-            await peers.close()
-            channels.close()
-            threads.close()
 
     run(main())

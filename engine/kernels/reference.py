@@ -9,20 +9,13 @@ from __future__ import annotations
 import torch
 
 from baton.engine.attention import _causal_attention, decode_attention, gather_context
-from baton.engine.ops import rms_norm
+from baton.engine.ops import add_rms_norm, silu_and_mul
 from baton.engine.rope import apply_rotary_one
 
 
-def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (weight * rmsnorm(x + residual), x + residual); normalised in float32 as the engine does."""
-    added = x if residual is None else x + residual
-    return rms_norm(added, weight, eps), added
-
-
-def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+# The engine's own torch functions, under the kernels' names.
+add_rmsnorm_ref = add_rms_norm
+silu_mul_ref = silu_and_mul
 
 
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
