@@ -183,15 +183,16 @@ def _up(args: argparse.Namespace) -> int:
     resolve_kernels(args.kernels, resolve_device(args.device))
 
     if args.tp > 1 and (args.prefill or args.decode):
-        raise FieldError("tp", "--tp is the colocated nodes' degree: use --decode-tp for decode nodes (prefill "
-                               "nodes run on one rank so far)")
-    passed_on = {"--device": args.device, "--kernels": args.kernels,
+        raise FieldError("tp", "--tp is the colocated nodes' degree: use --prefill-tp and --decode-tp for prefill "
+                               "and decode nodes")
+    passed_on = {"--device": args.device, "--kernels": args.kernels, "--block-size": args.block_size,
                  "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
                  "--kv-path": args.kv_path}
     node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
-    role_args = {"colocated": ["--tp", str(args.tp)], "decode": ["--tp", str(args.decode_tp)]}
+    role_args = {"colocated": ["--tp", str(args.tp)], "decode": ["--tp", str(args.decode_tp)],
+                 "prefill": ["--tp", str(args.prefill_tp)]}
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
                               port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
@@ -241,12 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-num-batched-tokens", type=int, default=None)
     _device_arg(up)
     up.add_argument("--num-kv-blocks", type=int, default=None)
+    up.add_argument("--block-size", type=int, default=None, help="tokens per KV block (16)")
     up.add_argument("--max-num-seqs", type=int, default=None)
     up.add_argument("--transfer-timeout", type=float, default=None, help="seconds a KV transfer may take (30)")
     _kv_path_arg(up)
+    up.add_argument("--prefill-tp", type=int, default=1, metavar="P", help="the prefill nodes' tensor-parallel degree")
     up.add_argument("--decode-tp", type=int, default=1, metavar="D",
-                    help="the decode nodes' tensor-parallel degree (needs the same-device KV path: --kv-path shared "
-                         "on a CPU host)")
+                    help="the decode nodes' tensor-parallel degree (any two degrees the model takes meet: each "
+                         "decode rank receives its KV heads from the prefill ranks that hold them)")
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     up.set_defaults(run=_up)
 

@@ -58,12 +58,6 @@ class NodeConfig:
             raise ValueError("enable_chunked_prefill: a prefill node sends whole prompts; turn it off")
         if not self.advertise_host:
             self.advertise_host = advertised_host(self.host)
-        if self.engine.tensor_parallel_size > 1 and self.role == "prefill":
-            raise ValueError("tp: prefill nodes run on one rank so far (decode and colocated nodes take --tp)")
-        if self.engine.tensor_parallel_size > 1 and self.role == "decode" and (
-                self.kv_path == "pair" or (self.kv_path == "auto" and self.engine.device == "cpu")):
-            raise ValueError("tp: a tensor-parallel decode node takes K/V through the same-device path only so far: "
-                             "--kv-path shared on a CPU host, or a GPU it shares with its prefill nodes")
         if self.kv_path not in KV_PATHS:
             raise ValueError(f"kv_path: must be one of {KV_PATHS}, got {self.kv_path!r}")
         if self.kv_path == "shared" and self.role != "prefill":

@@ -19,11 +19,11 @@ import grpc
 
 from baton.cluster.messages import (abort_for, kv_layout, layouts_match, responses_from_output, sampling_from_proto,
                                    share_to_proto)
-from baton.engine import FieldError, NoCapacity
+from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
-from baton.kvtransfer.channel import (DECODE_RANK, LANES_PER_PAIR, PREFILL_RANK, KVStoreHost, PairChannels,
-                                      TransferCancelled, TransferThreads)
-from baton.kvtransfer.receiver import drain, receive
+from baton.engine.parallel import kv_routes, shard
+from baton.kvtransfer.channel import LANES_PER_PAIR, KVStoreHost, PairChannels, TransferCancelled, TransferThreads
+from baton.kvtransfer.ranks import RankLink, Route, rank_name, receive_route
 from baton.kvtransfer.sender import coalesce
 from baton.kvtransfer.shared import decode, share
 from baton.v1 import node_pb2, node_pb2_grpc
@@ -63,7 +63,12 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             self.share = share_to_proto(share(storage, shm_path))
             self.rank_shares = [share_to_proto(decode(p)) for p in engine.rank_pools()]
             log.info("kv storage shareable on %s (%d ranks)", self.share.device_id, 1 + len(self.rank_shares))
-        self.tensor_parallel = spec.tensor_parallel_size > 1
+        # A tensor-parallel node's ranks each receive their own KV heads (kvtransfer/ranks.py), rank 0 asking
+        # the others through their pipes.
+        self.shards = [shard(engine.model_config, spec.tensor_parallel_size, r)
+                       for r in range(spec.tensor_parallel_size)]
+        self.link = RankLink(engine.rank_links()) if spec.tensor_parallel_size > 1 else None
+        self.rank_bytes = [0] * spec.tensor_parallel_size  # KV bytes each rank received
         self._writes: dict[str, asyncio.Task] = {}  # request id -> its deadline, until KVWritten
 
     # -- reservations -------------------------------------------------------------------------------
@@ -93,13 +98,14 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         """Answered only once this node's side of the transfer is over (every message on its lane matched, or
         the lane given up): OK, NOT_FOUND (drained) and ABORTED (the sender's cancel header) leave the lane in
         step for the prefill node's next transfer on it; any other answer means its generation must go."""
-        if not layouts_match(request.layout, self.layout, any_degree=request.shared):
+        if not layouts_match(request.layout, self.layout, any_degree=True):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
         if request.shared:
             return await self._begin_write(request, context)
-        if self.tensor_parallel:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "shared: this node is tensor-parallel; its "
-                                "ranks take K/V only through the same-device path so far")
+        try:
+            kv_routes(self.engine.model_config, request.layout.tensor_parallel_size or 1, len(self.shards))
+        except ConfigError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"layout: the sender's degree: {e}")
         if request.lane >= LANES_PER_PAIR:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"lane: must be below {LANES_PER_PAIR}, got {request.lane}")
@@ -145,42 +151,54 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     async def _receive(self, request, r: Reservation) -> tuple[int | None, bool]:
         """(bytes received or None, whether the sender cancelled the transfer)."""
         blocks = r.blocks[: self.engine.blocks_for(request.num_tokens)]
-        prefill_id, generation, lane = request.prefill_node_id, request.generation, request.lane
         received, cancelled, cause = None, False, "kv transfer failed"
-        try:
-            group = await self.threads.run(self.channels.get, prefill_id, generation, self.store.address,
-                                           DECODE_RANK, self.transfer_timeout, lane)
-            received = await self.threads.run(receive, group, PREFILL_RANK, request.request_id,
-                                              self.engine.kv_pools, coalesce(blocks), self.transfer_timeout)
-            del group
-            self.kv_bytes_received += received
-        except TransferCancelled:
+        failures, cancels, nbytes = await self._routes(request, coalesce(blocks), drain_only=False)
+        if failures:
+            cause = f"kv transfer failed: {failures[0]}"
+            log.warning("kv transfer of %s failed: %s", request.request_id, failures[0])
+        elif cancels:
             cancelled, cause = True, "kv transfer cancelled by the prefill node"  # the lane is in step: keep it
-        except Exception as e:  # noqa: BLE001 - whatever failed, the reservation must not stay behind
-            cause = f"kv transfer failed: {e}"
-            log.warning("kv transfer of %s failed: %s", request.request_id, e)
-            self.channels.drop(prefill_id, generation)  # this generation only: a newer one serves others
+        else:
+            received = nbytes
+            self.kv_bytes_received += received
         await self.reservations.receive_ended(r, received is not None, cause)
         return received, cancelled
 
     async def _drain(self, request) -> bool:
         """Whether the transfer was taken in (or cancelled by its sender) with the lane left in step."""
-        spec = self.engine.kv_spec
-        prefill_id, generation, lane = request.prefill_node_id, request.generation, request.lane
-        try:
-            group = await self.threads.run(self.channels.get, prefill_id, generation, self.store.address,
-                                           DECODE_RANK, self.transfer_timeout, lane)
-            await self.threads.run(
-                drain, group, PREFILL_RANK, request.request_id, coalesce(list(request.block_ids)),
-                (2, spec.block_size, spec.num_kv_heads, spec.head_dim), spec.dtype, spec.device,
-                self.transfer_timeout)
-        except TransferCancelled:
-            pass
-        except Exception as e:  # noqa: BLE001 - the lane is out of step: this generation goes
-            log.warning("draining the kv transfer of %s failed: %s", request.request_id, e)
-            self.channels.drop(prefill_id, generation)
-            return False
-        return True
+        failures, _, _ = await self._routes(request, coalesce(list(request.block_ids)), drain_only=True)
+        if failures:
+            log.warning("draining the kv transfer of %s failed: %s", request.request_id, failures[0])
+        return not failures
+
+    async def _routes(self, request, runs: list[tuple[int, int]], drain_only: bool
+                      ) -> tuple[list[BaseException], int, int]:
+        """Every route of the transfer into this node (one per sender rank and receiving rank, each on its
+        rank; `kvtransfer.ranks`), run to its end: (their failures, how many were cancelled by their sender,
+        the bytes received). A failed route has dropped its generation with its peer rank."""
+        cfg, spec = self.engine.model_config, self.engine.kv_spec
+        routes = kv_routes(cfg, request.layout.tensor_parallel_size or 1, len(self.shards))
+        calls = []
+        for route in routes:
+            start = self.shards[route.dst].kv_head_start
+            mine = Route(request.request_id, rank_name(self.node_id, route.dst),
+                         rank_name(request.prefill_node_id, route.src), request.generation, request.lane,
+                         self.store.address, tuple(runs), (route.head_start - start, route.head_end - start),
+                         spec.num_layers)
+            if route.dst == 0:
+                calls.append(self.threads.run(receive_route, self.channels, mine, self.engine.kv_pools,
+                                              self.transfer_timeout, drain_only))
+            else:
+                calls.append(self.link.call(route.dst, "recv", mine, self.transfer_timeout, drain_only))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failures = [e for e in results if isinstance(e, BaseException) and not isinstance(e, TransferCancelled)]
+        cancels = sum(isinstance(e, TransferCancelled) for e in results)
+        nbytes = 0
+        for route, result in zip(routes, results):
+            if isinstance(result, int) and not drain_only:
+                self.rank_bytes[route.dst] += result
+                nbytes += result
+        return failures, cancels, nbytes
 
     def _on_lane(self, lane: tuple[str, int, int], work) -> asyncio.Future:
         """`work` (a receive or a drain) as a task that holds `lane`'s claim until it ends."""
@@ -289,7 +307,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         return node_pb2.NodeStats(
             node_id=self.node_id, role=self.role, total_blocks=total, free_blocks=free, running=running,
             waiting=waiting, reserved=self.reservations.pending, kv_bytes_received=self.kv_bytes_received,
-            requests_served=self.requests_served, peers=self.channels.peers(),
+            requests_served=self.requests_served, peers=self.channels.peers(), rank_kv_bytes=self.rank_bytes,
         )
 
     async def close(self) -> None:

@@ -135,6 +135,9 @@ class AsyncEngine:
     def rank_pools(self) -> list[bytes]:
         return self.engine.rank_pools()
 
+    def rank_links(self) -> list:
+        return self.engine.rank_links()
+
     @property
     def model_config(self):
         return self.engine.model_config

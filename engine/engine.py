@@ -106,6 +106,10 @@ class LLMEngine:
         1, 2, ... of a tensor-parallel engine whose pools are shareable (CUDA, or `share_kv_cache`)."""
         return [] if self._workers is None else self._workers.pools
 
+    def rank_links(self) -> list:
+        """Rank 0's ends of the pipes to ranks 1, 2, ... (`kvtransfer.ranks.RankLink` drives their KV transfers)."""
+        return [] if self._workers is None else self._workers.links
+
     def ranks_alive(self) -> bool:
         """Whether every other rank of a tensor-parallel engine still runs (without one, it cannot step)."""
         return self._workers is None or all(p.is_alive() for p in self._workers.procs)
@@ -271,8 +275,8 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step:
             return []
-        after_layer = self._sink_hook(step)
-        logits, sampled = self.runner.run(step.seqs, step.num_tokens, after_layer)
+        after_layer, kv_prompts = self._sink_hook(step)
+        logits, sampled = self.runner.run(step.seqs, step.num_tokens, after_layer, kv_prompts)
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
         chosen = [step.seqs[i] for i in sampled]
@@ -291,17 +295,17 @@ class LLMEngine:
         return outputs
 
     def _sink_hook(self, step: ScheduledStep):
-        """The per-layer callback that feeds the KV sink this step's prompts, or None if there are none."""
+        """(the per-layer callback that feeds the KV sink this step's prompts, those prompts), or (None, [])."""
         sink = self._kv_sink
         if sink is None:
-            return None
+            return None, []
         prompts = [(seq.request_id, self.blocks.table(seq.request_id))
                    for seq, n in zip(step.seqs, step.num_tokens) if seq.prefill_only and seq.num_computed == 0]
         if not prompts:
-            return None
+            return None, []
         pools = self.runner.kv.pools
         sink.step_started(prompts, pools[0])
-        return lambda layer: sink.layer_done(layer, pools[layer], prompts)
+        return (lambda layer: sink.layer_done(layer, pools[layer], prompts)), prompts
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params

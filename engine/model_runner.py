@@ -51,14 +51,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(
-        self, seqs: list[Sequence], num_tokens: list[int], after_layer: Callable[[int], None] | None = None
+        self, seqs: list[Sequence], num_tokens: list[int], after_layer: Callable[[int], None] | None = None,
+        kv_prompts: list[tuple[str, list[int]]] | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Computes `num_tokens[i]` tokens of each sequence (decodes, with one token, first).
 
         Returns logits `[S, vocab]` for the sequences whose last token was computed, and their indices.
-        `after_layer(i)` runs as soon as layer i's K/V of this step are in the pools (KV transfer hooks here).
+        `after_layer(i)` runs as soon as layer i's K/V of this step are in the pools (KV transfer hooks here);
+        `kv_prompts` (the KV sink's prompts) go to the other ranks, whose own sinks post their heads' sends.
         """
-        inputs = self.prepare(seqs, num_tokens)
+        inputs = self.prepare(seqs, num_tokens, kv_prompts or [])
         meta = inputs.meta
         if (self.graphs is not None and after_layer is None and not meta.num_prefills
                 and self.graphs.fits(meta.num_decodes, meta.decode_block_tables.shape[1])):
@@ -68,18 +70,20 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         return logits, inputs.sample_seqs
 
-    def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> StepInputs:
+    def prepare(self, seqs: list[Sequence], num_tokens: list[int],
+                kv_prompts: list[tuple[str, list[int]]] = ()) -> StepInputs:
         """The step's inputs as flat tensors (sent to the other ranks first, in a tensor-parallel engine)."""
         header, flat, sample_seqs = self.flatten(seqs, num_tokens)
         if self.workers is not None:
-            self.workers.send_step(header, flat)
+            self.workers.send_step(header, flat, list(kv_prompts))
         return self.assemble(header, flat, sample_seqs)
 
     @torch.inference_mode()
-    def execute(self, header: np.ndarray, flat: np.ndarray) -> None:
+    def execute(self, header: np.ndarray, flat: np.ndarray, after_layer: Callable[[int], None] | None = None
+                ) -> None:
         """A worker rank's step: its shard of the forward pass on rank 0's inputs (the logits are rank 0's)."""
         inputs = self.assemble(header, flat, [])
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv.pools, inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv.pools, inputs.meta, after_layer)
         self.model.compute_logits(hidden[inputs.sample_rows])
 
     def flatten(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -1,7 +1,9 @@
 """The processes of a tensor-parallel engine: rank 0 is the engine (scheduler, sampler, the node's service);
 ranks 1..N-1 are workers that only execute. Each step, rank 0 broadcasts the step's flat inputs (a header and
 one int64 array: `ModelRunner.flatten`) and every rank runs its shard of the forward pass; the row-parallel
-layers' all-reduces and the logits' gather keep them in step. A worker dies with rank 0 (and rank 0's next
+layers' all-reduces and the logits' gather keep them in step. A step that computes prompts bound for a KV
+transfer (a prefill node's) carries them too, so that each rank posts its own heads' sends as its layers are
+done (`kvtransfer.ranks`); rank 0 drives those transfers through one pipe per rank. A worker dies with rank 0 (and rank 0's next
 collective fails when a worker dies), so no rank outlives the engine.
 """
 
@@ -25,7 +27,7 @@ from .parallel import TPGroup, make_group, shard
 HEADER_LEN = 16
 POOL_KEY = "tp/kv-pool"  # + "/rank": that rank's KV storage described for mapping ("" if not shareable)
 HOST_SLOT_BYTES = 8 << 20  # per rank and call: larger tensors (long prompts' activations) go over gloo
-KIND_STEP, KIND_STOP = 1, 0
+KIND_STEP, KIND_STOP, KIND_STEP_KV = 1, 0, 2  # KIND_STEP_KV: the KV sink's prompts follow the inputs
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -45,6 +47,7 @@ class WorkerArgs:
     store_port: int
     parent_pid: int
     host_path: str  # rank 0's shared-memory collectives buffer ("" on CUDA)
+    kv_conn: object = None  # this rank's end of its pipe to rank 0 (KV transfer commands)
 
 
 class TPWorkers:
@@ -58,12 +61,17 @@ class TPWorkers:
                                    wait_for_workers=False)
         host = HostCollectives(0, size, HOST_SLOT_BYTES) if device.type == "cpu" else None
         ctx = mp.get_context("spawn")  # torch's threads exist already: never fork
+        pipes = [ctx.Pipe() for _ in range(1, size)]
+        self.links = [mine for mine, _ in pipes]  # rank 0's ends, for kvtransfer.ranks.RankLink
         self.procs = [ctx.Process(target=worker_main, name=f"tp-rank-{rank}", daemon=True,
                                   args=(WorkerArgs(config, folder, rank, size, num_blocks, max_model_len,
-                                                   self.store.port, os.getpid(), host.path if host else ""),))
-                      for rank in range(1, size)]
+                                                   self.store.port, os.getpid(), host.path if host else "",
+                                                   theirs),))
+                      for rank, (_, theirs) in zip(range(1, size), pipes)]
         for p in self.procs:
             p.start()
+        for _, theirs in pipes:
+            theirs.close()  # the worker's copy only: its death then closes rank 0's end
         self.group: TPGroup | None = None  # None until every rank has joined, and again once stopped
         try:
             self.group = make_group(0, size, self.store, device, vocab_sizes(cfg, size), timeout, host)
@@ -73,9 +81,16 @@ class TPWorkers:
             self.close()
             raise
 
-    def send_step(self, header: np.ndarray, flat: np.ndarray) -> None:
+    def send_step(self, header: np.ndarray, flat: np.ndarray, kv_prompts: list[tuple[str, list[int]]]) -> None:
+        if kv_prompts:
+            header = header.copy()
+            header[0] = KIND_STEP_KV
         self.group.broadcast(torch.from_numpy(header))
         self.group.broadcast(torch.from_numpy(flat))
+        if kv_prompts:
+            encoded = encode_prompts(kv_prompts)
+            self.group.broadcast(torch.tensor([len(encoded)], dtype=torch.int64))
+            self.group.broadcast(torch.from_numpy(encoded))
 
     def close(self) -> None:
         """Tells the workers to stop (if the group still works) and makes sure they are gone."""
@@ -92,6 +107,28 @@ class TPWorkers:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def encode_prompts(prompts: list[tuple[str, list[int]]]) -> np.ndarray:
+    """(request id, block table) pairs as one int64 array: per prompt, the id's UTF-8 length and bytes, then
+    the table's length and ids."""
+    parts: list[int] = []
+    for rid, table in prompts:
+        name = rid.encode()
+        parts += [len(name), *name, len(table), *table]
+    return np.asarray(parts, np.int64)
+
+
+def decode_prompts(encoded: np.ndarray) -> list[tuple[str, list[int]]]:
+    values, prompts, i = encoded.tolist(), [], 0
+    while i < len(values):
+        n = values[i]
+        rid = bytes(values[i + 1:i + 1 + n]).decode()
+        i += 1 + n
+        m = values[i]
+        prompts.append((rid, values[i + 1:i + 1 + m]))
+        i += 1 + m
+    return prompts
 
 
 def vocab_sizes(cfg: ModelConfig, size: int) -> list[int]:
@@ -141,11 +178,25 @@ def worker_main(args: WorkerArgs) -> None:
     group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size), host=host)
     model.set_tp(group)
     runner = ModelRunner(model, kv, None, str(device))
+    from baton.kvtransfer.ranks import RankAgent
+
+    agent = RankAgent(args.kv_conn, kv.pools, device)
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    length = torch.zeros(1, dtype=torch.int64)
     while True:
         group.broadcast(header)
         if int(header[0]) == KIND_STOP:
             return
         flat = torch.empty(int(header[6:].sum()), dtype=torch.int64)
         group.broadcast(flat)
-        runner.execute(header.numpy(), flat.numpy())
+        after_layer = None
+        if int(header[0]) == KIND_STEP_KV:
+            group.broadcast(length)
+            encoded = torch.empty(int(length[0]), dtype=torch.int64)
+            group.broadcast(encoded)
+            sink = agent.senders  # None: no route was ever opened from this rank (a decode node's)
+            if sink is not None:
+                prompts = decode_prompts(encoded.numpy())
+                sink.step_started(prompts, kv.pools[0])
+                after_layer = lambda layer: sink.layer_done(layer, kv.pools[layer], prompts)  # noqa: E731
+        runner.execute(header.numpy(), flat.numpy(), after_layer)

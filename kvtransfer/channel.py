@@ -278,12 +278,22 @@ class PairChannels:
         do not close them): transfers still holding it keep it open until they end. A dropped generation is
         never built again."""
         with self._lock:
-            newest = self._generation.get(peer_id, -1)
-            upto = newest if generation is None else generation
-            self._retired[peer_id] = max(self._retired.get(peer_id, -1), upto)
-            dropped = [(k, self._groups.pop(k)) for k in list(self._groups) if k[0] == peer_id and k[1] <= upto]
-        self._delete_rendezvous(peer_id, {k[1] for k, _ in dropped})
+            names = self._ranks_of(peer_id)
+            dropped = []
+            for name in names:
+                newest = self._generation.get(name, -1)
+                upto = newest if generation is None else generation
+                self._retired[name] = max(self._retired.get(name, -1), upto)
+                dropped += [(k, self._groups.pop(k)) for k in list(self._groups) if k[0] == name and k[1] <= upto]
+        for name in names:
+            self._delete_rendezvous(name, {k[1] for k, _ in dropped if k[0] == name})
         _release([g for _, g in dropped])
+
+    def _ranks_of(self, peer_id: str) -> list[str]:
+        """The peer and, if it is a node, its other ranks' names (`ranks.rank_name`: "node/rank"), as far as
+        this node holds anything for them: a node's failure or departure is every one of its ranks'."""
+        known = {k[0] for k in self._groups} | set(self._generation) | set(self._retired) | set(self._last_used)
+        return [peer_id, *sorted(n for n in known if n.startswith(peer_id + "/"))]
 
     def forget(self, peer_id: str, store_address: str | None = None) -> None:
         """Lets go of everything held for a peer that left: its groups, what it knew of its generations and
@@ -291,9 +301,10 @@ class PairChannels:
         self.drop(peer_id)
         box = []
         with self._lock:
-            self._generation.pop(peer_id, None)
-            self._retired.pop(peer_id, None)
-            self._last_used.pop(peer_id, None)
+            for name in self._ranks_of(peer_id):
+                self._generation.pop(name, None)
+                self._retired.pop(name, None)
+                self._last_used.pop(name, None)
             store = self._stores.get(store_address) if store_address and store_address != self._local_address else None
             if store is not None and not isinstance(store, _Pending):
                 box.append(self._stores.pop(store_address))
@@ -312,9 +323,11 @@ class PairChannels:
             self.forget(peer)
 
     def peers(self) -> int:
-        """How many peers this node holds any state for (groups or generation records)."""
+        """How many peer nodes this node holds any state for (groups or generation records; a node's ranks
+        count as one)."""
         with self._lock:
-            return len({k[0] for k in self._groups} | set(self._generation) | set(self._retired))
+            names = {k[0] for k in self._groups} | set(self._generation) | set(self._retired)
+        return len({name.partition("/")[0] for name in names})
 
     def generation(self, peer_id: str) -> int | None:
         """The newest generation asked for with `peer_id`, None if none."""

@@ -17,7 +17,7 @@ from .sender import HEADER_LEN, _wait_all, check_runs, header_mismatch, is_cance
 
 
 def receive(pg, peer_rank: int, transfer_id: int | str, pools: Sequence[torch.Tensor],
-            runs: Sequence[tuple[int, int]], timeout: float) -> int:
+            runs: Sequence[tuple[int, int]], timeout: float, heads: tuple[int, int] | None = None) -> int:
     """Receives the header, checks it, then posts every recv of the transfer (all layers, all runs, protocol
     order) and waits for them all. `pg` is the transfer's lane, which nothing else may use until this returns
     (messages on a group are matched in posting order); `transfer_id` names the transfer in errors only.
@@ -29,6 +29,10 @@ def receive(pg, peer_rank: int, transfer_id: int | str, pools: Sequence[torch.Te
     failure the blocks may hold partial data and the caller must drop the group (`PairChannels.drop`): the
     sender's unreceived messages are still queued on the lane, and a gloo group is broken after a timeout.
     Blocking: run it on a worker thread.
+
+    `heads`: the transfer carries only this range of the pools' KV heads (one of several senders of a
+    parallel layout, `kvtransfer.ranks`). A head range of a block is strided in the pool, so it is received
+    into one contiguous buffer per layer and copied into place once every message has arrived.
     """
     if not pools:
         raise ValueError("no pools")
@@ -42,21 +46,37 @@ def receive(pg, peer_rank: int, transfer_id: int | str, pools: Sequence[torch.Te
         if not pool.is_contiguous():
             raise ValueError(f"pool {i} is not contiguous: its blocks cannot be received in place")
     runs = [(int(s), int(c)) for s, c in runs]
-    check_runs(runs, first.shape[0])
+    total = check_runs(runs, first.shape[0])
+    partial = heads is not None and tuple(heads) != (0, first.shape[3])
+    block_shape = (2, first.shape[2], heads[1] - heads[0], first.shape[4]) if partial else first.shape[1:]
+    if partial and not 0 <= heads[0] < heads[1] <= first.shape[3]:
+        raise ValueError(f"heads {tuple(heads)} outside the pool's {first.shape[3]} KV heads")
     deadline = time.monotonic() + timeout
-    want = make_header(len(pools), runs, first.shape[1:], first.dtype)
+    want = make_header(len(pools), runs, block_shape, first.dtype)
     works: list = []
+    staged: list[torch.Tensor] = []  # per layer, when `partial`: [blocks, *block_shape] in run order
     nbytes = 0
     try:
         problem = header_mismatch(_header(pg, peer_rank, transfer_id, first.device, deadline), want)
         if problem is not None:
             raise KVTransferError(f"KV receive of {transfer_id}: sender and receiver disagree on {problem}")
         for pool in pools:
+            buffer = None
+            if partial:
+                buffer = torch.empty((total, *block_shape), dtype=first.dtype, device=first.device)
+                staged.append(buffer)
+            offset = 0
             for start, count in runs:
-                dst = pool[start:start + count]
+                dst = pool[start:start + count] if buffer is None else buffer[offset:offset + count]
+                offset += count
                 works.append(pg.recv([dst], peer_rank, WIRE_TAG))
                 nbytes += dst.numel() * dst.element_size()
         _wait_all(works, deadline, f"KV receive of {transfer_id}")
+        for pool, buffer in zip(pools, staged):
+            offset = 0
+            for start, count in runs:
+                pool[start:start + count, :, :, heads[0]:heads[1]] = buffer[offset:offset + count]
+                offset += count
     except BaseException as exc:
         # Let go of the pending works (the backend then forgets the pool slices) and of the group: the
         # traceback keeps this frame alive, and a gloo group closes its connections (failing the peer's

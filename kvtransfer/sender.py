@@ -165,8 +165,10 @@ class KVSender:
 
     def __init__(self, pg, peer_rank: int, transfer_id: int | str, src_blocks: Sequence[int] | None,
                  dst_runs: Sequence[tuple[int, int]], *, num_layers: int | None = None,
-                 pool: torch.Tensor | None = None, post_header: bool = True, staging: Staging | None = None) -> None:
+                 pool: torch.Tensor | None = None, post_header: bool = True, staging: Staging | None = None,
+                 heads: tuple[int, int] | None = None) -> None:
         self._total = check_runs(dst_runs)
+        self.heads = heads  # a range of the pool's KV heads to send (a route between parallel layouts), or all
         self.pg = pg
         self.peer_rank = peer_rank
         self.transfer_id = transfer_id
@@ -191,9 +193,14 @@ class KVSender:
         if src_blocks is not None:
             self.set_source(src_blocks)
         if pool is not None:
+            pool = self._heads(pool)
             self._check_pool(pool)
             if post_header:
                 self._post_header(pool)
+
+    def _heads(self, pool: torch.Tensor) -> torch.Tensor:
+        """The part of a pool this transfer sends: a strided view when it is a head range."""
+        return pool if self.heads is None else pool[:, :, :, self.heads[0]:self.heads[1]]
 
     def set_source(self, src_blocks: Sequence[int]) -> None:
         """This node's block ids for the prompt, once known (a prefill learns them when the prompt is
@@ -208,6 +215,7 @@ class KVSender:
     def begin(self, src_blocks: Sequence[int], pool: torch.Tensor) -> None:
         """The prompt is scheduled: its source blocks are known and the header goes out (if not yet)."""
         self.set_source(src_blocks)
+        pool = self._heads(pool)
         self._check_pool(pool)
         if self.header is None and self._failed is None and not self.cancelled:
             self._post_header(pool)
@@ -237,6 +245,7 @@ class KVSender:
             raise ValueError(f"layer {layer} past num_layers={self.num_layers}")
         if self._src is None:
             raise ValueError("send_layer before set_source")
+        pool = self._heads(pool)  # packed below into one contiguous buffer: one copy, whatever the range
         self._check_pool(pool)
         index = self._index.get(pool.device)
         if index is None:

@@ -4,10 +4,11 @@ A request's life on a prefill node:
   1. the decode node's entry (gRPC channel, pair channel generation) and a lane of that generation which no other
      transfer holds are taken from `DecodePeers` (waiting while every lane is held), the decode node is asked
      over gRPC to receive the request's K/V on that lane into the blocks it reserved (ReceiveKV), and the
-     lane's group is opened (or reused)
-  2. the prompt joins the engine's next batch; when its step starts the transfer's header goes out, and as
-     soon as layer L is computed, layer L's K/V for the prompt's blocks are copied out and posted to the
-     channel (the engine's KV sink: engine thread, non-blocking)
+     lane's groups are opened (or reused): one per route, from each rank of this node that holds KV heads of
+     a decode rank to that rank (`kvtransfer.ranks`; one route between two single-rank nodes)
+  2. the prompt joins the engine's next batch; when its step starts each route's header goes out, and as
+     soon as layer L is computed, each rank copies out layer L's K/V of its routes' heads for the prompt's
+     blocks and posts them (the engines' KV sinks: engine threads, non-blocking)
   3. the first token is sampled and streamed to the router at once; the engine frees the prompt's blocks
      when the step ends (the sends read the copies)
   4. once every send has completed and the decode node confirmed, TransferDone ends the call
@@ -31,11 +32,12 @@ import torch
 
 from baton.cluster.messages import (abort_for, chunk_from_output, finish_to_proto, kv_layout, layouts_match,
                                    sampling_from_proto, share_from_proto)
-from baton.engine import FieldError, NoCapacity
+from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
-from baton.engine.parallel import kv_routes
-from baton.kvtransfer.channel import DECODE_RANK, PREFILL_RANK, KVTransferError, PairChannels, TransferThreads
-from baton.kvtransfer.sender import KVSender, Staging, check_runs, coalesce
+from baton.engine.parallel import kv_routes, shard
+from baton.kvtransfer.channel import KVTransferError, PairChannels, TransferThreads
+from baton.kvtransfer.ranks import RankLink, Route, RouteSenders, rank_name
+from baton.kvtransfer.sender import Staging, check_runs, coalesce
 from baton.kvtransfer.shared import SharedWriter, device_id
 from baton.v1 import node_pb2, node_pb2_grpc
 
@@ -60,9 +62,14 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.peers = DecodePeers(self.channels, self.threads, peer_idle_seconds)
         self.transfer_timeout = transfer_timeout
         self.layout = kv_layout(self.spec)
-        # One sender per transfer, registered before its prompt can be scheduled and removed only once the
-        # request has left the engine: the engine thread (the KV sink below) reads it in between.
-        self._senders: dict[str, KVSender | SharedWriter] = {}
+        tp = self.spec.tensor_parallel_size
+        self.shards = [shard(engine.model_config, tp, r) for r in range(tp)]
+        self.link = RankLink(engine.rank_links()) if tp > 1 else None  # the other ranks' route senders
+        self.routes = RouteSenders(self.channels, engine.kv_pools, self.staging)  # rank 0's
+        self.rank_bytes = [0] * tp  # KV bytes each rank sent
+        # The same-device path's writer per transfer, registered before its prompt can be scheduled and removed
+        # only once the request has left the engine: the engine thread (the KV sink below) reads it in between.
+        self._senders: dict[str, SharedWriter] = {}
         self._lock = threading.Lock()
         self.kv_bytes_sent = 0
         self.requests_served = 0
@@ -70,11 +77,12 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
 
     # -- the KV sink (engine thread, inside a step): never raises, a failure stays with its transfer ----
 
-    def _sender(self, request_id: str) -> KVSender | SharedWriter | None:
+    def _sender(self, request_id: str) -> SharedWriter | None:
         with self._lock:
             return self._senders.get(request_id)
 
     def step_started(self, prompts: list[tuple[str, list[int]]], pool: torch.Tensor) -> None:
+        self.routes.step_started(prompts, pool)
         for rid, table in prompts:
             sender = self._sender(rid)
             if sender is not None:
@@ -84,6 +92,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                     log.warning("kv transfer of %s: the header failed: %s", rid, e)
 
     def layer_done(self, layer: int, pool: torch.Tensor, prompts: list[tuple[str, list[int]]]) -> None:
+        self.routes.layer_done(layer, pool, prompts)
         for rid, _ in prompts:
             sender = self._sender(rid)
             if sender is not None and sender.failed is None and sender.header is not None:
@@ -105,12 +114,15 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                                  f"(it fills {self.engine.blocks_for(len(prompt))})")
         except FieldError as e:
             await abort_for(context, e)
-        same_device = self.kv_path != "pair" and target.HasField("share") and target.share.device_id == self.device_id
-        if not layouts_match(target.layout, self.layout, any_degree=same_device):
-            degrees = target.layout.tensor_parallel_size != self.layout.tensor_parallel_size
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ"
-                                + (" (different tensor-parallel degrees meet only through the same-device path so "
-                                   "far)" if degrees else ""))
+        # A tensor-parallel prefill node sends from every rank: through the pair channels only, so far.
+        same_device = (self.kv_path != "pair" and len(self.shards) == 1 and target.HasField("share")
+                       and target.share.device_id == self.device_id)
+        if not layouts_match(target.layout, self.layout, any_degree=True):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
+        try:
+            routes = kv_routes(self.engine.model_config, len(self.shards), target.layout.tensor_parallel_size or 1)
+        except ConfigError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"layout: the decode node's degree: {e}")
         if same_device:
             async for event in self._prefill_shared(request, prompt, params, context):
                 yield event
@@ -132,13 +144,10 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # the lane may not go back before it.
             transfer.answer = asyncio.ensure_future(transfer.receive_call)
             transfer.answer.add_done_callback(_retrieve)
-            transfer.group = self.threads.run(
-                self.channels.get, target.decode_node_id, transfer.generation, target.kv_store_address,
-                PREFILL_RANK, self.transfer_timeout, transfer.lane,
-            )
-            transfer.sender = self._new_sender(await asyncio.shield(transfer.group), rid, runs)
-            yield await self._compute(request, prompt, params, transfer.sender)
-            sent = await asyncio.shield(transfer.wait(self.threads, self.transfer_timeout))
+            self._open_routes(rid, target, transfer, routes, runs)
+            await asyncio.shield(asyncio.gather(*(opening for _, opening in transfer.opens)))
+            yield await self._compute(request, prompt, params)
+            sent = await asyncio.shield(self._finish_routes(rid, transfer))
             await asyncio.shield(transfer.answer)
             self.kv_bytes_sent += sent
             yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes_sent=sent))
@@ -161,12 +170,49 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
             await asyncio.shield(self._end(rid, transfer, runs))
 
-    async def _compute(self, request, prompt: list[int], params, sender: KVSender | SharedWriter
+    def _open_routes(self, rid: str, target, transfer: _Transfer, routes, runs: list[tuple[int, int]]) -> None:
+        """Starts opening each route's lane (on the rank that sends it) and registering its sender there."""
+        for route in routes:
+            start = self.shards[route.src].kv_head_start
+            mine = Route(rid, rank_name(self.node_id, route.src), rank_name(target.decode_node_id, route.dst),
+                         transfer.generation, transfer.lane, target.kv_store_address, tuple(runs),
+                         (route.head_start - start, route.head_end - start), self.spec.num_layers)
+            if route.src == 0:
+                opening = self.threads.run(self.routes.open, mine, self.transfer_timeout)
+            else:
+                opening = self.link.call(route.src, "open", mine, self.transfer_timeout)
+            opening.add_done_callback(_retrieve)
+            transfer.opens.append((route.src, opening))
+
+    def _finish_routes(self, rid: str, transfer: _Transfer) -> asyncio.Future:
+        """Each sending rank's routes ended (what they still owe sent) and waited for: the bytes sent. Once per
+        transfer, however many times it is asked for; raises the first rank's KVTransferError."""
+        if transfer.finishing is None:
+            async def finish() -> int:
+                ranks = sorted({src for src, _ in transfer.opens})
+                ends = [self.threads.run(self.routes.end, rid, self.transfer_timeout) if rank == 0 else
+                        self.link.call(rank, "end", rid, self.transfer_timeout) for rank in ranks]
+                results = await asyncio.gather(*ends, return_exceptions=True)
+                for rank, result in zip(ranks, results):
+                    if isinstance(result, int):
+                        self.rank_bytes[rank] += result
+                error = next((r for r in results if isinstance(r, BaseException)), None)
+                if error is not None:
+                    raise error if isinstance(error, KVTransferError) else KVTransferError(str(error))
+                return sum(results)
+
+            transfer.finishing = asyncio.ensure_future(finish())
+            transfer.finishing.add_done_callback(_retrieve)
+        return transfer.finishing
+
+    async def _compute(self, request, prompt: list[int], params, writer: SharedWriter | None = None
                        ) -> node_pb2.PrefillEvent:
-        """Registers the transfer's sender for the KV sink, computes the prompt (its layers go out as they are
-        done) and returns the first-token event."""
-        with self._lock:
-            self._senders[request.request_id] = sender
+        """Registers the same-device path's writer for the KV sink (the pair path's route senders are
+        registered where they were opened), computes the prompt (its layers go out as they are done) and
+        returns the first-token event."""
+        if writer is not None:
+            with self._lock:
+                self._senders[request.request_id] = writer
         first = None
         async for out in self.engine.generate(request.request_id, prompt, params, prefill_only=True):
             first = out
@@ -241,31 +287,18 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                              peer.node_id, _short(e))
         self.peers.release(peer)
 
-    def _new_sender(self, group, rid: str, runs: list[tuple[int, int]]) -> KVSender:
-        """A transfer's sender: its header goes when the prompt's step starts (or a cancel header instead)."""
-        return KVSender(group, DECODE_RANK, rid, None, runs, num_layers=self.spec.num_layers,
-                        pool=self.engine.kv_pools[0], post_header=False, staging=self.staging)
-
     async def _end(self, rid: str, transfer: _Transfer, runs: list[tuple[int, int]]) -> None:
         """Ends a call's transfer, whatever ended the call. The request leaves the engine first (a queued
-        release runs after the add and after any step computing it): after that no layer is posted for it,
-        and what the sender still owes can be settled here."""
+        release runs after the add and after any step computing it): after that no layer is posted for it on
+        any rank, and what each route still owes can be settled here."""
         await self.engine.release(rid)
-        with self._lock:
-            self._senders.pop(rid, None)
-        sender = transfer.sender
-        if sender is None and transfer.group is not None:
-            # Ended while the lane's group was being opened: the decode node still waits for this transfer's
-            # header, so a cancel header goes as soon as the group is there.
+        if transfer.opens:
+            # Ended while lanes were being opened: the decode ranks still wait for their routes' headers, so a
+            # cancel header goes on each route as soon as it is open. A route that could not open loses the lane.
+            opened = await asyncio.gather(*(opening for _, opening in transfer.opens), return_exceptions=True)
+            transfer.failed = transfer.failed or any(isinstance(o, BaseException) for o in opened)
             try:
-                group = await transfer.group
-                sender = transfer.sender = self._new_sender(group, rid, runs)
-            except Exception:  # noqa: BLE001 - KVTransferError, or the threads closed: the lane is lost
-                transfer.failed = True
-        if sender is not None:
-            sender.end_early()  # nothing if every layer went
-            try:
-                await transfer.wait(self.threads, self.transfer_timeout)
+                await self._finish_routes(rid, transfer)
             except KVTransferError as e:
                 if not transfer.failed:
                     log.warning("kv transfer of %s ended with a failure: %s", rid, e)
@@ -287,6 +320,9 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         if transfer.peer is not None:
             if transfer.failed:
                 self.peers.failed(transfer.peer, transfer.generation)  # before the release: the lane is lost
+                for rank in range(1, len(self.shards)):  # the other ranks' groups of that generation go too
+                    self.link.call(rank, "drop", transfer.peer.node_id, transfer.generation).add_done_callback(
+                        _retrieve)
             self.peers.release(transfer.peer, transfer.generation, transfer.lane)
 
     async def GetStats(self, request, context):
@@ -297,7 +333,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         return node_pb2.NodeStats(
             node_id=self.node_id, role="prefill", total_blocks=total, free_blocks=free, running=running,
             waiting=waiting, kv_bytes_sent=self.kv_bytes_sent, requests_served=self.requests_served,
-            peers=max(len(self.peers), self.channels.peers()),
+            peers=max(len(self.peers), self.channels.peers()), rank_kv_bytes=self.rank_bytes,
         )
 
     async def close(self) -> None:
@@ -331,7 +367,7 @@ def _retrieve(answer: asyncio.Future) -> None:
 class _Transfer:
     """One call's transfer state, for its clean-up."""
 
-    __slots__ = ("peer", "generation", "lane", "receive_call", "answer", "group", "sender", "failed", "_waiting")
+    __slots__ = ("peer", "generation", "lane", "receive_call", "answer", "opens", "finishing", "failed")
 
     def __init__(self) -> None:
         self.peer: DecodePeer | None = None
@@ -339,13 +375,6 @@ class _Transfer:
         self.lane: int | None = None
         self.receive_call = None
         self.answer: asyncio.Future | None = None  # the ReceiveKV call's outcome
-        self.group: asyncio.Future | None = None  # the lane's group being opened (or open)
-        self.sender: KVSender | None = None
+        self.opens: list[tuple[int, asyncio.Future]] = []  # (sending rank, its route's lane being opened)
+        self.finishing: asyncio.Future | None = None  # the routes' ends: the bytes sent
         self.failed = False
-        self._waiting: asyncio.Future | None = None
-
-    def wait(self, threads: TransferThreads, timeout: float) -> asyncio.Future:
-        """The sender's completion, waited for on one worker thread however many times it is asked for."""
-        if self._waiting is None:
-            self._waiting = threads.run(self.sender.wait, timeout)
-        return self._waiting

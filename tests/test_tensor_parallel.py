@@ -127,29 +127,38 @@ def test_a_dead_rank_fails_the_engine_instead_of_hanging(stories_path):
 
 def test_a_colocated_node_with_two_ranks_serves_and_goes_down_whole_when_a_rank_dies(stories_path, stories_llm,
                                                                                      tmp_path):
-    from baton.router.client import BatonClient, BatonError
+    from baton.router.client import BatonClient
 
     from cluster_harness import BatonUp
 
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "0", "--decode", "0", "--colocated", "1",
                  "--tp", "2") as up:
-        node = up.node_pid("colocated-0")
-        [rank1] = [pid for pid in _children_of(node) if b"spawn_main" in _cmdline(pid)]
         with BatonClient(up.address, timeout=60) as client:
             for prompt in PROMPTS[:3]:
                 want = stories_llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
                 assert client.complete(prompt, max_tokens=40, temperature=0).token_ids == want.token_ids
-            stream = client.generate(PROMPTS[0], max_tokens=400, temperature=0, ignore_eos=True)
-            next(stream)
-            os.kill(rank1, signal.SIGKILL)
-            with pytest.raises(BatonError) as e:  # its stream fails cleanly, it does not hang
-                for _ in stream:
-                    pass
-            assert e.value.code.name in ("UNAVAILABLE", "CANCELLED"), e.value
-        took = up.wait_until(lambda: not up.nodes("colocated"), timeout=10, interval=0.1)
-        assert took <= 3.0 + 1.0  # the membership TTL + 1 s
-        up.wait_until(lambda: _alive([node, rank1]) == [], timeout=15, interval=0.1)
+        kill_a_rank_mid_stream(up, "colocated-0", "colocated")
     assert not up.hung and up.leftovers == []
+
+
+def kill_a_rank_mid_stream(up, node_id: str, role: str) -> None:
+    """SIGKILLs rank 1 of `node_id` while a stream runs on it: the stream fails cleanly (it does not hang),
+    the node leaves etcd within the membership TTL + 1 s, and none of its processes is left."""
+    from baton.router.client import BatonClient, BatonError
+
+    node = up.node_pid(node_id)
+    [rank1] = [pid for pid in _children_of(node) if b"spawn_main" in _cmdline(pid)]
+    with BatonClient(up.address, timeout=60) as client:
+        stream = client.generate(PROMPTS[0], max_tokens=400, temperature=0, ignore_eos=True)
+        next(stream)
+        os.kill(rank1, signal.SIGKILL)
+        with pytest.raises(BatonError) as e:
+            for _ in stream:
+                pass
+        assert e.value.code.name in ("UNAVAILABLE", "CANCELLED"), e.value
+    took = up.wait_until(lambda: not up.nodes(role), timeout=10, interval=0.1)
+    assert took <= 3.0 + 1.0  # the membership TTL (3 s) + 1 s
+    up.wait_until(lambda: _alive([node, rank1]) == [], timeout=15, interval=0.1)
 
 
 def _host_rank(path: str, calls: int, result) -> None:
