@@ -161,7 +161,8 @@ def _node(args: argparse.Namespace) -> int:
     _start_process(args)
     run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
                    port=args.port, advertise_host=args.advertise_host, ttl=args.ttl, threads=args.threads,
-                   transfer_timeout=args.transfer_timeout, kv_path=args.kv_path, engine=_engine_config(args)))
+                   transfer_timeout=args.transfer_timeout, kv_path=args.kv_path, drain_timeout=args.drain_timeout,
+                   engine=_engine_config(args)))
     return 0
 
 
@@ -197,6 +198,68 @@ def _up(args: argparse.Namespace) -> int:
                               port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
                               log_dir=args.log_dir))
+
+
+def _place(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import aetcd
+
+    from baton.cluster import placement, placement_store
+
+    try:
+        spec = placement.load(args.spec) if args.spec else None
+        cluster = args.cluster or (spec.cluster if spec else "")
+        if args.spec and args.cluster and args.cluster != spec.cluster:
+            raise placement.PlacementError("--cluster", f"{args.cluster!r}, but the spec's cluster is {spec.cluster!r}")
+        if not args.spec and (not cluster or not (args.history or args.remove)):
+            raise placement.PlacementError("SPEC", "give a spec file, or --history/--remove with --cluster NAME")
+        if spec is not None and not (args.remove or args.history):
+            for warning in placement.check_model(spec):
+                print(f"baton: warning: {warning}", file=sys.stderr)
+    except placement.PlacementError as e:
+        print(f"baton: error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        nodes, machines = len(spec.nodes()), len(spec.machines)
+        print(f"baton: {args.spec}: a valid placement of cluster {cluster} ({nodes} node{'s' * (nodes != 1)} on "
+              f"{machines} machine{'s' * (machines != 1)})")
+        return 0
+    etcd = args.etcd or (spec.etcd[0] if spec and spec.etcd else "")
+    if not etcd:
+        print("baton: error: --etcd: required (the spec names no etcd)", file=sys.stderr)
+        return 2
+    try:
+        if args.history:
+            for record in asyncio.run(placement_store.history(etcd, cluster)):
+                print("\n".join(record.lines()))
+            return 0
+        if args.remove:
+            record = asyncio.run(placement_store.remove(etcd, cluster))
+        else:
+            record = asyncio.run(placement_store.place(etcd, spec))
+    except (aetcd.ClientError, ValueError) as e:  # etcd unreachable or refusing, a bad --etcd URL
+        print(f"baton: error: etcd {etcd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if record is None:
+        print(f"baton: cluster {cluster} has no placement: nothing to remove")
+    else:
+        print(f"baton: {'placed' if record.action == 'place' else 'removed'} cluster {cluster} "
+              f"(history #{record.seq}):\n" + "\n".join(f"  {c}" for c in record.changes))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import aetcd
+
+    from baton.cluster.machine import LaunchConfig, run_launch
+
+    try:
+        return run_launch(LaunchConfig(machine=args.machine, etcd=args.etcd, cluster=args.cluster,
+                                       log_dir=args.log_dir))
+    except aetcd.ClientError as e:
+        print(f"baton: error: etcd {args.etcd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 # What `pip install 'baton-llm[bench]'` adds: `baton bench` alone needs them, so they are imported only there.
@@ -259,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--ttl", type=float, default=3.0, help="membership lease in seconds")
     node.add_argument("--threads", type=int, default=0)
     node.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
+    node.add_argument("--drain-timeout", type=float, default=30.0,
+                      help="on SIGTERM, seconds to finish running work after leaving etcd (default 30)")
     _kv_path_arg(node)
     node.add_argument("--advertise-host", default="",
                       help="the address other nodes and the router dial (default: --host, or this machine's "
@@ -282,12 +347,30 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: derived from the tokenizer and the model's context)")
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
+
+    place = sub.add_parser("place", help="validate a cluster placement and store it in etcd (baton launch follows it)")
+    place.add_argument("spec", nargs="?", default="", metavar="SPEC", help="a YAML placement (see examples/)")
+    place.add_argument("--etcd", default="", help="etcd URL (default: the spec's first etcd endpoint)")
+    place.add_argument("--cluster", default="", help="with --history or --remove: the cluster (default: the spec's)")
+    what = place.add_mutually_exclusive_group()
+    what.add_argument("--check", action="store_true", help="validate SPEC only; nothing is written")
+    what.add_argument("--history", action="store_true", help="print the cluster's placement history")
+    what.add_argument("--remove", action="store_true",
+                      help="delete the cluster's placement: every `baton launch` of it stops its processes")
+    place.set_defaults(run=_place)
+
+    launch = sub.add_parser("launch", help="run this machine's nodes and router from the placement in etcd")
+    launch.add_argument("--machine", required=True, help="this machine's name in the placement")
+    launch.add_argument("--etcd", required=True, help="etcd URL, e.g. http://10.0.0.1:2379")
+    launch.add_argument("--cluster", required=True, help="the cluster's name (its placement's `cluster`)")
+    launch.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
+    launch.set_defaults(run=_launch)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "up":
+    if args.command in ("up", "launch"):
         # Before any thread exists (every thread inherits the mask): a SIGTERM delivered to a thread that
         # does not block it would kill `baton up` before it stops what it started. See launch.run_up.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import aetcd
 import torch
 
-from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, Server, run_until_signalled
+from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, SHUTDOWN_GRACE_S, Server, run_until_signalled
 from baton.cluster.loops import every, retrying
 from baton.cluster.membership import NodeInfo, NodeRegistration
 from baton.engine import EngineConfig, LLMEngine
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
 START_RETRY_S = 60.0  # how long start-up keeps trying to reach etcd
+# A router that picked this node just before it left etcd reaches it within this: a drain ends no sooner, so
+# that such a request is served rather than refused by a server that has stopped.
+DRAIN_SETTLE_S = 0.5
+DRAIN_POLL_S = 0.05
 
 
 @dataclass(slots=True)
@@ -47,6 +51,9 @@ class NodeConfig:
     # prefill node writes into any storage offered on its own device; "shared": a CPU decode node offers its
     # storage too (in /dev/shm); "pair": always the pair channel (gloo or NCCL).
     kv_path: str = "auto"
+    # On SIGTERM the node leaves etcd, then serves what it holds (running, waiting, reserved) for up to this
+    # long before its server stops.
+    drain_timeout: float = 30.0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -58,6 +65,8 @@ class NodeConfig:
             raise ValueError("enable_chunked_prefill: a prefill node sends whole prompts; turn it off")
         if not self.advertise_host:
             self.advertise_host = advertised_host(self.host)
+        if not 0 <= self.drain_timeout < float("inf"):
+            raise ValueError(f"drain_timeout: must be a number of seconds >= 0, got {self.drain_timeout!r}")
         if self.kv_path not in KV_PATHS:
             raise ValueError(f"kv_path: must be one of {KV_PATHS}, got {self.kv_path!r}")
         if self.kv_path == "shared" and self.role != "prefill":
@@ -132,7 +141,12 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         finally:
             reporting.cancel()  # before the registration it reports to goes
             await registration.close()  # leave the membership first: the router stops sending at once
-            await server.stop(grace=2.0)
+            deadline = loop.time() + cfg.drain_timeout
+            if stop.is_set():  # a stop, not a failure on the way here: finish what this node holds
+                await drain(servicer, cfg.node_id, deadline)
+            # New calls are refused from here on; calls still open (a prefill's last acknowledgement, a
+            # stream's last message) get what is left of the drain time, and at least the 2 s they always had.
+            await server.stop(grace=max(2.0, deadline - loop.time()))
     finally:
         for task in tasks:
             task.cancel()
@@ -142,6 +156,27 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         await asyncio.to_thread(engine.close)  # a tensor-parallel engine's other ranks
         if store is not None:
             store.close()
+
+
+async def drain(servicer, node_id: str, deadline: float) -> bool:
+    """Waits until the servicer holds no work (running, waiting or reserved) or the loop's clock reaches
+    `deadline`; says whether it emptied. Called once the node has left etcd, so no new work is routed here."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    s = await servicer.stats()
+    log.info("%s: left the membership; draining %d running, %d waiting, %d reserved (at most %.0f s)", node_id,
+             s.running, s.waiting, s.reserved, deadline - start)
+    while True:
+        busy = s.running + s.waiting + s.reserved
+        if not busy and loop.time() >= min(start + DRAIN_SETTLE_S, deadline):
+            log.info("%s: drained in %.1f s", node_id, loop.time() - start)
+            return True
+        if loop.time() >= deadline:
+            log.warning("%s: drain timed out with %d running, %d waiting, %d reserved", node_id, s.running,
+                        s.waiting, s.reserved)
+            return False
+        await asyncio.sleep(DRAIN_POLL_S)  # polling the servicer's counts: it signals no change
+        s = await servicer.stats()
 
 
 class LoadReporter:
@@ -162,5 +197,6 @@ class LoadReporter:
 
 
 def run(cfg: NodeConfig) -> None:
-    """Process entry point: serves until SIGTERM or SIGINT."""
-    run_until_signalled(cfg.node_id, lambda stop: serve(cfg, stop))
+    """Process entry point: serves until SIGTERM or SIGINT, then drains. The process ends within the drain
+    timeout plus the usual shutdown grace of its first stop signal; a second one ends it at once."""
+    run_until_signalled(cfg.node_id, lambda stop: serve(cfg, stop), grace=cfg.drain_timeout + SHUTDOWN_GRACE_S)

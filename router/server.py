@@ -15,10 +15,12 @@ it all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -37,49 +39,59 @@ _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHA
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
-LEFT_NODE_GRACE_S = 30.0
+@dataclass(slots=True, eq=False)
+class _Node:
+    channel: grpc.aio.Channel
+    decode: node_pb2_grpc.DecodeNodeStub
+    prefill: node_pb2_grpc.PrefillNodeStub
+    users: int = 0  # requests using the channel now
+    left: bool = False  # its address left the membership: closed when its last request ends
 
 
 class NodeStubs:
-    """One channel and its stubs per node address, reused by every request. Channels to addresses that left
-    the membership are closed when a new address is first used, so nodes that come and go leak nothing."""
+    """One channel and its stubs per node address, shared by the requests that `use` it. A channel to an
+    address that left the membership (noticed when a new address is first used) is closed once its last request
+    ends, never before: a draining node finishes its streams however long they take, and nodes that come and go
+    leak nothing."""
 
     def __init__(self, live: Callable[[], set[str]]) -> None:
         self._live = live
-        self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.DecodeNodeStub, node_pb2_grpc.PrefillNodeStub]] = {}
-        self._closing: dict[asyncio.Task, grpc.aio.Channel] = {}  # channels to nodes that left, in their grace
+        self._nodes: dict[str, _Node] = {}
+        self._closing: set[asyncio.Task] = set()
 
-    def _get(self, address: str):
-        entry = self._nodes.get(address)
-        if entry is None:
+    @contextlib.contextmanager
+    def use(self, address: str) -> Iterator[_Node]:
+        node = self._nodes.get(address)
+        if node is None:
             self._prune()
             channel = grpc.aio.insecure_channel(address)
-            entry = self._nodes[address] = (channel, node_pb2_grpc.DecodeNodeStub(channel),
-                                            node_pb2_grpc.PrefillNodeStub(channel))
-        return entry
+            node = self._nodes[address] = _Node(channel, node_pb2_grpc.DecodeNodeStub(channel),
+                                                node_pb2_grpc.PrefillNodeStub(channel))
+        node.users += 1
+        try:
+            yield node
+        finally:
+            node.users -= 1
+            if node.left and not node.users:
+                self._close(node)
 
     def _prune(self) -> None:
         live = self._live()
         for address in [a for a in self._nodes if a not in live]:
-            # Calls still open get a grace period: a node may drop out of the membership for a moment (a
-            # lease renewed late) and still be serving them.
-            channel = self._nodes.pop(address)[0]
-            task = asyncio.get_running_loop().create_task(channel.close(grace=LEFT_NODE_GRACE_S))
-            self._closing[task] = channel
-            task.add_done_callback(lambda t: self._closing.pop(t, None))
+            node = self._nodes.pop(address)
+            node.left = True
+            if not node.users:
+                self._close(node)
 
-    def decode(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
-        return self._get(address)[1]
-
-    def prefill(self, address: str) -> node_pb2_grpc.PrefillNodeStub:
-        return self._get(address)[2]
+    def _close(self, node: _Node) -> None:
+        task = asyncio.get_running_loop().create_task(node.channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        channels = [channel for channel, _, _ in self._nodes.values()] + list(self._closing.values())
-        for task in self._closing:
-            task.cancel()  # no grace at shutdown
-        self._nodes, self._closing = {}, {}
-        await asyncio.gather(*(channel.close() for channel in channels))
+        channels = [node.channel for node in self._nodes.values()]
+        self._nodes = {}
+        await asyncio.gather(*(channel.close() for channel in channels), *self._closing)
 
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
@@ -136,21 +148,28 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         node = self.picker.pick("colocated")
         self.picker.acquire(node.node_id)
         try:
-            call = self.stubs.decode(node.address).Generate(
-                node_pb2.NodeGenerateRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
-                                             sampling=req.sampling),
-                timeout=context.time_remaining(),
-            )
-            req.nodes = (node.node_id, node.node_id)
-            async for response in call:
-                yield response
+            with self.stubs.use(node.address) as stubs:
+                call = stubs.decode.Generate(
+                    node_pb2.NodeGenerateRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
+                                                 sampling=req.sampling),
+                    timeout=context.time_remaining(),
+                )
+                req.nodes = (node.node_id, node.node_id)
+                async for response in call:
+                    yield response
         finally:
             self.picker.release(node.node_id)
 
     async def _disaggregated(self, req: Admitted, context):
         decode, prefill = self.picker.pick("decode"), self.picker.pick("prefill")
         req.nodes = (prefill.node_id, decode.node_id)
-        decode_stub = self.stubs.decode(decode.address)
+        with self.stubs.use(decode.address) as decode_node, self.stubs.use(prefill.address) as prefill_node:
+            async for response in self._through(req, context, decode, prefill, decode_node.decode,
+                                                prefill_node.prefill):
+                yield response
+
+    async def _through(self, req: Admitted, context, decode, prefill, decode_stub, prefill_stub):
+        """One request through a prefill and a decode node, whose channels the caller holds open."""
         timeout = context.time_remaining()
         self.picker.acquire(decode.node_id)
         self.picker.acquire(prefill.node_id)
@@ -168,7 +187,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 transfer_tag=reservation.transfer_tag, layout=reservation.layout, share=reservation.share,
                 rank_shares=reservation.rank_shares,
             )
-            prefill_call = self.stubs.prefill(prefill.address).Prefill(
+            prefill_call = prefill_stub.Prefill(
                 node_pb2.PrefillRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
                                         sampling=sampling, target=target),
                 timeout=context.time_remaining(),
@@ -244,4 +263,6 @@ async def _release(stub: node_pb2_grpc.DecodeNodeStub, request_id: str) -> None:
         await stub.Release(node_pb2.ReleaseRequest(request_id=request_id), timeout=5.0)
     except grpc.aio.AioRpcError as e:  # the node is gone: its blocks went with it
         log.warning("release of %s failed: %s", request_id, e.code())
+    except grpc.aio.UsageError as e:  # the channel was closed (the router is stopping): nothing to free through it
+        log.warning("release of %s failed: %s", request_id, e)
 

@@ -179,14 +179,16 @@ def test_the_routers_maps_stay_bounded_as_nodes_come_and_go():
                 nodes = [picker.pick("prefill"), picker.pick("decode")]
                 for n in nodes:
                     picker.acquire(n.node_id)
-                    stubs.decode(n.address)
+                    with stubs.use(n.address):
+                        pass
                 for n in nodes:
                     picker.release(n.node_id)
                 for r in regs:
                     await r.close()
                 await watcher.wait_for(lambda: not watcher.nodes(), 10)
             assert len(picker.in_flight) == 0
-            stubs.decode("127.0.0.1:1")  # a new address prunes the channels of every node that left
+            with stubs.use("127.0.0.1:1"):  # a new address prunes the channels of every node that left
+                pass
             assert len(stubs._nodes) == 1 and len(stubs._closing) <= 400
             await asyncio.gather(*list(stubs._closing))  # no call open on them: they close at once
             assert not stubs._closing

@@ -87,6 +87,15 @@ def test_cuda_graphs_on_and_off_give_the_same_tokens(stories_path):
                 == [o.token_ids for o in eager.generate(prompts, params)])
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism on GPUs needs two of them")
+def test_two_ranks_on_two_gpus_give_one_ranks_tokens(stories_path, stories_llm):
+    """NCCL between the ranks (the lent machine has one GPU: this runs only where there are two)."""
+    params = [SamplingParams(max_tokens=64, temperature=0), SamplingParams(max_tokens=40, temperature=0.9, seed=3)]
+    with LLM(str(stories_path), device="cuda", tensor_parallel_size=2) as llm:
+        got = [o.token_ids for o in llm.generate(PROMPTS[:2], params)]
+    assert got == [o.token_ids for o in stories_llm.generate(PROMPTS[:2], params)]
+
+
 def test_colocated_cluster_on_the_gpu_serves_stories_token_for_token(stories_path, stories_llm, tmp_path):
     from baton.router.client import BatonClient
     from cluster_harness import BatonUp

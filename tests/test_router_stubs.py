@@ -1,4 +1,5 @@
-"""The router's per-node channels: reused while a node is live, closed once it has left the membership."""
+"""The router's per-node channels: reused while a node is live, closed once it has left the membership and its
+last request has ended (never under a request: a draining node finishes its streams)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,46 @@ def test_channels_are_reused_and_closed_after_their_node_left():
     async def main():
         live = {"127.0.0.1:1", "127.0.0.1:2"}
         stubs = NodeStubs(lambda: set(live))
-        a = stubs.decode("127.0.0.1:1")
-        assert stubs.decode("127.0.0.1:1") is a and stubs.prefill("127.0.0.1:1") is stubs.prefill("127.0.0.1:1")
-        b = stubs.prefill("127.0.0.1:2")
+        with stubs.use("127.0.0.1:1") as a, stubs.use("127.0.0.1:1") as again:
+            assert again is a
+        with stubs.use("127.0.0.1:2") as b:
+            pass
         live.discard("127.0.0.1:1")
-        stubs.decode("127.0.0.1:3")  # a new address: the channel to the node that left is closed
-        await asyncio.gather(*list(stubs._closing))  # no call was open on it: no grace to wait out
-        assert stubs.prefill("127.0.0.1:2") is b
-        with_new_channel = stubs.decode("127.0.0.1:1")  # it came back: a fresh channel
-        assert with_new_channel is not a
+        with stubs.use("127.0.0.1:3"):  # a new address: the channel to the node that left is closed
+            pass
+        await asyncio.gather(*list(stubs._closing))  # no call was open on it: closed at once
+        with stubs.use("127.0.0.1:2") as b_again:
+            assert b_again is b
+        with stubs.use("127.0.0.1:1") as back:  # it came back: a fresh channel
+            assert back is not a
         with pytest.raises(grpc.aio.UsageError):  # the old channel is closed
-            await a.GetStats(node_pb2.GetStatsRequest(), timeout=1)
+            await a.decode.GetStats(node_pb2.GetStatsRequest(), timeout=1)
+        await stubs.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_that_left_keeps_its_channel_until_its_last_request_ends():
+    """The failure this replaces: a node leaving the membership (draining) had its channel closed under the
+    requests still using it, 30 s later or (when another node's address came up meanwhile) as their Release
+    went out, which then failed with UsageError instead of freeing the blocks."""
+
+    async def main():
+        live = {"127.0.0.1:1"}
+        stubs = NodeStubs(lambda: set(live))
+        with stubs.use("127.0.0.1:1") as draining:
+            live.clear()
+            live.add("127.0.0.1:2")
+            with stubs.use("127.0.0.1:2"):  # prunes: the left node is still in use
+                pass
+            assert not stubs._closing
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # the channel still works: the call reaches the wire
+                await draining.decode.GetStats(node_pb2.GetStatsRequest(), timeout=0.5)
+            assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert len(stubs._closing) == 1  # its last request ended: closed now
+        await asyncio.gather(*list(stubs._closing))
+        with pytest.raises(grpc.aio.UsageError):
+            await draining.decode.GetStats(node_pb2.GetStatsRequest(), timeout=1)
         await stubs.close()
 
     asyncio.run(main())
