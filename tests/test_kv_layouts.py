@@ -18,8 +18,11 @@ transformers = pytest.importorskip("transformers")
 from test_architectures import Variant, write_checkpoint  # noqa: E402
 from test_tensor_parallel import kill_a_rank_mid_stream  # noqa: E402
 
-# 8 query heads on 2 KV heads: at TP=4 each KV head is held by two prefill ranks (replicated).
+# 8 query heads on 2 KV heads: at TP=4 each KV head is held by two prefill ranks (replicated). Qwen2: 6 query
+# heads on 2 KV heads, q/k/v biases.
 LLAMA = Variant("LlamaForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2, vocab_size=515))
+QWEN = Variant("Qwen2ForCausalLM", dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96,
+                                        intermediate_size=161))
 
 
 def expected_rank_bytes(cfg, prefill_tp: int, decode_tp: int, blocks: int, block_size: int, dtype_bytes: int = 4
@@ -61,23 +64,27 @@ def test_kv_goes_rank_to_rank_between_any_two_degrees(stories_path, stories_llm,
     assert not up.hung and up.leftovers == [] and up.returncode == 0
 
 
-def test_replicated_kv_heads_are_sent_once_each_from_the_lowest_rank_that_holds_them(tmp_path):
-    """Llama, 8 query heads on 2 KV heads: prefill TP=4 (ranks 0 and 1 hold KV head 0, ranks 2 and 3 head 1)
-    -> decode TP=2. Ranks 0 and 2 send, ranks 1 and 3 send nothing, and the greedy tokens are one rank's."""
-    folder = write_checkpoint(tmp_path / "ckpt", LLAMA)
+@pytest.mark.parametrize("variant, prefill_tp, decode_tp", [(LLAMA, 4, 2), (QWEN, 2, 1)],
+                         ids=["llama-replicated-tp4-to-tp2", "qwen2-biases-tp2-to-tp1"])
+def test_random_checkpoints_through_clusters_of_different_degrees(tmp_path, variant, prefill_tp, decode_tp):
+    """Llama, 8 query heads on 2 KV heads, prefill TP=4 (ranks 0 and 1 hold KV head 0, ranks 2 and 3 head 1)
+    -> decode TP=2: ranks 0 and 2 send, ranks 1 and 3 send nothing. Qwen2 (biases) TP=2 -> TP=1: the decode
+    rank takes half its heads from each prefill rank. Both give one rank's greedy tokens."""
+    folder = write_checkpoint(tmp_path / "ckpt", variant)
     prompts = [[(7 * i + 3) % 500 + 1 for i in range(n)] for n in (5, 23, 40)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     with LLM(str(folder), block_size=8) as llm:  # one rank: itself token-exact against transformers elsewhere
         wants = [o.token_ids for o in llm.generate(prompts, params)]
         cfg = llm.engine.model_config
-    with BatonUp(tmp_path / "logs", "--model", str(folder), "--kv-path", "pair", "--prefill-tp", "4",
-                 "--decode-tp", "2", "--block-size", "8") as up:
+    with BatonUp(tmp_path / "logs", "--model", str(folder), "--kv-path", "pair", "--prefill-tp", str(prefill_tp),
+                 "--decode-tp", str(decode_tp), "--block-size", "8") as up:
         [decode], [prefill] = up.nodes("decode"), up.nodes("prefill")
         with BatonClient(up.address, timeout=120) as client:
             for prompt, want in zip(prompts, wants):
                 assert client.complete(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == want
-        sent, received = expected_rank_bytes(cfg, 4, 2, sum(-(-len(p) // 8) for p in prompts), 8)
-        assert sent[1] == sent[3] == 0 and sent[0] == sent[2] > 0
+        sent, received = expected_rank_bytes(cfg, prefill_tp, decode_tp, sum(-(-len(p) // 8) for p in prompts), 8)
+        if prefill_tp == 4:
+            assert sent[1] == sent[3] == 0 and sent[0] == sent[2] > 0
         assert list(up.stats(prefill).rank_kv_bytes) == sent
         assert list(up.stats(decode).rank_kv_bytes) == received
     assert not up.hung and up.leftovers == [] and up.returncode == 0
