@@ -171,7 +171,7 @@ def _router(args: argparse.Namespace) -> int:
 
     _start_process(args)
     run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
-                     max_prompt_bytes=args.max_prompt_bytes))
+                     max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations))
     return 0
 
 
@@ -197,7 +197,7 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
                               port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
-                              log_dir=args.log_dir))
+                              router_args=["--max-migrations", str(args.max_migrations)], log_dir=args.log_dir))
 
 
 def _place(args: argparse.Namespace) -> int:
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-tp", type=int, default=1, metavar="D",
                     help="the decode nodes' tensor-parallel degree (any two degrees the model takes meet: each "
                          "decode rank receives its KV heads from the prefill ranks that hold them)")
+    up.add_argument("--max-migrations", type=int, default=3, metavar="N",
+                    help="times a stream may resume on other nodes after a node failed under it (0: never)")
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     up.set_defaults(run=_up)
 
@@ -345,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--max-prompt-bytes", type=int, default=0,
                         help="refuse prompt text over this many UTF-8 bytes before tokenizing it "
                              "(default: derived from the tokenizer and the model's context)")
+    router.add_argument("--max-migrations", type=int, default=3, metavar="N",
+                        help="times a stream may resume on other nodes after a node failed under it (0: never)")
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
 

@@ -44,6 +44,7 @@ class ClusterSpec:
     chunked_prefill: bool = False  # in decode and colocated nodes (a prefill node sends whole prompts)
     node_args: list[str] = field(default_factory=list)  # extra `baton node` options (engine settings)
     role_args: dict[str, list[str]] = field(default_factory=dict)  # more options for one role's nodes
+    router_args: list[str] = field(default_factory=list)  # extra `baton router` options
     log_dir: str = ""
     start_timeout: float = 180.0
 
@@ -112,7 +113,7 @@ class LocalCluster:
                 self.nodes[node_id] = self._spawn(node_id, args, threads, core)
         port = spec.port or free_port(spec.host)
         router_args = ["router", "--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host,
-                       "--port", str(port)] + (["--model", spec.model] if spec.model else [])
+                       "--port", str(port)] + (["--model", spec.model] if spec.model else []) + spec.router_args
         self.router = self._spawn("router", router_args, 1)
         asyncio.run(self._wait_registered())
         self.address = f"{spec.host}:{port}"

@@ -5,13 +5,16 @@ from __future__ import annotations
 import grpc
 import torch
 
-from baton.engine import FieldError, FinishReason, NoCapacity, RequestOutput, SamplingParams
+from baton.engine import FieldError, FinishReason, NoCapacity, RequestOutput, Resumed, SamplingParams
 from baton.engine.engine import KVSpec
 from baton.kvtransfer.shared import SharedPool
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import node_pb2
 
 DEFAULT_MAX_TOKENS = 16
+# Trailing metadata of a node's UNAVAILABLE that is about another node: its id ("" when it cannot tell which of
+# the two failed), so that the router resumes the request on nodes other than that one.
+LOST_NODE_KEY = "baton-lost-node"
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -34,6 +37,11 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         include_stop_str_in_output=msg.include_stop_str_in_output,
     )
+
+
+def resumed_from_proto(msg: node_pb2.Resumed) -> Resumed | None:
+    """None for a stream on its first nodes (the engine checks the rest, naming `resumed.*`)."""
+    return Resumed(tuple(msg.token_ids), msg.text_chars) if msg.token_ids else None
 
 
 def chunk_from_output(out: RequestOutput, logprobs: bool) -> pb.TokenChunk:

@@ -17,8 +17,8 @@ import logging
 
 import grpc
 
-from baton.cluster.messages import (abort_for, kv_layout, layouts_match, responses_from_output, sampling_from_proto,
-                                   share_to_proto)
+from baton.cluster.messages import (LOST_NODE_KEY, abort_for, kv_layout, layouts_match, responses_from_output,
+                                   resumed_from_proto, sampling_from_proto, share_to_proto)
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import kv_routes, shard
@@ -264,12 +264,14 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     "the KV cache did not arrive within the lease")
             if r.phase is not Phase.READY:
+                # Its K/V did not come: the prefill node or this one's side of the transfer failed.
+                context.set_trailing_metadata(((LOST_NODE_KEY, ""),))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"request_id: {rid!r} was released ({r.cause})")
             self.reservations.advance(r, Phase.DECODING)
             stream = self.engine.open_stream(rid)  # before adopt: a release from here on ends this stream
             try:
                 await self.engine.adopt(rid, list(request.prompt_token_ids), request.first_token,
-                                        request.first_logprob, params)
+                                        request.first_logprob, params, resumed_from_proto(request.resumed))
                 self.requests_served += 1
                 async for out in self.engine.outputs(rid, stream):
                     for response in responses_from_output(out, request.sampling.logprobs):

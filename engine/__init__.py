@@ -4,9 +4,9 @@ from .config import EngineConfig, ModelConfig
 from .engine import LLMEngine
 from .errors import ConfigError, FieldError, InvalidRequest, NoCapacity
 from .llm import LLM
-from .request import Completion, FinishReason, RequestOutput, SamplingParams
+from .request import Completion, FinishReason, RequestOutput, Resumed, SamplingParams
 
 __all__ = [
-    "LLM", "LLMEngine", "EngineConfig", "ModelConfig", "SamplingParams", "RequestOutput", "Completion",
+    "LLM", "LLMEngine", "EngineConfig", "ModelConfig", "SamplingParams", "RequestOutput", "Completion", "Resumed",
     "FinishReason", "FieldError", "ConfigError", "InvalidRequest", "NoCapacity",
 ]

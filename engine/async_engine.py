@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from .engine import KVSink, KVSpec, LLMEngine
-from .request import RequestOutput, SamplingParams
+from .request import RequestOutput, Resumed, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,12 @@ class AsyncEngine:
                 await asyncio.shield(self.release(request_id))
 
     async def generate(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, prefill_only: bool = False
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, prefill_only: bool = False,
+        resumed: Resumed | None = None,
     ) -> AsyncIterator[RequestOutput]:
         stream = self.open_stream(request_id)
         try:
-            await self.call(self.engine.add_request, request_id, prompt, params, prefill_only)
+            await self.call(self.engine.add_request, request_id, prompt, params, prefill_only, resumed)
         except asyncio.CancelledError:
             # The add still runs on the engine thread (it is queued): the release queued after it undoes it.
             self.close_stream(request_id)
@@ -104,9 +105,9 @@ class AsyncEngine:
         return await self.call(self.engine.reserve, request_id, prompt_len, max_tokens)
 
     async def adopt(self, request_id: str, prompt: Sequence[int], first_token: int, first_logprob: float,
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, resumed: Resumed | None = None) -> None:
         """Continues a sequence prefilled elsewhere; open its stream first (`open_stream`)."""
-        await self.call(self.engine.adopt, request_id, prompt, first_token, first_logprob, params)
+        await self.call(self.engine.adopt, request_id, prompt, first_token, first_logprob, params, resumed)
 
     async def release(self, request_id: str) -> int:
         """Frees whatever the engine holds for the request (`LLMEngine.release`); returns the blocks freed.

@@ -23,7 +23,7 @@ from .model_runner import KVCache, ModelRunner
 from .ops import make_ops
 from .parallel import shard
 from .tp_runtime import TPWorkers, rank_device
-from .request import FinishReason, RequestOutput, SamplingParams
+from .request import FinishReason, RequestOutput, Resumed, SamplingParams
 from .sampler import sample
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -127,13 +127,16 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt: str | Seq[int], params: SamplingParams, prefill_only: bool = False
+        self, request_id: str, prompt: str | Seq[int], params: SamplingParams, prefill_only: bool = False,
+        resumed: Resumed | None = None,
     ) -> list[int]:
         """Queues a request; returns its prompt token ids. Raises `InvalidRequest` naming the bad field.
 
         `prefill_only`: compute the prompt and sample the first token, then let the sequence go (a prefill
         node); its output then has no finish reason unless the first token ended the request. Its K/V reach
         the KV sink (`set_kv_sink`) during its step; its blocks are freed when the step ends.
+        `resumed`: the stream's tokens so far (`Resumed`): they are computed with the prompt, and the next
+        token sampled is the stream's next.
         """
         self._check_new_id(request_id)
         if isinstance(prompt, str) and not prompt:
@@ -141,6 +144,7 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
         seq = self._new_sequence(request_id, ids, params)
+        self._replay(seq, resumed)
         seq.prefill_only = prefill_only
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -158,6 +162,28 @@ class LLMEngine:
         seq = Sequence(request_id, list(ids), len(ids), params, max_len, seed)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
         return seq
+
+    def _replay(self, seq: Sequence, resumed: Resumed | None) -> None:
+        """Puts a resumed stream's delivered tokens back into a new sequence: its text, as the first engine
+        built it (the same detokenizer, fed the same tokens), and what of it was emitted."""
+        if not resumed or not resumed.token_ids:
+            return
+        ids = list(resumed.token_ids)
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequest("resumed.token_ids", f"token ids must be integers in [0, {vocab})")
+        if len(ids) >= seq.params.max_tokens or seq.num_tokens + len(ids) >= seq.max_len:
+            raise InvalidRequest("resumed.token_ids", f"{len(ids)} tokens delivered: the stream has no room left "
+                                 f"(max_tokens {seq.params.max_tokens})")
+        for token in ids:
+            seq.token_ids.append(token)
+            seq.logprobs.append(0.0)  # delivered already: never emitted again
+            seq.text += seq.detokenizer.push([token])
+        if not 0 <= resumed.text_chars <= len(seq.text):
+            raise InvalidRequest("resumed.text_chars", f"{resumed.text_chars} characters delivered, the tokens "
+                                 f"make {len(seq.text)}")
+        seq.num_text_emitted = resumed.text_chars
+        seq.num_tokens_emitted = len(ids)
 
     def _check_fits(self, prompt_len: int, max_tokens: int) -> int:
         """The sequence's longest length; refuses what could not run even alone in the whole cache."""
@@ -184,16 +210,19 @@ class LLMEngine:
         return list(self.blocks.table(request_id))
 
     def adopt(
-        self, request_id: str, prompt: Seq[int], first_token: int, first_logprob: float, params: SamplingParams
+        self, request_id: str, prompt: Seq[int], first_token: int, first_logprob: float, params: SamplingParams,
+        resumed: Resumed | None = None,
     ) -> None:
         """Continues a sequence whose prompt K/V are already in its reserved blocks and whose first token was
         sampled elsewhere. Replays that token through the stop checks and text emission, so the outputs that
-        follow carry on exactly where the prefill node's left off."""
+        follow carry on exactly where the prefill node's left off. `resumed`: the tokens the stream had
+        delivered before (their K/V came with the prompt's); `first_token` is the one after them."""
         if not self.blocks.table(request_id):
             raise InvalidRequest("request_id", f"{request_id!r} holds no reservation on this engine")
         ids = list(prompt)
         seq = self._new_sequence(request_id, ids, params)  # the first token's index was 0: the next is 1
-        seq.num_computed = len(ids)
+        self._replay(seq, resumed)
+        seq.num_computed = seq.num_tokens
         seq.token_ids.append(first_token)
         seq.logprobs.append(first_logprob)
         self._seqs[request_id] = seq

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
 
 from .shm import allocate_shm

@@ -62,6 +62,17 @@ class SamplingParams:
         return self.temperature == 0
 
 
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """What a stream resumed on this engine (its first node failed) has already delivered to its client: the
+    tokens generated so far, indices 0..n-1, and how many characters of their text went out (the rest was
+    held back while a stop string could still be completing). The sequence carries on from index n, with the
+    same sampler state: sampling's randomness is a function of (seed, index) only."""
+
+    token_ids: tuple[int, ...] = ()
+    text_chars: int = 0
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """What one engine step produced for one request: new tokens and the text they completed."""

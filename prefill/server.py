@@ -30,8 +30,8 @@ import threading
 import grpc
 import torch
 
-from baton.cluster.messages import (abort_for, chunk_from_output, finish_to_proto, kv_layout, layouts_match,
-                                   sampling_from_proto, share_from_proto)
+from baton.cluster.messages import (LOST_NODE_KEY, abort_for, chunk_from_output, finish_to_proto, kv_layout,
+                                   layouts_match, resumed_from_proto, sampling_from_proto, share_from_proto)
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import kv_routes, shard
@@ -108,10 +108,12 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         try:
             params = sampling_from_proto(request.sampling)
             prompt = list(request.prompt_token_ids)
+            # A resumed stream's delivered tokens are computed (and their K/V sent) with the prompt.
+            computed = len(prompt) + len(request.resumed.token_ids)
             runs = coalesce(list(target.block_ids))
-            if check_runs(runs) != self.engine.blocks_for(len(prompt)):
-                raise FieldError("target.block_ids", f"{check_runs(runs)} blocks for a {len(prompt)}-token prompt "
-                                 f"(it fills {self.engine.blocks_for(len(prompt))})")
+            if check_runs(runs) != self.engine.blocks_for(computed):
+                raise FieldError("target.block_ids", f"{check_runs(runs)} blocks for {computed} tokens to compute "
+                                 f"(they fill {self.engine.blocks_for(computed)})")
         except FieldError as e:
             await abort_for(context, e)
         # A tensor-parallel prefill node sends from every rank: through the pair channels only, so far.
@@ -136,7 +138,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             transfer.receive_call = transfer.peer.stub.ReceiveKV(
                 node_pb2.ReceiveKVRequest(request_id=rid, prefill_node_id=self.node_id,
                                           generation=transfer.generation, layout=self.layout,
-                                          num_tokens=len(prompt), block_ids=target.block_ids,
+                                          num_tokens=computed, block_ids=target.block_ids,
                                           transfer_tag=target.transfer_tag, lane=transfer.lane),
                 timeout=self.transfer_timeout,
             )
@@ -162,6 +164,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 log.info("kv transfer of %s to %s dropped there: %s", rid, target.decode_node_id, e.details())
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{target.decode_node_id}: {e.details()}")
             log.warning("kv transfer of %s to %s failed: %s", rid, target.decode_node_id, _short(e))
+            context.set_trailing_metadata(((LOST_NODE_KEY, target.decode_node_id),))  # the router avoids it
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"kv transfer to {target.decode_node_id} failed: {_short(e)}")
         except EngineFailed as e:
@@ -214,7 +217,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             with self._lock:
                 self._senders[request.request_id] = writer
         first = None
-        async for out in self.engine.generate(request.request_id, prompt, params, prefill_only=True):
+        async for out in self.engine.generate(request.request_id, prompt, params, prefill_only=True,
+                                              resumed=resumed_from_proto(request.resumed)):
             first = out
         self.requests_served += 1
         return node_pb2.PrefillEvent(first_token=node_pb2.FirstToken(
@@ -226,6 +230,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         """The same-device path: the K/V are copied straight into the decode node's pool, mapped here; the
         decode node holds the reservation as receiving from ReceiveKV (shared) until KVWritten."""
         rid, target = request.request_id, request.target
+        computed = len(prompt) + len(request.resumed.token_ids)
         peer = self.peers.entry(target.decode_node_id, target.decode_address, target.kv_store_address)
         writer, owed = None, False  # owed: the decode node waits for KVWritten
         try:
@@ -234,7 +239,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # call still says "given up" (a decode node that never began answers NOT_FOUND, harmlessly).
             owed = True
             await peer.stub.ReceiveKV(node_pb2.ReceiveKVRequest(
-                request_id=rid, prefill_node_id=self.node_id, layout=self.layout, num_tokens=len(prompt),
+                request_id=rid, prefill_node_id=self.node_id, layout=self.layout, num_tokens=computed,
                 block_ids=target.block_ids, transfer_tag=target.transfer_tag, shared=True), timeout=self.transfer_timeout)
             writer = SharedWriter(targets, list(target.block_ids), self.spec.num_layers)
             yield await self._compute(request, prompt, params, writer)
@@ -252,6 +257,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # A refused ReceiveKV owes nothing; a failed KVWritten leaves the blocks to the decode node's deadline.
             owed = owed and not isinstance(e, grpc.aio.AioRpcError)
             log.warning("kv writes of %s into %s failed: %s", rid, target.decode_node_id, _short(e))
+            context.set_trailing_metadata(((LOST_NODE_KEY, target.decode_node_id),))  # the router avoids it
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"kv transfer to {target.decode_node_id} failed: {_short(e)}")
         except EngineFailed as e:

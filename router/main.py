@@ -33,6 +33,7 @@ class RouterConfig:
     port: int = 0
     lease_ms: int = 30_000  # how long a decode node keeps blocks reserved for a prefill that never comes
     max_prompt_bytes: int = 0  # longest prompt text admitted (UTF-8 bytes); 0: derived from tokenizer and context
+    max_migrations: int = 3  # times a stream may resume on other nodes after a node failed under it (0: never)
 
 
 def model_card(folder, name: str | None = None, max_prompt_bytes: int = 0) -> ModelCard:
@@ -64,7 +65,7 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
                                 "watching the membership")
     picker = Picker(membership)
     card = model_card(folder, max_prompt_bytes=cfg.max_prompt_bytes)
-    servicer = RouterServicer(card, Tokenizer.from_folder(folder), picker, cfg.lease_ms)
+    servicer = RouterServicer(card, Tokenizer.from_folder(folder), picker, cfg.lease_ms, cfg.max_migrations)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE)])
     readiness = None
     try:

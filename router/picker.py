@@ -28,10 +28,11 @@ class Picker:
         else:
             del self.in_flight[node_id]
 
-    def pick(self, role: str) -> NodeInfo:
-        nodes = self.membership.nodes(role)
+    def pick(self, role: str, avoid: set[str] | frozenset[str] = frozenset()) -> NodeInfo:
+        """The least loaded live node of `role`, other than those in `avoid` (nodes that failed a request)."""
+        nodes = [n for n in self.membership.nodes(role) if n.node_id not in avoid]
         if not nodes:
-            raise NoNode(f"no live {role} node")
+            raise NoNode(f"no live {role} node" + (f" (other than {', '.join(sorted(avoid))})" if avoid else ""))
         return min(nodes, key=lambda n: (n.running + n.waiting + self.in_flight[n.node_id], -n.free_blocks,
                                          n.node_id))
 

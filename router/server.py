@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from baton.cluster.messages import LOST_NODE_KEY
 from baton.engine import FieldError
 from baton.engine.tokenizer import Tokenizer
 from baton.v1 import baton_pb2 as pb
@@ -94,13 +95,29 @@ class NodeStubs:
         await asyncio.gather(*(channel.close() for channel in channels), *self._closing)
 
 
+class NodeLost(Exception):
+    """A node failed under a request (its calls broke, or it said its peer did): the request can resume
+    elsewhere. `node_id` is the node to avoid, None when the failure does not say which of the two it was."""
+
+    def __init__(self, node_id: str | None, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(node_id)
+        self.node_id = node_id
+        self.error = error
+
+
+
+
 class RouterServicer(baton_pb2_grpc.BatonServicer):
-    def __init__(self, model: ModelCard, tokenizer: Tokenizer, picker: Picker, lease_ms: int = 30_000) -> None:
+    def __init__(self, model: ModelCard, tokenizer: Tokenizer, picker: Picker, lease_ms: int = 30_000,
+                 max_migrations: int = 3) -> None:
         self.model = with_prompt_bound(model, tokenizer)  # walks the vocabulary once, here
         self.tokenizer = tokenizer
         self.picker = picker
         self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()})
         self.lease_ms = lease_ms
+        self.max_migrations = max_migrations
+        self.migrations = 0  # streams resumed on other nodes after a node failed under them (logged, each)
+        self._releasing: set[asyncio.Task] = set()  # releases on nodes a request moved away from
         self._rng = random.Random()
 
     async def ListModels(self, request, context):
@@ -161,22 +178,56 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             self.picker.release(node.node_id)
 
     async def _disaggregated(self, req: Admitted, context):
-        decode, prefill = self.picker.pick("decode"), self.picker.pick("prefill")
-        req.nodes = (prefill.node_id, decode.node_id)
-        with self.stubs.use(decode.address) as decode_node, self.stubs.use(prefill.address) as prefill_node:
-            async for response in self._through(req, context, decode, prefill, decode_node.decode,
-                                                prefill_node.prefill):
-                yield response
+        """The request through a prefill and a decode node. A node that fails under it (a broken stream, a node
+        that cannot be reached) does not end the stream: it resumes on live nodes from what the client already
+        has (the prompt and the delivered tokens prefilled again, decoding from the next index with the same
+        sampler state), at most `max_migrations` times, each one logged and counted."""
+        delivered: list[int] = []
+        chars = 0
+        avoid: set[str] = set()  # nodes that failed under this request
+        for attempt in range(self.max_migrations + 1):
+            decode, prefill = self.picker.pick("decode", avoid), self.picker.pick("prefill", avoid)
+            req.nodes = (prefill.node_id, decode.node_id)
+            resumed = node_pb2.Resumed(token_ids=delivered, text_chars=chars)
+            # A fresh id per attempt: the failed attempt's state may still be ending on a node that lives.
+            internal = req.internal_id if not attempt else f"{req.internal_id}~{attempt}"
+            try:
+                with self.stubs.use(decode.address) as d, self.stubs.use(prefill.address) as p:
+                    async for response in self._through(req, internal, resumed, context, decode, prefill, d.decode,
+                                                        p.prefill):
+                        if response.HasField("chunk"):
+                            delivered.extend(response.chunk.token_ids)
+                            chars += len(response.chunk.text)
+                        yield response
+                return
+            except NodeLost as lost:
+                if attempt == self.max_migrations:
+                    raise lost.error from None
+                if len(delivered) >= req.params.max_tokens:  # lost just before its Finish: nothing left to do
+                    yield pb.GenerateResponse(request_id=internal,
+                                              finish=pb.Finish(reason=pb.FINISH_REASON_LENGTH))
+                    return
+                if lost.node_id is not None:
+                    avoid.add(lost.node_id)
+                self.migrations += 1
+                log.warning("request %s: %s failed after %d tokens (%s); resuming on other nodes (migration %d of "
+                            "at most %d)", req.request_id, lost.node_id or f"{prefill.node_id} or {decode.node_id}",
+                            len(delivered), lost.error.details() or lost.error.code().name, attempt + 1,
+                            self.max_migrations)
 
-    async def _through(self, req: Admitted, context, decode, prefill, decode_stub, prefill_stub):
-        """One request through a prefill and a decode node, whose channels the caller holds open."""
+    async def _through(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, decode, prefill,
+                       decode_stub, prefill_stub):
+        """One attempt: reserve on the decode node, prefill the prompt (and the tokens `resumed` delivered) into
+        it, relay the first token, then the decode node's stream. A node that fails under it raises NodeLost."""
         timeout = context.time_remaining()
         self.picker.acquire(decode.node_id)
         self.picker.acquire(prefill.node_id)
         prefill_call = continue_call = transfer = None
+        lost = False
         try:
+            phase = decode.node_id
             reservation = await decode_stub.Reserve(
-                node_pb2.ReserveRequest(request_id=req.internal_id, prompt_tokens=len(req.prompt_ids),
+                node_pb2.ReserveRequest(request_id=internal, prompt_tokens=len(req.prompt_ids) + len(resumed.token_ids),
                                         max_tokens=req.params.max_tokens, lease_ms=self.lease_ms),
                 timeout=timeout,
             )
@@ -187,32 +238,39 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 transfer_tag=reservation.transfer_tag, layout=reservation.layout, share=reservation.share,
                 rank_shares=reservation.rank_shares,
             )
+            phase = prefill.node_id
             prefill_call = prefill_stub.Prefill(
-                node_pb2.PrefillRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
-                                        sampling=sampling, target=target),
+                node_pb2.PrefillRequest(request_id=internal, prompt_token_ids=req.prompt_ids, sampling=sampling,
+                                        target=target, resumed=resumed),
                 timeout=context.time_remaining(),
             )
             events = prefill_call.__aiter__()
             first = (await events.__anext__()).first_token
             self.picker.release(prefill.node_id)
             prefill = None
-            yield pb.GenerateResponse(request_id=req.internal_id, chunk=first.chunk)
+            yield pb.GenerateResponse(request_id=internal, chunk=first.chunk)
             if first.finish:
-                yield pb.GenerateResponse(request_id=req.internal_id, finish=pb.Finish(reason=first.finish))
+                yield pb.GenerateResponse(request_id=internal, finish=pb.Finish(reason=first.finish))
                 return
-            # The decode node waits for the K/V itself; the transfer's end only needs checking for errors.
+            phase = decode.node_id
             continue_call = decode_stub.Continue(
-                node_pb2.ContinueRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
+                node_pb2.ContinueRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
                                          first_token=first.chunk.token_ids[0],
                                          first_logprob=first.chunk.logprobs[0] if first.chunk.logprobs else 0.0,
-                                         sampling=sampling),
+                                         sampling=sampling, resumed=resumed),
                 timeout=context.time_remaining(),
             )
+            # The decode node waits for the K/V itself (a failed transfer fails its stream), so the prefill
+            # call's end is not waited for: once the stream is over, it has nothing to add.
             transfer = asyncio.ensure_future(_drain(events))
-            transfer.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures surface below
+            transfer.add_done_callback(lambda t: t.cancelled() or t.exception())
             async for response in continue_call:
                 yield response
-            await transfer
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            lost = True
+            raise NodeLost(_lost_node(e, phase), e) from e
         finally:
             if prefill is not None:
                 self.picker.release(prefill.node_id)
@@ -221,8 +279,14 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 if call is not None:
                     call.cancel()  # a no-op on what has ended
             # Always: frees the reservation or the sequence if anything above ended early. Shielded from
-            # the client's cancellation, bounded in time.
-            await asyncio.shield(_release(decode_stub, req.internal_id))
+            # the client's cancellation, bounded in time; in the background when the request moves on.
+            release = _release(decode_stub, internal)
+            if lost:
+                task = asyncio.ensure_future(release)
+                self._releasing.add(task)
+                task.add_done_callback(self._releasing.discard)
+            else:
+                await asyncio.shield(release)
 
     async def close(self) -> None:
         await self.stubs.close()
@@ -256,6 +320,16 @@ class Relay:
 async def _drain(events) -> None:
     async for _ in events:
         pass
+
+
+def _lost_node(e: grpc.aio.AioRpcError, caller: str) -> str | None:
+    """Which node an UNAVAILABLE from `caller` is about: the one a live node names in its answer (a prefill
+    node whose transfer to the decode node failed; "" from a decode node whose transfer failed, either side
+    may be at fault), else the caller itself (it died, or could not be reached)."""
+    metadata = dict(e.trailing_metadata() or ())
+    if LOST_NODE_KEY in metadata:
+        return metadata[LOST_NODE_KEY] or None
+    return caller
 
 
 async def _release(stub: node_pb2_grpc.DecodeNodeStub, request_id: str) -> None:

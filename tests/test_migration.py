@@ -1,0 +1,136 @@
+"""Streams that survive the loss of their decode node: the router resumes each one on live nodes from what its
+client already has (prompt and delivered tokens prefilled again, decoding from the next index with the same
+sampler state), so the client sees one stream, token for token the undisturbed run's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from cluster_harness import BatonUp
+from test_stories import PROMPTS
+
+from baton.engine import LLM, Resumed, SamplingParams
+from baton.router.client import AsyncBatonClient, Delta, Finished
+
+STREAMS = 32
+TOKENS = 160
+
+
+def _params(i: int) -> dict:
+    """Greedy and seeded streams, half each."""
+    return dict(max_tokens=TOKENS, ignore_eos=True, temperature=0.0) if i % 2 else \
+        dict(max_tokens=TOKENS, ignore_eos=True, temperature=0.9, top_p=0.95, seed=100 + i)
+
+
+async def _stream(client: AsyncBatonClient, prompt: str, options: dict, progress: list[int], i: int):
+    deltas, finish = [], None
+    async for item in client.generate(prompt, **options):
+        if isinstance(item, Delta):
+            deltas.append(item)
+            progress[i] += len(item.token_ids)
+        elif isinstance(item, Finished):
+            finish = item
+    return deltas, finish
+
+
+def test_streams_survive_a_decode_node_killed_mid_stream(stories_path, stories_llm: LLM, tmp_path):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(STREAMS)]
+    undisturbed = stories_llm.generate(prompts, [SamplingParams(**_params(i)) for i in range(STREAMS)])
+    want, want_text = [o.token_ids for o in undisturbed], [o.text for o in undisturbed]
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2") as up:
+        victim = up.node_pid("decode-0")
+        survivor = next(n for n in up.nodes("decode") if n.node_id == "decode-1")
+        baseline = up.stats(survivor).total_blocks
+        progress = [0] * STREAMS
+
+        async def run():
+            async with AsyncBatonClient(up.address, timeout=300) as client:
+                tasks = [asyncio.ensure_future(_stream(client, p, _params(i), progress, i))
+                         for i, p in enumerate(prompts)]
+                while min(progress) < 10:  # every stream is decoding (on either node)
+                    await asyncio.sleep(0.01)
+                os.kill(victim, signal.SIGKILL)
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(run())
+        for i, (deltas, finish) in enumerate(results):
+            indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
+            assert indices == list(range(TOKENS)), f"stream {i}: a token lost or repeated"
+            assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
+            assert "".join(d.text for d in deltas) == want_text[i], f"stream {i}"
+            assert finish is not None and finish.finish_reason == "length" and finish.completion_tokens == TOKENS
+        moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
+                 if "decode-0 failed" in line and "resuming on other nodes (migration 1 " in line]
+        assert moved, "no stream was on the killed node: nothing was shown"
+        assert len({line.split()[5] for line in moved}) == len(moved) <= STREAMS  # each stream moved once
+        up.wait_until(lambda: (s := up.stats(survivor)).free_blocks == baseline and not s.running, timeout=10)
+    assert not up.hung
+
+
+def test_an_engine_resumes_a_stream_token_for_token_from_what_was_delivered(stories_llm: LLM):
+    """The engine side of a resumed stream, alone: after any number of delivered tokens, with or without stop
+    strings holding text back, greedy or seeded, the rest is the undisturbed run's, text included."""
+    engine = stories_llm.engine
+    prompt = engine.tokenizer.encode(PROMPTS[1])
+    cases = [SamplingParams(max_tokens=30, temperature=0), SamplingParams(max_tokens=30, temperature=0.9, seed=7),
+             SamplingParams(max_tokens=30, temperature=0, stop=["zzz", "Lily and"])]
+    for params in cases:
+        [full] = stories_llm.generate([prompt], params)
+        for k in (1, 4, 13):
+            if k >= len(full.token_ids):
+                continue
+            engine.add_request("first", prompt, params)
+            tokens, text, chars = [], "", None
+            while engine.has_unfinished():
+                for out in engine.step():
+                    tokens += out.token_ids
+                    text += out.text
+                    if chars is None and len(tokens) >= k:
+                        chars = len(text)  # what the client had when the node failed
+            engine.add_request("again", prompt, params, resumed=Resumed(tuple(tokens[:k]), chars))
+            rest, rest_text = [], ""
+            while engine.has_unfinished():
+                for out in engine.step():
+                    assert out.first_index >= k
+                    rest += out.token_ids
+                    rest_text += out.text
+            assert tokens[:k] + rest == full.token_ids, (params, k)
+            assert text[:chars] + rest_text == full.text, (params, k)
+
+
+def test_requests_survive_a_prefill_node_killed_while_it_prefills(stories_path, stories_llm: LLM, tmp_path):
+    """2P1D; a prefill node is SIGKILLed while prompts are being computed and sent: every request completes on
+    the other one, token for token, and the decode node is left holding nothing, at the latest once the
+    transfers that were waiting for the dead node to join their channel time out (5 s here)."""
+    prompt = "Once upon a time, there was a little girl named Lily. She liked to play outside. " * 4
+    params = dict(max_tokens=24, temperature=0.0, ignore_eos=True)
+    [want] = stories_llm.generate([prompt], SamplingParams(**params))
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "2", "--decode", "1",
+                 "--transfer-timeout", "5") as up:
+        victim = up.node_pid("prefill-0")
+        [decode] = up.nodes("decode")
+        baseline = up.stats(decode).total_blocks
+
+        async def one(client, i, first):
+            tokens = []
+            async for item in client.generate(prompt, **params):
+                if isinstance(item, Delta):
+                    tokens += item.token_ids
+                    if not first.is_set():
+                        first.set()
+                        os.kill(victim, signal.SIGKILL)  # the others are queued, prefilling or in transfer
+            return tokens
+
+        async def run():
+            first = asyncio.Event()
+            async with AsyncBatonClient(up.address, timeout=120) as client:
+                return await asyncio.gather(*(one(client, i, first) for i in range(24)))
+
+        results = asyncio.run(run())
+        assert all(tokens == want.token_ids for tokens in results)
+        log = (up.log_dir / "router.log").read_text()
+        assert "prefill-0 failed" in log, "no request was on the killed node: nothing was shown"
+        up.wait_until(lambda: (s := up.stats(decode)).free_blocks == baseline and not s.running, timeout=5 + 10)
+    assert not up.hung
