@@ -120,6 +120,13 @@ def _engine_config(args: argparse.Namespace):
     )
 
 
+def _migration_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-migrations", type=int, default=3, metavar="N",
+                        help="times a stream may resume on other nodes after a node failed under it (0: never)")
+    parser.add_argument("--stream-inactivity-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds without a token from a decode node before its streams move elsewhere")
+
+
 def _cluster_args(parser: argparse.ArgumentParser, port: int = 0) -> None:
     parser.add_argument("--etcd", required=True, help="etcd URL, e.g. http://127.0.0.1:2379")
     parser.add_argument("--cluster", default="default", help="cluster name (etcd key prefix)")
@@ -171,7 +178,8 @@ def _router(args: argparse.Namespace) -> int:
 
     _start_process(args)
     run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
-                     max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations))
+                     max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations,
+                     inactivity_timeout=args.stream_inactivity_timeout))
     return 0
 
 
@@ -183,6 +191,10 @@ def _up(args: argparse.Namespace) -> int:
     # A device this machine lacks, or kernels it cannot run, are refused here, not by every node it starts.
     resolve_kernels(args.kernels, resolve_device(args.device))
 
+    if args.max_migrations < 0:
+        raise FieldError("max_migrations", f"must be >= 0, got {args.max_migrations}")
+    if not args.stream_inactivity_timeout > 0:
+        raise FieldError("stream_inactivity_timeout", f"must be > 0 seconds, got {args.stream_inactivity_timeout}")
     if args.tp > 1 and (args.prefill or args.decode):
         raise FieldError("tp", "--tp is the colocated nodes' degree: use --prefill-tp and --decode-tp for prefill "
                                "and decode nodes")
@@ -197,7 +209,8 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
                               port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
-                              router_args=["--max-migrations", str(args.max_migrations)], log_dir=args.log_dir))
+                              router_args=["--max-migrations", str(args.max_migrations), "--stream-inactivity-timeout",
+                                           str(args.stream_inactivity_timeout)], log_dir=args.log_dir))
 
 
 def _place(args: argparse.Namespace) -> int:
@@ -313,8 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode-tp", type=int, default=1, metavar="D",
                     help="the decode nodes' tensor-parallel degree (any two degrees the model takes meet: each "
                          "decode rank receives its KV heads from the prefill ranks that hold them)")
-    up.add_argument("--max-migrations", type=int, default=3, metavar="N",
-                    help="times a stream may resume on other nodes after a node failed under it (0: never)")
+    _migration_args(up)
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     up.set_defaults(run=_up)
 
@@ -347,8 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--max-prompt-bytes", type=int, default=0,
                         help="refuse prompt text over this many UTF-8 bytes before tokenizing it "
                              "(default: derived from the tokenizer and the model's context)")
-    router.add_argument("--max-migrations", type=int, default=3, metavar="N",
-                        help="times a stream may resume on other nodes after a node failed under it (0: never)")
+    _migration_args(router)
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
 

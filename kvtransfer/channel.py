@@ -233,8 +233,12 @@ class PairChannels:
             _release(stale)
             return entry.wait(timeout, f"the pair group with {peer_id!r}")
         store = None
+        # The decode side rendezvouses over a connection of its own per peer: a store client does one operation
+        # at a time, and a rendezvous waits in it for the peer's key, so with one shared connection a peer that
+        # died before joining would hold every other peer's set-up until its timeout.
+        store_key = f"{store_address}|{peer_id}" if rank == DECODE_RANK else store_address
         try:
-            store = self._store(store_address, timeout)
+            store = self._store(store_key, timeout)
             prefill_id, decode_id = (self.node_id, peer_id) if rank == PREFILL_RANK else (peer_id, self.node_id)
             prefixed = dist.PrefixStore(pair_prefix(prefill_id, decode_id, generation, lane), store)
             group = self._make_group(prefixed, rank, timeout)
@@ -243,7 +247,7 @@ class PairChannels:
             entry.settle(self._groups, key, self._lock, error=exc)
             # A broken store connection (the decode node restarted) is rebuilt on the next call.
             if store is not None:
-                self._forget_store(store_address, store)
+                self._forget_store(store_key, store)
             if isinstance(exc, KVTransferError):
                 raise
             raise KVTransferError(f"cannot build the pair group with {peer_id!r} (generation {generation}, "
@@ -301,14 +305,17 @@ class PairChannels:
         self.drop(peer_id)
         box = []
         with self._lock:
-            for name in self._ranks_of(peer_id):
+            names = self._ranks_of(peer_id)
+            for name in names:
                 self._generation.pop(name, None)
                 self._retired.pop(name, None)
                 self._last_used.pop(name, None)
-            store = self._stores.get(store_address) if store_address and store_address != self._local_address else None
-            if store is not None and not isinstance(store, _Pending):
-                box.append(self._stores.pop(store_address))
-            del store
+            keys = [k for k in self._stores if k.partition("|")[2] in names]  # the decode side's, per peer
+            if store_address and store_address != self._local_address:
+                keys.append(store_address)
+            for key in keys:
+                if not isinstance(self._stores.get(key), _Pending):
+                    box.append(self._stores.pop(key, None))
         # Closing a TCPStore client takes ~100 ms: on a short-lived thread, not the caller's (an event loop).
         _release(box)
 
@@ -376,11 +383,14 @@ class PairChannels:
                     except Exception:  # noqa: BLE001 - a key that is not there is fine
                         pass
 
-    def _store(self, address: str, timeout: float):
-        # Connections are kept: torch 2.13's TCPStore client stalls 5 s on every 25th connection a process
-        # makes (measured here, any store), so one per peer store, made again only after a failure or idling.
+    def _store(self, key: str, timeout: float):
+        """A client of the store at `key` ("host:port", or "host:port|peer": the decode side's own connection
+        for that peer). Connections are kept: torch 2.13's TCPStore client stalls 5 s on every 25th
+        connection a process makes (measured here, any store), so one per key, made again only after a
+        failure or once its peer is forgotten."""
+        address = key.partition("|")[0]
         with self._lock:
-            entry, creator = _Pending.claim(self._stores, address)
+            entry, creator = _Pending.claim(self._stores, key)
         if not isinstance(entry, _Pending):
             return entry
         if not creator:
@@ -389,9 +399,9 @@ class PairChannels:
             host, port = split_address(address)
             store = dist.TCPStore(host, port, None, False, _timedelta(timeout), wait_for_workers=False)
         except BaseException as exc:
-            entry.settle(self._stores, address, self._lock, error=exc)
+            entry.settle(self._stores, key, self._lock, error=exc)
             raise KVTransferError(f"cannot connect to the KV store at {address}: {exc}") from exc
-        closed = entry.settle(self._stores, address, self._lock, value=store,
+        closed = entry.settle(self._stores, key, self._lock, value=store,
                               what=f"the connection to the KV store at {address}")
         if closed is not None:
             raise closed

@@ -34,6 +34,13 @@ class RouterConfig:
     lease_ms: int = 30_000  # how long a decode node keeps blocks reserved for a prefill that never comes
     max_prompt_bytes: int = 0  # longest prompt text admitted (UTF-8 bytes); 0: derived from tokenizer and context
     max_migrations: int = 3  # times a stream may resume on other nodes after a node failed under it (0: never)
+    inactivity_timeout: float = 10.0  # seconds without a token from a decode node before its stream is moved
+
+    def __post_init__(self) -> None:
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations: must be >= 0, got {self.max_migrations}")
+        if not self.inactivity_timeout > 0:
+            raise ValueError(f"stream_inactivity_timeout: must be > 0 seconds, got {self.inactivity_timeout}")
 
 
 def model_card(folder, name: str | None = None, max_prompt_bytes: int = 0) -> ModelCard:
@@ -65,7 +72,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
                                 "watching the membership")
     picker = Picker(membership)
     card = model_card(folder, max_prompt_bytes=cfg.max_prompt_bytes)
-    servicer = RouterServicer(card, Tokenizer.from_folder(folder), picker, cfg.lease_ms, cfg.max_migrations)
+    servicer = RouterServicer(card, Tokenizer.from_folder(folder), picker, cfg.lease_ms, cfg.max_migrations,
+                              cfg.inactivity_timeout)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE)])
     readiness = None
     try:

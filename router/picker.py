@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 
 from baton.cluster.membership import MembershipWatcher, NodeInfo
 
@@ -12,11 +14,21 @@ class NoNode(LookupError):
 
 
 class Picker:
-    def __init__(self, membership: MembershipWatcher) -> None:
+    def __init__(self, membership: MembershipWatcher, suspect_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.membership = membership
         # Requests this router sent that the node's last report may not show yet; a node's key goes when
         # its count is back to 0, so nodes that come and go leave nothing behind.
         self.in_flight: Counter[str] = Counter()
+        # Nodes that just failed a request, until when: a dead node stays in the membership until its lease
+        # runs out (the TTL), and every request sent to it meanwhile would fail once before moving on.
+        self.suspects: dict[str, float] = {}
+        self.suspect_seconds = suspect_seconds
+        self._clock = clock
+
+    def suspect(self, node_id: str) -> None:
+        """`node_id` failed a request: pick others for a while, if there are others."""
+        self.suspects[node_id] = self._clock() + self.suspect_seconds
 
     def acquire(self, node_id: str) -> None:
         self.in_flight[node_id] += 1
@@ -33,6 +45,11 @@ class Picker:
         nodes = [n for n in self.membership.nodes(role) if n.node_id not in avoid]
         if not nodes:
             raise NoNode(f"no live {role} node" + (f" (other than {', '.join(sorted(avoid))})" if avoid else ""))
+        now = self._clock()
+        for node_id in [n for n, until in self.suspects.items() if until <= now]:
+            del self.suspects[node_id]  # bounded: an entry lives suspect_seconds
+        trusted = [n for n in nodes if n.node_id not in self.suspects]
+        nodes = trusted or nodes  # a suspect is still better than no node
         return min(nodes, key=lambda n: (n.running + n.waiting + self.in_flight[n.node_id], -n.free_blocks,
                                          n.node_id))
 

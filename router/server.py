@@ -96,26 +96,27 @@ class NodeStubs:
 
 
 class NodeLost(Exception):
-    """A node failed under a request (its calls broke, or it said its peer did): the request can resume
-    elsewhere. `node_id` is the node to avoid, None when the failure does not say which of the two it was."""
+    """A node failed under a request (its calls broke, it stalled, or it said its peer failed): the request can
+    resume elsewhere. `node_id` is the node to avoid, None when the failure does not say which of the two."""
 
-    def __init__(self, node_id: str | None, error: grpc.aio.AioRpcError) -> None:
-        super().__init__(node_id)
+    def __init__(self, node_id: str | None, details: str) -> None:
+        super().__init__(details)
         self.node_id = node_id
-        self.error = error
+        self.details = details
 
 
 
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
     def __init__(self, model: ModelCard, tokenizer: Tokenizer, picker: Picker, lease_ms: int = 30_000,
-                 max_migrations: int = 3) -> None:
+                 max_migrations: int = 3, inactivity_timeout: float = 10.0) -> None:
         self.model = with_prompt_bound(model, tokenizer)  # walks the vocabulary once, here
         self.tokenizer = tokenizer
         self.picker = picker
         self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()})
         self.lease_ms = lease_ms
         self.max_migrations = max_migrations
+        self.inactivity_timeout = inactivity_timeout  # a decode stream silent this long is given up (and moved)
         self.migrations = 0  # streams resumed on other nodes after a node failed under them (logged, each)
         self._releasing: set[asyncio.Task] = set()  # releases on nodes a request moved away from
         self._rng = random.Random()
@@ -160,6 +161,10 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                                 f"{e.details() or e.code().name} (prefill {prefill_node}, decode {decode_node})")
         except NoNode as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except NodeLost as e:  # and no migration left
+            prefill_node, decode_node = req.nodes
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e.details} (prefill {prefill_node}, decode "
+                                                             f"{decode_node})")
 
     async def _colocated(self, req: Admitted, context):
         node = self.picker.pick("colocated")
@@ -201,8 +206,10 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                         yield response
                 return
             except NodeLost as lost:
+                if lost.node_id is not None:
+                    self.picker.suspect(lost.node_id)  # other requests stay off it until it leaves etcd
                 if attempt == self.max_migrations:
-                    raise lost.error from None
+                    raise
                 if len(delivered) >= req.params.max_tokens:  # lost just before its Finish: nothing left to do
                     yield pb.GenerateResponse(request_id=internal,
                                               finish=pb.Finish(reason=pb.FINISH_REASON_LENGTH))
@@ -212,7 +219,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 self.migrations += 1
                 log.warning("request %s: %s failed after %d tokens (%s); resuming on other nodes (migration %d of "
                             "at most %d)", req.request_id, lost.node_id or f"{prefill.node_id} or {decode.node_id}",
-                            len(delivered), lost.error.details() or lost.error.code().name, attempt + 1,
+                            len(delivered), lost.details, attempt + 1,
                             self.max_migrations)
 
     async def _through(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, decode, prefill,
@@ -264,13 +271,16 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             # call's end is not waited for: once the stream is over, it has nothing to add.
             transfer = asyncio.ensure_future(_drain(events))
             transfer.add_done_callback(lambda t: t.cancelled() or t.exception())
-            async for response in continue_call:
+            async for response in _each_within(continue_call, self.inactivity_timeout):
                 yield response
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             lost = True
-            raise NodeLost(_lost_node(e, phase), e) from e
+            raise NodeLost(_lost_node(e, phase), e.details() or e.code().name) from e
+        except TimeoutError:  # the decode node went silent (stopped, hung, cut off): given up, its call cancelled
+            lost = True
+            raise NodeLost(decode.node_id, f"no token within {self.inactivity_timeout:g} s") from None
         finally:
             if prefill is not None:
                 self.picker.release(prefill.node_id)
@@ -315,6 +325,18 @@ class Relay:
                 prefill_node=prefill_node, decode_node=decode_node,
             ))
         return response
+
+
+async def _each_within(stream, seconds: float):
+    """The stream's messages, each within `seconds` of the one before (TimeoutError otherwise). A call given up
+    this way is cancelled: whatever its node sends later (it was stopped, and resumes) reaches nobody."""
+    messages = stream.__aiter__()
+    while True:
+        try:
+            message = await asyncio.wait_for(messages.__anext__(), seconds)
+        except StopAsyncIteration:
+            return
+        yield message
 
 
 async def _drain(events) -> None:

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 import pytest
@@ -585,6 +585,28 @@ def test_a_late_failure_of_an_old_generation_keeps_the_newer_one():
         with pytest.raises(KVTransferError, match="stale"):
             channels.get("p", 3, store.address, DECODE_RANK, 0.2)
         channels.close()
+
+
+def test_a_prefill_node_that_never_joins_does_not_hold_up_another_ones_channel():
+    """The decode side's rendezvous waits in a store client for the peer's key, and a client does one thing at
+    a time: with one client for every peer, a prefill node that died before joining held every other prefill
+    node's channel set-up until its own timed out (seen when a prefill node was killed under load)."""
+    with KVStoreHost("127.0.0.1", 0) as store:
+        decode, alive = PairChannels("d", local_store=store), PairChannels("p2")
+        with ThreadPoolExecutor(3) as pool:
+            dead = pool.submit(decode.get, "p1", 1, store.address, DECODE_RANK, 8.0)  # p1 never comes
+            waiting = f"{pair_prefix('p1', 'd', 1, 0)}/{_RENDEZVOUS_KEYS[DECODE_RANK]}"
+            while not store.store.check([waiting]):  # its rendezvous is under way: waiting for p1's key
+                time.sleep(0.01)
+            theirs = pool.submit(alive.get, "d", 1, store.address, PREFILL_RANK, 30.0)
+            mine = pool.submit(decode.get, "p2", 1, store.address, DECODE_RANK, 30.0)
+            done, _ = wait([mine, theirs, dead], return_when=FIRST_COMPLETED)
+            assert dead not in done, "p2's channel waited for p1's rendezvous to time out"
+            assert mine.result() is not None and theirs.result() is not None
+            with pytest.raises(KVTransferError):
+                dead.result()
+        decode.close()
+        alive.close()
 
 
 def test_a_restarted_decode_store_counts_on_above_its_old_generations():
