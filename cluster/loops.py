@@ -17,14 +17,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def every(seconds: float, step: Callable[[], Awaitable[object]], name: str) -> None:
+async def every(seconds: float, step: Callable[[], Awaitable[object]], name: str,
+                transient: tuple[type[BaseException], ...] = ()) -> None:
     """Runs `step()` now and then every `seconds` until cancelled; an exception is logged and the next pass
-    runs. A `step` that loops by itself is restarted `seconds` after it fails."""
+    runs. A `step` that loops by itself is restarted `seconds` after it fails. `transient`: errors expected
+    now and then (etcd slow to answer on a loaded machine), logged in one line rather than with a traceback."""
     while True:
         try:
             await step()
         except asyncio.CancelledError:
             raise
+        except transient as e:
+            log.warning("%s failed (%s: %s); retrying in %.1f s", name, type(e).__name__, e, seconds)
         except Exception:  # noqa: BLE001 - logged; the loop must go on
             log.exception("%s failed; retrying in %.1f s", name, seconds)
         await asyncio.sleep(seconds)

@@ -133,7 +133,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
 
             tasks.append(asyncio.create_task(every(0.2, watch_ranks, "rank watch")))
         reporter = LoadReporter(servicer, registration)
-        reporting = asyncio.create_task(every(cfg.load_report_seconds, reporter.report, "load report"))
+        reporting = asyncio.create_task(every(cfg.load_report_seconds, reporter.report, "load report",
+                                              transient=(aetcd.ClientError,)))
         tasks.append(reporting)
         log.info("%s serving on %s", cfg.node_id, address)
         try:

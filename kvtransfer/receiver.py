@@ -1,8 +1,10 @@
 """The decode side of one request's KV transfer: receives straight into the reserved blocks of the pools.
 
 Protocol: see `sender` (a fixed-size header, then per layer 0..L-1, per run in order, one tensor
-`[count, 2, block_size, kvh, head_dim]`, all under tag 0 on the transfer's own lane). Each recv lands in
-`pools[layer][start:start + count]`, a contiguous slice of the pool: nothing is staged or copied.
+`[count, 2, block_size, kvh, head_dim]`, then the layer's checksum; all under tag 0 on the transfer's own
+lane). Each recv lands in `pools[layer][start:start + count]`, a contiguous slice of the pool: nothing is
+staged or copied (but a head range of the pool, see `receive`). A layer whose checksum does not match what
+arrived fails the transfer: the blocks are then released, never decoded from.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .channel import WIRE_TAG, KVTransferError, TransferCancelled
-from .sender import HEADER_LEN, _wait_all, check_runs, header_mismatch, is_cancel, make_header
+from .sender import HEADER_LEN, _wait_all, check_runs, checksum, header_mismatch, is_cancel, make_header
 
 
 def receive(pg, peer_rank: int, transfer_id: int | str, pools: Sequence[torch.Tensor],
@@ -55,12 +57,13 @@ def receive(pg, peer_rank: int, transfer_id: int | str, pools: Sequence[torch.Te
     want = make_header(len(pools), runs, block_shape, first.dtype)
     works: list = []
     staged: list[torch.Tensor] = []  # per layer, when `partial`: [blocks, *block_shape] in run order
+    sums = torch.zeros((len(pools), HEADER_LEN), dtype=torch.int64, device=first.device)  # each layer's, as sent
     nbytes = 0
     try:
         problem = header_mismatch(_header(pg, peer_rank, transfer_id, first.device, deadline), want)
         if problem is not None:
             raise KVTransferError(f"KV receive of {transfer_id}: sender and receiver disagree on {problem}")
-        for pool in pools:
+        for layer, pool in enumerate(pools):
             buffer = None
             if partial:
                 buffer = torch.empty((total, *block_shape), dtype=first.dtype, device=first.device)
@@ -71,7 +74,12 @@ def receive(pg, peer_rank: int, transfer_id: int | str, pools: Sequence[torch.Te
                 offset += count
                 works.append(pg.recv([dst], peer_rank, WIRE_TAG))
                 nbytes += dst.numel() * dst.element_size()
+            works.append(pg.recv([sums[layer]], peer_rank, WIRE_TAG))
         _wait_all(works, deadline, f"KV receive of {transfer_id}")
+        for layer, pool in enumerate(pools):
+            got = [staged[layer]] if partial else [pool[start:start + count] for start, count in runs]
+            if not torch.equal(checksum(got), sums[layer, :1]):
+                raise KVTransferError(f"KV receive of {transfer_id}: layer {layer} does not match its checksum")
         for pool, buffer in zip(pools, staged):
             offset = 0
             for start, count in runs:
@@ -111,10 +119,12 @@ def drain(pg, peer_rank: int, transfer_id: int | str, runs: Sequence[tuple[int, 
         if problem is not None or num_layers < 0:
             raise KVTransferError(f"KV drain of {transfer_id}: sender and receiver disagree on {problem or 'layers'}")
         scratch = torch.empty((max(c for _, c in runs), *block_shape), dtype=dtype, device=device)
+        total = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
         for _ in range(num_layers):
             for _, count in runs:
                 works.append(pg.recv([scratch[:count]], peer_rank, WIRE_TAG))
                 nbytes += scratch[:count].numel() * scratch.element_size()
+            works.append(pg.recv([total], peer_rank, WIRE_TAG))
             _wait_all(works, deadline, f"KV drain of {transfer_id}")  # one layer at a time: one scratch buffer
             works.clear()
     except BaseException as exc:

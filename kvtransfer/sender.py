@@ -6,7 +6,10 @@ coalesced into runs of consecutive ids `[(start, count), ...]`. A transfer has o
 message travels under tag 0 (`channel.WIRE_TAG`): NCCL ignores tags, and a group matches messages in the order
 they were posted, so concurrent transfers must be on different lanes, never told apart by tags:
   1. a header, `int64[HEADER_LEN]` (`make_header`): layers, runs, block shape and dtype as the sender sees them;
-  2. for each layer 0..L-1, for each run in order, exactly one tensor `[count, 2, block_size, kvh, head_dim]`.
+  2. for each layer 0..L-1, for each run in order, exactly one tensor `[count, 2, block_size, kvh, head_dim]`,
+     then the layer's checksum (`checksum`, in an `int64[HEADER_LEN]` message: every message that is not a
+     layer has the header's size): a layer that arrives altered or in the wrong blocks fails the transfer
+     closed instead of being decoded from.
 A transfer that ends before its header was posted (the request was cancelled while it waited for the
 prefill) sends a cancel header instead (`make_cancel_header`) and nothing after it; one that ends after its
 header sends zeros for the layers it still owes. Either way the lane stays in step and can carry the next
@@ -32,7 +35,7 @@ from .channel import WIRE_TAG, KVTransferError
 
 HEADER_LEN = 16
 _MAGIC = 0x4B565452  # "KVTR"
-_VERSION = 2
+_VERSION = 3  # 3: a checksum follows each layer
 KIND_DATA, KIND_CANCEL = 1, 2  # the header's third field: layers follow, or the transfer ended before it began
 
 
@@ -72,6 +75,21 @@ def header_mismatch(got: torch.Tensor, want: torch.Tensor) -> str | None:
         if g[i] != w[i]:
             return f"{name}: sender {g[i]}, receiver {w[i]}"
     return None
+
+
+def checksum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`int64[1]` over the blocks of `parts` (`[n, ...]` tensors, in order), on their device: each block's 32-bit
+    words summed, the sums weighted by the block's position (1, 2, ...), so a changed word or two blocks
+    swapped change it. A pass over the data and a reduction per block: cheap next to moving them."""
+    total = torch.zeros(1, dtype=torch.int64, device=parts[0].device)
+    position = 1
+    for blocks in parts:
+        words = blocks.contiguous().view(blocks.shape[0], -1).view(torch.int32)
+        sums = words.sum(dim=1, dtype=torch.int64)
+        weights = torch.arange(position, position + blocks.shape[0], dtype=torch.int64, device=blocks.device)
+        total += (sums * weights).sum()
+        position += blocks.shape[0]
+    return total
 
 
 def coalesce(block_ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -262,7 +280,8 @@ class KVSender:
         self._next_layer += 1
 
     def _post_runs(self, packed: torch.Tensor, what: str) -> None:
-        """One send per destination run, each a contiguous slice of `packed` ([blocks, ...] in table order)."""
+        """One send per destination run, each a contiguous slice of `packed` ([blocks, ...] in table order),
+        then the layer's checksum."""
         try:
             offset = 0
             for _, count in self.dst_runs:
@@ -270,10 +289,16 @@ class KVSender:
                 self._works.append(self.pg.send([t], self.peer_rank, WIRE_TAG))
                 self.bytes_posted += t.numel() * t.element_size()
                 offset += count
-            self._tensors.append(packed)
+            total = torch.zeros(HEADER_LEN, dtype=torch.int64, device=packed.device)
+            total[:1] = self._checksum(packed)
+            self._works.append(self.pg.send([total], self.peer_rank, WIRE_TAG))
+            self._tensors += [packed, total]
         except Exception as exc:
             self._fail(KVTransferError(f"posting {what} failed: {exc}"))
             raise self._failed from exc
+
+    def _checksum(self, packed: torch.Tensor) -> torch.Tensor:
+        return checksum([packed])
 
     def end_early(self) -> None:
         """The transfer stops short (its request ended, or the step computing it failed): keeps the channel

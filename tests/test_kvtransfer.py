@@ -90,10 +90,12 @@ def prefill_main(node_id: str, conn) -> None:
                 pools = caches[msg["cache"]].pools
                 # Each transfer on its lane's group (lane 0 unless told): one group, for the test that shows
                 # why transfers in flight together must not share one.
-                senders = [KVSender(channels.get(DECODE_ID, msg["generation"], msg["store"], PREFILL_RANK, TIMEOUT,
-                                                 t.get("lane", 0)),
-                                    DECODE_RANK, t["id"], t["src"], t["runs"], num_layers=LAYERS,
-                                    pool=pools[0] if t.get("early_header") else None)
+                senders = [(CorruptingSender if "bad_layer" in t else KVSender)(
+                               channels.get(DECODE_ID, msg["generation"], msg["store"], PREFILL_RANK, TIMEOUT,
+                                            t.get("lane", 0)),
+                               DECODE_RANK, t["id"], t["src"], t["runs"], num_layers=LAYERS,
+                               pool=pools[0] if t.get("early_header") else None, **(
+                                   {"bad_layer": t["bad_layer"]} if "bad_layer" in t else {}))
                            for t in msg["transfers"]]
                 for layer in range(LAYERS):  # as an engine batch would: every request's layer, then the next
                     for sender, t in zip(senders, msg["transfers"]):
@@ -109,6 +111,19 @@ def prefill_main(node_id: str, conn) -> None:
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
     channels.close()
+
+
+class CorruptingSender(KVSender):
+    """Sends layer `bad_layer` with a checksum that does not match its blocks: what a layer altered on the way,
+    or landing in the wrong blocks, looks like to the receiver."""
+
+    def __init__(self, *args, bad_layer: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bad_layer = bad_layer
+
+    def _checksum(self, packed: torch.Tensor) -> torch.Tensor:
+        total = super()._checksum(packed)
+        return total + 1 if self.layers_posted == self.bad_layer else total
 
 
 def send_through_lanes(channels: PairChannels, msg: dict, pools, conn) -> list[tuple[int, int]]:
@@ -384,9 +399,10 @@ def test_transfers_in_flight_together_on_one_group_get_mixed_up(host, decode, pr
     """Why lanes: two transfers in flight together on ONE group, every message under tag 0 (what the tagged
     protocol becomes on NCCL, which ignores tags). A group matches messages in the order they were posted, so
     when the receiver takes the transfers one after the other while the sender interleaves them (headers at
-    step start, then layer by layer, as an engine batch does), the first receive completes with the other's
-    messages in its blocks (blocks and header the same size: no error, silent corruption) and the second
-    finds a layer where its header should be. The same schedule on two lanes lands bit for bit."""
+    step start, then layer by layer, as an engine batch does), the first receive takes the other's messages
+    into its blocks (blocks, checksums and headers the same size: gloo raises nothing) and only its layers'
+    checksums catch it; the second finds a layer where its header should be. The same schedule on two lanes
+    lands bit for bit."""
     block = make_cache(1, torch.float32, 0, **TINY).pools[0][0]
     assert block.numel() * block.element_size() == HEADER_LEN * 8  # every message the same size
     src = make_cache(PREFILL_BLOCKS, torch.float32, PREFILL_SEED, **TINY)
@@ -402,16 +418,15 @@ def test_transfers_in_flight_together_on_one_group_get_mixed_up(host, decode, pr
     dst = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED, **TINY)
     post(generation, (0, 0))
     pg = decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT)
-    assert receive(pg, PREFILL_RANK, "a", dst.pools, coalesce(a_dst), TIMEOUT) == LAYERS * HEADER_LEN * 8
-    # Sent: header a, header b, then a0 b0 a1 b1 ...; a's recvs took header a, then b's header, a0, b0, a1.
-    landed = [bits(dst.pools[layer][5]).flatten() for layer in range(LAYERS)]
+    with pytest.raises(KVTransferError, match="layer 0 does not match its checksum"):
+        receive(pg, PREFILL_RANK, "a", dst.pools, coalesce(a_dst), TIMEOUT)
+    # Sent: header a, header b, then a0 (blocks, checksum), b0, a1, ...: a's layer 0 took b's header.
     b_header = make_header(LAYERS, coalesce(b_dst), src.pools[0].shape[1:], torch.float32)
-    assert torch.equal(landed[0], bits(b_header))
-    assert [torch.equal(landed[layer], bits(want).flatten()) for layer, want in
-            ((1, src.pools[0][3]), (2, src.pools[0][4]), (3, src.pools[1][3]))] == [True, True, True]
-    assert not any(torch.equal(landed[layer], bits(src.pools[layer][3]).flatten()) for layer in range(LAYERS))
+    assert torch.equal(bits(dst.pools[0][5]).flatten(), bits(b_header))
+    assert not any(torch.equal(bits(dst.pools[layer][5]).flatten(), bits(src.pools[layer][3]).flatten())
+                   for layer in range(LAYERS))
     with pytest.raises(KVTransferError, match="disagree on magic"):
-        receive(pg, PREFILL_RANK, "b", dst.pools, coalesce(b_dst), TIMEOUT)  # b's layer 1 came as its header
+        receive(pg, PREFILL_RANK, "b", dst.pools, coalesce(b_dst), TIMEOUT)  # a layer came as its header
     del pg
     decode.drop(prefill.node_id, generation)  # the group is out of step: it goes, the sender's waits fail
     prefill.reply()  # an error, or "ok" if its last sends had completed
@@ -451,6 +466,22 @@ def test_mismatched_sender_is_refused_not_fatal(host, decode, prefill, gens, wro
     assert status == "error" and "KVTransferError" in detail
     assert time.monotonic() - t0 < TIMEOUT / 2  # promptly: not at the sender's timeout
     check_pool(dst_cache, make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED), dst_cache, [])
+
+
+def test_a_layer_that_does_not_match_its_checksum_fails_the_transfer_closed(host, decode, prefill, gens):
+    """Every message arrives (the lane stays in step), but layer 2's checksum disagrees with its blocks: the
+    receive fails, so the decode node releases the blocks instead of decoding from them."""
+    generation = gens.new()
+    prefill.post(op="send", generation=generation, store=host.address, cache="float32",
+                 transfers=[{"id": "t", "src": [1, 2, 3], "runs": coalesce([3, 4, 9]), "bad_layer": 2}])
+    dst_cache = make_cache(DECODE_BLOCKS, torch.float32, DECODE_SEED)
+    with pytest.raises(KVTransferError, match="layer 2 does not match its checksum"):
+        receive(decode.get(prefill.node_id, generation, host.address, DECODE_RANK, TIMEOUT),
+                PREFILL_RANK, "t", dst_cache.pools, coalesce([3, 4, 9]), TIMEOUT)
+    assert prefill.reply()[0] == "ok"  # the sender saw nothing wrong: only the receiver can tell
+    good = gens.new()  # and the same sender's next transfer, with right checksums, lands
+    got, sent = transfer(host, decode, prefill, good, "float32", [(0, [1, 2, 3], [3, 4, 9])], dst_cache)
+    assert got == sent
 
 
 def test_group_is_reused_within_a_generation(host, decode, prefill, gens):
