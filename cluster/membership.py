@@ -95,7 +95,7 @@ def node_key(cluster: str, role: str, node_id: str) -> str:
     return f"{nodes_prefix(cluster)}{role}/{node_id}"
 
 
-def _client(etcd_url: str, timeout: float) -> aetcd.Client:
+def etcd_client(etcd_url: str, timeout: float) -> aetcd.Client:
     """An aetcd client for "http://host:port" (or bare "host:port"); `timeout` bounds each unary call."""
     parts = urlsplit(etcd_url if "://" in etcd_url else f"http://{etcd_url}")
     if parts.scheme != "http" or not parts.hostname or not parts.port:
@@ -103,7 +103,7 @@ def _client(etcd_url: str, timeout: float) -> aetcd.Client:
     return aetcd.Client(parts.hostname, parts.port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
 
 
-async def _close_quietly(client: aetcd.Client) -> None:
+async def close_quietly(client: aetcd.Client) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(client.close(), 2.0)
 
@@ -126,7 +126,7 @@ class NodeRegistration:
         self._ttl = max(1, math.ceil(ttl))
         self._granted_ttl = self._ttl
         # A call that hangs longer than this would let the lease lapse anyway: fail it and retry.
-        self._client = _client(etcd_url, timeout=max(1.0, ttl / 2))
+        self._client = etcd_client(etcd_url, timeout=max(1.0, ttl / 2))
         self._lease_id: int | None = None
         self._dirty = False  # self.info not yet in etcd (an update_load failed): the keep-alive re-puts it
         self._lock = asyncio.Lock()  # one of grant+put / put / refresh at a time, so a lease is granted once
@@ -140,7 +140,7 @@ class NodeRegistration:
             async with reg._lock:
                 await reg._grant_and_put()
         except BaseException:
-            await _close_quietly(reg._client)
+            await close_quietly(reg._client)
             raise
         reg._task = asyncio.get_running_loop().create_task(reg._keep_alive(), name=f"lease:{reg.key}")
         return reg
@@ -197,7 +197,7 @@ class NodeRegistration:
             except Exception as e:  # etcd unreachable: the lease runs out on its own within the TTL
                 log.warning("could not revoke lease of %s: %s", self.key, e)
             self._lease_id = None
-        await _close_quietly(self._client)
+        await close_quietly(self._client)
 
     async def __aenter__(self) -> NodeRegistration:
         return self
@@ -269,11 +269,11 @@ class MembershipWatcher:
     async def start(cls, etcd_url: str, cluster: str, *, rpc_timeout: float = 5.0) -> MembershipWatcher:
         """Read the current nodes (raises if etcd is unreachable), then follow changes in the background."""
         w = cls(etcd_url, cluster, rpc_timeout=rpc_timeout)
-        client = _client(etcd_url, rpc_timeout)
+        client = etcd_client(etcd_url, rpc_timeout)
         try:
             await w._resync(client)
         except BaseException:
-            await _close_quietly(client)
+            await close_quietly(client)
             raise
         w._task = asyncio.get_running_loop().create_task(w._run(client), name=f"watch:{w._prefix}")
         return w
@@ -351,7 +351,7 @@ class MembershipWatcher:
                 failures += 1
                 log.warning("etcd watch on %s ended; reconnecting", self._prefix)
             except asyncio.CancelledError:
-                await _close_quietly(client)
+                await close_quietly(client)
                 raise
             except aetcd.RevisionCompactedError as e:
                 log.warning("watch revision %d compacted (now %d); re-reading %s",
@@ -363,10 +363,10 @@ class MembershipWatcher:
                         "etcd watch on %s failed (%s: %s); reconnecting", self._prefix, type(e).__name__, e)
             await self._set_connected(False)
             # A fresh client: aetcd's watcher does not always recover on the channel that failed.
-            await _close_quietly(client)
+            await close_quietly(client)
             await asyncio.sleep(backoff)  # pacing retries while etcd is down, not synchronisation
             backoff = min(backoff * 2, 1.0)
-            client = _client(self._url, self._rpc_timeout)
+            client = etcd_client(self._url, self._rpc_timeout)
             reconnected = True
 
     async def _resync(self, client: aetcd.Client) -> None:

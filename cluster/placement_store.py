@@ -25,8 +25,7 @@ from typing import Any
 import aetcd
 
 # One etcd client configuration for all of Baton (reconnect backoff, keepalives): membership's.
-from baton.cluster.membership import _client as etcd_client
-from baton.cluster.membership import _close_quietly
+from baton.cluster.membership import close_quietly, etcd_client
 from baton.cluster.placement import Placement, PlacementError
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ async def read(etcd_url: str, cluster: str) -> Placement | None:
         got = await client.get(placement_key(cluster))
         return Placement.from_json(got.value) if got is not None else None
     finally:
-        await _close_quietly(client)
+        await close_quietly(client)
 
 
 async def history(etcd_url: str, cluster: str) -> list[HistoryRecord]:
@@ -97,7 +96,7 @@ async def history(etcd_url: str, cluster: str) -> list[HistoryRecord]:
         result = await client.get_prefix(history_prefix(cluster))
         return sorted((HistoryRecord.from_json(kv.value) for kv in result), key=lambda r: r.seq)
     finally:
-        await _close_quietly(client)
+        await close_quietly(client)
 
 
 async def _write(etcd_url: str, cluster: str, new: Placement | None, by: str) -> HistoryRecord | None:
@@ -125,7 +124,7 @@ async def _write(etcd_url: str, cluster: str, new: Placement | None, by: str) ->
                 return record
         raise RuntimeError(f"the placement of {cluster} kept changing under {_WRITE_TRIES} tries to write it")
     finally:
-        await _close_quietly(client)
+        await close_quietly(client)
 
 
 def _readable(value: bytes) -> Placement | None:
@@ -158,7 +157,7 @@ class PlacementWatch:
         try:
             revision = await w._read(client)
         except BaseException:
-            await _close_quietly(client)
+            await close_quietly(client)
             raise
         w._task = asyncio.get_running_loop().create_task(w._run(client, revision), name="watch:placement")
         return w
@@ -202,12 +201,12 @@ class PlacementWatch:
                     revision = event.kv.mod_revision
                 log.warning("etcd watch on %s ended; reconnecting", self._key.decode())
             except asyncio.CancelledError:
-                await _close_quietly(client)
+                await close_quietly(client)
                 raise
             except Exception as e:  # noqa: BLE001 - etcd down or restarting: retried below
                 log.warning("etcd watch on %s failed (%s: %s); reconnecting", self._key.decode(), type(e).__name__, e)
             revision = 0  # re-read on the new connection: the store may have been compacted or replaced
-            await _close_quietly(client)
+            await close_quietly(client)
             await asyncio.sleep(backoff)  # pacing retries while etcd is down
             backoff = min(backoff * 2, 1.0)
             client = etcd_client(self._url, RPC_TIMEOUT_S)

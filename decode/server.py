@@ -21,7 +21,7 @@ from baton.cluster.messages import (LOST_NODE_KEY, abort_for, kv_layout, layouts
                                    resumed_from_proto, sampling_from_proto, share_to_proto)
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
-from baton.engine.parallel import kv_routes, shard
+from baton.engine.parallel import KVRoute, kv_routes, shard
 from baton.kvtransfer.channel import LANES_PER_PAIR, KVStoreHost, PairChannels, TransferCancelled, TransferThreads
 from baton.kvtransfer.ranks import RankLink, Route, rank_name, receive_route
 from baton.kvtransfer.sender import coalesce
@@ -102,8 +102,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
         if request.shared:
             return await self._begin_write(request, context)
-        try:
-            kv_routes(self.engine.model_config, request.layout.tensor_parallel_size or 1, len(self.shards))
+        try:  # which sender rank sends which heads to which of this node's ranks
+            routes = kv_routes(self.engine.model_config, request.layout.tensor_parallel_size or 1, len(self.shards))
         except ConfigError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"layout: the sender's degree: {e}")
         if request.lane >= LANES_PER_PAIR:
@@ -121,7 +121,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             if r is None or r.phase is Phase.RELEASED:
                 # Released before its K/V came (the request was cancelled): the prefill node may already be
                 # sending. Take the transfer in and drop it, so the lane stays in step for the next transfer.
-                task = self._on_lane(lane, self._drain(request))
+                task = self._on_lane(lane, self._drain(request, routes))
                 if not await asyncio.shield(task):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {request.request_id!r} "
                                         "was released and could not be drained")
@@ -136,7 +136,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             # Shielded: if this call is cancelled, the receive still ends (done or failed) before its blocks
             # can be freed or reused, and its bookkeeping still runs.
-            task = self._on_lane(lane, self._receive(request, r))
+            task = self._on_lane(lane, self._receive(request, r, routes))
             received, cancelled = await asyncio.shield(task)
         finally:
             if task is None:
@@ -148,11 +148,11 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {r.cause}")
         return node_pb2.ReceiveKVResponse(bytes_received=received)
 
-    async def _receive(self, request, r: Reservation) -> tuple[int | None, bool]:
+    async def _receive(self, request, r: Reservation, routes: list[KVRoute]) -> tuple[int | None, bool]:
         """(bytes received or None, whether the sender cancelled the transfer)."""
         blocks = r.blocks[: self.engine.blocks_for(request.num_tokens)]
         received, cancelled, cause = None, False, "kv transfer failed"
-        failures, cancels, nbytes = await self._routes(request, coalesce(blocks), drain_only=False)
+        failures, cancels, nbytes = await self._routes(request, routes, coalesce(blocks), drain_only=False)
         if failures:
             cause = f"kv transfer failed: {failures[0]}"
             log.warning("kv transfer of %s failed: %s", request.request_id, failures[0])
@@ -164,20 +164,19 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         await self.reservations.receive_ended(r, received is not None, cause)
         return received, cancelled
 
-    async def _drain(self, request) -> bool:
+    async def _drain(self, request, routes: list[KVRoute]) -> bool:
         """Whether the transfer was taken in (or cancelled by its sender) with the lane left in step."""
-        failures, _, _ = await self._routes(request, coalesce(list(request.block_ids)), drain_only=True)
+        failures, _, _ = await self._routes(request, routes, coalesce(list(request.block_ids)), drain_only=True)
         if failures:
             log.warning("draining the kv transfer of %s failed: %s", request.request_id, failures[0])
         return not failures
 
-    async def _routes(self, request, runs: list[tuple[int, int]], drain_only: bool
+    async def _routes(self, request, routes: list[KVRoute], runs: list[tuple[int, int]], drain_only: bool
                       ) -> tuple[list[BaseException], int, int]:
         """Every route of the transfer into this node (one per sender rank and receiving rank, each on its
         rank; `kvtransfer.ranks`), run to its end: (their failures, how many were cancelled by their sender,
         the bytes received). A failed route has dropped its generation with its peer rank."""
-        cfg, spec = self.engine.model_config, self.engine.kv_spec
-        routes = kv_routes(cfg, request.layout.tensor_parallel_size or 1, len(self.shards))
+        spec = self.engine.kv_spec
         calls = []
         for route in routes:
             start = self.shards[route.dst].kv_head_start
