@@ -125,6 +125,9 @@ def _migration_args(parser: argparse.ArgumentParser) -> None:
                         help="times a stream may resume on other nodes after a node failed under it (0: never)")
     parser.add_argument("--stream-inactivity-timeout", type=float, default=10.0, metavar="S",
                         help="seconds without a token from a decode node before its streams move elsewhere")
+    parser.add_argument("--node-wait", type=float, default=5.0, metavar="S",
+                        help="seconds a request waits for a live node of a role that has none before it fails "
+                             "UNAVAILABLE (nodes re-registering after an etcd outage, a node restarting)")
 
 
 def _cluster_args(parser: argparse.ArgumentParser, port: int = 0) -> None:
@@ -179,7 +182,7 @@ def _router(args: argparse.Namespace) -> int:
     _start_process(args)
     run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
                      max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations,
-                     inactivity_timeout=args.stream_inactivity_timeout))
+                     inactivity_timeout=args.stream_inactivity_timeout, node_wait=args.node_wait))
     return 0
 
 
@@ -195,6 +198,8 @@ def _up(args: argparse.Namespace) -> int:
         raise FieldError("max_migrations", f"must be >= 0, got {args.max_migrations}")
     if not args.stream_inactivity_timeout > 0:
         raise FieldError("stream_inactivity_timeout", f"must be > 0 seconds, got {args.stream_inactivity_timeout}")
+    if not args.node_wait >= 0:
+        raise FieldError("node_wait", f"must be >= 0 seconds, got {args.node_wait}")
     if args.tp > 1 and (args.prefill or args.decode):
         raise FieldError("tp", "--tp is the colocated nodes' degree: use --prefill-tp and --decode-tp for prefill "
                                "and decode nodes")
@@ -210,7 +215,8 @@ def _up(args: argparse.Namespace) -> int:
                               port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
                               router_args=["--max-migrations", str(args.max_migrations), "--stream-inactivity-timeout",
-                                           str(args.stream_inactivity_timeout)], log_dir=args.log_dir))
+                                           str(args.stream_inactivity_timeout), "--node-wait", str(args.node_wait)],
+                              log_dir=args.log_dir))
 
 
 def _place(args: argparse.Namespace) -> int:

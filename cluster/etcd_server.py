@@ -118,10 +118,16 @@ class EtcdServer:
 
     def restart(self) -> None:
         """Stop the process and start it again on the same ports and data (its keys and leases survive)."""
+        self.kill_process()
+        self.relaunch()
+
+    def relaunch(self) -> None:
+        """Start the server again on its ports and data after its process ended (`kill_process`)."""
         binary = shutil.which("etcd")
         if binary is None:
             raise RuntimeError(_SETUP_HINT)
-        self.kill_process()
+        if self.running():
+            raise RuntimeError("etcd server already running")
         self._launch(binary, first=False, last_try=True)
 
     def kill_process(self, sig: signal.Signals = signal.SIGTERM) -> None:

@@ -290,7 +290,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         """Colocated mode: prompt and decode on this engine."""
         try:
             params = sampling_from_proto(request.sampling)
-            outputs = self.engine.generate(request.request_id, list(request.prompt_token_ids), params)
+            outputs = self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
+                                           resumed=resumed_from_proto(request.resumed))
             self.requests_served += 1
             async for out in outputs:
                 for response in responses_from_output(out, request.sampling.logprobs):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from baton.cluster.messages import sampling_from_proto
 from baton.engine import InvalidRequest, SamplingParams
+from baton.engine.detokenizer import IncrementalDetokenizer
 from baton.engine.tokenizer import Tokenizer
 from baton.v1 import baton_pb2 as pb
 
@@ -38,6 +39,7 @@ class ModelCard:
     # The longest prompt text admitted, in UTF-8 bytes, checked before tokenizing it. 0: derived from the
     # tokenizer (`with_prompt_bound`); a deployment whose tokenizer defeats the derivation sets it.
     max_prompt_bytes: int = 0
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-sequence tokens (a resumed stream may end on one)
 
 
 @dataclass(slots=True)
@@ -48,6 +50,8 @@ class Admitted:
     params: SamplingParams  # validated: what the router itself needs of them (max_tokens)
     sampling: pb.SamplingParams  # the client's message as the nodes get it (seed filled in), not re-encoded
     nodes: tuple[str, str] = ("", "")  # (prefill, decode) node ids, once picked
+    resumed: list[int] = field(default_factory=list)  # tokens the client already has (GenerateRequest.resume)
+    resumed_chars: int = 0  # and the characters of their text
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int:
@@ -134,8 +138,32 @@ def admit(request: pb.GenerateRequest, model: ModelCard, tokenizer: Tokenizer, r
         sampling = pb.SamplingParams()
         sampling.CopyFrom(request.sampling)
         sampling.seed = params.seed
+    resumed = _check_resume(request, ids, params, model, tokenizer) if request.HasField("resume") else []
     request_id = request.request_id or uuid.uuid4().hex
-    return Admitted(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", ids, params, sampling)
+    return Admitted(request_id, f"{request_id}#{uuid.uuid4().hex[:12]}", ids, params, sampling, resumed=resumed,
+                    resumed_chars=request.resume.text_chars)
+
+
+def _check_resume(request: pb.GenerateRequest, prompt: list[int], params: SamplingParams, model: ModelCard,
+                  tokenizer: Tokenizer) -> list[int]:
+    """The tokens a resumed stream's client has, checked against the prompt, the sampling and their text."""
+    ids = request.resume.token_ids
+    if len(ids) > params.max_tokens:
+        raise InvalidRequest("resume.token_ids", f"{len(ids)} tokens received, more than max_tokens "
+                                                 f"({params.max_tokens})")
+    if any(not 0 <= t < model.vocab_size for t in ids):
+        raise InvalidRequest("resume.token_ids", f"token ids must be in [0, {model.vocab_size})")
+    if ids and not params.greedy and not request.sampling.HasField("seed"):
+        # A seed the first router drew is unknown here: the rest of the stream would not be the same.
+        raise InvalidRequest("resume", "a sampled stream resumes only with the seed it started with "
+                                       "(set sampling.seed)")
+    # The text those tokens make, as the engine streams it (held-back characters and bytes included).
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    text = detokenizer.push(ids) + detokenizer.flush() if ids else ""
+    if request.resume.text_chars > len(text):
+        raise InvalidRequest("resume.text_chars", f"{request.resume.text_chars} characters received, the tokens "
+                                                  f"make {len(text)}")
+    return list(ids)
 
 
 def _check_prompt_length(n: int, model: ModelCard) -> None:

@@ -16,9 +16,18 @@
             ...  # leaving the block early (or cancelling the task) cancels the gRPC call
 
 Unset options take the server's defaults. Failures raise BatonError subclasses named after the gRPC status.
+
+Several routers: `BatonClient("host1:50051,host2:50051")` (or a list) sends to the first until a stream fails
+UNAVAILABLE (its router died, or could not be reached), then resumes that stream on the next one: it sends the
+request again with the tokens it already has (`GenerateRequest.resume`), and the stream goes on from the next
+index, the same tokens an undisturbed run gives. So that any router can resume it, every request goes out
+with a request id and, when sampled, a seed (drawn here when not given).
 """
 
+import random
 import re
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +142,43 @@ def _request(prompt: str | Sequence[int], options: GenerateOptions) -> pb.Genera
     return req
 
 
+def _resumable(req: pb.GenerateRequest) -> pb.GenerateRequest:
+    """`req` with what another router needs to resume it: an id, and a seed unless it is greedy."""
+    if not req.request_id:
+        req.request_id = uuid.uuid4().hex
+    greedy = req.sampling.HasField("temperature") and req.sampling.temperature == 0
+    if not greedy and not req.sampling.HasField("seed"):
+        req.sampling.seed = random.getrandbits(63)
+    return req
+
+
+class _Resume:
+    """One generate() call's progress across routers: what it received, and what it may still try."""
+
+    def __init__(self, req: pb.GenerateRequest, timeout: float | None, resumes: int) -> None:
+        self.req = req
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.resumes_left = resumes
+        self.finished = False
+
+    def timeout(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def see(self, item: Delta | Finished) -> None:
+        if isinstance(item, Delta):
+            self.req.resume.token_ids.extend(item.token_ids)
+            self.req.resume.text_chars += len(item.text)
+        else:
+            self.finished = True
+
+    def again(self, error: BatonError) -> bool:
+        """Whether to resume on the next router after `error` (which ended the stream before its Finish)."""
+        if error.code != grpc.StatusCode.UNAVAILABLE or not self.resumes_left or self.finished:
+            return False
+        self.resumes_left -= 1
+        return True
+
+
 _REASONS = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
 
 
@@ -156,10 +202,26 @@ def _completion(items: list[Delta | Finished]) -> Completion:
 class _Client:
     _open: Any  # the channel factory
 
-    def __init__(self, target: str, *, timeout: float | None = None) -> None:
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
+                 resumes: int | None = None) -> None:
+        """`target`: a router's host:port, or several (a list, or comma-separated). `resumes`: how many times one
+        stream may move to another router [None: once per other router; 0: never]."""
+        targets = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
+        if not targets or not all(targets):
+            raise ValueError(f"target: one or more host:port, got {target!r}")
         self.timeout = timeout
-        self._channel = self._open(target)
-        self._stub = baton_pb2_grpc.BatonStub(self._channel)
+        self.resumes = len(targets) - 1 if resumes is None else resumes
+        self._channels = [self._open(t) for t in targets]
+        self._stubs = [baton_pb2_grpc.BatonStub(c) for c in self._channels]
+        self._current = 0  # the router calls go to, until one fails
+
+    @property
+    def _stub(self) -> baton_pb2_grpc.BatonStub:
+        return self._stubs[self._current]
+
+    def _fail_over(self, failed: baton_pb2_grpc.BatonStub) -> None:
+        if self._stub is failed:  # other streams may have moved on already
+            self._current = (self._current + 1) % len(self._stubs)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -173,15 +235,25 @@ class BatonClient(_Client):
     def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
                  **options: Unpack[GenerateOptions]) -> Iterator[Delta | Finished]:
         """Yields a Delta per chunk as the stream arrives, then one Finished. The prompt is a text or token
-        ids. Closing the generator early (e.g. breaking out of a for loop over it) cancels the call."""
-        call = self._stub.Generate(_request(prompt, options), timeout=self._deadline(timeout))
-        finished = False
-        with _errors(call):  # left early (closed, cancelled, failed): the call is cancelled
-            for resp in call:  # to the end of the stream (its status), not just to the Finish
-                finished = isinstance(item := _item(resp), Finished)
-                yield item
-        if not finished:
-            raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
+        ids. Closing the generator early (e.g. breaking out of a for loop over it) cancels the call. A stream
+        whose router fails goes on through another one, if the client has several."""
+        progress = _Resume(_resumable(_request(prompt, options)), self._deadline(timeout), self.resumes)
+        while True:
+            stub = self._stub
+            call = stub.Generate(progress.req, timeout=progress.timeout())
+            try:
+                with _errors(call):  # left early (closed, cancelled, failed): the call is cancelled
+                    for resp in call:  # to the end of the stream (its status), not just to the Finish
+                        progress.see(item := _item(resp))
+                        yield item
+            except BatonError as e:
+                if not progress.again(e):
+                    raise
+                self._fail_over(stub)
+                continue
+            if not progress.finished:
+                raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
+            return
 
     def complete(self, prompt: str | Sequence[int], *, timeout: float | None = None,
                  **options: Unpack[GenerateOptions]) -> Completion:
@@ -199,7 +271,8 @@ class BatonClient(_Client):
             return list(self._stub.Tokenize(req, timeout=self._deadline(timeout)).token_ids)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -215,15 +288,25 @@ class AsyncBatonClient(_Client):
     async def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
                        **options: Unpack[GenerateOptions]) -> AsyncIterator[Delta | Finished]:
         """Async generator of Deltas, then one Finished. Cancelling the consuming task, or closing the
-        generator early (aclose(), contextlib.aclosing), cancels the gRPC call."""
-        call = self._stub.Generate(_request(prompt, options), timeout=self._deadline(timeout))
-        finished = False
-        with _errors(call):
-            async for resp in call:
-                finished = isinstance(item := _item(resp), Finished)
-                yield item
-        if not finished:
-            raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
+        generator early (aclose(), contextlib.aclosing), cancels the gRPC call. A stream whose router fails
+        goes on through another one, if the client has several."""
+        progress = _Resume(_resumable(_request(prompt, options)), self._deadline(timeout), self.resumes)
+        while True:
+            stub = self._stub
+            call = stub.Generate(progress.req, timeout=progress.timeout())
+            try:
+                with _errors(call):
+                    async for resp in call:
+                        progress.see(item := _item(resp))
+                        yield item
+            except BatonError as e:
+                if not progress.again(e):
+                    raise
+                self._fail_over(stub)
+                continue
+            if not progress.finished:
+                raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
+            return
 
     async def complete(self, prompt: str | Sequence[int], *, timeout: float | None = None,
                        **options: Unpack[GenerateOptions]) -> Completion:
@@ -241,7 +324,8 @@ class AsyncBatonClient(_Client):
             return list((await self._stub.Tokenize(req, timeout=self._deadline(timeout))).token_ids)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> Self:
         return self

@@ -35,18 +35,22 @@ class RouterConfig:
     max_prompt_bytes: int = 0  # longest prompt text admitted (UTF-8 bytes); 0: derived from tokenizer and context
     max_migrations: int = 3  # times a stream may resume on other nodes after a node failed under it (0: never)
     inactivity_timeout: float = 10.0  # seconds without a token from a decode node before its stream is moved
+    node_wait: float = 5.0  # seconds a request waits for a live node of a role that has none, before UNAVAILABLE
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations: must be >= 0, got {self.max_migrations}")
         if not self.inactivity_timeout > 0:
             raise ValueError(f"stream_inactivity_timeout: must be > 0 seconds, got {self.inactivity_timeout}")
+        if not self.node_wait >= 0:
+            raise ValueError(f"node_wait: must be >= 0 seconds, got {self.node_wait}")
 
 
 def model_card(folder, name: str | None = None, max_prompt_bytes: int = 0) -> ModelCard:
     cfg = ModelConfig.from_folder(folder)
     model_id = name or ("stories260K" if folder == DEFAULT_MODEL else folder.name)
-    return ModelCard(model_id, cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype, max_prompt_bytes)
+    return ModelCard(model_id, cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype, max_prompt_bytes,
+                     cfg.eos_token_ids)
 
 
 async def follow_readiness(server: Server, picker: Picker) -> None:
@@ -73,7 +77,7 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     picker = Picker(membership)
     card = model_card(folder, max_prompt_bytes=cfg.max_prompt_bytes)
     servicer = RouterServicer(card, Tokenizer.from_folder(folder), picker, cfg.lease_ms, cfg.max_migrations,
-                              cfg.inactivity_timeout)
+                              cfg.inactivity_timeout, cfg.node_wait)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE)])
     readiness = None
     try:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TypeVar
 
 from baton.cluster.membership import MembershipWatcher, NodeInfo
 
 
 class NoNode(LookupError):
     """No live node of a needed role (UNAVAILABLE)."""
+
+
+T = TypeVar("T")
 
 
 class Picker:
@@ -52,6 +56,25 @@ class Picker:
         nodes = trusted or nodes  # a suspect is still better than no node
         return min(nodes, key=lambda n: (n.running + n.waiting + self.in_flight[n.node_id], -n.free_blocks,
                                          n.node_id))
+
+    async def when_live(self, choose: Callable[[], T], timeout: float) -> T:
+        """`choose()` (a `pick` or `mode`) once it finds a node, trying again on every membership change for up
+        to `timeout` seconds; NoNode after that. A role left without a node for a moment (etcd expiring every
+        lease at once as it comes back from a stall, the nodes registering again a few ms later) costs the
+        requests of that moment a wait, not a failure."""
+        deadline = time.monotonic() + timeout
+        while True:
+            version = self.membership.version
+            try:
+                return choose()
+            except NoNode:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+            try:
+                await self.membership.wait_for(lambda: self.membership.version != version, left)
+            except TimeoutError:
+                return choose()
 
     def ready(self) -> bool:
         """Whether a request could be served now (a live node of every needed role)."""

@@ -30,6 +30,7 @@ from baton.engine.tokenizer import Tokenizer
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
+from . import resume
 from .admission import Admitted, ModelCard, UnknownModel, admit, check_text_size, with_prompt_bound
 from .picker import NoNode, Picker
 
@@ -109,7 +110,7 @@ class NodeLost(Exception):
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
     def __init__(self, model: ModelCard, tokenizer: Tokenizer, picker: Picker, lease_ms: int = 30_000,
-                 max_migrations: int = 3, inactivity_timeout: float = 10.0) -> None:
+                 max_migrations: int = 3, inactivity_timeout: float = 10.0, node_wait: float = 5.0) -> None:
         self.model = with_prompt_bound(model, tokenizer)  # walks the vocabulary once, here
         self.tokenizer = tokenizer
         self.picker = picker
@@ -117,6 +118,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         self.lease_ms = lease_ms
         self.max_migrations = max_migrations
         self.inactivity_timeout = inactivity_timeout  # a decode stream silent this long is given up (and moved)
+        self.node_wait = node_wait  # how long a request waits for a live node of a role that has none
         self.migrations = 0  # streams resumed on other nodes after a node failed under them (logged, each)
         self._releasing: set[asyncio.Task] = set()  # releases on nodes a request moved away from
         self._rng = random.Random()
@@ -141,7 +143,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         start = time.perf_counter()
         try:
             req = admit(request, self.model, self.tokenizer, self._rng)
-            mode = self.picker.mode()
+            mode = await self.picker.when_live(self.picker.mode, self._node_wait(context))
         except FieldError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except UnknownModel as e:
@@ -149,6 +151,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         except NoNode as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         relay = Relay(req, start)
+        if request.HasField("resume"):
+            log.info("request %s: resumed by its client after %d tokens (its router failed)", req.request_id,
+                     len(req.resumed))
         try:
             stream = self._colocated(req, context) if mode == "colocated" else self._disaggregated(req, context)
             async for response in stream:
@@ -166,14 +171,23 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e.details} (prefill {prefill_node}, decode "
                                                              f"{decode_node})")
 
+    def _node_wait(self, context) -> float:
+        left = context.time_remaining()
+        return self.node_wait if left is None else max(0.0, min(self.node_wait, left))
+
     async def _colocated(self, req: Admitted, context):
-        node = self.picker.pick("colocated")
+        node = await self.picker.when_live(lambda: self.picker.pick("colocated"), self._node_wait(context))
         self.picker.acquire(node.node_id)
         try:
             with self.stubs.use(node.address) as stubs:
+                if (reason := resume.ended(req.resumed, req.params, self.model.eos_token_ids)) is not None:
+                    for response in self._rest(req, req.resumed, req.resumed_chars, reason):
+                        yield response
+                    return
+                resumed = node_pb2.Resumed(token_ids=req.resumed, text_chars=req.resumed_chars)
                 call = stubs.decode.Generate(
                     node_pb2.NodeGenerateRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
-                                                 sampling=req.sampling),
+                                                 sampling=req.sampling, resumed=resumed),
                     timeout=context.time_remaining(),
                 )
                 req.nodes = (node.node_id, node.node_id)
@@ -187,11 +201,16 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         that cannot be reached) does not end the stream: it resumes on live nodes from what the client already
         has (the prompt and the delivered tokens prefilled again, decoding from the next index with the same
         sampler state), at most `max_migrations` times, each one logged and counted."""
-        delivered: list[int] = []
-        chars = 0
+        delivered, chars = list(req.resumed), req.resumed_chars  # a client resuming has these already
         avoid: set[str] = set()  # nodes that failed under this request
+        if (reason := resume.ended(delivered, req.params, self.model.eos_token_ids)) is not None:
+            for response in self._rest(req, delivered, chars, reason):  # its router failed just before the Finish
+                yield response
+            return
         for attempt in range(self.max_migrations + 1):
-            decode, prefill = self.picker.pick("decode", avoid), self.picker.pick("prefill", avoid)
+            wait = self._node_wait(context)
+            decode = await self.picker.when_live(lambda: self.picker.pick("decode", avoid), wait)
+            prefill = await self.picker.when_live(lambda: self.picker.pick("prefill", avoid), wait)
             req.nodes = (prefill.node_id, decode.node_id)
             resumed = node_pb2.Resumed(token_ids=delivered, text_chars=chars)
             # A fresh id per attempt: the failed attempt's state may still be ending on a node that lives.
@@ -210,9 +229,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                     self.picker.suspect(lost.node_id)  # other requests stay off it until it leaves etcd
                 if attempt == self.max_migrations:
                     raise
-                if len(delivered) >= req.params.max_tokens:  # lost just before its Finish: nothing left to do
-                    yield pb.GenerateResponse(request_id=internal,
-                                              finish=pb.Finish(reason=pb.FINISH_REASON_LENGTH))
+                if (reason := resume.ended(delivered, req.params, self.model.eos_token_ids)) is not None:
+                    for response in self._rest(req, delivered, chars, reason):  # lost just before its Finish
+                        yield response
                     return
                 if lost.node_id is not None:
                     avoid.add(lost.node_id)
@@ -298,6 +317,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             else:
                 await asyncio.shield(release)
 
+    def _rest(self, req: Admitted, delivered: list[int], chars: int, reason: int) -> list[pb.GenerateResponse]:
+        return resume.rest(self.tokenizer, req.prompt_ids, delivered, chars, req.params, reason, req.internal_id)
+
     async def close(self) -> None:
         await self.stubs.close()
 
@@ -309,13 +331,15 @@ class Relay:
         self.req = req
         self.start = start
         self.ttft_ms = 0.0
-        self.completion_tokens = 0
+        self.completion_tokens = len(req.resumed)  # a resumed stream's count goes on from what its client has
+        self.first = True
 
     def see(self, response: pb.GenerateResponse) -> pb.GenerateResponse:
         response.request_id = self.req.request_id
         if response.HasField("chunk"):
-            if not self.completion_tokens and response.chunk.token_ids:
+            if self.first and response.chunk.token_ids:
                 self.ttft_ms = (time.perf_counter() - self.start) * 1e3
+                self.first = False
             self.completion_tokens += len(response.chunk.token_ids)
         else:
             prefill_node, decode_node = self.req.nodes

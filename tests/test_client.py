@@ -131,7 +131,9 @@ def test_async_complete_with_token_ids_and_logprobs():
         assert done.finished.finish_reason == "length" and done.finished.prompt_tokens == 3
         assert list(servicer.requests["r2"].token_ids.ids) == [5, 6, 7]
         s = servicer.requests["r2"].sampling
-        assert not s.HasField("temperature") and not s.HasField("seed") and s.logprobs
+        # Sampled (the server's default temperature) with no seed given: the client draws one, so that another
+        # router could resume the stream with the same tokens.
+        assert not s.HasField("temperature") and s.HasField("seed") and s.logprobs
     run_async(test)
 
 
@@ -233,7 +235,8 @@ def test_sync_generate_and_complete(server):
         sent = servicer.requests["s1"].sampling
         assert sent.top_p == pytest.approx(0.9) and list(sent.stop) == ["END"]  # one string, not 3 letters
         done = client.complete([1, 2], max_tokens=4)
-        assert done.token_ids == [100, 101, 102, 103] and done.finished.request_id == "generated-id"
+        # No id given: the client makes one (another router resuming the stream needs it), echoed back.
+        assert done.token_ids == [100, 101, 102, 103] and len(done.finished.request_id) == 32
         assert [m.id for m in client.list_models()] == ["tiny"]
         assert client.tokenize("a") == [1, 97]
 

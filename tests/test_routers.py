@@ -1,0 +1,164 @@
+"""Several routers over one cluster, and a client that resumes its streams on another router when its router
+dies: no token lost, none repeated, the tokens of an undisturbed run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster_harness import BATON, BatonUp, cluster_pids
+from test_migration import _params, _stream
+from test_stories import PROMPTS
+
+from baton.cluster.etcd_server import free_port
+from baton.engine import LLM, SamplingParams
+from baton.router.client import AsyncBatonClient, BatonClient, Delta, Finished, InvalidArgument
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
+
+STREAMS = 24
+TOKENS = 120
+
+
+class Router:
+    """A second `baton router` process on a cluster's etcd: `with Router(up, model) as address:`. It logs
+    straight to a file (each line flushed as written), so what a test reads there is never behind."""
+
+    def __init__(self, up: BatonUp, model: Path) -> None:
+        self.port = free_port()
+        self.args = [BATON, "router", "--etcd", up.etcd, "--cluster", up.cluster, "--model", str(model),
+                     "--port", str(self.port), "--parent-pid", str(os.getpid())]
+        self.log = up.log_dir / "router-b.log"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        address = f"127.0.0.1:{self.port}"
+        try:
+            with grpc.insecure_channel(address) as channel:  # serving once it sees the cluster's nodes
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60,
+                                                          wait_for_ready=True)
+        except grpc.RpcError:
+            self.__exit__()
+            raise RuntimeError(f"the second router did not start:\n{self.log.read_text()}") from None
+        return address
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _router_pid(up: BatonUp) -> int:
+    """`baton up`'s router (the one listening on up.address)."""
+    port = up.address.rsplit(":", 1)[1].encode()
+    args = {p: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0") for p in cluster_pids(up.cluster)}
+    [pid] = [p for p, a in args.items() if b"router" in a and port in a]
+    return pid
+
+
+def test_streams_resume_on_another_router_when_theirs_is_killed(stories_path, stories_llm: LLM, tmp_path):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(STREAMS)]
+    options = [{**_params(i), "max_tokens": TOKENS} for i in range(STREAMS)]
+    undisturbed = stories_llm.generate(prompts, [SamplingParams(**o) for o in options])
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2") as up, \
+            Router(up, stories_path) as second:
+        victim = _router_pid(up)
+        decodes = up.nodes("decode")
+        progress = [0] * STREAMS
+
+        async def run():
+            async with AsyncBatonClient([up.address, second], timeout=300) as client:
+                tasks = [asyncio.ensure_future(_stream(client, p, options[i], progress, i))
+                         for i, p in enumerate(prompts)]
+                while min(progress) < 2:  # every stream is decoding, through the first router
+                    await asyncio.sleep(0.01)
+                os.kill(victim, signal.SIGKILL)
+                running.extend(i for i, task in enumerate(tasks) if progress[i] < TOKENS)  # could not have ended
+                return await asyncio.gather(*tasks)
+
+        running: list[int] = []
+
+        results = asyncio.run(run())
+        for i, (deltas, finish) in enumerate(results):
+            indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
+            assert indices == list(range(TOKENS)), f"stream {i}: a token lost or repeated"
+            assert [t for d in deltas for t in d.token_ids] == undisturbed[i].token_ids, f"stream {i}"
+            assert "".join(d.text for d in deltas) == undisturbed[i].text, f"stream {i}"
+            assert finish is not None and finish.finish_reason == "length" and finish.completion_tokens == TOKENS
+        resumed = [line for line in (up.log_dir / "router-b.log").read_text().splitlines()
+                   if "resumed by its client" in line]
+        # Each stream that was running moved once (one that had all its tokens may have had its Finish, or not).
+        assert 0 < len(running) <= len(resumed) <= STREAMS
+        # The dead router's calls ended on the nodes with its connections: nothing is left held.
+        for node in decodes:
+            up.wait_until(lambda: (s := up.stats(node)).free_blocks == s.total_blocks and not s.running
+                          and not s.reserved, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(stories_path, tmp_path_factory):
+    with BatonUp(tmp_path_factory.mktemp("resume"), "--model", str(stories_path), "--prefill", "1",
+                 "--decode", "1") as up:
+        yield up
+
+
+def test_a_resumed_request_goes_on_from_the_next_index(cluster, stories_llm: LLM):
+    """What the client library sends when its router fails, sent by hand: the stream's rest, from the index
+    after what the client has, its text included (a stop string holding text back, seeded sampling)."""
+    prompt = PROMPTS[3]
+    for params in (dict(max_tokens=30, temperature=0.0), dict(max_tokens=30, temperature=0.9, seed=11),
+                   dict(max_tokens=30, temperature=0.0, stop=["zzz"])):
+        [full] = stories_llm.generate([prompt], SamplingParams(**params))
+        with BatonClient(cluster.address, timeout=60) as client:
+            for cut in (1, 7, 29, 30):
+                head = full.token_ids[:cut]
+                head_text = stories_llm.engine.tokenizer.decode(full.prompt_token_ids + head)[len(prompt):]
+                if params.get("stop"):
+                    head_text = head_text[:max(0, len(head_text) - 2)]  # as if "zz" were held back
+                request = pb.GenerateRequest(text=prompt, sampling=pb.SamplingParams(**params),
+                                             resume=pb.Resume(token_ids=head, text_chars=len(head_text)))
+                responses = list(baton_pb2_grpc.BatonStub(client._channels[0]).Generate(request, timeout=60))
+                chunks = [r.chunk for r in responses if r.HasField("chunk")]
+                assert [t for c in chunks for t in c.token_ids] == full.token_ids[cut:], (params, cut)
+                assert chunks == [] or chunks[0].index == cut
+                assert head_text + "".join(c.text for c in chunks) == full.text, (params, cut)
+                finish = responses[-1].finish
+                assert finish.reason == pb.FINISH_REASON_LENGTH and finish.usage.completion_tokens == 30
+
+
+@pytest.mark.parametrize("resume, sampling, field", [
+    (pb.Resume(token_ids=[1] * 9), dict(max_tokens=8, temperature=0.0), "resume.token_ids"),
+    (pb.Resume(token_ids=[1, 10**6]), dict(max_tokens=8, temperature=0.0), "resume.token_ids"),
+    (pb.Resume(token_ids=[1, 2]), dict(max_tokens=8, temperature=0.7), "resume"),
+    (pb.Resume(token_ids=[300, 301], text_chars=10**4), dict(max_tokens=8, temperature=0.0), "resume.text_chars"),
+])
+def test_a_bad_resume_names_its_field(cluster, resume, sampling, field):
+    with BatonClient(cluster.address, timeout=30) as client:
+        stub = baton_pb2_grpc.BatonStub(client._channels[0])
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(pb.GenerateRequest(text="Once", sampling=pb.SamplingParams(**sampling),
+                                                  resume=resume), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert InvalidArgument(e.value.code(), e.value.details()).field == field, e.value.details()
+
+
+def test_a_client_with_one_dead_router_fails_over_to_the_live_one(cluster, stories_llm: LLM):
+    """A router that cannot be reached at all: the request goes to the next one from the start."""
+    with BatonClient(["127.0.0.1:9", cluster.address], timeout=60) as client:
+        items = list(client.generate(PROMPTS[0], max_tokens=12, temperature=0))
+    [want] = stories_llm.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0))
+    assert [t for d in items if isinstance(d, Delta) for t in d.token_ids] == want.token_ids
+    assert isinstance(items[-1], Finished) and items[-1].completion_tokens == 12
