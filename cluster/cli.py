@@ -206,7 +206,7 @@ def _up(args: argparse.Namespace) -> int:
     passed_on = {"--device": args.device, "--kernels": args.kernels, "--block-size": args.block_size,
                  "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
-                 "--kv-path": args.kv_path}
+                 "--kv-path": args.kv_path, "--drain-timeout": args.drain_timeout}
     node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
     role_args = {"colocated": ["--tp", str(args.tp)], "decode": ["--tp", str(args.decode_tp)],
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--block-size", type=int, default=None, help="tokens per KV block (16)")
     up.add_argument("--max-num-seqs", type=int, default=None)
     up.add_argument("--transfer-timeout", type=float, default=None, help="seconds a KV transfer may take (30)")
+    up.add_argument("--drain-timeout", type=float, default=None,
+                    help="on SIGTERM, seconds a node finishes its work before handing its streams over (30)")
     _kv_path_arg(up)
     up.add_argument("--prefill-tp", type=int, default=1, metavar="P", help="the prefill nodes' tensor-parallel degree")
     up.add_argument("--decode-tp", type=int, default=1, metavar="D",
@@ -343,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, default=0)
     node.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
     node.add_argument("--drain-timeout", type=float, default=30.0,
-                      help="on SIGTERM, seconds to finish running work after leaving etcd (default 30)")
+                      help="on SIGTERM, seconds to finish running work after leaving etcd; a decode node then "
+                           "hands the streams it still has to the router, which resumes them elsewhere (default 30)")
     _kv_path_arg(node)
     node.add_argument("--advertise-host", default="",
                       help="the address other nodes and the router dial (default: --host, or this machine's "

@@ -144,7 +144,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             await registration.close()  # leave the membership first: the router stops sending at once
             deadline = loop.time() + cfg.drain_timeout
             if stop.is_set():  # a stop, not a failure on the way here: finish what this node holds
-                await drain(servicer, cfg.node_id, deadline)
+                if not await drain(servicer, cfg.node_id, deadline) and hasattr(servicer, "hand_over"):
+                    servicer.hand_over()  # the streams still here go on elsewhere (the router moves them)
             # New calls are refused from here on; calls still open (a prefill's last acknowledgement, a
             # stream's last message) get what is left of the drain time, and at least the 2 s they always had.
             await server.stop(grace=max(2.0, deadline - loop.time()))
@@ -165,7 +166,7 @@ async def drain(servicer, node_id: str, deadline: float) -> bool:
     loop = asyncio.get_running_loop()
     start = loop.time()
     s = await servicer.stats()
-    log.info("%s: left the membership; draining %d running, %d waiting, %d reserved (at most %.0f s)", node_id,
+    log.info("%s: left the membership; draining %d running, %d waiting, %d reserved (at most %.1f s)", node_id,
              s.running, s.waiting, s.reserved, deadline - start)
     while True:
         busy = s.running + s.waiting + s.reserved

@@ -70,6 +70,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         self.link = RankLink(engine.rank_links()) if spec.tensor_parallel_size > 1 else None
         self.rank_bytes = [0] * spec.tensor_parallel_size  # KV bytes each rank received
         self._writes: dict[str, asyncio.Task] = {}  # request id -> its deadline, until KVWritten
+        self.handing_over = False  # stopping: each stream ends at its next token, for the router to move it
 
     # -- reservations -------------------------------------------------------------------------------
 
@@ -273,6 +274,11 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                                         request.first_logprob, params, resumed_from_proto(request.resumed))
                 self.requests_served += 1
                 async for out in self.engine.outputs(rid, stream):
+                    if self.handing_over and out.finish_reason is None:
+                        # Before these tokens go out: the node that resumes the stream sends them.
+                        context.set_trailing_metadata(((LOST_NODE_KEY, self.node_id),))
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode node {self.node_id} is "
+                                            "stopping: the stream is handed over")
                     for response in responses_from_output(out, request.sampling.logprobs):
                         yield response
             finally:
@@ -300,6 +306,13 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await abort_for(context, e)
         except EngineFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id}: {e}")
+
+    def hand_over(self) -> None:
+        """The node is stopping and its drain time is up: each stream it still decodes ends UNAVAILABLE at its
+        next token, naming this node, and the router resumes it on another decode node from what it
+        delivered. Colocated streams end the same way (the router cannot move them yet)."""
+        self.handing_over = True
+        log.info("%s: handing over the streams still running", self.node_id)
 
     async def GetStats(self, request, context):
         return await self.stats()

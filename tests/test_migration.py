@@ -14,7 +14,7 @@ from test_stories import PROMPTS
 from baton.engine import LLM, Resumed, SamplingParams
 from baton.router.client import AsyncBatonClient, Delta, Finished
 
-STREAMS = 32
+STREAMS = 64
 TOKENS = 160
 
 
@@ -35,13 +35,15 @@ async def _stream(client: AsyncBatonClient, prompt: str, options: dict, progress
     return deltas, finish
 
 
-def test_streams_survive_a_decode_node_killed_mid_stream(stories_path, stories_llm: LLM, tmp_path):
+def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_path, stories_llm: LLM, tmp_path):
+    """64 streams over three decode nodes; decode-0 is SIGKILLed once every stream is decoding, decode-1 once
+    every stream has 40 more tokens (some of its streams came from decode-0: they move a second time)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(STREAMS)]
     undisturbed = stories_llm.generate(prompts, [SamplingParams(**_params(i)) for i in range(STREAMS)])
     want, want_text = [o.token_ids for o in undisturbed], [o.text for o in undisturbed]
-    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2") as up:
-        victim = up.node_pid("decode-0")
-        survivor = next(n for n in up.nodes("decode") if n.node_id == "decode-1")
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "3") as up:
+        victims = [up.node_pid("decode-0"), up.node_pid("decode-1")]
+        survivor = next(n for n in up.nodes("decode") if n.node_id == "decode-2")
         baseline = up.stats(survivor).total_blocks
         progress = [0] * STREAMS
 
@@ -49,9 +51,10 @@ def test_streams_survive_a_decode_node_killed_mid_stream(stories_path, stories_l
             async with AsyncBatonClient(up.address, timeout=300) as client:
                 tasks = [asyncio.ensure_future(_stream(client, p, _params(i), progress, i))
                          for i, p in enumerate(prompts)]
-                while min(progress) < 10:  # every stream is decoding (on either node)
-                    await asyncio.sleep(0.01)
-                os.kill(victim, signal.SIGKILL)
+                for victim, tokens in zip(victims, (10, 50)):
+                    while min(progress) < tokens:  # every stream is decoding (wherever it is)
+                        await asyncio.sleep(0.01)
+                    os.kill(victim, signal.SIGKILL)
                 return await asyncio.gather(*tasks)
 
         results = asyncio.run(run())
@@ -61,10 +64,11 @@ def test_streams_survive_a_decode_node_killed_mid_stream(stories_path, stories_l
             assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
             assert "".join(d.text for d in deltas) == want_text[i], f"stream {i}"
             assert finish is not None and finish.finish_reason == "length" and finish.completion_tokens == TOKENS
-        moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
-                 if "decode-0 failed" in line and "resuming on other nodes (migration 1 " in line]
-        assert moved, "no stream was on the killed node: nothing was shown"
-        assert len({line.split()[5] for line in moved}) == len(moved) <= STREAMS  # each stream moved once
+        log = (up.log_dir / "router.log").read_text().splitlines()
+        for node in ("decode-0", "decode-1"):
+            moved = [line for line in log if f"{node} failed" in line and "resuming on other nodes" in line]
+            assert moved, f"no stream was on {node} when it was killed: nothing was shown"
+            assert len({line.split()[5] for line in moved}) == len(moved) <= STREAMS  # each stream moved once
         up.wait_until(lambda: (s := up.stats(survivor)).free_blocks == baseline and not s.running, timeout=10)
     assert not up.hung
 
@@ -193,3 +197,39 @@ def test_the_picker_keeps_new_requests_off_a_node_that_just_failed_while_there_i
     nodes.append(NodeInfo(node_id="decode-1", role="decode", model="m", address="h:1", capacity=8))
     now[0] = 5.0  # suspicion ends
     assert picker.pick("decode").node_id == "decode-0" and not picker.suspects
+
+
+def test_a_decode_node_stopped_with_sigterm_hands_over_what_it_cannot_finish(stories_path, stories_llm: LLM,
+                                                                            tmp_path):
+    """SIGTERM: the node leaves etcd and finishes what it can within --drain-timeout (0.3 s here, for streams
+    of 400 tokens that take longer); then each stream it still has ends at its next token, naming the node, and
+    the router resumes it on the other decode node. The clients see whole streams; the node exits cleanly."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
+    params = [{**_params(i), "max_tokens": 400} for i in range(12)]
+    want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in params])]
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
+                 "--drain-timeout", "0.3") as up:
+        victim = up.node_pid("decode-0")
+        progress = [0] * len(prompts)
+
+        async def run():
+            async with AsyncBatonClient(up.address, timeout=300) as client:
+                tasks = [asyncio.ensure_future(_stream(client, p, params[i], progress, i))
+                         for i, p in enumerate(prompts)]
+                while min(progress) < 10:
+                    await asyncio.sleep(0.01)
+                os.kill(victim, signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(run())
+        for i, (deltas, finish) in enumerate(results):
+            indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
+            assert indices == list(range(400)), f"stream {i}: a token lost or repeated"
+            assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
+            assert finish.decode_node == "decode-1"
+        moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
+                 if "decode-0 failed" in line and "handed over" in line]
+        assert moved, "no stream was handed over: nothing was shown"
+        up.wait_until(lambda: not os.path.exists(f"/proc/{victim}") or
+                      open(f"/proc/{victim}/stat").read().split()[2] == "Z", timeout=30)
+        assert "handing over the streams still running" in (up.log_dir / "decode-0.log").read_text()
