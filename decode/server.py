@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import grpc
 
@@ -117,13 +118,14 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                                 f"{request.prefill_node_id!r} is carrying another transfer")
         self._busy.add(lane)  # until the receive (or drain) on it ends, even if this call is cancelled
         task = None
+        abandon = threading.Event()  # set if the caller leaves before its side of the transfer began
         try:
             r = self.reservations.get(request.request_id)
             if r is None or r.phase is Phase.RELEASED:
                 # Released before its K/V came (the request was cancelled): the prefill node may already be
                 # sending. Take the transfer in and drop it, so the lane stays in step for the next transfer.
-                task = self._on_lane(lane, self._drain(request, routes))
-                if not await asyncio.shield(task):
+                task = self._on_lane(lane, self._drain(request, routes, abandon))
+                if not await self._unless_caller_leaves(task, request, routes, abandon):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {request.request_id!r} "
                                         "was released and could not be drained")
                 await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -135,10 +137,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 self.reservations.advance(r, Phase.RECEIVING)  # at once, before any await: see Reservations
             except NotAllowed as e:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-            # Shielded: if this call is cancelled, the receive still ends (done or failed) before its blocks
-            # can be freed or reused, and its bookkeeping still runs.
-            task = self._on_lane(lane, self._receive(request, r, routes))
-            received, cancelled = await asyncio.shield(task)
+            task = self._on_lane(lane, self._receive(request, r, routes, abandon))
+            received, cancelled = await self._unless_caller_leaves(task, request, routes, abandon)
         finally:
             if task is None:
                 self._busy.discard(lane)
@@ -149,11 +149,27 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {r.cause}")
         return node_pb2.ReceiveKVResponse(bytes_received=received)
 
-    async def _receive(self, request, r: Reservation, routes: list[KVRoute]) -> tuple[int | None, bool]:
+    async def _unless_caller_leaves(self, task: asyncio.Future, request, routes: list[KVRoute],
+                                    abandon: threading.Event):
+        """`task`'s result. Shielded: if this call is cancelled, the receive still ends (done or failed) before
+        its blocks can be freed or reused, and its bookkeeping still runs. But a caller that leaves (a prefill
+        node that died) before it joined the pair group never will: the routes still waiting for it give up
+        at once (`abandon`), and the reservation goes now instead of at the transfer timeout."""
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            abandon.set()
+            for rank in {route.dst for route in routes if route.dst}:
+                self.link.call(rank, "abandon", request.request_id).add_done_callback(
+                    lambda f: f.cancelled() or f.exception())
+            raise
+
+    async def _receive(self, request, r: Reservation, routes: list[KVRoute], abandon: threading.Event
+                       ) -> tuple[int | None, bool]:
         """(bytes received or None, whether the sender cancelled the transfer)."""
         blocks = r.blocks[: self.engine.blocks_for(request.num_tokens)]
         received, cancelled, cause = None, False, "kv transfer failed"
-        failures, cancels, nbytes = await self._routes(request, routes, coalesce(blocks), drain_only=False)
+        failures, cancels, nbytes = await self._routes(request, routes, coalesce(blocks), False, abandon)
         if failures:
             cause = f"kv transfer failed: {failures[0]}"
             log.warning("kv transfer of %s failed: %s", request.request_id, failures[0])
@@ -165,15 +181,15 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         await self.reservations.receive_ended(r, received is not None, cause)
         return received, cancelled
 
-    async def _drain(self, request, routes: list[KVRoute]) -> bool:
+    async def _drain(self, request, routes: list[KVRoute], abandon: threading.Event) -> bool:
         """Whether the transfer was taken in (or cancelled by its sender) with the lane left in step."""
-        failures, _, _ = await self._routes(request, routes, coalesce(list(request.block_ids)), drain_only=True)
+        failures, _, _ = await self._routes(request, routes, coalesce(list(request.block_ids)), True, abandon)
         if failures:
             log.warning("draining the kv transfer of %s failed: %s", request.request_id, failures[0])
         return not failures
 
-    async def _routes(self, request, routes: list[KVRoute], runs: list[tuple[int, int]], drain_only: bool
-                      ) -> tuple[list[BaseException], int, int]:
+    async def _routes(self, request, routes: list[KVRoute], runs: list[tuple[int, int]], drain_only: bool,
+                      abandon: threading.Event) -> tuple[list[BaseException], int, int]:
         """Every route of the transfer into this node (one per sender rank and receiving rank, each on its
         rank; `kvtransfer.ranks`), run to its end: (their failures, how many were cancelled by their sender,
         the bytes received). A failed route has dropped its generation with its peer rank."""
@@ -187,7 +203,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                          spec.num_layers)
             if route.dst == 0:
                 calls.append(self.threads.run(receive_route, self.channels, mine, self.engine.kv_pools,
-                                              self.transfer_timeout, drain_only))
+                                              self.transfer_timeout, drain_only, abandon.is_set))
             else:
                 calls.append(self.link.call(route.dst, "recv", mine, self.transfer_timeout, drain_only))
         results = await asyncio.gather(*calls, return_exceptions=True)

@@ -30,6 +30,7 @@ import asyncio
 import datetime
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,6 +45,10 @@ GENERATION_KEY = "kv/next-generation"  # in the decode node's store: one counter
 # What a gloo group's rendezvous leaves under its prefix (one address per rank, measured on torch 2.13; a
 # test counts the store's keys, so a torch that names them otherwise is noticed).
 _RENDEZVOUS_KEYS = ("0/0", "0/1")
+# Set by the prefill side as it starts to join a pair group: until it is there, the decode side waits in slices
+# and can give the set-up up when its transfer is abandoned (the prefill node died before joining).
+_JOINING = "joining"
+_JOIN_POLL_S = 0.02
 
 
 class KVTransferError(RuntimeError):
@@ -164,6 +169,19 @@ class _Pending:
         return error
 
 
+def _await_peer(store, timeout: float, abandoned: Callable[[], bool] | None, peer_id: str) -> float:
+    """Waits (checking, never blocking in the store: a timed-out wait would leave its answer on the
+    connection) until the prefill side starts to join; returns what is left of `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not store.check([_JOINING]):
+        if abandoned is not None and abandoned():
+            raise KVTransferError(f"the transfer was abandoned before {peer_id!r} joined the pair group")
+        if time.monotonic() >= deadline:
+            raise KVTransferError(f"timed out after {timeout:.1f}s waiting for {peer_id!r} to join the pair group")
+        time.sleep(_JOIN_POLL_S)  # pacing the check: the store has no wait that can be given up
+    return max(0.001, deadline - time.monotonic())
+
+
 class PairChannels:
     """One per node: the pair groups this node holds, keyed by (peer node id, generation, lane), one live
     generation per peer (its lanes built as they are first used).
@@ -192,7 +210,8 @@ class PairChannels:
 
     # -- groups ---------------------------------------------------------------------------------------
 
-    def get(self, peer_id: str, generation: int, store_address: str, rank: int, timeout: float, lane: int = 0):
+    def get(self, peer_id: str, generation: int, store_address: str, rank: int, timeout: float, lane: int = 0,
+            abandoned: Callable[[], bool] | None = None):
         """The group for (peer, generation, lane): reused if it exists, else created (blocks until the peer
         joins, at most `timeout` seconds). Drops this node's older generations for that peer, every lane of
         them. Raises `KVTransferError` on timeout, on a generation older than one already used, or on a closed
@@ -201,16 +220,21 @@ class PairChannels:
         A generation's lanes are built in order, one at a time, on both sides: lane k only once lanes 0..k-1
         are there (building them first if need be). A `TCPStore` client does one operation at a time, and a
         rendezvous blocks in it until the peer's key comes: with two lanes of one pair built at once, each
-        side could wait for the other's key of one lane while its own key of the other lane waits behind."""
+        side could wait for the other's key of one lane while its own key of the other lane waits behind.
+
+        `abandoned` (decode side): polled while the peer has not started to join; once true, the set-up fails
+        at once instead of at `timeout` (the transfer's caller went away: a prefill node that died before
+        joining would otherwise hold the reservation it was to fill for the whole timeout)."""
         if rank not in (PREFILL_RANK, DECODE_RANK):
             raise ValueError(f"rank must be {PREFILL_RANK} (prefill) or {DECODE_RANK} (decode), got {rank}")
         check_lane(lane)
         deadline = time.monotonic() + timeout
         for below in range(lane):
-            self._get(peer_id, generation, store_address, rank, deadline - time.monotonic(), below)
-        return self._get(peer_id, generation, store_address, rank, deadline - time.monotonic(), lane)
+            self._get(peer_id, generation, store_address, rank, deadline - time.monotonic(), below, abandoned)
+        return self._get(peer_id, generation, store_address, rank, deadline - time.monotonic(), lane, abandoned)
 
-    def _get(self, peer_id: str, generation: int, store_address: str, rank: int, timeout: float, lane: int):
+    def _get(self, peer_id: str, generation: int, store_address: str, rank: int, timeout: float, lane: int,
+             abandoned: Callable[[], bool] | None = None):
         key = (peer_id, generation, lane)
         with self._lock:
             self._last_used[peer_id] = time.monotonic()
@@ -241,6 +265,10 @@ class PairChannels:
             store = self._store(store_key, timeout)
             prefill_id, decode_id = (self.node_id, peer_id) if rank == PREFILL_RANK else (peer_id, self.node_id)
             prefixed = dist.PrefixStore(pair_prefix(prefill_id, decode_id, generation, lane), store)
+            if rank == PREFILL_RANK:
+                prefixed.set(_JOINING, b"1")
+            else:
+                timeout = _await_peer(prefixed, timeout, abandoned, peer_id)
             group = self._make_group(prefixed, rank, timeout)
         except BaseException as exc:
             _release(stale)
@@ -377,7 +405,7 @@ class PairChannels:
         for generation in sorted(generations):
             for lane in range(LANES_PER_PAIR):
                 prefix = pair_prefix(peer_id, self.node_id, generation, lane)
-                for key in _RENDEZVOUS_KEYS:
+                for key in (*_RENDEZVOUS_KEYS, _JOINING):
                     try:
                         store.delete_key(f"{prefix}/{key}")
                     except Exception:  # noqa: BLE001 - a key that is not there is fine

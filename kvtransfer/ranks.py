@@ -22,7 +22,8 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -118,12 +119,14 @@ class RouteSenders:
 
 
 def receive_route(channels: PairChannels, route: Route, pools: Sequence[torch.Tensor], timeout: float,
-                  drain_only: bool = False) -> int:
+                  drain_only: bool = False, abandoned: Callable[[], bool] | None = None) -> int:
     """A decode rank's side of a route: received into the reserved blocks' head range (or, `drain_only`, taken
     in and dropped: the reservation is gone). Blocking. Returns the bytes; raises TransferCancelled (the lane is
-    in step) or KVTransferError, after dropping the route's generation with that peer."""
+    in step) or KVTransferError, after dropping the route's generation with that peer. `abandoned`: see
+    `PairChannels.get` (a set-up still waiting for its peer gives up once it is true)."""
     try:
-        group = channels.get(route.peer, route.generation, route.store, DECODE_RANK, timeout, route.lane)
+        group = channels.get(route.peer, route.generation, route.store, DECODE_RANK, timeout, route.lane,
+                             abandoned)
         if drain_only:
             first = pools[0]
             shape = (2, first.shape[2], route.heads[1] - route.heads[0], first.shape[4])
@@ -149,7 +152,7 @@ class RankAgent:
     own (a receive waits for its sender, an open for its peer), and answers each under its number.
 
     Commands: ("open", Route, timeout), ("end", request id, timeout), ("recv", Route, timeout, drain_only),
-    ("drop", peer, generation). The pair channels are made on the first command, which names this rank."""
+    ("abandon", request id) (a receive still waiting for its peer to join gives up), ("drop", peer, generation). The pair channels are made on the first command, which names this rank."""
 
     def __init__(self, conn, pools: Sequence[torch.Tensor], device: torch.device, max_threads: int = 256) -> None:
         self.conn = conn
@@ -157,7 +160,9 @@ class RankAgent:
         self.device = device
         self.senders: RouteSenders | None = None  # read by the worker's step: None until a route was opened
         self._channels: PairChannels | None = None
-        self._lock = threading.Lock()  # the pipe's writes, and making the channels
+        self._lock = threading.Lock()  # the pipe's writes, making the channels, the two sets below
+        self._receiving: Counter[str] = Counter()  # request id -> its routes receiving here
+        self._abandoned: set[str] = set()  # those of them whose transfer rank 0 gave up
         self._threads = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kv-rank")
         threading.Thread(target=self._serve, name="kv-agent", daemon=True).start()
 
@@ -192,7 +197,23 @@ class RankAgent:
             return self.senders.end(request_id, timeout) if self.senders is not None else 0
         if op == "recv":
             route, timeout, drain_only = args
-            return receive_route(self._for(route.me), route, self.pools, timeout, drain_only)
+            with self._lock:
+                self._receiving[route.request_id] += 1
+            try:
+                return receive_route(self._for(route.me), route, self.pools, timeout, drain_only,
+                                     lambda: route.request_id in self._abandoned)
+            finally:
+                with self._lock:
+                    self._receiving[route.request_id] -= 1
+                    if not self._receiving[route.request_id]:
+                        del self._receiving[route.request_id]
+                        self._abandoned.discard(route.request_id)
+        if op == "abandon":
+            (request_id,) = args
+            with self._lock:
+                if request_id in self._receiving:  # else nothing waits: nothing to remember
+                    self._abandoned.add(request_id)
+            return None
         if op == "drop":
             peer, generation = args
             if self._channels is not None:

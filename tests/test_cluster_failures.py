@@ -76,3 +76,21 @@ def test_a_dead_prefill_node_fails_requests_cleanly(up):
             client.complete("Once upon a time", max_tokens=5)
         assert "prefill" in e.value.details
     assert all_free(up)
+
+
+def test_a_prefill_node_that_leaves_before_joining_frees_the_reservation_at_once(stories_path, tmp_path):
+    """The caller of ReceiveKV (a prefill node) goes away before it joined the pair group, here by its call's
+    deadline, as when it dies: the decode side gives the set-up up and frees the blocks at once, not at the end
+    of the transfer timeout (60 s here) that it would otherwise wait for a peer that never comes."""
+    with BatonUp(tmp_path, "--model", str(stories_path), "--num-kv-blocks", str(BLOCKS),
+                 "--transfer-timeout", "60") as up:
+        stub, channel = decode_stub(up)
+        with channel:
+            r = stub.Reserve(node_pb2.ReserveRequest(request_id="gone", prompt_tokens=40, max_tokens=8))
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ReceiveKV(node_pb2.ReceiveKVRequest(request_id="gone", prefill_node_id="ghost", generation=1,
+                                                         layout=r.layout, num_tokens=40), timeout=1.0)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            stub.Release(node_pb2.ReleaseRequest(request_id="gone"), timeout=10)  # what the router sends
+            up.wait_until(lambda: all_free(up), timeout=20)  # far below the 60 s it would hold them
+            assert "abandoned before 'ghost' joined" in (up.log_dir / "decode-0.log").read_text()

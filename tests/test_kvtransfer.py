@@ -624,11 +624,15 @@ def test_a_prefill_node_that_never_joins_does_not_hold_up_another_ones_channel()
     node's channel set-up until its own timed out (seen when a prefill node was killed under load)."""
     with KVStoreHost("127.0.0.1", 0) as store:
         decode, alive = PairChannels("d", local_store=store), PairChannels("p2")
+        polling = threading.Event()  # set once the decode side waits for p1 to join
+
+        def not_abandoned() -> bool:
+            polling.set()
+            return False
+
         with ThreadPoolExecutor(3) as pool:
-            dead = pool.submit(decode.get, "p1", 1, store.address, DECODE_RANK, 8.0)  # p1 never comes
-            waiting = f"{pair_prefix('p1', 'd', 1, 0)}/{_RENDEZVOUS_KEYS[DECODE_RANK]}"
-            while not store.store.check([waiting]):  # its rendezvous is under way: waiting for p1's key
-                time.sleep(0.01)
+            dead = pool.submit(decode.get, "p1", 1, store.address, DECODE_RANK, 8.0, 0, not_abandoned)  # never comes
+            assert polling.wait(30)
             theirs = pool.submit(alive.get, "d", 1, store.address, PREFILL_RANK, 30.0)
             mine = pool.submit(decode.get, "p2", 1, store.address, DECODE_RANK, 30.0)
             done, _ = wait([mine, theirs, dead], return_when=FIRST_COMPLETED)
@@ -638,6 +642,30 @@ def test_a_prefill_node_that_never_joins_does_not_hold_up_another_ones_channel()
                 dead.result()
         decode.close()
         alive.close()
+
+
+def test_a_set_up_whose_transfer_is_abandoned_gives_up_before_its_timeout():
+    """A prefill node that died before joining: its ReceiveKV call ends, the decode side's set-up sees the
+    transfer abandoned and fails then, not at its timeout; a peer that does join later is served."""
+    with KVStoreHost("127.0.0.1", 0) as store:
+        decode, prefill = PairChannels("d", local_store=store), PairChannels("p1")
+        polling, abandon = threading.Event(), threading.Event()
+
+        def abandoned() -> bool:
+            polling.set()
+            return abandon.is_set()
+
+        with ThreadPoolExecutor(2) as pool:
+            waiting = pool.submit(decode.get, "p1", 1, store.address, DECODE_RANK, 90.0, 0, abandoned)
+            assert polling.wait(30) and not waiting.done()
+            abandon.set()
+            with pytest.raises(KVTransferError, match="abandoned"):
+                waiting.result(timeout=60)  # else it would wait out its 90 s
+            theirs = pool.submit(prefill.get, "d", 2, store.address, PREFILL_RANK, 30.0)
+            mine = pool.submit(decode.get, "p1", 2, store.address, DECODE_RANK, 30.0)
+            assert mine.result() is not None and theirs.result() is not None
+        decode.close()
+        prefill.close()
 
 
 def test_a_restarted_decode_store_counts_on_above_its_old_generations():
