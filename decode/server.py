@@ -290,11 +290,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                                         request.first_logprob, params, resumed_from_proto(request.resumed))
                 self.requests_served += 1
                 async for out in self.engine.outputs(rid, stream):
-                    if self.handing_over and out.finish_reason is None:
-                        # Before these tokens go out: the node that resumes the stream sends them.
-                        context.set_trailing_metadata(((LOST_NODE_KEY, self.node_id),))
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode node {self.node_id} is "
-                                            "stopping: the stream is handed over")
+                    await self._unless_handing_over(out, context)
                     for response in responses_from_output(out, request.sampling.logprobs):
                         yield response
             finally:
@@ -316,6 +312,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                                            resumed=resumed_from_proto(request.resumed))
             self.requests_served += 1
             async for out in outputs:
+                await self._unless_handing_over(out, context)
                 for response in responses_from_output(out, request.sampling.logprobs):
                     yield response
         except (FieldError, NoCapacity) as e:
@@ -324,11 +321,18 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id}: {e}")
 
     def hand_over(self) -> None:
-        """The node is stopping and its drain time is up: each stream it still decodes ends UNAVAILABLE at its
-        next token, naming this node, and the router resumes it on another decode node from what it
-        delivered. Colocated streams end the same way (the router cannot move them yet)."""
+        """The node is stopping and its drain time is up: each stream it still decodes (Continue, or a
+        colocated Generate) ends UNAVAILABLE at its next token, naming this node, and the router resumes it on
+        another node from what it delivered."""
         self.handing_over = True
         log.info("%s: handing over the streams still running", self.node_id)
+
+    async def _unless_handing_over(self, out, context) -> None:
+        if self.handing_over and out.finish_reason is None:
+            # Before these tokens go out: the node that resumes the stream sends them.
+            context.set_trailing_metadata(((LOST_NODE_KEY, self.node_id),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id} is stopping: the stream is "
+                                "handed over")
 
     async def GetStats(self, request, context):
         return await self.stats()

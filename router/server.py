@@ -41,6 +41,12 @@ _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHA
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
+# grpc's reconnect backoff grows to 120 s: a node back on its address (restarted) would be refused by a channel
+# waiting out its backoff. Capped at 1 s, as for etcd (cluster/membership.py).
+_NODE_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                         ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 @dataclass(slots=True, eq=False)
 class _Node:
     channel: grpc.aio.Channel
@@ -64,9 +70,14 @@ class NodeStubs:
     @contextlib.contextmanager
     def use(self, address: str) -> Iterator[_Node]:
         node = self._nodes.get(address)
+        if node is not None and node.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            # Its node died, and (since it is picked) a node is live on that address again: a restart on the
+            # same address. The old channel would fail every call until its reconnect backoff ran out.
+            self._retire(address)
+            node = None
         if node is None:
             self._prune()
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=_NODE_CHANNEL_OPTIONS)
             node = self._nodes[address] = _Node(channel, node_pb2_grpc.DecodeNodeStub(channel),
                                                 node_pb2_grpc.PrefillNodeStub(channel))
         node.users += 1
@@ -80,10 +91,13 @@ class NodeStubs:
     def _prune(self) -> None:
         live = self._live()
         for address in [a for a in self._nodes if a not in live]:
-            node = self._nodes.pop(address)
-            node.left = True
-            if not node.users:
-                self._close(node)
+            self._retire(address)
+
+    def _retire(self, address: str) -> None:
+        node = self._nodes.pop(address)
+        node.left = True
+        if not node.users:
+            self._close(node)
 
     def _close(self, node: _Node) -> None:
         task = asyncio.get_running_loop().create_task(node.channel.close())
@@ -155,8 +169,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             log.info("request %s: resumed by its client after %d tokens (its router failed)", req.request_id,
                      len(req.resumed))
         try:
-            stream = self._colocated(req, context) if mode == "colocated" else self._disaggregated(req, context)
-            async for response in stream:
+            async for response in self._resuming(req, context, mode):
                 yield relay.see(response)
         except grpc.aio.AioRpcError as e:
             if e.code() in _PASS_THROUGH:
@@ -175,54 +188,29 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         left = context.time_remaining()
         return self.node_wait if left is None else max(0.0, min(self.node_wait, left))
 
-    async def _colocated(self, req: Admitted, context):
-        node = await self.picker.when_live(lambda: self.picker.pick("colocated"), self._node_wait(context))
-        self.picker.acquire(node.node_id)
-        try:
-            with self.stubs.use(node.address) as stubs:
-                if (reason := resume.ended(req.resumed, req.params, self.model.eos_token_ids)) is not None:
-                    for response in self._rest(req, req.resumed, req.resumed_chars, reason):
-                        yield response
-                    return
-                resumed = node_pb2.Resumed(token_ids=req.resumed, text_chars=req.resumed_chars)
-                call = stubs.decode.Generate(
-                    node_pb2.NodeGenerateRequest(request_id=req.internal_id, prompt_token_ids=req.prompt_ids,
-                                                 sampling=req.sampling, resumed=resumed),
-                    timeout=context.time_remaining(),
-                )
-                req.nodes = (node.node_id, node.node_id)
-                async for response in call:
-                    yield response
-        finally:
-            self.picker.release(node.node_id)
-
-    async def _disaggregated(self, req: Admitted, context):
-        """The request through a prefill and a decode node. A node that fails under it (a broken stream, a node
-        that cannot be reached) does not end the stream: it resumes on live nodes from what the client already
-        has (the prompt and the delivered tokens prefilled again, decoding from the next index with the same
-        sampler state), at most `max_migrations` times, each one logged and counted."""
+    async def _resuming(self, req: Admitted, context, mode: str):
+        """The request's stream, through a prefill and a decode node or a colocated one. A node that fails under
+        it (a broken stream, a node that cannot be reached, a decode stream gone silent) does not end the
+        stream: it resumes on live nodes from what the client already has (the prompt and the delivered tokens
+        computed again, decoding from the next index with the same sampler state), at most `max_migrations`
+        times, each one logged and counted."""
         delivered, chars = list(req.resumed), req.resumed_chars  # a client resuming has these already
         avoid: set[str] = set()  # nodes that failed under this request
         if (reason := resume.ended(delivered, req.params, self.model.eos_token_ids)) is not None:
             for response in self._rest(req, delivered, chars, reason):  # its router failed just before the Finish
                 yield response
             return
+        attempt_on = self._colocated if mode == "colocated" else self._disaggregated
         for attempt in range(self.max_migrations + 1):
-            wait = self._node_wait(context)
-            decode = await self.picker.when_live(lambda: self.picker.pick("decode", avoid), wait)
-            prefill = await self.picker.when_live(lambda: self.picker.pick("prefill", avoid), wait)
-            req.nodes = (prefill.node_id, decode.node_id)
             resumed = node_pb2.Resumed(token_ids=delivered, text_chars=chars)
             # A fresh id per attempt: the failed attempt's state may still be ending on a node that lives.
             internal = req.internal_id if not attempt else f"{req.internal_id}~{attempt}"
             try:
-                with self.stubs.use(decode.address) as d, self.stubs.use(prefill.address) as p:
-                    async for response in self._through(req, internal, resumed, context, decode, prefill, d.decode,
-                                                        p.prefill):
-                        if response.HasField("chunk"):
-                            delivered.extend(response.chunk.token_ids)
-                            chars += len(response.chunk.text)
-                        yield response
+                async for response in attempt_on(req, internal, resumed, context, avoid):
+                    if response.HasField("chunk"):
+                        delivered.extend(response.chunk.token_ids)
+                        chars += len(response.chunk.text)
+                    yield response
                 return
             except NodeLost as lost:
                 if lost.node_id is not None:
@@ -237,9 +225,46 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                     avoid.add(lost.node_id)
                 self.migrations += 1
                 log.warning("request %s: %s failed after %d tokens (%s); resuming on other nodes (migration %d of "
-                            "at most %d)", req.request_id, lost.node_id or f"{prefill.node_id} or {decode.node_id}",
-                            len(delivered), lost.details, attempt + 1,
-                            self.max_migrations)
+                            "at most %d)", req.request_id, lost.node_id or " or ".join(sorted(set(req.nodes))),
+                            len(delivered), lost.details, attempt + 1, self.max_migrations)
+
+    async def _colocated(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, avoid: set[str]):
+        """One attempt on a colocated node (the whole request there); a node that fails raises NodeLost."""
+        node = await self.picker.when_live(lambda: self.picker.pick("colocated", avoid), self._node_wait(context))
+        req.nodes = (node.node_id, node.node_id)
+        self.picker.acquire(node.node_id)
+        call = None
+        try:
+            with self.stubs.use(node.address) as stubs:
+                call = stubs.decode.Generate(
+                    node_pb2.NodeGenerateRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
+                                                 sampling=req.sampling, resumed=resumed),
+                    timeout=context.time_remaining(),
+                )
+                async for response in _each_within(call, self.inactivity_timeout):
+                    yield response
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            raise NodeLost(_lost_node(e, node.node_id), e.details() or e.code().name) from e
+        except TimeoutError:  # the node went silent: given up, its call cancelled (which frees its blocks)
+            raise NodeLost(node.node_id, f"no token within {self.inactivity_timeout:g} s") from None
+        finally:
+            if call is not None:
+                call.cancel()  # a no-op on what has ended
+            self.picker.release(node.node_id)
+
+    async def _disaggregated(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context,
+                             avoid: set[str]):
+        """One attempt through a prefill and a decode node (`_through`)."""
+        wait = self._node_wait(context)
+        decode = await self.picker.when_live(lambda: self.picker.pick("decode", avoid), wait)
+        prefill = await self.picker.when_live(lambda: self.picker.pick("prefill", avoid), wait)
+        req.nodes = (prefill.node_id, decode.node_id)
+        with self.stubs.use(decode.address) as d, self.stubs.use(prefill.address) as p:
+            async for response in self._through(req, internal, resumed, context, decode, prefill, d.decode,
+                                                p.prefill):
+                yield response
 
     async def _through(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, decode, prefill,
                        decode_stub, prefill_stub):

@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from cluster_harness import BatonUp
 from test_stories import PROMPTS
 
 from baton.engine import LLM, Resumed, SamplingParams
-from baton.router.client import AsyncBatonClient, Delta, Finished
+from baton.router.client import AsyncBatonClient, BatonClient, BatonError, Delta, Finished
 
 STREAMS = 64
 TOKENS = 160
@@ -233,3 +237,76 @@ def test_a_decode_node_stopped_with_sigterm_hands_over_what_it_cannot_finish(sto
         up.wait_until(lambda: not os.path.exists(f"/proc/{victim}") or
                       open(f"/proc/{victim}/stat").read().split()[2] == "Z", timeout=30)
         assert "handing over the streams still running" in (up.log_dir / "decode-0.log").read_text()
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGTERM"])
+def test_colocated_streams_move_to_another_colocated_node(fault: str, stories_path, stories_llm: LLM, tmp_path):
+    """Colocated nodes (each does the whole request): a node killed, or stopped with SIGTERM past its drain
+    time, mid-stream; its streams go on on the other node (the prompt and the delivered tokens computed again
+    there), token for token the undisturbed run."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
+    params = [{**_params(i), "max_tokens": 300} for i in range(12)]
+    want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in params])]
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "0", "--decode", "0", "--colocated", "2",
+                 "--drain-timeout", "0.3") as up:
+        victim = up.node_pid("colocated-0")
+        progress = [0] * len(prompts)
+
+        async def run():
+            async with AsyncBatonClient(up.address, timeout=300) as client:
+                tasks = [asyncio.ensure_future(_stream(client, p, params[i], progress, i))
+                         for i, p in enumerate(prompts)]
+                while min(progress) < 10:
+                    await asyncio.sleep(0.01)
+                os.kill(victim, getattr(signal, fault))
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(run())
+        for i, (deltas, finish) in enumerate(results):
+            indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
+            assert indices == list(range(300)), f"stream {i}: a token lost or repeated"
+            assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
+            assert finish is not None and finish.completion_tokens == 300
+        moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
+                 if "colocated-0 failed" in line and "resuming on other nodes" in line]
+        assert moved, "no stream was on the node that went: nothing was shown"
+
+
+def _command_of(pid: int) -> tuple[list[str], dict[str, str], str]:
+    """A process's command line, environment and folder: what restarting it as it was takes."""
+    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    env = dict(e.decode().split("=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+    return argv, env, os.readlink(f"/proc/{pid}/cwd")
+
+
+def test_a_node_restarted_on_its_address_is_served_at_once(stories_path, stories_llm: LLM, tmp_path):
+    """A prefill node killed, refused for a while (between reconnects the router's channel to it backs off,
+    by grpc's default up to 2 minutes), then started again on the same address, as a supervisor would: once it
+    is registered, requests reach it at once (a channel that failed is replaced; reconnects are at most 1 s
+    apart)."""
+    [want] = stories_llm.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0))
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "1") as up:
+        [prefill] = up.nodes("prefill")
+        with BatonClient(up.address, timeout=30) as client:
+            assert client.complete(PROMPTS[0], max_tokens=8, temperature=0).token_ids == want.token_ids
+        pid = up.node_pid("prefill-0")
+        argv, env, cwd = _command_of(pid)
+        argv[argv.index("--parent-pid") + 1] = str(os.getpid())
+        argv += ["--port", prefill.address.rpartition(":")[2]]  # `baton up` let it take a free one
+        os.kill(pid, signal.SIGKILL)
+        with BatonClient(up.address, timeout=1.0) as client:  # refused while it is down: the backoff grows
+            for _ in range(6):
+                with pytest.raises(BatonError):
+                    client.complete(PROMPTS[0], max_tokens=8, temperature=0)
+        with open(up.log_dir / "prefill-0.restart.log", "wb") as log:
+            restarted = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        try:
+            up.wait_until(lambda: [n.address for n in up.nodes("prefill")] == [prefill.address], timeout=60,
+                          interval=0.05)
+            with BatonClient(up.address, timeout=30) as client:
+                done = client.complete(PROMPTS[0], max_tokens=8, temperature=0)
+            assert done.token_ids == want.token_ids and done.finished.prefill_node == "prefill-0"
+        finally:
+            restarted.terminate()
+            restarted.wait(30)
