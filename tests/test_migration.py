@@ -39,6 +39,32 @@ async def _stream(client: AsyncBatonClient, prompt: str, options: dict, progress
     return deltas, finish
 
 
+def _through_faults(up: BatonUp, prompts: list[str], params: list[dict], faults) -> list:
+    """Runs the streams; each (tokens, fault) in `faults` fires once every stream has that many tokens.
+    Returns each stream's (deltas, finish)."""
+    progress = [0] * len(prompts)
+
+    async def run():
+        async with AsyncBatonClient(up.address, timeout=300) as client:
+            tasks = [asyncio.ensure_future(_stream(client, p, params[i], progress, i)) for i, p in enumerate(prompts)]
+            for tokens, fault in faults:
+                while min(progress) < tokens:  # every stream is decoding (wherever it is)
+                    await asyncio.sleep(0.01)
+                fault()
+            return await asyncio.gather(*tasks)
+
+    return asyncio.run(run())
+
+
+def _assert_whole(results: list, want: list[list[int]], tokens: int) -> None:
+    """Every stream has every index once, the undisturbed run's tokens, and a Finish counting them."""
+    for i, (deltas, finish) in enumerate(results):
+        indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
+        assert indices == list(range(tokens)), f"stream {i}: a token lost or repeated"
+        assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
+        assert finish is not None and finish.completion_tokens == tokens, f"stream {i}"
+
+
 def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_path, stories_llm: LLM, tmp_path):
     """64 streams over three decode nodes; decode-0 is SIGKILLed once every stream is decoding, decode-1 once
     every stream has 40 more tokens (some of its streams came from decode-0: they move a second time)."""
@@ -49,25 +75,12 @@ def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_pat
         victims = [up.node_pid("decode-0"), up.node_pid("decode-1")]
         survivor = next(n for n in up.nodes("decode") if n.node_id == "decode-2")
         baseline = up.stats(survivor).total_blocks
-        progress = [0] * STREAMS
-
-        async def run():
-            async with AsyncBatonClient(up.address, timeout=300) as client:
-                tasks = [asyncio.ensure_future(_stream(client, p, _params(i), progress, i))
-                         for i, p in enumerate(prompts)]
-                for victim, tokens in zip(victims, (10, 50)):
-                    while min(progress) < tokens:  # every stream is decoding (wherever it is)
-                        await asyncio.sleep(0.01)
-                    os.kill(victim, signal.SIGKILL)
-                return await asyncio.gather(*tasks)
-
-        results = asyncio.run(run())
+        faults = [(tokens, lambda v=victim: os.kill(v, signal.SIGKILL)) for victim, tokens in zip(victims, (10, 50))]
+        results = _through_faults(up, prompts, [_params(i) for i in range(STREAMS)], faults)
+        _assert_whole(results, want, TOKENS)
         for i, (deltas, finish) in enumerate(results):
-            indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
-            assert indices == list(range(TOKENS)), f"stream {i}: a token lost or repeated"
-            assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
             assert "".join(d.text for d in deltas) == want_text[i], f"stream {i}"
-            assert finish is not None and finish.finish_reason == "length" and finish.completion_tokens == TOKENS
+            assert finish.finish_reason == "length"
         log = (up.log_dir / "router.log").read_text().splitlines()
         for node in ("decode-0", "decode-1"):
             moved = [line for line in log if f"{node} failed" in line and "resuming on other nodes" in line]
@@ -156,26 +169,12 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
                  "--stream-inactivity-timeout", "2") as up:
         victim = up.node_pid("decode-0")
-        progress = [0] * len(prompts)
-
-        async def run():
-            async with AsyncBatonClient(up.address, timeout=300) as client:
-                tasks = [asyncio.ensure_future(_stream(client, p, params[i], progress, i))
-                         for i, p in enumerate(prompts)]
-                while min(progress) < 10:
-                    await asyncio.sleep(0.01)
-                os.kill(victim, signal.SIGSTOP)
-                try:
-                    return await asyncio.gather(*tasks)
-                finally:
-                    os.kill(victim, signal.SIGCONT)
-
-        results = asyncio.run(run())
-        for i, (deltas, finish) in enumerate(results):
-            indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
-            assert indices == list(range(TOKENS)), f"stream {i}: a token lost or repeated"
-            assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
-            assert finish.decode_node == "decode-1"
+        try:
+            results = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGSTOP))])
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        _assert_whole(results, want, TOKENS)
+        assert all(finish.decode_node == "decode-1" for _, finish in results)
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
                  if "decode-0 failed" in line and "no token within 2 s" in line]
         assert moved, "no stream was on the stopped node: nothing was shown"
@@ -214,23 +213,9 @@ def test_a_decode_node_stopped_with_sigterm_hands_over_what_it_cannot_finish(sto
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
                  "--drain-timeout", "0.3") as up:
         victim = up.node_pid("decode-0")
-        progress = [0] * len(prompts)
-
-        async def run():
-            async with AsyncBatonClient(up.address, timeout=300) as client:
-                tasks = [asyncio.ensure_future(_stream(client, p, params[i], progress, i))
-                         for i, p in enumerate(prompts)]
-                while min(progress) < 10:
-                    await asyncio.sleep(0.01)
-                os.kill(victim, signal.SIGTERM)
-                return await asyncio.gather(*tasks)
-
-        results = asyncio.run(run())
-        for i, (deltas, finish) in enumerate(results):
-            indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
-            assert indices == list(range(400)), f"stream {i}: a token lost or repeated"
-            assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
-            assert finish.decode_node == "decode-1"
+        results = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGTERM))])
+        _assert_whole(results, want, 400)
+        assert all(finish.decode_node == "decode-1" for _, finish in results)
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
                  if "decode-0 failed" in line and "handed over" in line]
         assert moved, "no stream was handed over: nothing was shown"
@@ -250,23 +235,8 @@ def test_colocated_streams_move_to_another_colocated_node(fault: str, stories_pa
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "0", "--decode", "0", "--colocated", "2",
                  "--drain-timeout", "0.3") as up:
         victim = up.node_pid("colocated-0")
-        progress = [0] * len(prompts)
-
-        async def run():
-            async with AsyncBatonClient(up.address, timeout=300) as client:
-                tasks = [asyncio.ensure_future(_stream(client, p, params[i], progress, i))
-                         for i, p in enumerate(prompts)]
-                while min(progress) < 10:
-                    await asyncio.sleep(0.01)
-                os.kill(victim, getattr(signal, fault))
-                return await asyncio.gather(*tasks)
-
-        results = asyncio.run(run())
-        for i, (deltas, finish) in enumerate(results):
-            indices = [d.index + k for d in deltas for k in range(len(d.token_ids))]
-            assert indices == list(range(300)), f"stream {i}: a token lost or repeated"
-            assert [t for d in deltas for t in d.token_ids] == want[i], f"stream {i}"
-            assert finish is not None and finish.completion_tokens == 300
+        results = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, getattr(signal, fault)))])
+        _assert_whole(results, want, 300)
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
                  if "colocated-0 failed" in line and "resuming on other nodes" in line]
         assert moved, "no stream was on the node that went: nothing was shown"
