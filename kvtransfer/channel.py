@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ _RENDEZVOUS_KEYS = ("0/0", "0/1")
 # and can give the set-up up when its transfer is abandoned (the prefill node died before joining).
 _JOINING = "joining"
 _JOIN_POLL_S = 0.02
+_PROBE_S = 5.0  # a connect to a live store's host answers within this even on a loaded machine
 
 
 class KVTransferError(RuntimeError):
@@ -425,6 +427,10 @@ class PairChannels:
             return entry.wait(timeout, f"the connection to the KV store at {address}")
         try:
             host, port = split_address(address)
+            # A TCPStore client retries a refused connection until its timeout: a store whose node died (it is
+            # still in the membership until its lease ends) would cost every transfer to it that long. A plain
+            # connect says at once whether anything listens there.
+            socket.create_connection((host, port), timeout=max(0.1, min(timeout, _PROBE_S))).close()
             store = dist.TCPStore(host, port, None, False, _timedelta(timeout), wait_for_workers=False)
         except BaseException as exc:
             entry.settle(self._stores, key, self._lock, error=exc)

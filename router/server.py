@@ -277,11 +277,21 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         lost = False
         try:
             phase = decode.node_id
-            reservation = await decode_stub.Reserve(
-                node_pb2.ReserveRequest(request_id=internal, prompt_tokens=len(req.prompt_ids) + len(resumed.token_ids),
-                                        max_tokens=req.params.max_tokens, lease_ms=self.lease_ms),
-                timeout=timeout,
-            )
+            # A Reserve answers at once from a live node: one that does not within the inactivity deadline is
+            # stopped or hung (its other streams are being moved off it too), and this request moves on.
+            bound = self.inactivity_timeout if timeout is None else min(timeout, self.inactivity_timeout)
+            try:
+                reservation = await decode_stub.Reserve(
+                    node_pb2.ReserveRequest(request_id=internal,
+                                            prompt_tokens=len(req.prompt_ids) + len(resumed.token_ids),
+                                            max_tokens=req.params.max_tokens, lease_ms=self.lease_ms),
+                    timeout=bound,
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bound != timeout:
+                    lost = True
+                    raise NodeLost(decode.node_id, f"no answer to Reserve within {bound:g} s") from None
+                raise
             sampling = req.sampling
             target = node_pb2.KVTarget(
                 decode_node_id=decode.node_id, decode_address=decode.address,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def test_a_killed_decode_node_costs_only_its_own_requests(stories_path, tmp_path
         async def one(client, i):
             try:
                 n = 0
-                async for item in client.generate(long_prompt, max_tokens=200, temperature=0, ignore_eos=True):
+                async for item in client.generate(long_prompt, max_tokens=200, temperature=0, ignore_eos=True,
+                                                  request_id=f"r{i}"):
                     n += len(getattr(item, "token_ids", ()))
                     if i == 0 and n >= 2:
                         os.kill(victim, signal.SIGKILL)  # while the others are prefilling or decoding
@@ -86,7 +88,11 @@ def test_a_killed_decode_node_costs_only_its_own_requests(stories_path, tmp_path
         moved = (up.log_dir / "router.log").read_text().count("decode-0 failed")
         assert failures or moved, "the kill came too late to touch anything: the test proves nothing"
         if migrations:
-            assert not failures and all(node == "decode-1" for node, _ in results)
+            assert not failures
+            # What moved ended on the live node (on a loaded machine, some streams may have ended on decode-0
+            # before the kill: they go at uneven paces).
+            moved_ids = re.findall(r"request r(\d+): decode-0 failed", (up.log_dir / "router.log").read_text())
+            assert moved_ids and all(results[int(i)][0] == "decode-1" for i in moved_ids)
         for e in failures:
             assert isinstance(e, Unavailable) and "decode-0" in e.details, e
         served_by = {node for node, e in results if e is None}

@@ -668,6 +668,23 @@ def test_a_set_up_whose_transfer_is_abandoned_gives_up_before_its_timeout():
         prefill.close()
 
 
+def test_a_dead_decode_nodes_store_is_refused_at_once_not_after_the_timeout():
+    """A decode node that died stays in the membership until its lease ends: transfers to it meanwhile must
+    fail at once (its store's port refuses), not after a TCPStore client's connect retries (the timeout, 30 s
+    by default: a request without migration waited 60 s for its UNAVAILABLE)."""
+    gone = KVStoreHost("127.0.0.1", 0)
+    address = gone.address
+    gone.close()
+    prefill = PairChannels("p")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            attempt = pool.submit(prefill.next_generation, "d", address, 120.0)
+            with pytest.raises(KVTransferError, match="cannot connect"):
+                attempt.result(timeout=60)  # else it would retry for its 120 s
+    finally:
+        prefill.close()
+
+
 def test_a_restarted_decode_store_counts_on_above_its_old_generations():
     """A decode node restarted under its id gets a new store: the generations it hands out must come after
     every one the old store did, or the prefill side, which remembers those, refuses them as stale."""

@@ -39,10 +39,12 @@ async def _stream(client: AsyncBatonClient, prompt: str, options: dict, progress
     return deltas, finish
 
 
-def _through_faults(up: BatonUp, prompts: list[str], params: list[dict], faults) -> list:
+def _through_faults(up: BatonUp, prompts: list[str], params: list[dict], faults) -> tuple[list, list]:
     """Runs the streams; each (tokens, fault) in `faults` fires once every stream has that many tokens.
-    Returns each stream's (deltas, finish)."""
+    Returns each stream's (deltas, finish), and each stream's token count as each fault fired (a stream may
+    have had all its tokens, and its Finish, before: on a loaded machine streams go at uneven paces)."""
     progress = [0] * len(prompts)
+    at_faults: list[list[int]] = []
 
     async def run():
         async with AsyncBatonClient(up.address, timeout=300) as client:
@@ -50,10 +52,18 @@ def _through_faults(up: BatonUp, prompts: list[str], params: list[dict], faults)
             for tokens, fault in faults:
                 while min(progress) < tokens:  # every stream is decoding (wherever it is)
                     await asyncio.sleep(0.01)
+                at_faults.append(list(progress))
                 fault()
             return await asyncio.gather(*tasks)
 
-    return asyncio.run(run())
+    return asyncio.run(run()), at_faults
+
+
+def _ran_on_after(results: list, at_fault: list[int], tokens: int, node: str) -> None:
+    """Every stream that had not all its tokens when the fault fired ended on `node`."""
+    for i, (_, finish) in enumerate(results):
+        if at_fault[i] < tokens:
+            assert finish.decode_node == node, f"stream {i}"
 
 
 def _assert_whole(results: list, want: list[list[int]], tokens: int) -> None:
@@ -76,7 +86,7 @@ def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_pat
         survivor = next(n for n in up.nodes("decode") if n.node_id == "decode-2")
         baseline = up.stats(survivor).total_blocks
         faults = [(tokens, lambda v=victim: os.kill(v, signal.SIGKILL)) for victim, tokens in zip(victims, (10, 50))]
-        results = _through_faults(up, prompts, [_params(i) for i in range(STREAMS)], faults)
+        results, _ = _through_faults(up, prompts, [_params(i) for i in range(STREAMS)], faults)
         _assert_whole(results, want, TOKENS)
         for i, (deltas, finish) in enumerate(results):
             assert "".join(d.text for d in deltas) == want_text[i], f"stream {i}"
@@ -124,7 +134,8 @@ def test_an_engine_resumes_a_stream_token_for_token_from_what_was_delivered(stor
 def test_requests_survive_a_prefill_node_killed_while_it_prefills(stories_path, stories_llm: LLM, tmp_path):
     """2P1D; a prefill node is SIGKILLed while prompts are being computed and sent: every request completes on
     the other one, token for token, and the decode node is left holding nothing, at the latest once the
-    transfers that were waiting for the dead node to join their channel time out (5 s here)."""
+    transfers that were waiting for the dead node to join their channel time out (5 s here; gloo's own connect
+    attempts, when it died in the middle of a rendezvous, took 25 s in one run)."""
     prompt = "Once upon a time, there was a little girl named Lily. She liked to play outside. " * 4
     params = dict(max_tokens=24, temperature=0.0, ignore_eos=True)
     [want] = stories_llm.generate([prompt], SamplingParams(**params))
@@ -153,7 +164,7 @@ def test_requests_survive_a_prefill_node_killed_while_it_prefills(stories_path, 
         assert all(tokens == want.token_ids for tokens in results)
         log = (up.log_dir / "router.log").read_text()
         assert "prefill-0 failed" in log, "no request was on the killed node: nothing was shown"
-        up.wait_until(lambda: (s := up.stats(decode)).free_blocks == baseline and not s.running, timeout=5 + 10)
+        up.wait_until(lambda: (s := up.stats(decode)).free_blocks == baseline and not s.running, timeout=60)
     assert not up.hung
 
 
@@ -170,11 +181,11 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
                  "--stream-inactivity-timeout", "2") as up:
         victim = up.node_pid("decode-0")
         try:
-            results = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGSTOP))])
+            results, [at_stop] = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGSTOP))])
         finally:
             os.kill(victim, signal.SIGCONT)
         _assert_whole(results, want, TOKENS)
-        assert all(finish.decode_node == "decode-1" for _, finish in results)
+        _ran_on_after(results, at_stop, TOKENS, "decode-1")
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
                  if "decode-0 failed" in line and "no token within 2 s" in line]
         assert moved, "no stream was on the stopped node: nothing was shown"
@@ -213,9 +224,9 @@ def test_a_decode_node_stopped_with_sigterm_hands_over_what_it_cannot_finish(sto
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
                  "--drain-timeout", "0.3") as up:
         victim = up.node_pid("decode-0")
-        results = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGTERM))])
+        results, [at_term] = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGTERM))])
         _assert_whole(results, want, 400)
-        assert all(finish.decode_node == "decode-1" for _, finish in results)
+        _ran_on_after(results, at_term, 400, "decode-1")
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
                  if "decode-0 failed" in line and "handed over" in line]
         assert moved, "no stream was handed over: nothing was shown"
@@ -235,7 +246,7 @@ def test_colocated_streams_move_to_another_colocated_node(fault: str, stories_pa
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "0", "--decode", "0", "--colocated", "2",
                  "--drain-timeout", "0.3") as up:
         victim = up.node_pid("colocated-0")
-        results = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, getattr(signal, fault)))])
+        results, _ = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, getattr(signal, fault)))])
         _assert_whole(results, want, 300)
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
                  if "colocated-0 failed" in line and "resuming on other nodes" in line]
