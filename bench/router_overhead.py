@@ -121,15 +121,8 @@ async def one_stream(path: str, stub, prompt: list[int], max_tokens: int, timeou
     return s
 
 
-async def run_level(path: str, stub, prompts: list[list[int]], max_tokens: int, pids: dict[str, int],
-                    timeout: float) -> dict:
-    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    client0 = time.process_time()
-    t0 = time.perf_counter()
-    streams = await asyncio.gather(*(one_stream(path, stub, p, max_tokens, timeout) for p in prompts))
-    wall = time.perf_counter() - t0
-    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
-    cpu["client"] = time.process_time() - client0
+def latencies(streams: list[Stream]) -> tuple[list[float], list[float], dict[str, int]]:
+    """ITL (ms; a message of k tokens counts its gap once and k-1 zeros), TTFT (ms) and errors by kind."""
     itl, ttft, errors = [], [], {}
     for s in streams:
         if s.error:
@@ -142,6 +135,19 @@ async def run_level(path: str, stub, prompts: list[list[int]], max_tokens: int, 
                 itl.append((t - prev) * 1e3)
             itl.extend([0.0] * (n - 1))
             prev = t
+    return itl, ttft, errors
+
+
+async def run_level(path: str, stub, prompts: list[list[int]], max_tokens: int, pids: dict[str, int],
+                    timeout: float) -> dict:
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client0 = time.process_time()
+    t0 = time.perf_counter()
+    streams = await asyncio.gather(*(one_stream(path, stub, p, max_tokens, timeout) for p in prompts))
+    wall = time.perf_counter() - t0
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    cpu["client"] = time.process_time() - client0
+    itl, ttft, errors = latencies(streams)
     tokens = sum(s.tokens for s in streams)
     return dict(streams=len(streams), tokens=tokens, wall_s=wall, itl_ms=itl, ttft_ms=ttft, errors=errors, cpu_s=cpu,
                 messages=sum(len(s.arrivals) for s in streams))

@@ -141,6 +141,18 @@ def _cluster_args(parser: argparse.ArgumentParser, port: int = 0) -> None:
 def _process_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="exit when the process that started this one ends (what `baton up` passes)")
+    _log_format_arg(parser)
+
+
+def _served_name_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                        help="the model's name in requests and listings, then its aliases (default: the "
+                             "checkpoint folder's name; stories260K for the bundled model)")
+
+
+def _log_format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="log lines as text, or as JSON objects (one per line, with the request id)")
 
 
 def _start_process(args: argparse.Namespace) -> None:
@@ -170,9 +182,10 @@ def _node(args: argparse.Namespace) -> int:
 
     _start_process(args)
     run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
-                   port=args.port, advertise_host=args.advertise_host, ttl=args.ttl, threads=args.threads,
-                   transfer_timeout=args.transfer_timeout, kv_path=args.kv_path, drain_timeout=args.drain_timeout,
-                   engine=_engine_config(args)))
+                   port=args.port, metrics_port=args.metrics_port, advertise_host=args.advertise_host, ttl=args.ttl,
+                   threads=args.threads, transfer_timeout=args.transfer_timeout, kv_path=args.kv_path,
+                   drain_timeout=args.drain_timeout, served_model_names=tuple(args.served_model_name),
+                   log_format=args.log_format, engine=_engine_config(args)))
     return 0
 
 
@@ -182,12 +195,14 @@ def _router(args: argparse.Namespace) -> int:
     _start_process(args)
     run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
                      max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations,
-                     inactivity_timeout=args.stream_inactivity_timeout, node_wait=args.node_wait))
+                     inactivity_timeout=args.stream_inactivity_timeout, node_wait=args.node_wait,
+                     http_port=args.http_port, chat_template=args.chat_template, log_format=args.log_format,
+                     served_model_name=args.served_model_name[0] if args.served_model_name else ""))
     return 0
 
 
 def _up(args: argparse.Namespace) -> int:
-    from baton.cluster.launch import ClusterSpec, run_up
+    from baton.cluster.launch import ClusterSpec, ModelPool, load_pools, run_up
     from baton.engine import FieldError
     from baton.engine.config import resolve_device, resolve_kernels
 
@@ -206,16 +221,25 @@ def _up(args: argparse.Namespace) -> int:
     passed_on = {"--device": args.device, "--kernels": args.kernels, "--block-size": args.block_size,
                  "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
-                 "--kv-path": args.kv_path, "--drain-timeout": args.drain_timeout}
+                 "--kv-path": args.kv_path, "--drain-timeout": args.drain_timeout, "--log-format": args.log_format}
     node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
-    role_args = {"colocated": ["--tp", str(args.tp)], "decode": ["--tp", str(args.decode_tp)],
-                 "prefill": ["--tp", str(args.prefill_tp)]}
-    return run_up(ClusterSpec(model=args.model, prefill=args.prefill, decode=args.decode, colocated=args.colocated,
+    first = ModelPool(args.model, tuple(args.served_model_name), args.prefill, args.decode, args.colocated,
+                      args.prefill_tp, args.decode_tp, args.tp)
+    more: list[ModelPool] = []
+    if args.config:  # the models and their nodes come from the file; the first is the router's
+        first, *more = load_pools(args.config)
+    names = ["--served-model-name", *first.names] if first.names else []
+    role_args = {"colocated": ["--tp", str(first.tp), *names], "decode": ["--tp", str(first.decode_tp), *names],
+                 "prefill": ["--tp", str(first.prefill_tp), *names]}
+    return run_up(ClusterSpec(model=first.model, prefill=first.prefill, decode=first.decode, colocated=first.colocated,
                               port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
                               router_args=["--max-migrations", str(args.max_migrations), "--stream-inactivity-timeout",
-                                           str(args.stream_inactivity_timeout), "--node-wait", str(args.node_wait)],
+                                           str(args.stream_inactivity_timeout), "--node-wait", str(args.node_wait),
+                                           "--log-format", args.log_format]
+                              + (["--chat-template", args.chat_template] if args.chat_template else []) + names,
+                              http_port=args.http_port, more_models=more,
                               log_dir=args.log_dir))
 
 
@@ -281,6 +305,12 @@ def _launch(args: argparse.Namespace) -> int:
         return 1
 
 
+def _status(args: argparse.Namespace) -> int:
+    from baton.cluster.status import run_status
+
+    return run_status(args.etcd, args.cluster, args.watch)
+
+
 # What `pip install 'baton-llm[bench]'` adds: `baton bench` alone needs them, so they are imported only there.
 BENCH_EXTRAS = frozenset({"matplotlib", "yaml", "tqdm"})
 
@@ -296,6 +326,14 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"baton bench: error: it needs {e.name}, an optional dependency: pip install 'baton-llm[bench]'",
               file=sys.stderr)
         return 2
+
+
+def _http_args(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--http-port", type=int, default=port,
+                        help=f"the router's OpenAI-compatible HTTP port, on its host (0: no HTTP front; default "
+                             f"{port})")
+    parser.add_argument("--chat-template", default="", metavar="FILE",
+                        help="a Jinja chat template for /v1/chat/completions, in place of the checkpoint's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the decode nodes' tensor-parallel degree (any two degrees the model takes meet: each "
                          "decode rank receives its KV heads from the prefill ranks that hold them)")
     _migration_args(up)
+    _http_args(up, 8000)
+    up.add_argument("--config", default="", metavar="FILE",
+                    help="several models, each with its own nodes (YAML, see examples/up/models.yaml); in place of "
+                         "--model, --prefill, --decode, --colocated and the TP options")
+    _served_name_arg(up)
+    _log_format_arg(up)
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     up.set_defaults(run=_up)
 
@@ -348,11 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on SIGTERM, seconds to finish running work after leaving etcd; a decode node then "
                            "hands the streams it still has to the router, which resumes them elsewhere (default 30)")
     _kv_path_arg(node)
+    node.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                      help="serve Prometheus metrics (GET /metrics) on this port of --host (default 0: a free one); "
+                           "the address is published in etcd, where `baton status` finds it")
     node.add_argument("--advertise-host", default="",
                       help="the address other nodes and the router dial (default: --host, or this machine's "
                            "address when --host is a wildcard such as 0.0.0.0)")
     node.add_argument("--cpus", type=_cpu_list, default=None, metavar="N[,N...]", help="pin to these cores")
     _cluster_args(node)
+    _served_name_arg(node)
     _engine_args(node)
     node.set_defaults(run=_node)
 
@@ -369,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse prompt text over this many UTF-8 bytes before tokenizing it "
                              "(default: derived from the tokenizer and the model's context)")
     _migration_args(router)
+    _http_args(router, 0)
+    _served_name_arg(router)
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
 
@@ -389,6 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--cluster", required=True, help="the cluster's name (its placement's `cluster`)")
     launch.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     launch.set_defaults(run=_launch)
+
+    status = sub.add_parser("status", help="the cluster's nodes and their load, from etcd and their metrics")
+    status.add_argument("--etcd", required=True,
+                        help="etcd URL, e.g. http://127.0.0.1:2379 (`baton up` prints its own)")
+    status.add_argument("--cluster", default="", help="the cluster's name (default: every cluster in that etcd)")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")
+    status.set_defaults(run=_status)
     return parser
 
 

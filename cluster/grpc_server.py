@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from baton.cluster import logs
 from baton.v1 import baton_pb2, node_pb2
 
 
@@ -156,14 +157,14 @@ SHUTDOWN_GRACE_S = 10.0
 
 
 def run_until_signalled(name: str, serve: Callable[[asyncio.Event], Awaitable[None]],
-                        grace: float = SHUTDOWN_GRACE_S) -> None:
-    """A server process's entry point: uvloop, logs tagged with `name`, and SIGTERM/SIGINT set the event
-    that `serve` waits on, so it can leave the membership and stop cleanly. From the first signal on, a
+                        grace: float = SHUTDOWN_GRACE_S, log_format: str = "text") -> None:
+    """A server process's entry point: uvloop, logs tagged with `name` (text or JSON lines, `logs.configure`),
+    and SIGTERM/SIGINT set the event that `serve` waits on, so it can leave the membership and stop cleanly. From the first signal on, a
     watchdog thread ends the process after `grace` seconds even if the event loop is stuck; a second signal
     ends it at once."""
     import uvloop
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    logs.configure(name, log_format)
     log = logging.getLogger(name)
 
     def hard_exit(why: str) -> None:

@@ -28,6 +28,74 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from baton.cluster.etcd_server import EtcdServer, free_port
 from baton.cluster.loops import retrying
 from baton.cluster.membership import MembershipWatcher
+from baton.v1 import baton_pb2, baton_pb2_grpc
+
+@dataclass(frozen=True, slots=True)
+class ModelPool:
+    """One model's nodes in a cluster of several (`baton up --config`): its checkpoint, the names requests
+    give it (the first is its name), and its nodes with their tensor-parallel degrees."""
+
+    model: str = ""  # checkpoint folder; "" -> the bundled stories260K
+    names: tuple[str, ...] = ()  # () -> the folder's name
+    prefill: int = 0
+    decode: int = 0
+    colocated: int = 0
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    tp: int = 1  # the colocated nodes'
+
+
+_POOL_KEYS = {"model", "name", "aliases", "prefill", "decode", "colocated", "prefill_tp", "decode_tp", "tp"}
+
+
+def load_pools(path: str | Path) -> list[ModelPool]:
+    """The models of a `baton up --config` file (YAML): a list under `models`, each with its checkpoint
+    (`model`), its `name` and `aliases`, and its nodes (`prefill`, `decode`, `colocated`, `prefill_tp`,
+    `decode_tp`, `tp`). Raises FieldError naming the entry and key."""
+    import yaml
+
+    from baton.engine import FieldError
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise FieldError("config", f"cannot read {path}: {e}") from None
+    entries = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise FieldError("config", f"{path}: needs a non-empty list under 'models'")
+    pools, seen = [], set()
+    for i, e in enumerate(entries):
+        where = f"models[{i}]"
+        if not isinstance(e, dict):
+            raise FieldError(where, "must be a mapping")
+        if unknown := set(e) - _POOL_KEYS:
+            raise FieldError(where, f"unknown keys {sorted(unknown)} (known: {sorted(_POOL_KEYS)})")
+        counts = {}
+        for key, low in (("prefill", 0), ("decode", 0), ("colocated", 0), ("prefill_tp", 1), ("decode_tp", 1),
+                         ("tp", 1)):
+            value = e.get(key, low)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise FieldError(f"{where}.{key}", f"must be an integer >= {low}, got {value!r}")
+            counts[key] = value
+        if not (counts["prefill"] and counts["decode"]) and not counts["colocated"]:
+            raise FieldError(where, "needs prefill and decode nodes, or colocated nodes")
+        if bool(counts["prefill"]) != bool(counts["decode"]):
+            raise FieldError(where, "prefill and decode nodes come together")
+        model, name, aliases = e.get("model", ""), e.get("name", ""), e.get("aliases", [])
+        if not isinstance(model, str):
+            raise FieldError(f"{where}.model", "must be a checkpoint folder")
+        if not isinstance(name, str) or not isinstance(aliases, list) or \
+                not all(isinstance(a, str) and a for a in aliases):
+            raise FieldError(f"{where}.name", "name must be a string and aliases a list of strings")
+        if aliases and not name:
+            raise FieldError(f"{where}.aliases", "give the model a name too")
+        key = name or model
+        if key in seen:
+            raise FieldError(where, f"model {key!r} is listed twice")
+        seen.add(key)
+        pools.append(ModelPool(model=model, names=tuple([name, *aliases]) if name else (), **counts))
+    return pools
+
 
 @dataclass(slots=True)
 class ClusterSpec:
@@ -45,8 +113,12 @@ class ClusterSpec:
     node_args: list[str] = field(default_factory=list)  # extra `baton node` options (engine settings)
     role_args: dict[str, list[str]] = field(default_factory=dict)  # more options for one role's nodes
     router_args: list[str] = field(default_factory=list)  # extra `baton router` options
+    http_port: int = 0  # the router's OpenAI-compatible HTTP front (0: none)
     log_dir: str = ""
     start_timeout: float = 180.0
+    # More models, each with its own nodes (`baton up --config`); their node ids start with the model's name.
+    # The model above (model, prefill, decode, colocated, role_args) is the first; the router is given it.
+    more_models: list[ModelPool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("prefill", "decode", "colocated"):
@@ -97,27 +169,38 @@ class LocalCluster:
         if not self.etcd_url:
             self.etcd = EtcdServer().start()
             self.etcd_url = self.etcd.url
-        count = spec.prefill + spec.decode + spec.colocated
+        count = spec.prefill + spec.decode + spec.colocated + sum(p.prefill + p.decode + p.colocated
+                                                                  for p in spec.more_models)
         threads = spec.threads or max(1, (os.cpu_count() or 1) // count)
         common = ["--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host, "--threads", str(threads)]
-        if spec.model:
-            common += ["--model", spec.model]
         cores = sorted(os.sched_getaffinity(0))
-        for role, n in (("prefill", spec.prefill), ("decode", spec.decode), ("colocated", spec.colocated)):
-            for i in range(n):
-                node_id = f"{role}-{i}"
-                core = cores[len(self.nodes) % len(cores)] if spec.pin else None
-                chunked = ["--enable-chunked-prefill"] if spec.chunked_prefill and role != "prefill" else []
-                args = ["node", "--role", role, "--node-id", node_id, *common, *chunked, *spec.node_args,
-                        *spec.role_args.get(role, [])]
-                self.nodes[node_id] = self._spawn(node_id, args, threads, core)
+        pools = [("", spec.model, (spec.prefill, spec.decode, spec.colocated), spec.role_args, [])]
+        for p in spec.more_models:
+            names = ["--served-model-name", *p.names] if p.names else []
+            prefix = (p.names[0] if p.names else Path(p.model).name if p.model else "stories260K") + "-"
+            pools.append((prefix, p.model, (p.prefill, p.decode, p.colocated),
+                          {"prefill": ["--tp", str(p.prefill_tp)], "decode": ["--tp", str(p.decode_tp)],
+                           "colocated": ["--tp", str(p.tp)]}, names))
+        for prefix, model, counts, role_args, names in pools:
+            for role, n in zip(("prefill", "decode", "colocated"), counts):
+                for i in range(n):
+                    node_id = f"{prefix}{role}-{i}"
+                    core = cores[len(self.nodes) % len(cores)] if spec.pin else None
+                    chunked = ["--enable-chunked-prefill"] if spec.chunked_prefill and role != "prefill" else []
+                    args = ["node", "--role", role, "--node-id", node_id, *common,
+                            *(["--model", model] if model else []), *chunked, *spec.node_args,
+                            *role_args.get(role, []), *names]
+                    self.nodes[node_id] = self._spawn(node_id, args, threads, core)
         port = spec.port or free_port(spec.host)
         router_args = ["router", "--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host,
-                       "--port", str(port)] + (["--model", spec.model] if spec.model else []) + spec.router_args
+                       "--port", str(port), "--http-port", str(spec.http_port)] + \
+            (["--model", spec.model] if spec.model else []) + spec.router_args
         self.router = self._spawn("router", router_args, 1)
         asyncio.run(self._wait_registered())
         self.address = f"{spec.host}:{port}"
         self._wait_router_serving()
+        if spec.more_models:
+            asyncio.run(self._wait_models_served())
         return self.address
 
     def _check_alive(self) -> None:
@@ -158,6 +241,26 @@ class LocalCluster:
                     pass
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"router not serving after {self.spec.start_timeout} s")
+
+    async def _wait_models_served(self) -> None:
+        """Until the router lists every model its nodes registered (it loads each as it first sees it)."""
+        deadline = time.monotonic() + self.spec.start_timeout
+        watcher = await MembershipWatcher.start(self.etcd_url, self.cluster)
+        try:
+            async with grpc.aio.insecure_channel(self.address) as channel:
+                stub = baton_pb2_grpc.BatonStub(channel)
+                while True:
+                    registered = {n.model for n in watcher.nodes()}
+                    listed = await stub.ListModels(baton_pb2.ListModelsRequest(), timeout=10)
+                    if registered <= {m.id for m in listed.models}:
+                        return
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the router does not serve {sorted(registered)} after "
+                                           f"{self.spec.start_timeout} s")
+                    await asyncio.sleep(0.1)
+        finally:
+            await watcher.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Router first (no new requests), then the nodes, then etcd; SIGKILL whatever outlives `timeout`."""
@@ -204,6 +307,8 @@ def run_up(spec: ClusterSpec) -> int:
             cluster.start()
             with lock:
                 starting = False
+            if spec.http_port:  # first: what reads these lines has both once it sees the router's
+                print(f"baton: OpenAI-compatible HTTP on http://{spec.host}:{spec.http_port}/v1", flush=True)
             print(f"baton: router listening on {cluster.address} (cluster {cluster.cluster}, "
                   f"etcd {cluster.etcd_url}, logs in {cluster.log_dir})", flush=True)
             stop.wait()

@@ -72,7 +72,7 @@ def machine_processes(p: Placement, machine: str, etcd_url: str) -> dict[str, Pr
     out = {}
     if m.router is not None:
         out[ROUTER] = ProcessSpec(ROUTER, ("router", *common, "--host", m.router.host or m.host,
-                                           "--port", str(m.router.port)))
+                                           "--port", str(m.router.port), "--http-port", str(m.router.http_port)))
     o = p.options
     engine = ("--device", p.model.device, "--kernels", p.model.kernels, "--kv-path", o.kv_path,
               "--drain-timeout", str(o.drain_timeout))

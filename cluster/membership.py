@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -50,9 +50,16 @@ class NodeInfo:
     free_blocks: int = 0
     running: int = 0
     waiting: int = 0
+    # Added later: a record without them (an older node's) reads as no metrics endpoint, one rank.
+    metrics_address: str = ""  # host:port of its Prometheus metrics (GET /metrics); "" -> none
+    tensor_parallel_size: int = 1
+    model_path: str = ""  # the checkpoint folder, as the node sees it (a router loads the tokenizer from it)
+    aliases: list[str] = field(default_factory=list)  # other names requests may give the model
 
     def __post_init__(self) -> None:
-        for name in ("node_id", "role", "model", "address"):
+        if not isinstance(self.aliases, list) or not all(isinstance(a, str) and a for a in self.aliases):
+            raise ValueError(f"NodeInfo.aliases must be a list of non-empty strings, got {self.aliases!r}")
+        for name in ("node_id", "role", "model", "address", "metrics_address", "model_path"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"NodeInfo.{name} must be a string, got {getattr(self, name)!r}")
         if not self.node_id or "/" in self.node_id:
@@ -65,6 +72,9 @@ class NodeInfo:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"NodeInfo.{name} must be an int >= 0, got {v!r}")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"NodeInfo.tensor_parallel_size must be an int >= 1, got {tp!r}")
         if self.free_blocks > self.capacity:
             raise ValueError(f"NodeInfo.free_blocks ({self.free_blocks}) exceeds capacity ({self.capacity})")
 

@@ -1,7 +1,8 @@
 """One node process: an engine, its gRPC service, and its registration in etcd.
 
 Roles: `prefill` (PrefillNode service), `decode` (DecodeNode service, hosts the KV rendezvous store) and
-`colocated` (DecodeNode service, whose Generate runs prompt and decode on this engine).
+`colocated` (DecodeNode service, whose Generate runs prompt and decode on this engine). Each also serves its
+Prometheus metrics over HTTP (`metrics`), at the address it publishes in etcd beside its gRPC one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, SHUTDOWN_GRACE_S, Server, run_until_signalled
 from baton.cluster.loops import every, retrying
 from baton.cluster.membership import NodeInfo, NodeRegistration
+from baton.cluster.metrics import MetricsServer
 from baton.engine import EngineConfig, LLMEngine
+from baton.engine.loader import resolve_model_path, served_name
 from baton.engine.shm import remove_stale_shm
 from baton.engine.async_engine import AsyncEngine
 from baton.kvtransfer.channel import KVStoreHost, join_address
@@ -42,6 +45,7 @@ class NodeConfig:
     node_id: str = ""  # "" -> role + a random suffix
     host: str = "127.0.0.1"
     port: int = 0  # 0 -> any free port
+    metrics_port: int = 0  # Prometheus metrics (GET /metrics) on `host`; 0 -> any free port (published in etcd)
     advertise_host: str = ""  # the name others dial; "" -> `host`, or this machine's address if that is a wildcard
     ttl: float = 3.0  # membership lease: a dead node disappears within this
     threads: int = 0  # torch threads; 0 -> torch's default
@@ -54,6 +58,10 @@ class NodeConfig:
     # On SIGTERM the node leaves etcd, then serves what it holds (running, waiting, reserved) for up to this
     # long before its server stops.
     drain_timeout: float = 30.0
+    # The names requests give its model: the first is its name ("" -> the folder's, see served_name), the
+    # others aliases. Every node of a model registers the same.
+    served_model_names: tuple[str, ...] = ()
+    log_format: str = "text"  # or "json": one JSON object per line
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -67,6 +75,8 @@ class NodeConfig:
             self.advertise_host = advertised_host(self.host)
         if not 0 <= self.drain_timeout < float("inf"):
             raise ValueError(f"drain_timeout: must be a number of seconds >= 0, got {self.drain_timeout!r}")
+        if not (isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535):
+            raise ValueError(f"metrics_port: must be a port number (0: any free port), got {self.metrics_port!r}")
         if self.kv_path not in KV_PATHS:
             raise ValueError(f"kv_path: must be one of {KV_PATHS}, got {self.kv_path!r}")
         if self.kv_path == "shared" and self.role != "prefill":
@@ -97,30 +107,38 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         remove_stale_shm()  # what killed nodes on this host left in /dev/shm
     engine = await asyncio.to_thread(LLMEngine, cfg.engine)
     store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host) if cfg.role != "prefill" else None
-    servicer, tasks = None, []
+    servicer, metrics, tasks = None, None, []
+    folder = resolve_model_path(cfg.engine.model)
+    model_name = cfg.served_model_names[0] if cfg.served_model_names else served_name(folder)
     try:
         if cfg.role == "prefill":
             from baton.prefill.server import PrefillServicer
 
             async_engine = AsyncEngine(engine, loop)
-            servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path)
+            servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
+                                       model=model_name)
             server = Server([(node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)])
         else:
             from baton.decode.server import DecodeServicer
 
             async_engine = AsyncEngine(engine, loop)
             servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout,
-                                      publish_share=cfg.kv_path != "pair")
+                                      publish_share=cfg.kv_path != "pair", model=model_name)
             server = Server([(node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)])
             tasks.append(asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry")))
         port = server.bind(cfg.host, cfg.port).rpartition(":")[2]
         address = join_address(cfg.advertise_host, port)
+        # Bound before gRPC serves: a metrics port in use stops the node before it takes a request.
+        metrics = await MetricsServer.start(servicer.metrics, servicer.stats, cfg.host, cfg.metrics_port)
         await server.start()
         await server.set_serving(True)
         stats = await servicer.stats()
         info = NodeInfo(
-            node_id=cfg.node_id, role=cfg.role, model=engine.model_config.architecture, address=address,
+            node_id=cfg.node_id, role=cfg.role, model=model_name, aliases=list(cfg.served_model_names[1:]),
+            model_path=str(folder.resolve()), address=address,
             capacity=stats.total_blocks, free_blocks=stats.free_blocks, running=0, waiting=0,
+            metrics_address=join_address(cfg.advertise_host, metrics.port),
+            tensor_parallel_size=cfg.engine.tensor_parallel_size,
         )
         registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl),
                                       (aetcd.ClientError,), START_RETRY_S, "registering in etcd")
@@ -152,6 +170,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     finally:
         for task in tasks:
             task.cancel()
+        if metrics is not None:  # before the engine goes: a scrape reads it
+            await metrics.close()
         if servicer is not None:
             await servicer.close()
             await async_engine.close()
@@ -201,4 +221,5 @@ class LoadReporter:
 def run(cfg: NodeConfig) -> None:
     """Process entry point: serves until SIGTERM or SIGINT, then drains. The process ends within the drain
     timeout plus the usual shutdown grace of its first stop signal; a second one ends it at once."""
-    run_until_signalled(cfg.node_id, lambda stop: serve(cfg, stop), grace=cfg.drain_timeout + SHUTDOWN_GRACE_S)
+    run_until_signalled(cfg.node_id, lambda stop: serve(cfg, stop), grace=cfg.drain_timeout + SHUTDOWN_GRACE_S,
+                        log_format=cfg.log_format)

@@ -69,6 +69,7 @@ class NodeOptions:
 class RouterSpec:
     port: int = 50051
     host: str = ""  # "": the machine's host
+    http_port: int = 0  # the OpenAI-compatible HTTP front (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +273,8 @@ def _machine(obj: Any, where: str) -> MachineSpec:
     router = None
     if (r := e.get("router")) is not None:
         r = _Entry(r, f"{e.where}.router")
-        router = RouterSpec(port=r.integer("port", 50051, 1, 65535), host=r.string("host"))
+        router = RouterSpec(port=r.integer("port", 50051, 1, 65535), host=r.string("host"),
+                            http_port=r.integer("http_port", 0, 0, 65535))
         r.done()
     spec = MachineSpec(name=name, host=e.string("host", "0.0.0.0"), advertise_host=e.string("advertise_host"),
                        gpus=e.gpu_ids("gpus", allow_count=True), router=router,

@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import grpc
 
 from baton.cluster.messages import (LOST_NODE_KEY, abort_for, kv_layout, layouts_match, responses_from_output,
                                    resumed_from_proto, sampling_from_proto, share_to_proto)
+from baton.cluster.metrics import NodeMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import KVRoute, kv_routes, shard
@@ -38,7 +40,8 @@ DEFAULT_LEASE_MS = 30_000
 
 class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     def __init__(self, node_id: str, role: str, engine: AsyncEngine, store: KVStoreHost | None,
-                 transfer_timeout: float = 30.0, peer_idle_seconds: float = 60.0, publish_share: bool = True) -> None:
+                 transfer_timeout: float = 30.0, peer_idle_seconds: float = 60.0, publish_share: bool = True,
+                 model: str = "") -> None:
         self.node_id = node_id
         self.role = role
         self.engine = engine
@@ -70,8 +73,13 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                        for r in range(spec.tensor_parallel_size)]
         self.link = RankLink(engine.rank_links()) if spec.tensor_parallel_size > 1 else None
         self.rank_bytes = [0] * spec.tensor_parallel_size  # KV bytes each rank received
-        self._writes: dict[str, asyncio.Task] = {}  # request id -> its deadline, until KVWritten
+        # request id -> (its deadline, when the writes began), until KVWritten
+        self._writes: dict[str, tuple[asyncio.Task, float]] = {}
         self.handing_over = False  # stopping: each stream ends at its next token, for the router to move it
+        # `model`: the name the node registers its model under ("": the architecture's), its metrics' label.
+        self.metrics = NodeMetrics(node_id, role, model or engine.model_config.architecture,
+                                   spec.tensor_parallel_size)
+        engine.set_step_observer(self.metrics.observe_step)
 
     # -- reservations -------------------------------------------------------------------------------
 
@@ -167,6 +175,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     async def _receive(self, request, r: Reservation, routes: list[KVRoute], abandon: threading.Event
                        ) -> tuple[int | None, bool]:
         """(bytes received or None, whether the sender cancelled the transfer)."""
+        started = time.monotonic()
         blocks = r.blocks[: self.engine.blocks_for(request.num_tokens)]
         received, cancelled, cause = None, False, "kv transfer failed"
         failures, cancels, nbytes = await self._routes(request, routes, coalesce(blocks), False, abandon)
@@ -178,6 +187,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         else:
             received = nbytes
             self.kv_bytes_received += received
+            self.metrics.transfer_done(started)
         await self.reservations.receive_ended(r, received is not None, cause)
         return received, cancelled
 
@@ -240,7 +250,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             self.reservations.advance(r, Phase.RECEIVING)  # at once, before any await: see Reservations
         except NotAllowed as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        self._writes[request.request_id] = asyncio.create_task(self._write_deadline(r, request.prefill_node_id))
+        self._writes[request.request_id] = (asyncio.create_task(self._write_deadline(r, request.prefill_node_id)),
+                                            time.monotonic())
         return node_pb2.ReceiveKVResponse()
 
     async def _write_deadline(self, r: Reservation, prefill_id: str) -> None:
@@ -250,14 +261,16 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await self.reservations.receive_ended(r, False, "the prefill node's KV writes did not end in time")
 
     async def KVWritten(self, request, context):
-        deadline = self._writes.pop(request.request_id, None)
+        write = self._writes.pop(request.request_id, None)
         r = self.reservations.get(request.request_id)
-        if deadline is None or r is None:
+        if write is None or r is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no KV write in progress for "
                                 f"{request.request_id!r}")
+        deadline, started = write
         deadline.cancel()
         if request.ok:
             self.kv_bytes_received += request.bytes_written
+            self.metrics.transfer_done(started)
         await self.reservations.receive_ended(r, request.ok, "kv written" if request.ok else
                                               f"the prefill node {request.prefill_node_id} gave up its KV writes")
         return node_pb2.KVWrittenResponse()
@@ -265,60 +278,67 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     # -- decoding -----------------------------------------------------------------------------------
 
     async def Continue(self, request, context):
-        rid = request.request_id
-        r = self.reservations.get(rid)
-        if r is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no reservation for {rid!r}")
-        try:
-            params = sampling_from_proto(request.sampling)
-            if not request.first_logprob <= 0:  # NaN, or a probability above 1
-                raise FieldError("first_logprob", f"must be a log-probability (<= 0), got {request.first_logprob}")
+        with self.metrics.request(context) as track:
+            rid = request.request_id
+            r = self.reservations.get(rid)
+            if r is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no reservation for {rid!r}")
             try:
-                await asyncio.wait_for(r.settled.wait(), self.reservations.lease_left(r))
-            except TimeoutError:
-                await self.reservations.release(rid, "lease expired")  # deferred if K/V are still landing
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    "the KV cache did not arrive within the lease")
-            if r.phase is not Phase.READY:
-                # Its K/V did not come: the prefill node or this one's side of the transfer failed.
-                context.set_trailing_metadata(((LOST_NODE_KEY, ""),))
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request_id: {rid!r} was released ({r.cause})")
-            self.reservations.advance(r, Phase.DECODING)
-            stream = self.engine.open_stream(rid)  # before adopt: a release from here on ends this stream
-            try:
-                await self.engine.adopt(rid, list(request.prompt_token_ids), request.first_token,
-                                        request.first_logprob, params, resumed_from_proto(request.resumed))
-                self.requests_served += 1
-                async for out in self.engine.outputs(rid, stream):
-                    await self._unless_handing_over(out, context)
-                    for response in responses_from_output(out, request.sampling.logprobs):
-                        yield response
+                params = sampling_from_proto(request.sampling)
+                if not request.first_logprob <= 0:  # NaN, or a probability above 1
+                    raise FieldError("first_logprob",
+                                     f"must be a log-probability (<= 0), got {request.first_logprob}")
+                try:
+                    await asyncio.wait_for(r.settled.wait(), self.reservations.lease_left(r))
+                except TimeoutError:
+                    await self.reservations.release(rid, "lease expired")  # deferred if K/V are still landing
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        "the KV cache did not arrive within the lease")
+                if r.phase is not Phase.READY:
+                    # Its K/V did not come: the prefill node or this one's side of the transfer failed.
+                    context.set_trailing_metadata(((LOST_NODE_KEY, ""),))
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"request_id: {rid!r} was released ({r.cause})")
+                self.reservations.advance(r, Phase.DECODING)
+                stream = self.engine.open_stream(rid)  # before adopt: a release from here on ends this stream
+                try:
+                    await self.engine.adopt(rid, list(request.prompt_token_ids), request.first_token,
+                                            request.first_logprob, params, resumed_from_proto(request.resumed))
+                    self.requests_served += 1
+                    track.adopted()
+                    async for out in self.engine.outputs(rid, stream):
+                        await self._unless_handing_over(out, context)
+                        track.output(out)
+                        for response in responses_from_output(out, request.sampling.logprobs):
+                            yield response
+                finally:
+                    self.engine.close_stream(rid)
+            except FieldError as e:
+                await abort_for(context, e)
+            except EngineFailed as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode node {self.node_id}: {e}")
             finally:
-                self.engine.close_stream(rid)
-        except FieldError as e:
-            await abort_for(context, e)
-        except EngineFailed as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode node {self.node_id}: {e}")
-        finally:
-            # However the call ends (finished, failed, cancelled, lease run out while waiting): the request's
-            # blocks go, now or, if K/V are still landing, when they have landed.
-            await asyncio.shield(self.reservations.release(rid, "finished"))
+                # However the call ends (finished, failed, cancelled, lease run out while waiting): the request's
+                # blocks go, now or, if K/V are still landing, when they have landed.
+                await asyncio.shield(self.reservations.release(rid, "finished"))
 
     async def Generate(self, request, context):
         """Colocated mode: prompt and decode on this engine."""
-        try:
-            params = sampling_from_proto(request.sampling)
-            outputs = self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
-                                           resumed=resumed_from_proto(request.resumed))
-            self.requests_served += 1
-            async for out in outputs:
-                await self._unless_handing_over(out, context)
-                for response in responses_from_output(out, request.sampling.logprobs):
-                    yield response
-        except (FieldError, NoCapacity) as e:
-            await abort_for(context, e)
-        except EngineFailed as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id}: {e}")
+        with self.metrics.request(context, len(request.prompt_token_ids)) as track:
+            try:
+                params = sampling_from_proto(request.sampling)
+                outputs = self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
+                                               resumed=resumed_from_proto(request.resumed))
+                self.requests_served += 1
+                async for out in outputs:
+                    await self._unless_handing_over(out, context)
+                    track.output(out)
+                    for response in responses_from_output(out, request.sampling.logprobs):
+                        yield response
+            except (FieldError, NoCapacity) as e:
+                await abort_for(context, e)
+            except EngineFailed as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id}: {e}")
 
     def hand_over(self) -> None:
         """The node is stopping and its drain time is up: each stream it still decodes (Continue, or a
@@ -346,7 +366,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         )
 
     async def close(self) -> None:
-        for deadline in self._writes.values():
+        for deadline, _ in self._writes.values():
             deadline.cancel()
         await self.reservations.release_all("node shutdown")
         self.channels.close()

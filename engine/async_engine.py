@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from .engine import KVSink, KVSpec, LLMEngine
+from .engine import KVSink, KVSpec, LLMEngine, StepShape
 from .request import RequestOutput, Resumed, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,10 @@ class AsyncEngine:
     def set_kv_sink(self, sink: KVSink | None) -> None:
         """Before any request: the sink is called on the engine thread."""
         self.engine.set_kv_sink(sink)
+
+    def set_step_observer(self, observer: Callable[[StepShape], None] | None) -> None:
+        """Before any request: `observer` is called on the engine thread with each step's shape."""
+        self.engine.set_step_observer(observer)
 
     @property
     def kv_spec(self) -> KVSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -43,6 +43,21 @@ class KVSpec:
     device: torch.device
     model_kv_heads: int = 0  # the model's, split between the ranks
     tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """What one step computes (for a node's batch-size metrics): tokens of sequences in prefill (prompts, their
+    chunks, or a preempted sequence recomputed), and sequences decoding (each one token, its last sampled)."""
+
+    prefill_tokens: int
+    decode_seqs: int
+
+    @classmethod
+    def of(cls, step: ScheduledStep) -> StepShape:
+        decode = sum(n == 1 and seq.num_output_tokens > 0 and seq.num_computed == seq.num_tokens - 1
+                     for seq, n in zip(step.seqs, step.num_tokens))
+        return cls(sum(step.num_tokens) - decode, decode)
 
 
 class KVSink(Protocol):
@@ -100,6 +115,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
         self._kv_sink: KVSink | None = None
+        self._step_observer: Callable[[StepShape], None] | None = None
 
     def rank_pools(self) -> list[bytes]:
         """The other ranks' KV storages, as they describe them for mapping (`kvtransfer.shared.encode`): ranks
@@ -253,6 +269,10 @@ class LLMEngine:
     def set_kv_sink(self, sink: KVSink | None) -> None:
         self._kv_sink = sink
 
+    def set_step_observer(self, observer: Callable[[StepShape], None] | None) -> None:
+        """`observer(shape)` is called with each step's `StepShape`, on the thread that steps, before it runs."""
+        self._step_observer = observer
+
     @property
     def kv_spec(self) -> KVSpec:
         cfg, kv = self.model_config, self.runner.kv
@@ -304,13 +324,16 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step:
             return []
+        if self._step_observer is not None:
+            self._step_observer(StepShape.of(step))
         after_layer, kv_prompts = self._sink_hook(step)
         logits, sampled = self.runner.run(step.seqs, step.num_tokens, after_layer, kv_prompts)
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
         chosen = [step.seqs[i] for i in sampled]
         tokens, logprobs = sample(logits, [s.params for s in chosen], [s.seed for s in chosen],
-                                  [s.num_output_tokens for s in chosen])
+                                  [s.num_output_tokens for s in chosen], [s.token_ids for s in chosen],
+                                  self.eos_token_ids)
         outputs = []
         for seq, token, logprob in zip(chosen, tokens, logprobs):
             seq.token_ids.append(token)
@@ -348,7 +371,8 @@ class LLMEngine:
         if seq.finish_reason is not None:
             delta += seq.detokenizer.flush()
         seq.text += delta
-        if p.stop and self._cut_at_stop_string(seq, len(delta)):
+        # Before min_tokens tokens, stop strings are not looked for (vLLM's stop checker returns early too).
+        if p.stop and seq.num_output_tokens >= p.min_tokens and self._cut_at_stop_string(seq, len(delta)):
             seq.finish_reason = FinishReason.STOP
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)

@@ -26,7 +26,15 @@ class FinishReason(enum.Enum):
 
 @dataclass(slots=True)
 class SamplingParams:
-    """Per-request generation settings. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` are off."""
+    """Per-request generation settings. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` are off.
+
+    The penalties and `min_p` follow vLLM (and OpenAI for presence/frequency); each default is off:
+    `presence_penalty` and `frequency_penalty` lower a token's logit by `frequency_penalty * n + presence_penalty
+    * (n > 0)`, n its count among the tokens generated so far; `repetition_penalty` divides the positive logit
+    of every token in the prompt or the generated tokens and multiplies the negative ones; `min_p` (sampled
+    rows) drops tokens less probable than `min_p` times the top token; until `min_tokens` tokens are generated,
+    the model's EOS ids and `stop_token_ids` cannot be sampled and stop strings are not looked for.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -37,6 +45,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -56,10 +69,26 @@ class SamplingParams:
             raise InvalidRequest("stop", "stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequest("stop_token_ids", "must be non-negative integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (_is_finite(value) and -2 <= value <= 2):
+                raise InvalidRequest(name, f"must be in [-2, 2], got {value!r}")
+        if not (_is_finite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidRequest("repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty!r}")
+        if not (_is_finite(self.min_p) and 0 <= self.min_p <= 1):
+            raise InvalidRequest("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if not (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens):
+            raise InvalidRequest("min_tokens", f"must be an integer in [0, max_tokens = {self.max_tokens}], "
+                                 f"got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the sampler needs the request's prompt and generated tokens (any penalty is on)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +96,8 @@ class Resumed:
     """What a stream resumed on this engine (its first node failed) has already delivered to its client: the
     tokens generated so far, indices 0..n-1, and how many characters of their text went out (the rest was
     held back while a stop string could still be completing). The sequence carries on from index n, with the
-    same sampler state: sampling's randomness is a function of (seed, index) only."""
+    same sampler state: sampling's randomness is a function of (seed, index) only, and the penalties count the
+    delivered tokens as generated ones."""
 
     token_ids: tuple[int, ...] = ()
     text_chars: int = 0

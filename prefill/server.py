@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import grpc
 import torch
 
 from baton.cluster.messages import (LOST_NODE_KEY, abort_for, chunk_from_output, finish_to_proto, kv_layout,
                                    layouts_match, resumed_from_proto, sampling_from_proto, share_from_proto)
+from baton.cluster.metrics import NodeMetrics, RequestMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import kv_routes, shard
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
     def __init__(self, node_id: str, engine: AsyncEngine, transfer_timeout: float = 30.0,
-                 peer_idle_seconds: float = 60.0, kv_path: str = "auto") -> None:
+                 peer_idle_seconds: float = 60.0, kv_path: str = "auto", model: str = "") -> None:
         self.node_id = node_id
         self.engine = engine
         self.spec = engine.kv_spec
@@ -73,7 +75,10 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self._lock = threading.Lock()
         self.kv_bytes_sent = 0
         self.requests_served = 0
+        # `model`: the name the node registers its model under ("": the architecture's), its metrics' label.
+        self.metrics = NodeMetrics(node_id, "prefill", model or engine.model_config.architecture, tp)
         engine.set_kv_sink(self)
+        engine.set_step_observer(self.metrics.observe_step)
 
     # -- the KV sink (engine thread, inside a step): never raises, a failure stays with its transfer ----
 
@@ -104,74 +109,88 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
     # -- the service ----------------------------------------------------------------------------------
 
     async def Prefill(self, request, context):
-        rid, target = request.request_id, request.target
-        try:
-            params = sampling_from_proto(request.sampling)
-            prompt = list(request.prompt_token_ids)
-            # A resumed stream's delivered tokens are computed (and their K/V sent) with the prompt.
-            computed = len(prompt) + len(request.resumed.token_ids)
-            runs = coalesce(list(target.block_ids))
-            if check_runs(runs) != self.engine.blocks_for(computed):
-                raise FieldError("target.block_ids", f"{check_runs(runs)} blocks for {computed} tokens to compute "
-                                 f"(they fill {self.engine.blocks_for(computed)})")
-        except FieldError as e:
-            await abort_for(context, e)
-        # A tensor-parallel prefill node sends from every rank: through the pair channels only, so far.
-        same_device = (self.kv_path != "pair" and len(self.shards) == 1 and target.HasField("share")
-                       and target.share.device_id == self.device_id)
-        if not layouts_match(target.layout, self.layout, any_degree=True):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
-        try:
-            routes = kv_routes(self.engine.model_config, len(self.shards), target.layout.tensor_parallel_size or 1)
-        except ConfigError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"layout: the decode node's degree: {e}")
-        if same_device:
-            async for event in self._prefill_shared(request, prompt, params, context):
-                yield event
-            return
-        transfer = _Transfer()
-        try:
-            transfer.peer, transfer.generation, transfer.lane = await self.peers.acquire(
-                target.decode_node_id, target.decode_address, target.kv_store_address, self.transfer_timeout)
-            # From here this node owes the decode node a transfer on this lane (a whole one, or a cancel
-            # header): the decode node posts its receive on this call.
-            transfer.receive_call = transfer.peer.stub.ReceiveKV(
-                node_pb2.ReceiveKVRequest(request_id=rid, prefill_node_id=self.node_id,
-                                          generation=transfer.generation, layout=self.layout,
-                                          num_tokens=computed, block_ids=target.block_ids,
-                                          transfer_tag=target.transfer_tag, lane=transfer.lane),
-                timeout=self.transfer_timeout,
-            )
-            # Its answer, awaited through a shield (awaiting the call itself would cancel it with its awaiter):
-            # the lane may not go back before it.
-            transfer.answer = asyncio.ensure_future(transfer.receive_call)
-            transfer.answer.add_done_callback(_retrieve)
-            self._open_routes(rid, target, transfer, routes, runs)
-            await asyncio.shield(asyncio.gather(*(opening for _, opening in transfer.opens)))
-            yield await self._compute(request, prompt, params)
-            sent = await asyncio.shield(self._finish_routes(rid, transfer))
-            await asyncio.shield(transfer.answer)
-            self.kv_bytes_sent += sent
-            yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes_sent=sent))
-        except (FieldError, NoCapacity) as e:
-            await abort_for(context, e)
-        except (KVTransferError, grpc.aio.AioRpcError) as e:
-            # NOT_FOUND: the decode node had released the reservation; it took the transfer in and dropped
-            # it, so the lane is fine. Anything else: the channel (or the node) failed.
-            dropped = isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
-            transfer.failed = transfer.failed or not _lane_in_step(e)
-            if dropped:  # the request was over on the decode side (cancelled): not a failure of anything
-                log.info("kv transfer of %s to %s dropped there: %s", rid, target.decode_node_id, e.details())
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{target.decode_node_id}: {e.details()}")
-            log.warning("kv transfer of %s to %s failed: %s", rid, target.decode_node_id, _short(e))
-            context.set_trailing_metadata(((LOST_NODE_KEY, target.decode_node_id),))  # the router avoids it
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"kv transfer to {target.decode_node_id} failed: {_short(e)}")
-        except EngineFailed as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill node {self.node_id}: {e}")
-        finally:
-            # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
-            await asyncio.shield(self._end(rid, transfer, runs))
+        with self.metrics.request(context, len(request.prompt_token_ids)) as track:
+            rid, target = request.request_id, request.target
+            try:
+                params = sampling_from_proto(request.sampling)
+                prompt = list(request.prompt_token_ids)
+                # A resumed stream's delivered tokens are computed (and their K/V sent) with the prompt.
+                computed = len(prompt) + len(request.resumed.token_ids)
+                runs = coalesce(list(target.block_ids))
+                if check_runs(runs) != self.engine.blocks_for(computed):
+                    raise FieldError("target.block_ids", f"{check_runs(runs)} blocks for {computed} tokens to compute "
+                                     f"(they fill {self.engine.blocks_for(computed)})")
+            except FieldError as e:
+                await abort_for(context, e)
+            # A tensor-parallel prefill node sends from every rank: through the pair channels only, so far.
+            same_device = (self.kv_path != "pair" and len(self.shards) == 1 and target.HasField("share")
+                           and target.share.device_id == self.device_id)
+            if not layouts_match(target.layout, self.layout, any_degree=True):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
+            try:
+                routes = kv_routes(self.engine.model_config, len(self.shards), target.layout.tensor_parallel_size or 1)
+            except ConfigError as e:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"layout: the decode node's degree: {e}")
+            if same_device:
+                async for event in self._prefill_shared(request, prompt, params, context, track):
+                    yield event
+                return
+            transfer = _Transfer()
+            try:
+                transfer.peer, transfer.generation, transfer.lane = await self.peers.acquire(
+                    target.decode_node_id, target.decode_address, target.kv_store_address, self.transfer_timeout)
+                started = time.monotonic()
+                # From here this node owes the decode node a transfer on this lane (a whole one, or a cancel
+                # header): the decode node posts its receive on this call.
+                transfer.receive_call = transfer.peer.stub.ReceiveKV(
+                    node_pb2.ReceiveKVRequest(request_id=rid, prefill_node_id=self.node_id,
+                                              generation=transfer.generation, layout=self.layout,
+                                              num_tokens=computed, block_ids=target.block_ids,
+                                              transfer_tag=target.transfer_tag, lane=transfer.lane),
+                    timeout=self.transfer_timeout,
+                )
+                # Its answer, awaited through a shield (awaiting the call itself would cancel it with its awaiter):
+                # the lane may not go back before it.
+                transfer.answer = asyncio.ensure_future(transfer.receive_call)
+                transfer.answer.add_done_callback(_retrieve)
+                self._open_routes(rid, target, transfer, routes, runs)
+                await asyncio.shield(asyncio.gather(*(opening for _, opening in transfer.opens)))
+                first = await self._compute(request, prompt, params, track)
+                # From the first token on, the transfer's end is the request's: it goes on (and is counted) if
+                # the call ends first, as it may once the decode node has the K/V (the router does not wait).
+                confirmed = track.defer_to(asyncio.ensure_future(self._confirmed(rid, transfer, started, track)))
+                confirmed.add_done_callback(_retrieve)
+                yield first
+                sent = await asyncio.shield(confirmed)
+                yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes_sent=sent))
+            except (FieldError, NoCapacity) as e:
+                await abort_for(context, e)
+            except (KVTransferError, grpc.aio.AioRpcError) as e:
+                # NOT_FOUND: the decode node had released the reservation; it took the transfer in and dropped
+                # it, so the lane is fine. Anything else: the channel (or the node) failed.
+                dropped = isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND
+                transfer.failed = transfer.failed or not _lane_in_step(e)
+                if dropped:  # the request was over on the decode side (cancelled): not a failure of anything
+                    log.info("kv transfer of %s to %s dropped there: %s", rid, target.decode_node_id, e.details())
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{target.decode_node_id}: {e.details()}")
+                log.warning("kv transfer of %s to %s failed: %s", rid, target.decode_node_id, _short(e))
+                context.set_trailing_metadata(((LOST_NODE_KEY, target.decode_node_id),))  # the router avoids it
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"kv transfer to {target.decode_node_id} failed: {_short(e)}")
+            except EngineFailed as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill node {self.node_id}: {e}")
+            finally:
+                # Shielded: a cancelled call still ends its transfer and lets go of its peer entry.
+                await asyncio.shield(self._end(rid, transfer, runs))
+
+    async def _confirmed(self, rid: str, transfer: _Transfer, started: float, track: RequestMetrics) -> int:
+        """The bytes sent, once every route has ended and the decode node has answered (received them all)."""
+        sent = await asyncio.shield(self._finish_routes(rid, transfer))
+        await asyncio.shield(transfer.answer)
+        self.kv_bytes_sent += sent
+        self.metrics.transfer_done(started)
+        track.settle("ok")
+        return sent
 
     def _open_routes(self, rid: str, target, transfer: _Transfer, routes, runs: list[tuple[int, int]]) -> None:
         """Starts opening each route's lane (on the rank that sends it) and registering its sender there."""
@@ -208,8 +227,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             transfer.finishing.add_done_callback(_retrieve)
         return transfer.finishing
 
-    async def _compute(self, request, prompt: list[int], params, writer: SharedWriter | None = None
-                       ) -> node_pb2.PrefillEvent:
+    async def _compute(self, request, prompt: list[int], params, track: RequestMetrics,
+                       writer: SharedWriter | None = None) -> node_pb2.PrefillEvent:
         """Registers the same-device path's writer for the KV sink (the pair path's route senders are
         registered where they were opened), computes the prompt (its layers go out as they are done) and
         returns the first-token event."""
@@ -221,34 +240,36 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                                               resumed=resumed_from_proto(request.resumed)):
             first = out
         self.requests_served += 1
+        track.output(first)
         return node_pb2.PrefillEvent(first_token=node_pb2.FirstToken(
             chunk=chunk_from_output(first, request.sampling.logprobs),
             finish=finish_to_proto(first.finish_reason) if first.finished else 0,
         ))
 
-    async def _prefill_shared(self, request, prompt: list[int], params, context):
+    async def _prefill_shared(self, request, prompt: list[int], params, context, track: RequestMetrics):
         """The same-device path: the K/V are copied straight into the decode node's pool, mapped here; the
         decode node holds the reservation as receiving from ReceiveKV (shared) until KVWritten."""
         rid, target = request.request_id, request.target
         computed = len(prompt) + len(request.resumed.token_ids)
         peer = self.peers.entry(target.decode_node_id, target.decode_address, target.kv_store_address)
-        writer, owed = None, False  # owed: the decode node waits for KVWritten
+        writer, owed, confirmed = None, False, None  # owed: the decode node waits for KVWritten
         try:
             targets = await self._shared_targets(peer, target)
             # Owed from the moment the call may reach the decode node: cancelled while it is in flight, this
             # call still says "given up" (a decode node that never began answers NOT_FOUND, harmlessly).
             owed = True
+            started = time.monotonic()
             await peer.stub.ReceiveKV(node_pb2.ReceiveKVRequest(
                 request_id=rid, prefill_node_id=self.node_id, layout=self.layout, num_tokens=computed,
                 block_ids=target.block_ids, transfer_tag=target.transfer_tag, shared=True), timeout=self.transfer_timeout)
             writer = SharedWriter(targets, list(target.block_ids), self.spec.num_layers)
-            yield await self._compute(request, prompt, params, writer)
-            written = await asyncio.shield(self.threads.run(writer.wait, self.transfer_timeout))
-            await peer.stub.KVWritten(node_pb2.KVWrittenRequest(
-                request_id=rid, prefill_node_id=self.node_id, ok=True, bytes_written=written),
-                timeout=self.transfer_timeout)
+            first = await self._compute(request, prompt, params, track, writer)
+            # As on the pair path: from the first token on, the request's end is its writes'.
+            confirmed = track.defer_to(asyncio.ensure_future(self._written(rid, peer, writer, started, track)))
+            confirmed.add_done_callback(_retrieve)
+            yield first
+            written = await asyncio.shield(confirmed)
             owed = False
-            self.kv_bytes_sent += written
             yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes_sent=written))
         except (FieldError, NoCapacity) as e:
             await abort_for(context, e)
@@ -263,7 +284,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         except EngineFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill node {self.node_id}: {e}")
         finally:
-            await asyncio.shield(self._end_shared(rid, peer, writer, owed))
+            await asyncio.shield(self._end_shared(rid, peer, writer, owed, confirmed))
 
     async def _shared_targets(self, peer: DecodePeer, target) -> list[tuple[torch.Tensor, int, int]]:
         """Each decode rank's storage, mapped here, with the range of this node's KV heads it holds
@@ -274,7 +295,23 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                   for rank, s in enumerate(shares)]
         return [(mapped[r.dst], r.head_start, r.head_end) for r in routes]
 
-    async def _end_shared(self, rid: str, peer: DecodePeer, writer: SharedWriter | None, owed: bool) -> None:
+    async def _written(self, rid: str, peer: DecodePeer, writer: SharedWriter, started: float,
+                       track: RequestMetrics) -> int:
+        """The bytes written, once the copies have ended and the decode node has been told (KVWritten)."""
+        written = await self.threads.run(writer.wait, self.transfer_timeout)
+        await peer.stub.KVWritten(node_pb2.KVWrittenRequest(
+            request_id=rid, prefill_node_id=self.node_id, ok=True, bytes_written=written),
+            timeout=self.transfer_timeout)
+        self.kv_bytes_sent += written
+        self.metrics.transfer_done(started)
+        track.settle("ok")
+        return written
+
+    async def _end_shared(self, rid: str, peer: DecodePeer, writer: SharedWriter | None, owed: bool,
+                          confirmed: asyncio.Future | None) -> None:
+        if confirmed is not None:  # the call ended while its writes were being confirmed: they end first
+            await asyncio.wait([confirmed])
+            owed = owed and (confirmed.cancelled() or confirmed.exception() is not None)
         await self.engine.release(rid)  # after it, the engine thread queues no copy for this request
         with self._lock:
             self._senders.pop(rid, None)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 GRPCIO_TOOLS = "1.78.0"  # keep in step with pyproject.toml's `test` extra
-PROTO_FILES = ("baton/v1/baton.proto", "baton/v1/node.proto")
+PROTO_FILES = ("baton/v1/baton.proto", "baton/v1/node.proto", "baton/v1/kserve.proto")
 GENERATED = tuple(
     f"baton/v1/{stem}{suffix}"
-    for stem in ("baton", "node")
+    for stem in ("baton", "node", "kserve")
     for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 )
 

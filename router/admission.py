@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from baton.cluster.messages import sampling_from_proto
 from baton.engine import InvalidRequest, SamplingParams
@@ -52,6 +53,7 @@ class Admitted:
     nodes: tuple[str, str] = ("", "")  # (prefill, decode) node ids, once picked
     resumed: list[int] = field(default_factory=list)  # tokens the client already has (GenerateRequest.resume)
     resumed_chars: int = 0  # and the characters of their text
+    model: Any = None  # the models.ServedModel it asked for (set by the router once admitted)
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int:

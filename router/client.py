@@ -124,6 +124,11 @@ class GenerateOptions(TypedDict, total=False):
     stop_token_ids: Sequence[int]  # [()]
     ignore_eos: bool             # [False]
     include_stop_str_in_output: bool  # [False]
+    presence_penalty: float      # [0.0]
+    frequency_penalty: float     # [0.0]
+    repetition_penalty: float    # [1.0]
+    min_p: float                 # [0.0: off]
+    min_tokens: int              # [0]
     logprobs: bool               # [False]
     request_id: str              # [""]: the router makes one
     model: str                   # [""]: the cluster's model

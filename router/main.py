@@ -13,15 +13,18 @@ from baton.cluster.grpc_server import BATON_SERVICE, Server, run_until_signalled
 from baton.cluster.loops import every, retrying
 from baton.cluster.membership import MembershipWatcher
 from baton.engine.config import ModelConfig
-from baton.engine.loader import DEFAULT_MODEL, resolve_model_path
-from baton.engine.tokenizer import Tokenizer
-from baton.v1 import baton_pb2_grpc
+from baton.engine.loader import resolve_model_path
+from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
 from .admission import ModelCard
+from .kserve import KServeServicer
+from .models import Models, default_name, load_model
 from .picker import Picker
 from .server import RouterServicer
 
 log = logging.getLogger(__name__)
+
+KSERVE_SERVICE = kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 @dataclass(slots=True)
@@ -36,6 +39,10 @@ class RouterConfig:
     max_migrations: int = 3  # times a stream may resume on other nodes after a node failed under it (0: never)
     inactivity_timeout: float = 10.0  # seconds without a token from a decode node before its stream is moved
     node_wait: float = 5.0  # seconds a request waits for a live node of a role that has none, before UNAVAILABLE
+    http_port: int = 0  # the OpenAI-compatible HTTP front's port (0: no HTTP front)
+    chat_template: str = ""  # a Jinja chat template file, in place of the checkpoint's
+    served_model_name: str = ""  # the given model's name (its nodes register the same); "" -> default_name
+    log_format: str = "text"  # or "json": one JSON object per line
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -48,9 +55,15 @@ class RouterConfig:
 
 def model_card(folder, name: str | None = None, max_prompt_bytes: int = 0) -> ModelCard:
     cfg = ModelConfig.from_folder(folder)
-    model_id = name or ("stories260K" if folder == DEFAULT_MODEL else folder.name)
-    return ModelCard(model_id, cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype, max_prompt_bytes,
-                     cfg.eos_token_ids)
+    return ModelCard(name or default_name(folder), cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype,
+                     max_prompt_bytes, cfg.eos_token_ids)
+
+
+def scrape_targets(membership: MembershipWatcher, cluster: str) -> list[dict]:
+    """Every live node's metrics target, in Prometheus' HTTP service-discovery format (the router's own
+    /metrics is where the scraper found this list)."""
+    return [{"targets": [n.metrics_address], "labels": {"cluster": cluster, "role": n.role, "node": n.node_id}}
+            for n in membership.nodes() if getattr(n, "metrics_address", "")]
 
 
 async def follow_readiness(server: Server, picker: Picker) -> None:
@@ -75,13 +88,25 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     membership = await retrying(lambda: MembershipWatcher.start(cfg.etcd, cfg.cluster), (aetcd.ClientError,), 60.0,
                                 "watching the membership")
     picker = Picker(membership)
-    card = model_card(folder, max_prompt_bytes=cfg.max_prompt_bytes)
-    servicer = RouterServicer(card, Tokenizer.from_folder(folder), picker, cfg.lease_ms, cfg.max_migrations,
-                              cfg.inactivity_timeout, cfg.node_wait)
-    server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE)])
-    readiness = None
+    # The model it is given is loaded now (its nodes register the same name); the others as nodes show them.
+    given = load_model(folder, cfg.served_model_name or default_name(folder), cfg.max_prompt_bytes,
+                       cfg.chat_template)
+    models = Models(membership, [given])
+    servicer = RouterServicer(models, picker, cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout,
+                              cfg.node_wait)
+    server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
+                     (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
+                      KSERVE_SERVICE)])
+    readiness = http = None
+    following = asyncio.create_task(every(1.0, models.follow, "models"))
     try:
         address = server.bind(cfg.host, cfg.port)
+        if cfg.http_port:  # bound before gRPC serves: a port in use stops the router before it takes requests
+            from .openai_http import OpenAIFront, start_http  # aiohttp only where HTTP is served
+
+            front = OpenAIFront(servicer, lambda: scrape_targets(membership, cfg.cluster))
+            http, http_address = await start_http(front, cfg.host, cfg.http_port)
+            log.info("OpenAI-compatible HTTP on http://%s", http_address)
         await server.set_serving(False)  # before the port opens: nothing may see SERVING without nodes
         await server.start()
         readiness = asyncio.create_task(every(1.0, lambda: follow_readiness(server, picker), "readiness"))
@@ -92,12 +117,15 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         readiness.cancel()
         await server.stop(grace=2.0)
     finally:
+        following.cancel()
         if readiness is not None:
             readiness.cancel()
+        if http is not None:
+            await http.cleanup()
         await servicer.close()
         await membership.close()
 
 
 def run(cfg: RouterConfig) -> None:
     """Process entry point: serves until SIGTERM or SIGINT."""
-    run_until_signalled("router", lambda stop: serve(cfg, stop))
+    run_until_signalled("router", lambda stop: serve(cfg, stop), log_format=cfg.log_format)

@@ -44,11 +44,14 @@ class Picker:
         else:
             del self.in_flight[node_id]
 
-    def pick(self, role: str, avoid: set[str] | frozenset[str] = frozenset()) -> NodeInfo:
-        """The least loaded live node of `role`, other than those in `avoid` (nodes that failed a request)."""
-        nodes = [n for n in self.membership.nodes(role) if n.node_id not in avoid]
+    def pick(self, role: str, avoid: set[str] | frozenset[str] = frozenset(), model: str | None = None) -> NodeInfo:
+        """The least loaded live node of `role` (serving `model`, when given), other than those in `avoid`
+        (nodes that failed a request)."""
+        nodes = [n for n in self.membership.nodes(role)
+                 if n.node_id not in avoid and (model is None or n.model == model)]
         if not nodes:
-            raise NoNode(f"no live {role} node" + (f" (other than {', '.join(sorted(avoid))})" if avoid else ""))
+            raise NoNode(f"no live {role} node" + (f" of model {model}" if model is not None else "")
+                         + (f" (other than {', '.join(sorted(avoid))})" if avoid else ""))
         now = self._clock()
         for node_id in [n for n, until in self.suspects.items() if until <= now]:
             del self.suspects[node_id]  # bounded: an entry lives suspect_seconds
@@ -76,20 +79,26 @@ class Picker:
             except TimeoutError:
                 return choose()
 
-    def ready(self) -> bool:
-        """Whether a request could be served now (a live node of every needed role)."""
-        try:
-            self.mode()
-        except NoNode:
-            return False
-        return True
+    def ready(self, model: str | None = None) -> bool:
+        """Whether a request could be served now (a live node of every needed role): for `model`, or for any
+        model when None."""
+        models = [model] if model is not None else sorted({n.model for n in self.membership.nodes()})
+        for name in models:
+            try:
+                self.mode(name)
+                return True
+            except NoNode:
+                pass
+        return False
 
-    def mode(self) -> str:
-        """'disaggregated' when prefill and decode nodes are live, else 'colocated' (raises NoNode if neither)."""
-        has = {role: bool(self.membership.nodes(role)) for role in ("prefill", "decode", "colocated")}
+    def mode(self, model: str | None = None) -> str:
+        """'disaggregated' when prefill and decode nodes (of `model`, when given) are live, else 'colocated'
+        (raises NoNode if neither)."""
+        has = {role: any(model is None or n.model == model for n in self.membership.nodes(role))
+               for role in ("prefill", "decode", "colocated")}
         if has["prefill"] and has["decode"]:
             return "disaggregated"
         if has["colocated"]:
             return "colocated"
         missing = "prefill" if has["decode"] else "decode" if has["prefill"] else "prefill, decode or colocated"
-        raise NoNode(f"no live {missing} node")
+        raise NoNode(f"no live {missing} node" + (f" of model {model}" if model is not None else ""))

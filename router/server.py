@@ -24,14 +24,16 @@ from dataclasses import dataclass
 
 import grpc
 
+from baton.cluster.logs import REQUEST_ID
 from baton.cluster.messages import LOST_NODE_KEY
 from baton.engine import FieldError
-from baton.engine.tokenizer import Tokenizer
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
 from . import resume
-from .admission import Admitted, ModelCard, UnknownModel, admit, check_text_size, with_prompt_bound
+from .admission import Admitted, UnknownModel, admit, check_text_size
+from .metrics import RouterMetrics
+from .models import Models
 from .picker import NoNode, Picker
 
 log = logging.getLogger(__name__)
@@ -120,69 +122,132 @@ class NodeLost(Exception):
         self.details = details
 
 
+class Refused(Exception):
+    """Why a request is not served, or ended early: a gRPC status (each front maps it to its own) and a
+    message; `field` names the request field at fault for INVALID_ARGUMENT."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class Deadline:
+    """A deadline for fronts without one of their own: `time_remaining()` as a grpc context gives it."""
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def time_remaining(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
 
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
-    def __init__(self, model: ModelCard, tokenizer: Tokenizer, picker: Picker, lease_ms: int = 30_000,
-                 max_migrations: int = 3, inactivity_timeout: float = 10.0, node_wait: float = 5.0) -> None:
-        self.model = with_prompt_bound(model, tokenizer)  # walks the vocabulary once, here
-        self.tokenizer = tokenizer
+    def __init__(self, models: Models, picker: Picker, lease_ms: int = 30_000, max_migrations: int = 3,
+                 inactivity_timeout: float = 10.0, node_wait: float = 5.0,
+                 metrics: RouterMetrics | None = None) -> None:
+        self.models = models
         self.picker = picker
         self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()})
         self.lease_ms = lease_ms
         self.max_migrations = max_migrations
         self.inactivity_timeout = inactivity_timeout  # a decode stream silent this long is given up (and moved)
         self.node_wait = node_wait  # how long a request waits for a live node of a role that has none
-        self.migrations = 0  # streams resumed on other nodes after a node failed under them (logged, each)
+        self.metrics = metrics or RouterMetrics(lambda: picker.membership.nodes())
         self._releasing: set[asyncio.Task] = set()  # releases on nodes a request moved away from
         self._rng = random.Random()
 
     async def ListModels(self, request, context):
-        m = self.model
-        info = pb.ModelInfo(id=m.id, architecture=m.architecture, max_model_len=m.max_model_len,
-                            vocab_size=m.vocab_size, dtype=m.dtype)
-        return pb.ListModelsResponse(models=[info])
+        """The models a live node serves (what /v1/models and KServe's metadata list too)."""
+        infos = [pb.ModelInfo(id=c.id, architecture=c.architecture, max_model_len=c.max_model_len,
+                              vocab_size=c.vocab_size, dtype=c.dtype) for c in (m.card for m in self.models.live())]
+        return pb.ListModelsResponse(models=infos)
 
     async def Tokenize(self, request, context):
-        if request.model and request.model != self.model.id:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r} is not served here")
         try:
-            check_text_size("text", request.text, self.model)  # the bound Generate puts on a prompt
+            model = self.models.resolve(request.model)
+            check_text_size("text", request.text, model.card)  # the bound Generate puts on a prompt
+        except UnknownModel as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except FieldError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, special))
+        return pb.TokenizeResponse(token_ids=model.tokenizer.encode(request.text, special))
 
     async def Generate(self, request, context):
         start = time.perf_counter()
+        if not request.request_id:  # the id a proxy or tracing layer gave the call, when the message has none
+            metadata_id = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+            if metadata_id:
+                request.request_id = metadata_id
         try:
-            req = admit(request, self.model, self.tokenizer, self._rng)
-            mode = await self.picker.when_live(self.picker.mode, self._node_wait(context))
+            req, mode = await self.admit(request, context, "grpc")
+            async for response in self.serve(req, mode, context, "grpc", start, request.HasField("resume")):
+                yield response
+        except Refused as e:
+            await context.abort(e.code, e.message)
+
+    async def admit(self, request: pb.GenerateRequest, deadline, front: str) -> tuple[Admitted, str]:
+        """Validates the request and waits (up to the node wait, within the deadline) for a node to serve it:
+        what every front does before it answers anything. Raises `Refused` (counted as the request's end).
+        `deadline` has `time_remaining()` (a grpc context, or `Deadline`)."""
+        model = None
+        try:
+            model = self.models.resolve(request.model)
+            request.model = model.name  # an alias, or none: the name from here on
+            req = admit(request, model.card, model.tokenizer, self._rng)
+            req.model = model
+            return req, await self.picker.when_live(lambda: self.picker.mode(model.name), self._node_wait(deadline))
         except FieldError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            refused = Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
         except UnknownModel as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            refused = Refused(grpc.StatusCode.NOT_FOUND, str(e))
         except NoNode as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            refused = Refused(grpc.StatusCode.UNAVAILABLE, str(e))
+        # Labelled with the model it named when it is served (bounded), else none.
+        self.metrics.requests.labels(model.name if model else "", front, refused.code.name).inc()
+        raise refused
+
+    async def serve(self, req: Admitted, mode: str, deadline, front: str, start: float,
+                    resumed_by_client: bool = False):
+        """The admitted request's responses, for the client (its own request id, usage in the Finish; `start`:
+        when the front received it, on `time.perf_counter`). A failure that ends it raises `Refused`;
+        cancelling the consumer cancels the request on every node. Each request is counted once, as it ends."""
+        REQUEST_ID.set(req.request_id)  # in every line logged about it, in this task and those it starts
         relay = Relay(req, start)
-        if request.HasField("resume"):
+        track = self.metrics.request(req.model.name, front, start)
+        status = "CANCELLED"  # unless it ends otherwise: the consumer stopped (cancelled, or the client left)
+        if resumed_by_client:
+            self.metrics.client_resumes.labels(req.model.name).inc()
             log.info("request %s: resumed by its client after %d tokens (its router failed)", req.request_id,
                      len(req.resumed))
         try:
-            async for response in self._resuming(req, context, mode):
+            async for response in self._resuming(req, deadline, mode):
+                if response.HasField("chunk") and response.chunk.token_ids:
+                    track.tokens(len(response.chunk.token_ids))
+                elif response.HasField("finish"):
+                    status = "ok"
                 yield relay.see(response)
         except grpc.aio.AioRpcError as e:
             if e.code() in _PASS_THROUGH:
-                await context.abort(e.code(), e.details() or str(e.code()))
-            prefill_node, decode_node = req.nodes  # a node failed: say which pair served the request
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"{e.details() or e.code().name} (prefill {prefill_node}, decode {decode_node})")
+                refused = Refused(e.code(), e.details() or str(e.code()))
+            else:
+                prefill_node, decode_node = req.nodes  # a node failed: say which pair served the request
+                refused = Refused(grpc.StatusCode.UNAVAILABLE,
+                                  f"{e.details() or e.code().name} (prefill {prefill_node}, decode {decode_node})")
+            status = refused.code.name
+            raise refused from None
         except NoNode as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            status = "UNAVAILABLE"
+            raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except NodeLost as e:  # and no migration left
             prefill_node, decode_node = req.nodes
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e.details} (prefill {prefill_node}, decode "
-                                                             f"{decode_node})")
+            status = "UNAVAILABLE"
+            raise Refused(grpc.StatusCode.UNAVAILABLE,
+                          f"{e.details} (prefill {prefill_node}, decode {decode_node})") from None
+        finally:
+            track.end(status, len(req.prompt_ids))
 
     def _node_wait(self, context) -> float:
         left = context.time_remaining()
@@ -196,7 +261,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         times, each one logged and counted."""
         delivered, chars = list(req.resumed), req.resumed_chars  # a client resuming has these already
         avoid: set[str] = set()  # nodes that failed under this request
-        if (reason := resume.ended(delivered, req.params, self.model.eos_token_ids)) is not None:
+        if (reason := resume.ended(delivered, req.params, req.model.card.eos_token_ids)) is not None:
             for response in self._rest(req, delivered, chars, reason):  # its router failed just before the Finish
                 yield response
             return
@@ -217,20 +282,21 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                     self.picker.suspect(lost.node_id)  # other requests stay off it until it leaves etcd
                 if attempt == self.max_migrations:
                     raise
-                if (reason := resume.ended(delivered, req.params, self.model.eos_token_ids)) is not None:
+                if (reason := resume.ended(delivered, req.params, req.model.card.eos_token_ids)) is not None:
                     for response in self._rest(req, delivered, chars, reason):  # lost just before its Finish
                         yield response
                     return
                 if lost.node_id is not None:
                     avoid.add(lost.node_id)
-                self.migrations += 1
+                self.metrics.migrations.labels(req.model.name).inc()
                 log.warning("request %s: %s failed after %d tokens (%s); resuming on other nodes (migration %d of "
                             "at most %d)", req.request_id, lost.node_id or " or ".join(sorted(set(req.nodes))),
                             len(delivered), lost.details, attempt + 1, self.max_migrations)
 
     async def _colocated(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, avoid: set[str]):
         """One attempt on a colocated node (the whole request there); a node that fails raises NodeLost."""
-        node = await self.picker.when_live(lambda: self.picker.pick("colocated", avoid), self._node_wait(context))
+        node = await self.picker.when_live(lambda: self.picker.pick("colocated", avoid, req.model.name),
+                                           self._node_wait(context))
         req.nodes = (node.node_id, node.node_id)
         self.picker.acquire(node.node_id)
         call = None
@@ -258,8 +324,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                              avoid: set[str]):
         """One attempt through a prefill and a decode node (`_through`)."""
         wait = self._node_wait(context)
-        decode = await self.picker.when_live(lambda: self.picker.pick("decode", avoid), wait)
-        prefill = await self.picker.when_live(lambda: self.picker.pick("prefill", avoid), wait)
+        decode = await self.picker.when_live(lambda: self.picker.pick("decode", avoid, req.model.name), wait)
+        prefill = await self.picker.when_live(lambda: self.picker.pick("prefill", avoid, req.model.name), wait)
         req.nodes = (prefill.node_id, decode.node_id)
         with self.stubs.use(decode.address) as d, self.stubs.use(prefill.address) as p:
             async for response in self._through(req, internal, resumed, context, decode, prefill, d.decode,
@@ -353,7 +419,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 await asyncio.shield(release)
 
     def _rest(self, req: Admitted, delivered: list[int], chars: int, reason: int) -> list[pb.GenerateResponse]:
-        return resume.rest(self.tokenizer, req.prompt_ids, delivered, chars, req.params, reason, req.internal_id)
+        return resume.rest(req.model.tokenizer, req.prompt_ids, delivered, chars, req.params, reason,
+                           req.internal_id)
 
     async def close(self) -> None:
         await self.stubs.close()

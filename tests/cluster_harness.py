@@ -19,6 +19,7 @@ from baton.v1 import node_pb2, node_pb2_grpc
 
 BATON = str(Path(sys.executable).with_name("baton"))
 READY = re.compile(r"router listening on (\S+) \(cluster (\S+), etcd (\S+), logs in (.+)\)")
+HTTP_READY = re.compile(r"OpenAI-compatible HTTP on (\S+)")
 
 
 def cluster_pids(cluster: str) -> list[int]:
@@ -42,11 +43,14 @@ class BatonUp:
     """`with BatonUp(tmp_path, "--prefill", "1", ...) as up:` — up.address, up.etcd, up.cluster."""
 
     def __init__(self, log_dir: Path, *args: str, timeout: float = 120.0, baton: str = BATON) -> None:
-        self.args = [baton, "up", "--log-dir", str(log_dir), *args]
+        # No HTTP front unless a test asks for one (--http-port PORT): clusters that overlap would share 8000.
+        http = [] if "--http-port" in args else ["--http-port", "0"]
+        self.args = [baton, "up", "--log-dir", str(log_dir), *http, *args]
         self.log_dir = log_dir
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.address = self.cluster = self.etcd = ""
+        self.http = ""  # the OpenAI front's base URL (http://host:port/v1), when asked for
         self.hung = False  # `baton up` ignored SIGTERM for 30 s
         self.returncode: int | None = None  # 0: it stopped everything itself on SIGTERM
         self.leftovers: list[int] = []  # processes `baton up` left running
@@ -69,6 +73,8 @@ class BatonUp:
             self.__exit__()
             raise RuntimeError(f"baton up did not become ready:\n{''.join(lines)}\n{self.logs()}")
         self.address, self.cluster, self.etcd = m.group(1), m.group(2), m.group(3)
+        if http := HTTP_READY.search("".join(lines)):
+            self.http = http.group(1)
         return self
 
     def logs(self) -> str:

@@ -159,7 +159,7 @@ def test_good_specs_round_trip_and_defaults_are_filled_in():
     assert Placement.from_json(spec.to_json()) == spec
     d = spec.to_dict()
     assert d["machines"][0]["gpus"] == list(range(8))  # a count becomes the ids
-    assert d["machines"][0]["router"] == {"port": 50051, "host": ""}
+    assert d["machines"][0]["router"] == {"port": 50051, "host": "", "http_port": 0}
     assert d["options"] == {"num_kv_blocks": None, "max_num_seqs": None, "kv_path": "auto", "drain_timeout": 30.0}
     assert Placement.from_json(parse(CPU).to_json()) == parse(CPU)
     with pytest.raises(PlacementError, match="^not valid JSON"):
@@ -220,7 +220,7 @@ def test_machine_processes_command_lines():
     assert args["--device"] == "cuda" and args["--dtype"] == "bfloat16" and args["--drain-timeout"] == "30.0"
     assert d0.stop_timeout > 30.0  # SIGKILL only after the node's own drain and shutdown grace
     assert procs["router"].args == ("router", "--etcd", ETCD, "--cluster", "g1", "--model", "/nowhere/llama",
-                                    "--host", "0.0.0.0", "--port", "50051")
+                                    "--host", "0.0.0.0", "--port", "50051", "--http-port", "0")
     cpu = machine_processes(parse(CPU), "m1", ETCD)
     assert "--model" not in cpu["n1"].args and "CUDA_VISIBLE_DEVICES" not in dict(cpu["n1"].env)  # bundled model
 

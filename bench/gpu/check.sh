@@ -16,7 +16,7 @@ START=$(date +%s)
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv --system-site-packages "$VENV"
     "$VENV/bin/python" -m pip install -q --no-index --find-links "$KIT/wheels" \
-        aetcd grpcio grpcio-health-checking grpcio-reflection protobuf > "$OUT/install.log" 2>&1
+        aetcd grpcio grpcio-health-checking grpcio-reflection protobuf prometheus_client > "$OUT/install.log" 2>&1
     "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
 fi
 export PATH="$PWD/$KIT/bin:$VENV/bin:$PATH"

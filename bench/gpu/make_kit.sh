@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Gathers, on a machine with network, what the GPU machine lacks into .gpu-kit/ (git-ignored, sent along with
 # the repository): the etcd server binary and the wheels of aetcd, grpcio, grpcio-health-checking,
-# grpcio-reflection and protobuf for CPython 3.12 on x86-64. The GPU machine has the rest (torch, triton,
-# transformers, safetensors, tokenizers, uvloop, numpy, pytest). ../shared/gpu-kit is used when present.
+# grpcio-reflection, protobuf and prometheus_client for CPython 3.12 on x86-64. The GPU machine has the rest
+# (torch, triton, transformers, safetensors, tokenizers, uvloop, numpy, pytest). ../shared/gpu-kit is used when
+# present.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIT=.gpu-kit
@@ -19,4 +20,7 @@ else
     cp "$tmp/root/usr/bin/etcd" "$KIT/bin/etcd"
     rm -rf "$tmp"
 fi
+# Pure Python, and newer than ../shared/gpu-kit: fetched when the kit lacks it.
+ls "$KIT"/wheels/prometheus_client-*.whl > /dev/null 2>&1 ||
+    python3 -m pip download -q --no-deps -d "$KIT/wheels" --only-binary=:all: prometheus_client==0.26.0
 ls -R "$KIT"

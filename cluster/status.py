@@ -1,0 +1,135 @@
+"""`baton status`: the nodes etcd lists, with the load each one's metrics endpoint reports.
+
+One range read of the membership (`/baton/<cluster>/nodes/`, or every cluster's), then a scrape of each node's
+`metrics_address`, all at once. A node whose metrics cannot be read (no address, not answering within
+SCRAPE_TIMEOUT_S, a reply without the figures) shows "-" in the columns that come from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import aetcd
+from prometheus_client.parser import text_string_to_metric_families
+
+from baton.cluster.membership import ROLES, NodeInfo, close_quietly, etcd_client, nodes_prefix
+
+SCRAPE_TIMEOUT_S = 2.0
+ETCD_TIMEOUT_S = 5.0
+COLUMNS = ("NODE", "ROLE", "MODEL", "ADDRESS", "TP", "RUNNING", "WAITING", "KV BLOCKS")
+_FIGURES = ("baton_sequences_running", "baton_sequences_waiting", "baton_kv_blocks_used", "baton_kv_blocks_capacity")
+# No proxy: metrics addresses are the cluster's own (a proxy from the environment would not reach them).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    running: int
+    waiting: int
+    blocks_used: int
+    blocks_capacity: int
+
+
+async def read_nodes(client: aetcd.Client, cluster: str) -> list[tuple[str, NodeInfo]]:
+    """(cluster, node) of every node registered in `cluster` ("": in every cluster), by cluster, role, id."""
+    result = await client.get_prefix((nodes_prefix(cluster) if cluster else "/baton/").encode())
+    nodes = []
+    for kv in result:
+        parts = kv.key.decode(errors="replace").split("/")  # "", "baton", cluster, "nodes", role, node id
+        if len(parts) != 6 or parts[3] != "nodes":
+            continue  # a placement, its history, ...: not a node
+        try:
+            nodes.append((parts[2], NodeInfo.from_json(kv.value)))
+        except ValueError:
+            continue  # another version's record, a hand-made key: not ours to show
+    return sorted(nodes, key=lambda n: (n[0], ROLES.index(n[1].role), n[1].node_id))
+
+
+def scrape(address: str) -> Load | None:
+    """The load a node's metrics report, or None if they cannot be read."""
+    if not address:
+        return None
+    try:
+        with _OPENER.open(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT_S) as reply:
+            text = reply.read().decode()
+        values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                  if s.name in _FIGURES}
+        return Load(*(int(values[name]) for name in _FIGURES))
+    except (OSError, ValueError, KeyError):  # unreachable, refused, timed out, not Prometheus text, incomplete
+        return None
+
+
+def render(nodes: list[tuple[str, NodeInfo]], loads: list[Load | None]) -> str:
+    """One table per cluster."""
+    out: list[str] = []
+    for cluster in dict.fromkeys(c for c, _ in nodes):
+        rows = [_row(info, load) for (c, info), load in zip(nodes, loads) if c == cluster]
+        out.append(f"cluster {cluster}: {len(rows)} node{'s' * (len(rows) != 1)}")
+        widths = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+        for r in [COLUMNS, *rows]:
+            # Names left-aligned, figures right-aligned.
+            out.append("  ".join(v.ljust(w) if i < 4 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                       .rstrip())
+        out.append("")
+    return "\n".join(out)
+
+
+def _row(info: NodeInfo, load: Load | None) -> tuple[str, ...]:
+    names = (info.node_id, info.role, info.model, info.address, str(info.tensor_parallel_size))
+    if load is None:
+        return (*names, "-", "-", "-")
+    used, total = load.blocks_used, load.blocks_capacity
+    kv = f"{used}/{total} ({100 * used / total:.1f}%)" if total else f"{used}/{total}"
+    return (*names, str(load.running), str(load.waiting), kv)
+
+
+async def snapshot(client: aetcd.Client, etcd: str, cluster: str) -> str:
+    nodes = await read_nodes(client, cluster)
+    if not nodes:
+        return f"no nodes registered in cluster {cluster} (etcd {etcd})\n" if cluster else \
+            f"no nodes registered in etcd {etcd}\n"
+    loads = await asyncio.gather(*(asyncio.to_thread(scrape, info.metrics_address) for _, info in nodes))
+    return render(nodes, list(loads))
+
+
+async def _run(etcd: str, cluster: str, watch: float | None) -> int:
+    client = etcd_client(etcd, ETCD_TIMEOUT_S)
+    try:
+        while True:
+            try:
+                text = await snapshot(client, etcd, cluster)
+            except aetcd.ClientError as e:
+                if watch is None:
+                    print(f"baton: error: etcd {etcd}: {type(e).__name__}: {e}", file=sys.stderr)
+                    return 1
+                text = f"etcd {etcd} cannot be read: {type(e).__name__}: {e}\n"
+            if watch is None:
+                sys.stdout.write(text)
+                return 0
+            clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+            sys.stdout.write(f"{clear}{time.strftime('%H:%M:%S')}  every {watch:g} s, Ctrl-C stops\n\n{text}\n")
+            sys.stdout.flush()
+            await asyncio.sleep(watch)
+    finally:
+        await close_quietly(client)
+
+
+def run_status(etcd: str, cluster: str = "", watch: float | None = None) -> int:
+    """`baton status`: prints the table once, or every `watch` seconds until Ctrl-C. Exit status: 0, 1 if
+    etcd cannot be read (once), 2 for a bad argument."""
+    if watch is not None and not watch > 0:
+        print(f"baton: error: watch: must be a number of seconds > 0, got {watch:g}", file=sys.stderr)
+        return 2
+    try:
+        if cluster:
+            nodes_prefix(cluster)  # refuses a name with a "/"
+        return asyncio.run(_run(etcd, cluster, watch))
+    except ValueError as e:  # a bad --etcd URL or --cluster name
+        print(f"baton: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0

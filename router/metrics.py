@@ -1,0 +1,118 @@
+"""The router's Prometheus metrics: requests by model, front and outcome; latencies as the client sees them;
+tokens relayed; migrations; live nodes per role. One registry per router (no process-global state), served at
+/metrics on the router's HTTP port.
+
+Latencies are measured where the router relays: TTFT from the front's receipt to the first token relayed,
+inter-token latency between relayed chunks (per token within a chunk), time per output token over a whole
+request after its first token, end-to-end from receipt to the Finish.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# Seconds: from a loaded CPU node (hundreds of ms) down to a GPU decode step (~10 ms) and below.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+
+
+class _LiveNodes:
+    """Live nodes per role, read from the membership when scraped (the membership owns that state)."""
+
+    def __init__(self, nodes: Callable[[], list]) -> None:
+        self._nodes = nodes
+
+    def collect(self):
+        family = GaugeMetricFamily("baton_router_live_nodes", "Live nodes in the membership, by role and model",
+                                   labels=["role", "model"])
+        counts: dict[tuple[str, str], int] = {}
+        for node in self._nodes():
+            key = (node.role, getattr(node, "model", "") or "")
+            counts[key] = counts.get(key, 0) + 1
+        for role in ("prefill", "decode", "colocated"):
+            if not any(r == role for r, _ in counts):
+                counts[(role, "")] = 0
+        for (role, model), n in sorted(counts.items()):
+            family.add_metric([role, model], n)
+        yield family
+
+
+class RouterMetrics:
+    def __init__(self, nodes: Callable[[], list] = list) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("baton_router_requests", "Requests ended, by model, front and outcome (ok, or the "
+                                "gRPC status name)", ["model", "front", "status"], registry=r)
+        self.prompt_tokens = Counter("baton_router_prompt_tokens", "Prompt tokens of the requests served",
+                                     ["model", "front"], registry=r)
+        self.completion_tokens = Counter("baton_router_completion_tokens", "Generated tokens relayed to clients",
+                                         ["model", "front"], registry=r)
+        self.running = Gauge("baton_router_running_requests", "Requests being served now", ["model", "front"],
+                             registry=r)
+        self.ttft = Histogram("baton_router_time_to_first_token_seconds", "From receipt to the first token relayed",
+                              ["model", "front"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("baton_router_inter_token_latency_seconds", "Between tokens relayed (a chunk of k "
+                             "tokens counts k, each 1/k of its gap)", ["model", "front"], buckets=_LATENCY_BUCKETS,
+                             registry=r)
+        self.tpot = Histogram("baton_router_time_per_output_token_seconds", "A request's time after its first "
+                              "token over its other tokens", ["model", "front"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("baton_router_e2e_request_latency_seconds", "From receipt to the end of the request",
+                             ["model", "front"], buckets=_E2E_BUCKETS, registry=r)
+        self.migrations = Counter("baton_router_migrations", "Streams resumed on other nodes after a node failed",
+                                  ["model"], registry=r)
+        self.client_resumes = Counter("baton_router_client_resumes", "Streams a client resumed here after its "
+                                      "router failed", ["model"], registry=r)
+        r.register(_LiveNodes(nodes))
+
+    def request(self, model: str, front: str, start: float) -> RequestMetrics:
+        return RequestMetrics(self, model, front, start)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """One request's figures, observed as its chunks are relayed and recorded once when it ends."""
+
+    __slots__ = ("_m", "_model", "_front", "_start", "_first", "_last", "_tokens", "_itl", "_ended")
+
+    def __init__(self, metrics: RouterMetrics, model: str, front: str, start: float) -> None:
+        self._m, self._model, self._front, self._start = metrics, model, front, start
+        self._first = self._last = 0.0
+        self._tokens = 0
+        self._itl = metrics.itl.labels(model, front)  # resolved once: observed on every chunk
+        self._ended = False
+        metrics.running.labels(model, front).inc()
+
+    def tokens(self, n: int) -> None:
+        now = time.perf_counter()
+        if not self._tokens:
+            self._first = now
+            self._m.ttft.labels(self._model, self._front).observe(now - self._start)
+        else:
+            gap = (now - self._last) / n
+            for _ in range(n):
+                self._itl.observe(gap)
+        self._last = now
+        self._tokens += n
+
+    def end(self, status: str, prompt_tokens: int = 0) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        m, labels = self._m, (self._model, self._front)
+        m.running.labels(*labels).dec()
+        m.requests.labels(self._model, self._front, status).inc()
+        if prompt_tokens:
+            m.prompt_tokens.labels(*labels).inc(prompt_tokens)
+        if self._tokens:
+            m.completion_tokens.labels(*labels).inc(self._tokens)
+        if self._tokens > 1:
+            m.tpot.labels(*labels).observe((self._last - self._first) / (self._tokens - 1))
+        m.e2e.labels(*labels).observe(time.perf_counter() - self._start)

@@ -1,0 +1,295 @@
+"""The OpenAI-compatible HTTP front, driven by the official `openai` client (sync and async) and by aiohttp's,
+against `baton up`: the same tokens as baton.v1 and the offline engine, OpenAI's streaming format, its error
+objects, and requests that a client abandons freed on every node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import aiohttp
+import pytest
+
+from cluster_harness import BatonUp
+from test_stories import PROMPTS
+
+from baton.cluster.etcd_server import free_port
+from baton.engine import LLM, SamplingParams
+from baton.engine.config import ModelConfig
+from baton.router.client import BatonClient
+
+openai = pytest.importorskip("openai")
+transformers = pytest.importorskip("transformers")
+
+MODEL = "stories260K"
+
+
+@pytest.fixture(scope="module")
+def up(stories_path, tmp_path_factory):
+    with BatonUp(tmp_path_factory.mktemp("openai"), "--model", str(stories_path), "--prefill", "1", "--decode", "1",
+                 "--http-port", str(free_port())) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def client(up):
+    with openai.OpenAI(base_url=up.http, api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+def _offline(llm: LLM, prompt: str, **params):
+    [out] = llm.generate([prompt], SamplingParams(**params))
+    return out
+
+
+def test_completions_equal_the_grpc_api_and_the_offline_engine(up, client, stories_llm: LLM):
+    prompt = PROMPTS[0]
+    want = _offline(stories_llm, prompt, max_tokens=40, temperature=0.0)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
+    assert got.object == "text_completion" and got.model == MODEL
+    [choice] = got.choices
+    assert choice.text == want.text and choice.index == 0
+    assert choice.finish_reason == ("length" if want.finish_reason.value == "length" else "stop")
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+    with BatonClient(up.address, timeout=60) as grpc_client:
+        assert grpc_client.complete(prompt, max_tokens=40, temperature=0.0).text == want.text
+
+
+def test_streamed_completions_follow_openais_format(client, stories_llm: LLM):
+    prompt = PROMPTS[1]
+    want = _offline(stories_llm, prompt, max_tokens=30, temperature=0.0, ignore_eos=True)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    *tokens, last, usage = chunks
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in tokens + [last]) == want.text
+    assert all(c.choices[0].finish_reason is None for c in tokens) and last.choices[0].finish_reason == "length"
+    assert usage.choices == [] and usage.usage.completion_tokens == 30
+    assert usage.usage.prompt_tokens == len(want.prompt_token_ids)
+
+
+def test_async_client_streams_and_sampled_choices_are_reproducible(up, stories_llm: LLM):
+    prompts = [PROMPTS[2], PROMPTS[3]]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=up.http, api_key="unused", max_retries=0, timeout=120) as client:
+            stream = await client.completions.create(model=MODEL, prompt=prompts, n=3, seed=7, temperature=0.8,
+                                                     max_tokens=12, stream=True)
+            texts = [""] * 6
+            finishes = [None] * 6
+            async for chunk in stream:
+                for c in chunk.choices:
+                    texts[c.index] += c.text
+                    finishes[c.index] = c.finish_reason or finishes[c.index]
+            whole = await client.completions.create(model=MODEL, prompt=prompts, n=3, seed=7, temperature=0.8,
+                                                    max_tokens=12)
+            return texts, finishes, whole
+
+    texts, finishes, whole = asyncio.run(run())
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == texts  # the same, streamed or not
+    assert all(finishes)
+    for p, prompt in enumerate(prompts):  # prompt-major; choice j takes seed + j
+        for j in range(3):
+            want = _offline(stories_llm, prompt, max_tokens=12, temperature=0.8, seed=7 + j)
+            assert texts[p * 3 + j] == want.text, (p, j)
+    assert len(set(texts[:3])) > 1  # the choices differ
+
+
+def test_penalties_and_vllms_extensions_equal_the_offline_engine(client, stories_llm: LLM):
+    options = dict(max_tokens=30, temperature=0.0, presence_penalty=0.5, frequency_penalty=0.7,
+                   repetition_penalty=1.3, min_tokens=12)
+    want = _offline(stories_llm, PROMPTS[1], **options)
+    plain = _offline(stories_llm, PROMPTS[1], max_tokens=30, temperature=0.0)
+    assert want.text != plain.text  # the penalties change this output: the test shows they are applied
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=30, temperature=0,
+                                    presence_penalty=0.5, frequency_penalty=0.7,
+                                    extra_body={"repetition_penalty": 1.3, "min_tokens": 12})
+    assert got.choices[0].text == want.text
+    sampled = dict(max_tokens=20, temperature=0.9, min_p=0.2, top_k=40, seed=3)
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20, temperature=0.9, seed=3,
+                                    extra_body={"min_p": 0.2, "top_k": 40})
+    assert got.choices[0].text == _offline(stories_llm, PROMPTS[1], **sampled).text
+
+
+def test_token_prompts_and_models(client, stories_llm: LLM, stories_path):
+    ids = stories_llm.engine.tokenizer.encode(PROMPTS[4])
+    want = _offline(stories_llm, PROMPTS[4], max_tokens=10, temperature=0.0)
+    got = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
+    assert got.choices[0].text == want.text
+    [model] = client.models.list().data
+    assert model.id == MODEL and model.model_extra["max_model_len"] == ModelConfig.from_folder(stories_path).max_model_len
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    (dict(temperature=-1), 400, "temperature"),
+    (dict(top_p=0), 400, "top_p"),
+    (dict(max_tokens=0), 400, "max_tokens"),
+    (dict(max_tokens=100_000), 400, "max_tokens"),
+    (dict(prompt=""), 400, "prompt"),
+    (dict(prompt=[]), 400, "prompt"),
+    (dict(extra_body={"stop": 3}), 400, "stop"),
+    (dict(extra_body={"echo": True}), 400, "echo"),
+    (dict(model="gpt-4"), 404, "model"),
+    (dict(presence_penalty=2.5), 400, "presence_penalty"),
+    (dict(frequency_penalty="a lot"), 400, "frequency_penalty"),
+    (dict(extra_body={"min_p": 1.5}), 400, "min_p"),
+    (dict(extra_body={"repetition_penalty": 0}), 400, "repetition_penalty"),
+    (dict(extra_body={"min_tokens": 9}), 400, "min_tokens"),
+    (dict(n=0), 400, "n"),
+    (dict(logprobs=3), 400, "logprobs"),
+])
+def test_bad_fields_get_openais_error_object(client, kwargs, status, param):
+    args = dict(model=MODEL, prompt="Once", max_tokens=4) | kwargs
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(**args)
+    e = caught.value
+    assert e.status_code == status
+    assert e.body["param"] == param and e.body["message"].startswith(f"{param}:")
+    if status == 404:
+        assert MODEL in e.body["message"] and e.body["code"] == "model_not_found"
+
+
+def test_chat_without_a_template_is_a_400_that_says_so(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert "no chat template" in caught.value.body["message"] and caught.value.body["param"] == "messages"
+
+
+def _http(method: str, url: str, **kwargs) -> tuple[int, dict | str]:
+    async def call():
+        async with aiohttp.ClientSession() as session, session.request(method, url, **kwargs) as response:
+            body = await response.text()
+            try:
+                return response.status, json.loads(body)
+            except ValueError:
+                return response.status, body
+
+    return asyncio.run(call())
+
+
+def test_tokenize_and_detokenize(up, stories_llm: LLM):
+    base = up.http.removesuffix("/v1")
+    status, tokens = _http("POST", f"{base}/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]})
+    assert status == 200 and tokens["tokens"] == stories_llm.engine.tokenizer.encode(PROMPTS[0])
+    assert tokens["count"] == len(tokens["tokens"])
+    status, text = _http("POST", f"{base}/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]})
+    assert status == 200 and text["prompt"] == PROMPTS[0]
+    status, bad = _http("POST", f"{base}/detokenize", json={"tokens": [10**9]})
+    assert status == 400 and bad["error"]["param"] == "tokens"
+    assert _http("POST", f"{base}/tokenize", data=b"{not json")[0] == 400
+    assert _http("GET", f"{base}/health")[0] == 200
+
+
+def test_a_client_that_leaves_frees_its_blocks(up):
+    """A streamed completion abandoned after two events: its sequence ends on the decode node."""
+    [decode] = up.nodes("decode")
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+
+    async def leave_early():
+        async with aiohttp.ClientSession() as session, session.post(f"{up.http}/completions", json=body) as response:
+            seen = 0
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    seen += 1
+                    if seen == 2:
+                        return seen
+
+    assert asyncio.run(leave_early()) == 2
+    up.wait_until(lambda: (s := up.stats(decode)).free_blocks == s.total_blocks and not s.running, timeout=15)
+
+
+def _scrape(up) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = _http("GET", f"{up.http.removesuffix('/v1')}/metrics")
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_router_metrics_move_by_exactly_what_was_sent(up, client):
+    def get(samples, name, **labels):
+        return samples.get((name, tuple(sorted(({"model": MODEL} | labels).items()))), 0.0)
+
+    before = _scrape(up)
+    lengths = [5, 9, 13]
+    for n in lengths:
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=n, extra_body={"ignore_eos": True})
+    with BatonClient(up.address, timeout=60) as grpc_client:
+        grpc_client.complete(PROMPTS[1], max_tokens=7, ignore_eos=True)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=-2)
+    after = _scrape(up)
+
+    def moved(name, **labels):
+        return get(after, name, **labels) - get(before, name, **labels)
+
+    assert moved("baton_router_requests_total", front="openai", status="ok") == 3
+    assert moved("baton_router_requests_total", front="grpc", status="ok") == 1
+    assert moved("baton_router_requests_total", front="openai", status="INVALID_ARGUMENT") == 1
+    assert moved("baton_router_completion_tokens_total", front="openai") == sum(lengths)
+    assert moved("baton_router_completion_tokens_total", front="grpc") == 7
+    status, ids = _http("POST", f"{up.http.removesuffix('/v1')}/tokenize", json={"prompt": PROMPTS[0]})
+    assert moved("baton_router_prompt_tokens_total", front="openai") == 3 * ids["count"]
+    assert moved("baton_router_time_to_first_token_seconds_count", front="openai") == 3
+    assert moved("baton_router_e2e_request_latency_seconds_count", front="openai") == 3
+    assert moved("baton_router_time_per_output_token_seconds_count", front="openai") == 3
+    assert moved("baton_router_inter_token_latency_seconds_count", front="openai") == sum(n - 1 for n in lengths)
+    assert get(after, "baton_router_running_requests", front="openai") == 0
+    live = {dict(labels)["role"]: value for (name, labels) in after if name == "baton_router_live_nodes"
+            for value in [after[(name, labels)]]}
+    assert live["prefill"] == 1 and live["decode"] == 1
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYS] {{ m['content'] }}\n"
+                 "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A tiny random Llama with the stories tokenizer and a chat template in its tokenizer_config.json."""
+    from test_architectures import VARIANTS, write_checkpoint
+
+    folder = write_checkpoint(tmp_path_factory.mktemp("chat-model"), VARIANTS["llama-gqa2"])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_chat_completions_equal_transformers(chat_checkpoint, tmp_path):
+    import torch
+
+    messages = [{"role": "system", "content": "You tell short stories."},
+                {"role": "user", "content": [{"type": "text", "text": "Once upon a time, "},
+                                             {"type": "text", "text": "there was a cat."}]}]
+    hf_messages = [messages[0], {"role": "user", "content": "Once upon a time, there was a cat."}]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(chat_checkpoint))
+    ids = tokenizer.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(chat_checkpoint), dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    want = tokenizer.decode(out, skip_special_tokens=True)
+    assert len(want) > 10  # a test that could fail: the model says something
+    with BatonUp(tmp_path, "--model", str(chat_checkpoint), "--prefill", "0", "--decode", "0", "--colocated", "1",
+                 "--http-port", str(free_port())) as cluster, \
+            openai.OpenAI(base_url=cluster.http, api_key="unused", max_retries=0, timeout=120) as client:
+        got = client.chat.completions.create(model=chat_checkpoint.name, messages=messages, max_tokens=20,
+                                             temperature=0)
+        assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+        assert got.choices[0].message.content == want
+        assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(out)
+        streamed = list(client.chat.completions.create(model=chat_checkpoint.name, messages=messages,
+                                                       max_completion_tokens=20, temperature=0, stream=True))
+        assert streamed[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == want
+        assert streamed[-1].choices[0].finish_reason in ("length", "stop")
+        assert all(c.object == "chat.completion.chunk" for c in streamed)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=chat_checkpoint.name, messages=[{"role": "wizard", "content": "x"}])
+        assert caught.value.body["param"] == "messages[0].role"
+    shutil.rmtree(tmp_path, ignore_errors=True)
