@@ -21,6 +21,7 @@ import grpc
 
 from baton.cluster.messages import (LOST_NODE_KEY, abort_for, kv_layout, layouts_match, responses_from_output,
                                    resumed_from_proto, sampling_from_proto, share_to_proto)
+from baton.cluster.logs import REQUEST_ID, client_request_id
 from baton.cluster.metrics import NodeMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
@@ -84,6 +85,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     # -- reservations -------------------------------------------------------------------------------
 
     async def Reserve(self, request, context):
+        REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         try:
             r = await self.reservations.reserve(request.request_id, request.prompt_tokens, request.max_tokens,
                                                 (request.lease_ms or DEFAULT_LEASE_MS) / 1000)
@@ -100,6 +102,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         self.channels.prune(self.peer_idle_seconds)
 
     async def Release(self, request, context):
+        REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         return node_pb2.ReleaseResponse(freed_blocks=await self.reservations.release(request.request_id, "released"))
 
     # -- KV transfer --------------------------------------------------------------------------------
@@ -108,6 +111,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         """Answered only once this node's side of the transfer is over (every message on its lane matched, or
         the lane given up): OK, NOT_FOUND (drained) and ABORTED (the sender's cancel header) leave the lane in
         step for the prefill node's next transfer on it; any other answer means its generation must go."""
+        REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         if not layouts_match(request.layout, self.layout, any_degree=True):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
         if request.shared:
@@ -261,6 +265,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await self.reservations.receive_ended(r, False, "the prefill node's KV writes did not end in time")
 
     async def KVWritten(self, request, context):
+        REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         write = self._writes.pop(request.request_id, None)
         r = self.reservations.get(request.request_id)
         if write is None or r is None:
@@ -278,6 +283,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     # -- decoding -----------------------------------------------------------------------------------
 
     async def Continue(self, request, context):
+        REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         with self.metrics.request(context) as track:
             rid = request.request_id
             r = self.reservations.get(rid)
@@ -324,6 +330,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
 
     async def Generate(self, request, context):
         """Colocated mode: prompt and decode on this engine."""
+        REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         with self.metrics.request(context, len(request.prompt_token_ids)) as track:
             try:
                 params = sampling_from_proto(request.sampling)

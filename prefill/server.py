@@ -33,6 +33,7 @@ import torch
 
 from baton.cluster.messages import (LOST_NODE_KEY, abort_for, chunk_from_output, finish_to_proto, kv_layout,
                                    layouts_match, resumed_from_proto, sampling_from_proto, share_from_proto)
+from baton.cluster.logs import REQUEST_ID, client_request_id
 from baton.cluster.metrics import NodeMetrics, RequestMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
@@ -109,6 +110,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
     # -- the service ----------------------------------------------------------------------------------
 
     async def Prefill(self, request, context):
+        REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         with self.metrics.request(context, len(request.prompt_token_ids)) as track:
             rid, target = request.request_id, request.target
             try:

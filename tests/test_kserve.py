@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import grpc
 import pytest
 
 from cluster_harness import BatonUp
@@ -22,6 +23,8 @@ from test_stories import PROMPTS
 
 from baton.engine import LLM, SamplingParams
 from baton.router.client import BatonClient
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc
 
 if importlib.util.find_spec("tritonclient") is None:  # found, never imported here (see above)
     pytest.skip("tritonclient is not installed", allow_module_level=True)
@@ -65,7 +68,7 @@ def _triton(address: str, body: str) -> dict:
 @pytest.fixture(scope="module")
 def up(stories_path, tmp_path_factory):
     with BatonUp(tmp_path_factory.mktemp("kserve"), "--model", str(stories_path), "--prefill", "1",
-                 "--decode", "1") as up:
+                 "--decode", "1", "--log-format", "json") as up:
         yield up
 
 
@@ -191,3 +194,22 @@ def test_the_protocol_matches_tritonclients_definition():
     for method, signature in ours["methods"].items():
         assert theirs["methods"][method] == signature, method
     assert {"ModelInfer", "ModelStreamInfer", "ModelMetadata", "ServerReady"} <= set(ours["methods"])
+
+
+def test_logs_are_json_lines_that_carry_the_request_id(up):
+    """`--log-format json` (this module's cluster): every line of every process is one JSON object, and a line
+    about a request (here the router's note that a client resumed it) carries its id."""
+    with BatonClient(up.address, timeout=60) as client:
+        first = client.complete(PROMPTS[0], max_tokens=6, temperature=0.0)
+    request = pb.GenerateRequest(request_id="trace-me-42", text=PROMPTS[0],
+                                 sampling=pb.SamplingParams(max_tokens=6, temperature=0.0),
+                                 resume=pb.Resume(token_ids=first.token_ids[:2]))
+    with grpc.insecure_channel(up.address) as channel:
+        list(baton_pb2_grpc.BatonStub(channel).Generate(request, timeout=60))
+    lines = {log.name: [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+             for log in up.log_dir.glob("*.log") if log.name.startswith(("router", "prefill", "decode"))}
+    assert {"router.log", "prefill-0.log", "decode-0.log"} <= set(lines)
+    for name, records in lines.items():
+        assert records and all({"time", "process", "level", "message"} <= set(r) for r in records), name
+    resumed = [r for r in lines["router.log"] if "resumed by its client" in r["message"]]
+    assert resumed and all(r["request_id"] == "trace-me-42" for r in resumed)

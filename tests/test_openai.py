@@ -293,3 +293,33 @@ def test_chat_completions_equal_transformers(chat_checkpoint, tmp_path):
             client.chat.completions.create(model=chat_checkpoint.name, messages=[{"role": "wizard", "content": "x"}])
         assert caught.value.body["param"] == "messages[0].role"
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+_SERIES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"), "info": ("_info",),
+           "summary": ("_sum", "_count"), "unknown": ("",)}
+
+
+def test_service_discovery_and_the_dashboard_name_metrics_that_exist(up):
+    """GET /sd lists every live node's metrics target (what examples/monitoring/prometheus.yml reads), and
+    every metric the example Grafana dashboard queries is served by the router or a node."""
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base = up.http.removesuffix("/v1")
+    status, targets = _http("GET", f"{base}/sd")
+    nodes = up.nodes()
+    assert status == 200
+    assert sorted((t["targets"][0], t["labels"]["node"], t["labels"]["role"]) for t in targets) == \
+        sorted((n.metrics_address, n.node_id, n.role) for n in nodes)
+    served = set()
+    for url in [f"{base}/metrics"] + [f"http://{n.metrics_address}/metrics" for n in nodes]:
+        status, text = _http("GET", url)
+        assert status == 200
+        for family in text_string_to_metric_families(text):  # a labelled metric may have no sample yet
+            served |= {s.name for s in family.samples} | {family.name + suffix for suffix in _SERIES[family.type]}
+    dashboard = Path(__file__).parents[1] / "examples" / "monitoring" / "grafana-dashboard.json"
+    queries = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    wanted = {m for q in queries for m in re.findall(r"\bbaton_[a-z0-9_]+", q)}
+    assert wanted and wanted <= served, sorted(wanted - served)
