@@ -41,6 +41,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
         min_p=msg.min_p,
         min_tokens=msg.min_tokens,
+        top_logprobs=msg.top_logprobs,
     )
 
 
@@ -50,10 +51,14 @@ def resumed_from_proto(msg: node_pb2.Resumed) -> Resumed | None:
 
 
 def chunk_from_output(out: RequestOutput, logprobs: bool) -> pb.TokenChunk:
-    return pb.TokenChunk(
-        index=out.first_index, token_ids=out.token_ids, text=out.text,
-        logprobs=out.logprobs if logprobs else [],
-    )
+    chunk = pb.TokenChunk(index=out.first_index, token_ids=out.token_ids, text=out.text,
+                          logprobs=out.logprobs if logprobs else [])
+    for top in out.top_logprobs:  # empty unless the request asked for them
+        entry = chunk.top_logprobs.add()
+        if top is not None:
+            entry.token_ids.extend(top[0])
+            entry.logprobs.extend(top[1])
+    return chunk
 
 
 def finish_to_proto(reason: FinishReason) -> int:

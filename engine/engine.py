@@ -24,7 +24,7 @@ from .ops import make_ops
 from .parallel import shard
 from .tp_runtime import TPWorkers, rank_device
 from .request import FinishReason, RequestOutput, Resumed, SamplingParams
-from .sampler import sample
+from .sampler import sample, top_alternatives
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .tokenizer import Tokenizer
@@ -194,6 +194,8 @@ class LLMEngine:
         for token in ids:
             seq.token_ids.append(token)
             seq.logprobs.append(0.0)  # delivered already: never emitted again
+            if seq.params.top_logprobs:
+                seq.top_logprobs.append(None)
             seq.text += seq.detokenizer.push([token])
         if not 0 <= resumed.text_chars <= len(seq.text):
             raise InvalidRequest("resumed.text_chars", f"{resumed.text_chars} characters delivered, the tokens "
@@ -241,6 +243,8 @@ class LLMEngine:
         seq.num_computed = seq.num_tokens
         seq.token_ids.append(first_token)
         seq.logprobs.append(first_logprob)
+        if params.top_logprobs:
+            seq.top_logprobs.append(None)  # the prefill node sent them with the first token
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         self._check_finished(seq, first_token)
@@ -334,6 +338,11 @@ class LLMEngine:
         tokens, logprobs = sample(logits, [s.params for s in chosen], [s.seed for s in chosen],
                                   [s.num_output_tokens for s in chosen], [s.token_ids for s in chosen],
                                   self.eos_token_ids)
+        wanted = [i for i, s in enumerate(chosen) if s.params.top_logprobs]
+        if wanted:
+            tops = top_alternatives(logits, wanted, [chosen[i].params.top_logprobs for i in wanted])
+            for i, top in zip(wanted, tops):
+                chosen[i].top_logprobs.append(top)
         outputs = []
         for seq, token, logprob in zip(chosen, tokens, logprobs):
             seq.token_ids.append(token)
@@ -399,6 +408,7 @@ class LLMEngine:
         seq.num_text_emitted = end
         first = seq.num_tokens_emitted
         new_ids = seq.output_ids[first:]
-        out = RequestOutput(seq.request_id, first, new_ids, seq.logprobs[first:], text, seq.finish_reason)
+        out = RequestOutput(seq.request_id, first, new_ids, seq.logprobs[first:], text, seq.finish_reason,
+                            seq.top_logprobs[first:] if seq.params.top_logprobs else [])
         seq.num_tokens_emitted = seq.num_output_tokens
         return out

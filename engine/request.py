@@ -17,6 +17,9 @@ def _is_finite(value: object) -> bool:
         return False
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens, or the model's context, reached
     STOP = "stop"  # a stop string or one of the request's stop_token_ids
@@ -50,6 +53,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     min_tokens: int = 0
+    top_logprobs: int = 0  # also report the k most likely tokens of each step (their model log-probabilities)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -80,6 +84,9 @@ class SamplingParams:
         if not (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens):
             raise InvalidRequest("min_tokens", f"must be an integer in [0, max_tokens = {self.max_tokens}], "
                                  f"got {self.min_tokens!r}")
+        if not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got "
+                                 f"{self.top_logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -113,6 +120,9 @@ class RequestOutput:
     logprobs: list[float]  # log-probability of each token under the model's distribution
     text: str  # the text delta these tokens made safe to show
     finish_reason: FinishReason | None = None
+    # With SamplingParams.top_logprobs: per token, the k most likely (token ids, log-probabilities), or None
+    # for a token whose step this engine did not compute (a first token adopted from a prefill node).
+    top_logprobs: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -153,3 +153,12 @@ def _sample_rows(
     # Never land on a masked tail token through rounding at the end of the CDF.
     pick = torch.minimum(pick, keep.sum(dim=-1, keepdim=True) - 1)
     return order.gather(1, pick).squeeze(1)
+
+
+def top_alternatives(logits: torch.Tensor, rows: list[int], ks: list[int]) -> list[tuple[list[int], list[float]]]:
+    """The ks[j] most likely tokens of row rows[j] and their log-probabilities under the model's distribution
+    (the raw logits, as the chosen token's logprob), most likely first."""
+    sub = logits[torch.tensor(rows, device=logits.device)]
+    values, ids = (sub - torch.logsumexp(sub, dim=-1, keepdim=True)).topk(max(ks), dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    return [(ids[j][:k], values[j][:k]) for j, k in enumerate(ks)]

@@ -32,6 +32,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     logprobs: list[float] = field(default_factory=list)
+    # With params.top_logprobs: one entry per generated token, as logprobs (None where not computed here).
+    top_logprobs: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
     text: str = ""  # continuation text so far (stop strings cut off)
     num_text_emitted: int = 0  # characters of `text` already handed out
     num_tokens_emitted: int = 0

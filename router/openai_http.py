@@ -23,6 +23,7 @@ import grpc
 from aiohttp import web
 
 from baton.engine import InvalidRequest
+from baton.engine.request import MAX_TOP_LOGPROBS
 from baton.v1 import baton_pb2 as pb
 
 from .admission import check_text_size
@@ -245,23 +246,23 @@ class OpenAIFront:
 
     def _completion_call(self, request: web.Request, body: dict) -> _Call:
         rid, model, n, stream, include_usage = self._common(request, body)
-        logprobs = integer(body, "logprobs", 0, 20)
-        if logprobs:
-            raise InvalidRequest("logprobs", "top alternatives are not served yet: set 0 for the chosen tokens' "
-                                             "log-probabilities")
+        logprobs = integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)  # the legacy API's: how many alternatives
         params = sampling(body)
         params.logprobs = logprobs is not None
+        params.top_logprobs = logprobs or 0
         requests = _prompts(body)
         return self._call(f"cmpl-{rid}", model, False, requests, params, n, stream, include_usage, {})
 
     def _chat_call(self, request: web.Request, body: dict) -> _Call:
         rid, model, n, stream, include_usage = self._common(request, body)
         logprobs = bool(get(body, "logprobs", (bool,), "a boolean"))
-        if integer(body, "top_logprobs", 0, 20):
-            raise InvalidRequest("top_logprobs", "top alternatives are not served yet: set 0")
+        top = integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+        if top and not logprobs:
+            raise InvalidRequest("top_logprobs", "needs logprobs set to true")
         field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         params = sampling(body, field)
         params.logprobs = logprobs
+        params.top_logprobs = top
         text = self._render(body, model)
         ids = self._encode("messages", text, False, model)  # the template wrote the special tokens it wants
         if not params.HasField("max_tokens"):  # as vLLM: the rest of the context
@@ -309,7 +310,7 @@ class OpenAIFront:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for index, (texts, logprobs, tokens, finish) in enumerate(results):
+        for index, (texts, logprobs, tokens, tops, finish) in enumerate(results):
             text = "".join(texts)
             usage["completion_tokens"] += finish.usage.completion_tokens
             if index % call.n == 0:
@@ -317,11 +318,12 @@ class OpenAIFront:
             reason = _FINISH.get(finish.reason)
             if call.chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": self._chat_logprobs(call, tokens, logprobs) if call.logprobs else None,
+                                "logprobs": self._chat_logprobs(call, tokens, logprobs, tops) if call.logprobs else None,
                                 "finish_reason": reason})
             else:
                 choices.append({"index": index, "text": text, "finish_reason": reason,
-                                "logprobs": self._completion_logprobs(call, tokens, logprobs) if call.logprobs else None})
+                                "logprobs": self._completion_logprobs(call, tokens, logprobs, tops)
+                                if call.logprobs else None})
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return web.json_response({"id": call.id, "object": "chat.completion" if call.chat else "text_completion",
                                   "created": call.created, "model": call.model, "choices": choices, "usage": usage})
@@ -350,7 +352,7 @@ class OpenAIFront:
                     logprobs = None
                     if call.logprobs:
                         logprobs = (self._chat_logprobs if call.chat else self._completion_logprobs)(
-                            call, list(chunk.token_ids), list(chunk.logprobs))
+                            call, list(chunk.token_ids), list(chunk.logprobs), list(chunk.top_logprobs))
                     if call.chat:
                         choice = {"index": index, "delta": {"content": chunk.text}, "logprobs": logprobs,
                                   "finish_reason": None}
@@ -380,29 +382,35 @@ class OpenAIFront:
     def _token_text(call: _Call, token: int) -> str:
         return call.served.tokenizer.decode([token], skip_special_tokens=False)
 
-    def _completion_logprobs(self, call: _Call, tokens: list[int], logprobs: list[float]) -> dict:
+    def _completion_logprobs(self, call: _Call, tokens: list[int], logprobs: list[float], tops: list) -> dict:
+        top = [{self._token_text(call, t): lp for t, lp in zip(x.token_ids, x.logprobs)} for x in tops] or None
         return {"tokens": [self._token_text(call, t) for t in tokens], "token_logprobs": logprobs,
-                "top_logprobs": None, "text_offset": None}
+                "top_logprobs": top, "text_offset": None}
 
-    def _chat_logprobs(self, call: _Call, tokens: list[int], logprobs: list[float]) -> dict:
+    def _chat_logprobs(self, call: _Call, tokens: list[int], logprobs: list[float], tops: list) -> dict:
         content = []
-        for t, lp in zip(tokens, logprobs):
+        for i, (t, lp) in enumerate(zip(tokens, logprobs)):
             text = self._token_text(call, t)
-            content.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+            alternatives = []
+            for a, alp in (zip(tops[i].token_ids, tops[i].logprobs) if i < len(tops) else ()):
+                a_text = self._token_text(call, a)
+                alternatives.append({"token": a_text, "logprob": alp, "bytes": list(a_text.encode())})
+            content.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": alternatives})
         return {"content": content}
 
 
-async def _collect(stream) -> tuple[list[str], list[float], list[int], pb.Finish]:
-    texts, logprobs, tokens, finish = [], [], [], None
+async def _collect(stream) -> tuple[list[str], list[float], list[int], list, pb.Finish]:
+    texts, logprobs, tokens, tops, finish = [], [], [], [], None
     async with contextlib.aclosing(stream):
         async for message in stream:
             if message.HasField("chunk"):
                 texts.append(message.chunk.text)
                 tokens.extend(message.chunk.token_ids)
                 logprobs.extend(message.chunk.logprobs)
+                tops.extend(message.chunk.top_logprobs)
             else:
                 finish = message.finish
-    return texts, logprobs, tokens, finish
+    return texts, logprobs, tokens, tops, finish
 
 
 async def _merged(streams: list) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:

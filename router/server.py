@@ -455,13 +455,33 @@ class Relay:
 
 async def _each_within(stream, seconds: float):
     """The stream's messages, each within `seconds` of the one before (TimeoutError otherwise). A call given up
-    this way is cancelled: whatever its node sends later (it was stopped, and resumes) reaches nobody."""
+    this way is cancelled: whatever its node sends later (it was stopped, and resumes) reaches nobody.
+
+    Only the wait for the node counts (not the time the consumer spends with a message: a slow client is not a
+    silent node). Timed with one timer per wait on the running task, not `asyncio.wait_for`, which costs a task
+    per message: this runs once per relayed token."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
     messages = stream.__aiter__()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
     while True:
+        timer = loop.call_later(seconds, expire)
         try:
-            message = await asyncio.wait_for(messages.__anext__(), seconds)
+            message = await messages.__anext__()
         except StopAsyncIteration:
             return
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:  # this timer's cancellation, and no one else's
+                raise TimeoutError from None
+            raise
+        finally:
+            timer.cancel()
         yield message
 
 

@@ -114,6 +114,32 @@ def test_penalties_and_vllms_extensions_equal_the_offline_engine(client, stories
     assert got.choices[0].text == _offline(stories_llm, PROMPTS[1], **sampled).text
 
 
+def test_logprobs_and_top_alternatives_equal_transformers(client, hf_stories, stories_llm: LLM):
+    """logprobs=3: each token's log-probability and its three most likely alternatives, the model's own
+    (transformers' log-softmax of the same checkpoint's logits at each step), whole and streamed."""
+    import torch
+
+    prompt = PROMPTS[3]
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    ids = stories_llm.engine.tokenizer.encode(prompt)
+    generated = stories_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0].token_ids
+    with torch.no_grad():
+        logits = hf_stories(torch.tensor([ids + generated])).logits[0, len(ids) - 1:-1].float()
+    want = torch.log_softmax(logits, dim=-1)
+    decode = stories_llm.engine.tokenizer.decode
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(generated)
+    for step, (token, chosen, top) in enumerate(zip(generated, lp.token_logprobs, lp.top_logprobs)):
+        values, best = want[step].topk(3)
+        assert list(top) == [decode([t], skip_special_tokens=False) for t in best.tolist()], step
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-3)
+        assert chosen == pytest.approx(want[step, token].item(), abs=1e-3)
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                              logprobs=3, stream=True))
+    tops = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.top_logprobs]
+    assert tops == lp.top_logprobs
+
+
 def test_token_prompts_and_models(client, stories_llm: LLM, stories_path):
     ids = stories_llm.engine.tokenizer.encode(PROMPTS[4])
     want = _offline(stories_llm, PROMPTS[4], max_tokens=10, temperature=0.0)
@@ -139,7 +165,7 @@ def test_token_prompts_and_models(client, stories_llm: LLM, stories_path):
     (dict(extra_body={"repetition_penalty": 0}), 400, "repetition_penalty"),
     (dict(extra_body={"min_tokens": 9}), 400, "min_tokens"),
     (dict(n=0), 400, "n"),
-    (dict(logprobs=3), 400, "logprobs"),
+    (dict(logprobs=21), 400, "logprobs"),
 ])
 def test_bad_fields_get_openais_error_object(client, kwargs, status, param):
     args = dict(model=MODEL, prompt="Once", max_tokens=4) | kwargs
@@ -289,6 +315,11 @@ def test_chat_completions_equal_transformers(chat_checkpoint, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == want
         assert streamed[-1].choices[0].finish_reason in ("length", "stop")
         assert all(c.object == "chat.completion.chunk" for c in streamed)
+        scored = client.chat.completions.create(model=chat_checkpoint.name, messages=messages, max_tokens=5,
+                                                temperature=0, logprobs=True, top_logprobs=2)
+        content = scored.choices[0].logprobs.content
+        assert len(content) == 5 and all(len(c.top_logprobs) == 2 for c in content)
+        assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)  # greedy: the best
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=chat_checkpoint.name, messages=[{"role": "wizard", "content": "x"}])
         assert caught.value.body["param"] == "messages[0].role"
