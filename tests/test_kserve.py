@@ -213,3 +213,20 @@ def test_logs_are_json_lines_that_carry_the_request_id(up):
         assert records and all({"time", "process", "level", "message"} <= set(r) for r in records), name
     resumed = [r for r in lines["router.log"] if "resumed by its client" in r["message"]]
     assert resumed and all(r["request_id"] == "trace-me-42" for r in resumed)
+
+
+def test_a_cancelled_stream_frees_its_blocks(up):
+    """tritonclient cancels its stream after two responses of a long request: the request ends on every node."""
+    got = _triton(up.address, """
+        responses = queue.Queue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer(model, inputs("Once upon a time", stream=("BOOL", True), ignore_eos=("BOOL", True),
+                                                max_tokens=("INT32", 400)), request_id="long")
+        seen = [responses.get(timeout=60) for _ in range(2)]
+        client.stop_stream(cancel_requests=True)
+        print(json.dumps(dict(seen=[error is None for _, error in seen])))
+    """)
+    assert got["seen"] == [True, True]
+    [decode] = up.nodes("decode")
+    up.wait_until(lambda: (s := up.stats(decode)).free_blocks == s.total_blocks and not s.running
+                  and not s.reserved, timeout=15)
