@@ -242,6 +242,7 @@ class OpenAIFront:
         options = get(body, "stream_options", (dict,), "an object") or {}
         include_usage = bool(get(options, "include_usage", (bool,), "a boolean"))
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request["request_id"] = rid  # echoed in the response's x-request-id header
         return rid, model, n, stream, include_usage
 
     def _completion_call(self, request: web.Request, body: dict) -> _Call:
@@ -296,9 +297,9 @@ class OpenAIFront:
         streams = [self.router.serve(req, mode, deadline, "openai", start) for req, mode in admitted]
         if call.stream:
             return await self._stream(request, call, streams)
-        return await self._whole(call, streams)
+        return await self._whole(request, call, streams)
 
-    async def _whole(self, call: _Call, streams: list) -> web.Response:
+    async def _whole(self, request: web.Request, call: _Call, streams: list) -> web.Response:
         choices: list[dict] = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         tasks = [asyncio.ensure_future(_collect(s)) for s in streams]
@@ -326,10 +327,12 @@ class OpenAIFront:
                                 if call.logprobs else None})
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return web.json_response({"id": call.id, "object": "chat.completion" if call.chat else "text_completion",
-                                  "created": call.created, "model": call.model, "choices": choices, "usage": usage})
+                                  "created": call.created, "model": call.model, "choices": choices, "usage": usage},
+                                 headers={"x-request-id": request["request_id"]})
 
     async def _stream(self, request: web.Request, call: _Call, streams: list) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "x-request-id": request["request_id"]})
         await response.prepare(request)
         kind = "chat.completion.chunk" if call.chat else "text_completion"
         head = f'{{"id":{json.dumps(call.id)},"object":"{kind}","created":{call.created},' \

@@ -30,10 +30,19 @@ def rest(tokenizer: Tokenizer, prompt: list[int], delivered: list[int], chars: i
          reason: int, request_id: str) -> list[pb.GenerateResponse]:
     """The ended stream's last responses: its held-back text (if any), then its Finish."""
     detokenizer = IncrementalDetokenizer(tokenizer, prompt)
-    text = detokenizer.push(delivered) + detokenizer.flush()
+    floor = -1  # a stop string counts only if it ends after this character (min_tokens, as the engine checks)
+    if params.stop and params.min_tokens >= 2:
+        text = ""
+        for i, token in enumerate(delivered):
+            text += detokenizer.push([token])
+            if i == params.min_tokens - 2:  # the text before the token that reaches min_tokens
+                floor = len(text)
+        text += detokenizer.flush()
+    else:
+        text = detokenizer.push(delivered) + detokenizer.flush()
     if params.stop:  # only a match the delivered text did not end before can be new
         start = max(0, chars - max(map(len, params.stop)) + 1)
-        hits = [(i, s) for s in params.stop if (i := text.find(s, start)) >= 0]
+        hits = [(i, s) for s in params.stop if (i := _find_after(text, s, start, floor)) >= 0]
         if hits:
             cut, stop = min(hits)
             text = text[: cut + (len(stop) if params.include_stop_str_in_output else 0)]
@@ -44,3 +53,11 @@ def rest(tokenizer: Tokenizer, prompt: list[int], delivered: list[int], chars: i
                                                                                        text=text[chars:])))
     responses.append(pb.GenerateResponse(request_id=request_id, finish=pb.Finish(reason=reason)))
     return responses
+
+
+def _find_after(text: str, stop: str, start: int, floor: int) -> int:
+    """The first occurrence of `stop` in text[start:] that ends after character `floor`, or -1."""
+    at = text.find(stop, start)
+    while 0 <= at and at + len(stop) <= floor:
+        at = text.find(stop, at + 1)
+    return at

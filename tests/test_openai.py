@@ -209,6 +209,15 @@ def test_tokenize_and_detokenize(up, stories_llm: LLM):
     assert _http("GET", f"{base}/health")[0] == 200
 
 
+def test_the_request_id_is_the_clients_and_comes_back(up, client):
+    """x-request-id: the client's id names the completion and comes back in the response's header."""
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="Once", max_tokens=3,
+                                                      extra_headers={"x-request-id": "trace-77"})
+    assert raw.headers["x-request-id"] == "trace-77" and raw.parse().id == "cmpl-trace-77"
+    generated = client.completions.with_raw_response.create(model=MODEL, prompt="Once", max_tokens=3)
+    assert generated.parse().id == f"cmpl-{generated.headers['x-request-id']}"
+
+
 def test_a_client_that_leaves_frees_its_blocks(up):
     """A streamed completion abandoned after two events: its sequence ends on the decode node."""
     [decode] = up.nodes("decode")

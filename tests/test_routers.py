@@ -169,3 +169,27 @@ def test_a_client_with_one_dead_router_fails_over_to_the_live_one(cluster, stori
     [want] = stories_llm.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0))
     assert [t for d in items if isinstance(d, Delta) for t in d.token_ids] == want.token_ids
     assert isinstance(items[-1], Finished) and items[-1].completion_tokens == 12
+
+
+def test_a_stream_ended_before_its_finish_ignores_stop_strings_before_min_tokens(stories_llm: LLM):
+    """`router/resume.rest` (the stream's last tokens were delivered, its Finish was not): a stop string held
+    back in the text but completed before min_tokens was reached does not end the stream, as in the engine."""
+    from baton.router import resume
+
+    tokenizer = stories_llm.engine.tokenizer
+    prompt = PROMPTS[0]
+    [full] = stories_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
+    prompt_ids = full.prompt_token_ids
+    ends = [len(tokenizer.decode(prompt_ids + full.token_ids[:i + 1])) - len(tokenizer.decode(prompt_ids))
+            for i in range(12)]
+    # A stop string completed by token 9, long enough to lie in the text held back at the end.
+    size = len(full.text) - ends[9] + 2
+    stop = full.text[ends[9] - size:ends[9]]
+    assert full.text.count(stop) == 1
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], min_tokens=12)
+    [engine] = stories_llm.generate([prompt], params)
+    assert engine.text == full.text and engine.finish_reason.value == "length"  # the engine goes on
+    chars = len(full.text) - (size - 1)  # what its client had: the rest was held back
+    responses = resume.rest(tokenizer, prompt_ids, full.token_ids, chars, params, pb.FINISH_REASON_LENGTH, "r")
+    assert full.text[:chars] + "".join(r.chunk.text for r in responses if r.HasField("chunk")) == full.text
+    assert responses[-1].finish.reason == pb.FINISH_REASON_LENGTH
