@@ -9,6 +9,9 @@ from baton.engine import InvalidRequest
 from baton.v1 import baton_pb2 as pb
 
 INT32_MAX = 2**31 - 1
+# baton.v1 finish reasons as OpenAI names them (both fronts report them so).
+FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "stop",
+                  pb.FINISH_REASON_CANCELLED: "abort"}
 
 
 def get(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -51,8 +54,6 @@ def sampling(body: dict, max_tokens_field: str = "max_tokens") -> pb.SamplingPar
         params.max_tokens = max_tokens
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         if (value := number(body, name)) is not None:
-            if name not in pb.SamplingParams.DESCRIPTOR.fields_by_name:
-                raise InvalidRequest(name, "is not served by this version")
             setattr(params, name, value)
     top_k = integer(body, "top_k", -1)
     if top_k is not None and top_k > 0:  # vLLM's -1 and 0 both mean off
@@ -60,8 +61,6 @@ def sampling(body: dict, max_tokens_field: str = "max_tokens") -> pb.SamplingPar
     if (seed := integer(body, "seed", 0, 2**63 - 1)) is not None:
         params.seed = seed
     if (min_tokens := integer(body, "min_tokens")) is not None:
-        if "min_tokens" not in pb.SamplingParams.DESCRIPTOR.fields_by_name:
-            raise InvalidRequest("min_tokens", "is not served by this version")
         params.min_tokens = min_tokens
     params.stop.extend(_stop(body))
     stop_ids = body.get("stop_token_ids") or []

@@ -28,13 +28,12 @@ from baton.v1 import baton_pb2 as pb
 from baton.v1 import kserve_pb2 as ks
 from baton.v1 import kserve_pb2_grpc
 
+from .fields import FINISH_REASONS as _FINISH
 from .fields import sampling
 from .admission import UnknownModel
 from .models import ServedModel
 from .server import Refused, RouterServicer
 
-_FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "stop",
-           pb.FINISH_REASON_CANCELLED: "abort"}
 # Raw little-endian element formats of the fixed-size datatypes (BYTES elements are length-prefixed).
 _RAW = {"BOOL": "?", "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "UINT8": "B", "UINT16": "H",
         "UINT32": "I", "UINT64": "Q", "FP32": "f", "FP64": "d"}

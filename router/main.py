@@ -12,13 +12,11 @@ import aetcd
 from baton.cluster.grpc_server import BATON_SERVICE, Server, run_until_signalled
 from baton.cluster.loops import every, retrying
 from baton.cluster.membership import MembershipWatcher
-from baton.engine.config import ModelConfig
-from baton.engine.loader import resolve_model_path
+from baton.engine.loader import resolve_model_path, served_name
 from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
-from .admission import ModelCard
 from .kserve import KServeServicer
-from .models import Models, default_name, load_model
+from .models import Models, load_model
 from .picker import Picker
 from .server import RouterServicer
 
@@ -41,7 +39,7 @@ class RouterConfig:
     node_wait: float = 5.0  # seconds a request waits for a live node of a role that has none, before UNAVAILABLE
     http_port: int = 0  # the OpenAI-compatible HTTP front's port (0: no HTTP front)
     chat_template: str = ""  # a Jinja chat template file, in place of the checkpoint's
-    served_model_name: str = ""  # the given model's name (its nodes register the same); "" -> default_name
+    served_model_name: str = ""  # the given model's name (its nodes register the same); "" -> served_name
     log_format: str = "text"  # or "json": one JSON object per line
 
     def __post_init__(self) -> None:
@@ -53,17 +51,11 @@ class RouterConfig:
             raise ValueError(f"node_wait: must be >= 0 seconds, got {self.node_wait}")
 
 
-def model_card(folder, name: str | None = None, max_prompt_bytes: int = 0) -> ModelCard:
-    cfg = ModelConfig.from_folder(folder)
-    return ModelCard(name or default_name(folder), cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype,
-                     max_prompt_bytes, cfg.eos_token_ids)
-
-
 def scrape_targets(membership: MembershipWatcher, cluster: str) -> list[dict]:
     """Every live node's metrics target, in Prometheus' HTTP service-discovery format (the router's own
     /metrics is where the scraper found this list)."""
     return [{"targets": [n.metrics_address], "labels": {"cluster": cluster, "role": n.role, "node": n.node_id}}
-            for n in membership.nodes() if getattr(n, "metrics_address", "")]
+            for n in membership.nodes() if n.metrics_address]
 
 
 async def follow_readiness(server: Server, picker: Picker) -> None:
@@ -89,7 +81,7 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
                                 "watching the membership")
     picker = Picker(membership)
     # The model it is given is loaded now (its nodes register the same name); the others as nodes show them.
-    given = load_model(folder, cfg.served_model_name or default_name(folder), cfg.max_prompt_bytes,
+    given = load_model(folder, cfg.served_model_name or served_name(folder), cfg.max_prompt_bytes,
                        cfg.chat_template)
     models = Models(membership, [given])
     servicer = RouterServicer(models, picker, cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout,

@@ -33,7 +33,7 @@ class _LiveNodes:
                                    labels=["role", "model"])
         counts: dict[tuple[str, str], int] = {}
         for node in self._nodes():
-            key = (node.role, getattr(node, "model", "") or "")
+            key = (node.role, node.model)
             counts[key] = counts.get(key, 0) + 1
         for role in ("prefill", "decode", "colocated"):
             if not any(r == role for r, _ in counts):

@@ -19,7 +19,7 @@ from typing import Any
 from baton.cluster.membership import MembershipWatcher
 from baton.engine import InvalidRequest
 from baton.engine.config import ModelConfig
-from baton.engine.loader import served_name as default_name  # noqa: F401 (re-exported)
+from baton.engine.loader import served_name
 from baton.engine.tokenizer import Tokenizer
 
 from .admission import ModelCard, UnknownModel, with_prompt_bound
@@ -39,14 +39,19 @@ class ServedModel:
         return self.card.id
 
 
+def model_card(folder: Path, name: str | None = None, max_prompt_bytes: int = 0) -> ModelCard:
+    """What the router knows of a checkpoint from its config (named `name`, else as its nodes name it)."""
+    cfg = ModelConfig.from_folder(folder)
+    return ModelCard(name or served_name(folder), cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype,
+                     max_prompt_bytes, cfg.eos_token_ids)
+
+
 def load_model(folder: Path, name: str, max_prompt_bytes: int = 0, chat_template: str = "") -> ServedModel:
     """Reads a checkpoint folder's config, tokenizer and chat template (slow: walks the vocabulary)."""
     from .chat import ChatTemplate, find_template, special_tokens
 
-    cfg = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
-    card = with_prompt_bound(ModelCard(name, cfg.architecture, cfg.max_model_len, cfg.vocab_size, cfg.dtype,
-                                       max_prompt_bytes, cfg.eos_token_ids), tokenizer)
+    card = with_prompt_bound(model_card(folder, name, max_prompt_bytes), tokenizer)
     source = find_template(Path(folder), tokenizer.config, Path(chat_template) if chat_template else None)
     template = None if source is None else ChatTemplate(source, special_tokens(tokenizer.config))
     return ServedModel(card, tokenizer, Path(folder), template)

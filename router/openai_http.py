@@ -27,11 +27,12 @@ from baton.engine.request import MAX_TOP_LOGPROBS
 from baton.v1 import baton_pb2 as pb
 
 from .admission import check_text_size
+from .fields import FINISH_REASONS as _FINISH
 from .fields import INT32_MAX, get, integer, sampling
 from .admission import UnknownModel
 from .chat import parse_messages
 from .models import ServedModel
-from .server import Deadline, Refused, RouterServicer
+from .server import NoDeadline, Refused, RouterServicer
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ _HTTP_STATUS = {
 }
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "invalid_request_error", 429: "rate_limit_error"}
-_FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "stop",
-           pb.FINISH_REASON_CANCELLED: "abort"}
 # OpenAI parameters that change the output and that Baton does not serve: refused, never ignored. Other
 # unknown fields are ignored, as OpenAI-compatible servers do.
 _UNSERVED = {"echo": False, "suffix": None, "best_of": None, "logit_bias": None, "tools": None,
@@ -287,7 +286,7 @@ class OpenAIFront:
 
     async def _generate(self, request: web.Request, call: _Call) -> web.StreamResponse:
         start = time.perf_counter()
-        deadline = Deadline()
+        deadline = NoDeadline()
         admitted = []
         for req in call.requests:  # every prompt is checked before anything is answered
             try:

@@ -32,7 +32,7 @@ from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
 from . import resume
 from .admission import Admitted, UnknownModel, admit, check_text_size
-from .metrics import RouterMetrics
+from .metrics import RequestMetrics, RouterMetrics
 from .models import Models
 from .picker import NoNode, Picker
 
@@ -133,14 +133,12 @@ class Refused(Exception):
         self.field = field
 
 
-class Deadline:
-    """A deadline for fronts without one of their own: `time_remaining()` as a grpc context gives it."""
+class NoDeadline:
+    """What fronts without deadlines (OpenAI's HTTP API) pass where a grpc context gives `time_remaining()`."""
 
-    def __init__(self, seconds: float | None = None) -> None:
-        self.end = None if seconds is None else time.monotonic() + seconds
-
-    def time_remaining(self) -> float | None:
-        return None if self.end is None else max(0.0, self.end - time.monotonic())
+    @staticmethod
+    def time_remaining() -> None:
+        return None
 
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
@@ -191,7 +189,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
     async def admit(self, request: pb.GenerateRequest, deadline, front: str) -> tuple[Admitted, str]:
         """Validates the request and waits (up to the node wait, within the deadline) for a node to serve it:
         what every front does before it answers anything. Raises `Refused` (counted as the request's end).
-        `deadline` has `time_remaining()` (a grpc context, or `Deadline`)."""
+        `deadline` has `time_remaining()` (a grpc context, or `NoDeadline`)."""
         model = None
         try:
             model = self.models.resolve(request.model)
@@ -215,19 +213,14 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         when the front received it, on `time.perf_counter`). A failure that ends it raises `Refused`;
         cancelling the consumer cancels the request on every node. Each request is counted once, as it ends."""
         REQUEST_ID.set(req.request_id)  # in every line logged about it, in this task and those it starts
-        relay = Relay(req, start)
-        track = self.metrics.request(req.model.name, front, start)
-        status = "CANCELLED"  # unless it ends otherwise: the consumer stopped (cancelled, or the client left)
+        relay = Relay(req, start, self.metrics.request(req.model.name, front, start))
+        status = ""  # set on a failure; else "ok" once the Finish is relayed, "CANCELLED" if the consumer stopped
         if resumed_by_client:
             self.metrics.client_resumes.labels(req.model.name).inc()
             log.info("request %s: resumed by its client after %d tokens (its router failed)", req.request_id,
                      len(req.resumed))
         try:
             async for response in self._resuming(req, deadline, mode):
-                if response.HasField("chunk") and response.chunk.token_ids:
-                    track.tokens(len(response.chunk.token_ids))
-                elif response.HasField("finish"):
-                    status = "ok"
                 yield relay.see(response)
         except grpc.aio.AioRpcError as e:
             if e.code() in _PASS_THROUGH:
@@ -247,7 +240,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             raise Refused(grpc.StatusCode.UNAVAILABLE,
                           f"{e.details} (prefill {prefill_node}, decode {decode_node})") from None
         finally:
-            track.end(status, len(req.prompt_ids))
+            relay.track.end(status or ("ok" if relay.finished else "CANCELLED"), len(req.prompt_ids))
 
     def _node_wait(self, context) -> float:
         left = context.time_remaining()
@@ -427,23 +420,29 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
 
 
 class Relay:
-    """Rewrites node responses for the client (its own request id) and keeps the usage figures."""
+    """Rewrites node responses for the client (its own request id), keeps the usage figures and feeds the
+    request's metrics: one look at each response, once per relayed token."""
 
-    def __init__(self, req: Admitted, start: float) -> None:
+    def __init__(self, req: Admitted, start: float, track: RequestMetrics) -> None:
         self.req = req
         self.start = start
+        self.track = track
         self.ttft_ms = 0.0
         self.completion_tokens = len(req.resumed)  # a resumed stream's count goes on from what its client has
         self.first = True
+        self.finished = False  # its Finish was relayed
 
     def see(self, response: pb.GenerateResponse) -> pb.GenerateResponse:
         response.request_id = self.req.request_id
         if response.HasField("chunk"):
-            if self.first and response.chunk.token_ids:
-                self.ttft_ms = (time.perf_counter() - self.start) * 1e3
-                self.first = False
-            self.completion_tokens += len(response.chunk.token_ids)
+            if n := len(response.chunk.token_ids):
+                if self.first:
+                    self.ttft_ms = (time.perf_counter() - self.start) * 1e3
+                    self.first = False
+                self.completion_tokens += n
+                self.track.tokens(n)
         else:
+            self.finished = True
             prefill_node, decode_node = self.req.nodes
             response.finish.usage.CopyFrom(pb.Usage(
                 prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.completion_tokens,

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 from baton.engine.tokenizer import Tokenizer
 from baton.router.admission import with_prompt_bound
 from baton.router.client import BatonClient, InvalidArgument
-from baton.router.main import model_card
+from baton.router.models import model_card
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import node_pb2, node_pb2_grpc
 

@@ -13,7 +13,7 @@ from tokenizers import normalizers, pre_tokenizers
 from baton.engine import LLM, ConfigError, EngineConfig, InvalidRequest, SamplingParams
 from baton.engine.tokenizer import Tokenizer
 from baton.router.admission import admit, max_token_bytes, with_prompt_bound
-from baton.router.main import model_card
+from baton.router.models import model_card
 from baton.v1 import baton_pb2 as pb
 
 
