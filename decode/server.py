@@ -37,6 +37,7 @@ from .reservations import NotAllowed, Phase, Reservation, Reservations
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_MS = 30_000
+MAX_CHOICES = 128  # choices of one prompt in one Continue (OpenAI's n; the router allows as many)
 
 
 class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
@@ -294,6 +295,11 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 if not request.first_logprob <= 0:  # NaN, or a probability above 1
                     raise FieldError("first_logprob",
                                      f"must be a log-probability (<= 0), got {request.first_logprob}")
+                forks = [sampling_from_proto(f) for f in request.forks]
+                if forks and request.resumed.token_ids:
+                    raise FieldError("forks", "a resumed stream has no other choices")
+                if len(forks) >= MAX_CHOICES:
+                    raise FieldError("forks", f"at most {MAX_CHOICES - 1}, got {len(forks)}")
                 try:
                     await asyncio.wait_for(r.settled.wait(), self.reservations.lease_left(r))
                 except TimeoutError:
@@ -306,6 +312,10 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         f"request_id: {rid!r} was released ({r.cause})")
                 self.reservations.advance(r, Phase.DECODING)
+                if forks:
+                    async for response in self._choices(request, params, forks, context, track):
+                        yield response
+                    return
                 stream = self.engine.open_stream(rid)  # before adopt: a release from here on ends this stream
                 try:
                     await self.engine.adopt(rid, list(request.prompt_token_ids), request.first_token,
@@ -327,6 +337,37 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 # However the call ends (finished, failed, cancelled, lease run out while waiting): the request's
                 # blocks go, now or, if K/V are still landing, when they have landed.
                 await asyncio.shield(self.reservations.release(rid, "finished"))
+
+    async def _choices(self, request, params, forks, context, track):
+        """A request's n choices from one prompt's K/V: choice 0 adopts the reservation as a lone request
+        would; choice k + 1 forks from its full blocks (`engine.fork`: shared, never written; the tail of the
+        prompt computed again in its own blocks) and samples its own first token. One call streams them all,
+        each response tagged with its choice; the caller's Release (or this call's end) frees the lot."""
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        ids = [rid] + [f"{rid}#{k + 1}" for k in range(len(forks))]
+        choice = {request_id: i for i, request_id in enumerate(ids)}
+        stream = self.engine.open_streams(ids)  # before the engine has them: a release ends their streams
+        try:
+            # The forks first: choice 0 may end with its first token, and its blocks with it.
+            for k, fork_params in enumerate(forks):
+                await self.engine.fork(rid, ids[k + 1], prompt, fork_params)
+            first = await self.engine.adopt(rid, prompt, request.first_token, request.first_logprob, params)
+            self.requests_served += len(ids)
+            track.adopted()
+            # A first token that ended choice 0 was relayed with its Finish by the router: nothing more comes.
+            async for out in self.engine.outputs_of(ids[1:] if first.finished else ids, stream):
+                await self._unless_handing_over(out, context)
+                track.output(out)
+                logprobs = (request.forks[choice[out.request_id] - 1] if choice[out.request_id]
+                            else request.sampling).logprobs
+                for response in responses_from_output(out, logprobs):
+                    response.request_id, response.choice = rid, choice[out.request_id]
+                    yield response
+        finally:
+            for request_id in ids:  # choice 0's blocks go with the reservation (the caller releases it)
+                self.engine.close_stream(request_id)
+            for request_id in ids[1:]:
+                await asyncio.shield(self.engine.release(request_id))
 
     async def Generate(self, request, context):
         """Colocated mode: prompt and decode on this engine."""

@@ -59,6 +59,34 @@ class AsyncEngine:
         self._streams[request_id] = stream
         return stream
 
+    def open_streams(self, request_ids: Sequence[str]) -> asyncio.Queue[RequestOutput | EngineFailed]:
+        """One queue for the outputs of several requests (the choices of one prompt): read it with
+        `outputs_of`, which follows them all through one wait per output."""
+        stream: asyncio.Queue[RequestOutput | EngineFailed] = asyncio.Queue()
+        for request_id in request_ids:
+            self._streams[request_id] = stream
+        return stream
+
+    async def outputs_of(self, request_ids: Sequence[str], stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Yields the outputs of `request_ids` (one queue: `open_streams`) until each has finished; aborts those
+        left in the engine if the caller stops early."""
+        left = set(request_ids)
+        try:
+            while left:
+                out = await stream.get()
+                if isinstance(out, EngineFailed):
+                    raise out
+                if out.request_id not in left:
+                    continue
+                if out.finished:
+                    left.discard(out.request_id)
+                yield out
+        finally:
+            for request_id in request_ids:
+                self.close_stream(request_id)
+            for request_id in left:
+                await asyncio.shield(self.release(request_id))
+
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
@@ -105,9 +133,16 @@ class AsyncEngine:
         return await self.call(self.engine.reserve, request_id, prompt_len, max_tokens)
 
     async def adopt(self, request_id: str, prompt: Sequence[int], first_token: int, first_logprob: float,
-                    params: SamplingParams, resumed: Resumed | None = None) -> None:
-        """Continues a sequence prefilled elsewhere; open its stream first (`open_stream`)."""
-        await self.call(self.engine.adopt, request_id, prompt, first_token, first_logprob, params, resumed)
+                    params: SamplingParams, resumed: Resumed | None = None) -> RequestOutput:
+        """Continues a sequence prefilled elsewhere; open its stream first (`open_stream`). Returns the first
+        token's output (finished if that token ended the request: its stream then gets nothing)."""
+        return await self.call(self.engine.adopt, request_id, prompt, first_token, first_logprob, params, resumed)
+
+    async def fork(self, parent_id: str, child_id: str, prompt: Sequence[int], params: SamplingParams,
+                   resumed: Resumed | None = None) -> int:
+        """A new request sharing the prompt K/V `parent_id` holds (`LLMEngine.fork`); returns the prompt tokens
+        it shares. Open its stream first (`open_stream`)."""
+        return await self.call(self.engine.fork, parent_id, child_id, prompt, params, resumed)
 
     async def release(self, request_id: str) -> int:
         """Frees whatever the engine holds for the request (`LLMEngine.release`); returns the blocks freed.

@@ -230,11 +230,12 @@ class LLMEngine:
     def adopt(
         self, request_id: str, prompt: Seq[int], first_token: int, first_logprob: float, params: SamplingParams,
         resumed: Resumed | None = None,
-    ) -> None:
+    ) -> RequestOutput:
         """Continues a sequence whose prompt K/V are already in its reserved blocks and whose first token was
         sampled elsewhere. Replays that token through the stop checks and text emission, so the outputs that
         follow carry on exactly where the prefill node's left off. `resumed`: the tokens the stream had
-        delivered before (their K/V came with the prompt's); `first_token` is the one after them."""
+        delivered before (their K/V came with the prompt's); `first_token` is the one after them. Returns the
+        first token's output (delivered already by the prefill node; finished if that token ended it)."""
         if not self.blocks.table(request_id):
             raise InvalidRequest("request_id", f"{request_id!r} holds no reservation on this engine")
         ids = list(prompt)
@@ -248,7 +249,42 @@ class LLMEngine:
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         self._check_finished(seq, first_token)
-        self._emit(seq)  # already delivered by the prefill node
+        return self._emit(seq)  # already delivered by the prefill node
+
+    def fork(
+        self, parent_id: str, child_id: str, prompt: Seq[int], params: SamplingParams,
+        resumed: Resumed | None = None,
+    ) -> int:
+        """Queues a new request for `prompt` that reuses the prompt K/V a parent already holds here (a
+        reservation another node filled, or a sequence adopted or computed here): OpenAI's n > 1 with one
+        prefill. Returns how many prompt tokens it shares (their K/V are not computed again).
+
+        The child shares the parent's full blocks below its last prompt token and computes the rest itself:
+        it needs that position's logits for its first token, and it never writes into a shared block. It has
+        its own `params` (and seed: its first token is its index 0) and is independent of the parent from here
+        on: either may finish, be aborted or be preempted first; a block goes back only when neither holds it.
+        `resumed` as in `add_request`."""
+        self._check_new_id(child_id)
+        ids = list(prompt)
+        self._check_prompt(ids)
+        table = self.blocks.table(parent_id)
+        if len(table) < self.blocks.blocks_for(len(ids)):
+            raise InvalidRequest("request_id", f"{parent_id!r} holds {len(table)} KV blocks on this engine, "
+                                 f"a {len(ids)}-token prompt fills {self.blocks.blocks_for(len(ids))}")
+        parent = self._seqs.get(parent_id)
+        if parent is not None:  # a sequence here: its K/V must be of this prompt, and computed
+            if parent.token_ids[: len(ids)] != ids:
+                raise InvalidRequest("prompt", f"is not the start of {parent_id!r}'s tokens")
+            if parent.num_computed < len(ids):
+                raise InvalidRequest("request_id", f"{parent_id!r} has not computed the prompt yet")
+        seq = self._new_sequence(child_id, ids, params)
+        self._replay(seq, resumed)
+        shared = (len(ids) - 1) // self.blocks.block_size
+        self.blocks.fork(parent_id, child_id, shared)
+        seq.num_computed = shared * self.blocks.block_size  # the scheduler grows its table past the shared blocks
+        self._seqs[child_id] = seq
+        self.scheduler.add(seq)
+        return seq.num_computed
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:

@@ -64,8 +64,9 @@ class RouterMetrics:
                               "token over its other tokens", ["model", "front"], buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("baton_router_e2e_request_latency_seconds", "From receipt to the end of the request",
                              ["model", "front"], buckets=_E2E_BUCKETS, registry=r)
-        self.migrations = Counter("baton_router_migrations", "Streams resumed on other nodes after a node failed",
-                                  ["model"], registry=r)
+        self.migrations = Counter("baton_router_migrations", "Streams resumed on other nodes after a node failed "
+                                  "(cause: failed) or was given up for silence and fenced off (cause: silent)",
+                                  ["model", "cause"], registry=r)
         self.client_resumes = Counter("baton_router_client_resumes", "Streams a client resumed here after its "
                                       "router failed", ["model"], registry=r)
         r.register(_LiveNodes(nodes))

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP front, served by aiohttp on the router's event loop beside its gRPC server.
 
 Each call becomes baton.v1 `GenerateRequest`s (one per prompt and choice) and goes through the router's own
-admission and serving (`RouterServicer.admit` / `serve`): nothing about a request is decided here that the
+admission and serving (`RouterServicer.admit` / `serve_choices`: a prompt's n choices share its prefill): nothing about a request is decided here that the
 gRPC front decides differently. What is here is the translation, both ways: OpenAI's fields to baton.v1's,
 and the node responses to OpenAI's objects and server-sent events. A client that disconnects cancels its
 handler (aiohttp's handler cancellation), which cancels its requests on every node.
@@ -293,7 +293,9 @@ class OpenAIFront:
                 admitted.append(await self.router.admit(req, deadline, "openai"))
             except Refused as e:
                 raise _refused(e, call.rename) from None
-        streams = [self.router.serve(req, mode, deadline, "openai", start) for req, mode in admitted]
+        # Each prompt's n choices share its prefill (requests are prompt-major, then choice).
+        streams = [stream for p in range(0, len(admitted), call.n)
+                   for stream in self.router.serve_choices(admitted[p:p + call.n], deadline, "openai", start)]
         if call.stream:
             return await self._stream(request, call, streams)
         return await self._whole(request, call, streams)

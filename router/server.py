@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -32,6 +32,7 @@ from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
 from . import resume
 from .admission import Admitted, UnknownModel, admit, check_text_size
+from .choices import SharedPrefill
 from .metrics import RequestMetrics, RouterMetrics
 from .models import Models
 from .picker import NoNode, Picker
@@ -114,12 +115,23 @@ class NodeStubs:
 
 class NodeLost(Exception):
     """A node failed under a request (its calls broke, it stalled, or it said its peer failed): the request can
-    resume elsewhere. `node_id` is the node to avoid, None when the failure does not say which of the two."""
+    resume elsewhere. `node_id` is the node to avoid, None when the failure does not say which of the two.
+    `cause`: "failed" (it said so, or its calls broke) or "silent" (given up for silence: its call is cancelled,
+    so whatever it sends later reaches nobody: the node is fenced off from the stream)."""
 
-    def __init__(self, node_id: str | None, details: str) -> None:
+    def __init__(self, node_id: str | None, details: str, cause: str = "failed") -> None:
         super().__init__(details)
         self.node_id = node_id
         self.details = details
+        self.cause = cause
+
+
+class FeederFailed(Exception):
+    """The call a stream's first message depended on failed first (`_each_within`); `error` is its error."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Refused(Exception):
@@ -207,11 +219,24 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         self.metrics.requests.labels(model.name if model else "", front, refused.code.name).inc()
         raise refused
 
+    def serve_choices(self, admitted: list[tuple[Admitted, str]], deadline, front: str,
+                      start: float) -> list[AsyncIterator[pb.GenerateResponse]]:
+        """The responses of each of several choices of one prompt (admitted alike but for their seeds), one
+        stream each, as `serve` gives them. Through a prefill and a decode node the prompt is prefilled once
+        and the choices fork from its K/V on the decode node (`choices.SharedPrefill`)."""
+        mode = admitted[0][1]
+        if len(admitted) == 1 or mode != "disaggregated":
+            return [self.serve(req, mode, deadline, front, start) for req, mode in admitted]
+        shared = SharedPrefill(self, [req for req, _ in admitted], deadline, mode)
+        return [self.serve(req, mode, deadline, front, start, source=shared.choice(j))
+                for j, (req, mode) in enumerate(admitted)]
+
     async def serve(self, req: Admitted, mode: str, deadline, front: str, start: float,
-                    resumed_by_client: bool = False):
+                    resumed_by_client: bool = False, source: AsyncIterator[pb.GenerateResponse] | None = None):
         """The admitted request's responses, for the client (its own request id, usage in the Finish; `start`:
         when the front received it, on `time.perf_counter`). A failure that ends it raises `Refused`;
-        cancelling the consumer cancels the request on every node. Each request is counted once, as it ends."""
+        cancelling the consumer cancels the request on every node. Each request is counted once, as it ends.
+        `source`: its node responses, when another call gets them (a choice of a shared prefill)."""
         REQUEST_ID.set(req.request_id)  # in every line logged about it, in this task and those it starts
         relay = Relay(req, start, self.metrics.request(req.model.name, front, start))
         status = ""  # set on a failure; else "ok" once the Finish is relayed, "CANCELLED" if the consumer stopped
@@ -220,8 +245,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             log.info("request %s: resumed by its client after %d tokens (its router failed)", req.request_id,
                      len(req.resumed))
         try:
-            async for response in self._resuming(req, deadline, mode):
-                yield relay.see(response)
+            async with contextlib.aclosing(source or self._resuming(req, deadline, mode)) as responses:
+                async for response in responses:
+                    yield relay.see(response)
         except grpc.aio.AioRpcError as e:
             if e.code() in _PASS_THROUGH:
                 refused = Refused(e.code(), e.details() or str(e.code()))
@@ -281,7 +307,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                     return
                 if lost.node_id is not None:
                     avoid.add(lost.node_id)
-                self.metrics.migrations.labels(req.model.name).inc()
+                self.metrics.migrations.labels(req.model.name, lost.cause).inc()
                 log.warning("request %s: %s failed after %d tokens (%s); resuming on other nodes (migration %d of "
                             "at most %d)", req.request_id, lost.node_id or " or ".join(sorted(set(req.nodes))),
                             len(delivered), lost.details, attempt + 1, self.max_migrations)
@@ -307,14 +333,14 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 raise
             raise NodeLost(_lost_node(e, node.node_id), e.details() or e.code().name) from e
         except TimeoutError:  # the node went silent: given up, its call cancelled (which frees its blocks)
-            raise NodeLost(node.node_id, f"no token within {self.inactivity_timeout:g} s") from None
+            raise NodeLost(node.node_id, f"no token within {self.inactivity_timeout:g} s", "silent") from None
         finally:
             if call is not None:
                 call.cancel()  # a no-op on what has ended
             self.picker.release(node.node_id)
 
     async def _disaggregated(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context,
-                             avoid: set[str]):
+                             avoid: set[str], forks: Sequence[pb.SamplingParams] = ()):
         """One attempt through a prefill and a decode node (`_through`)."""
         wait = self._node_wait(context)
         decode = await self.picker.when_live(lambda: self.picker.pick("decode", avoid, req.model.name), wait)
@@ -322,13 +348,15 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         req.nodes = (prefill.node_id, decode.node_id)
         with self.stubs.use(decode.address) as d, self.stubs.use(prefill.address) as p:
             async for response in self._through(req, internal, resumed, context, decode, prefill, d.decode,
-                                                p.prefill):
+                                                p.prefill, forks):
                 yield response
 
     async def _through(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, decode, prefill,
-                       decode_stub, prefill_stub):
+                       decode_stub, prefill_stub, forks: Sequence[pb.SamplingParams] = ()):
         """One attempt: reserve on the decode node, prefill the prompt (and the tokens `resumed` delivered) into
-        it, relay the first token, then the decode node's stream. A node that fails under it raises NodeLost."""
+        it, relay the first token, then the decode node's stream. A node that fails under it raises NodeLost.
+        `forks`: the sampling of more choices of the prompt, decoded from its K/V on the decode node (their
+        responses tagged with `choice`; the first token, from the prefill node, is choice 0's)."""
         timeout = context.time_remaining()
         self.picker.acquire(decode.node_id)
         self.picker.acquire(prefill.node_id)
@@ -349,7 +377,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bound != timeout:
                     lost = True
-                    raise NodeLost(decode.node_id, f"no answer to Reserve within {bound:g} s") from None
+                    raise NodeLost(decode.node_id, f"no answer to Reserve within {bound:g} s", "silent") from None
                 raise
             sampling = req.sampling
             target = node_pb2.KVTarget(
@@ -358,7 +386,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 transfer_tag=reservation.transfer_tag, layout=reservation.layout, share=reservation.share,
                 rank_shares=reservation.rank_shares,
             )
-            phase = prefill.node_id
+            phase = prefill_id = prefill.node_id
             prefill_call = prefill_stub.Prefill(
                 node_pb2.PrefillRequest(request_id=internal, prompt_token_ids=req.prompt_ids, sampling=sampling,
                                         target=target, resumed=resumed),
@@ -371,21 +399,30 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             yield pb.GenerateResponse(request_id=internal, chunk=first.chunk)
             if first.finish:
                 yield pb.GenerateResponse(request_id=internal, finish=pb.Finish(reason=first.finish))
-                return
+                if not forks:
+                    return
             phase = decode.node_id
             continue_call = decode_stub.Continue(
                 node_pb2.ContinueRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
                                          first_token=first.chunk.token_ids[0],
                                          first_logprob=first.chunk.logprobs[0] if first.chunk.logprobs else 0.0,
-                                         sampling=sampling, resumed=resumed),
+                                         sampling=sampling, resumed=resumed, forks=forks),
                 timeout=context.time_remaining(),
             )
             # The decode node waits for the K/V itself (a failed transfer fails its stream), so the prefill
             # call's end is not waited for: once the stream is over, it has nothing to add.
             transfer = asyncio.ensure_future(_drain(events))
             transfer.add_done_callback(lambda t: t.cancelled() or t.exception())
-            async for response in _each_within(continue_call, self.inactivity_timeout):
+            # Until the decode node's first message, though, a prefill node that fails (it died before its K/V
+            # were all sent) fails this attempt at once: the decode node may not learn of it for a whole lease.
+            async for response in _each_within(continue_call, self.inactivity_timeout, transfer):
                 yield response
+        except FeederFailed as failed:
+            e = failed.error  # the prefill call's
+            if not isinstance(e, grpc.aio.AioRpcError) or e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise e from None
+            lost = True
+            raise NodeLost(_lost_node(e, prefill_id), e.details() or e.code().name) from e
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
@@ -393,7 +430,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             raise NodeLost(_lost_node(e, phase), e.details() or e.code().name) from e
         except TimeoutError:  # the decode node went silent (stopped, hung, cut off): given up, its call cancelled
             lost = True
-            raise NodeLost(decode.node_id, f"no token within {self.inactivity_timeout:g} s") from None
+            raise NodeLost(decode.node_id, f"no token within {self.inactivity_timeout:g} s", "silent") from None
         finally:
             if prefill is not None:
                 self.picker.release(prefill.node_id)
@@ -452,9 +489,11 @@ class Relay:
         return response
 
 
-async def _each_within(stream, seconds: float):
+async def _each_within(stream, seconds: float, feeder: asyncio.Future | None = None):
     """The stream's messages, each within `seconds` of the one before (TimeoutError otherwise). A call given up
     this way is cancelled: whatever its node sends later (it was stopped, and resumes) reaches nobody.
+    `feeder`: a call the stream's first message depends on (the prefill call sending the K/V); if it fails
+    before that message, that ends the stream at once (`FeederFailed`) instead of waiting out the deadline.
 
     Only the wait for the node counts (not the time the consumer spends with a message: a slow client is not a
     silent node). Timed with one timer per wait on the running task, not `asyncio.wait_for`, which costs a task
@@ -463,12 +502,21 @@ async def _each_within(stream, seconds: float):
     task = asyncio.current_task()
     messages = stream.__aiter__()
     expired = False
+    broke: BaseException | None = None
 
     def expire() -> None:
         nonlocal expired
         expired = True
         task.cancel()
 
+    def fed(f: asyncio.Future) -> None:
+        nonlocal broke
+        if not f.cancelled() and f.exception() is not None:
+            broke = f.exception()
+            task.cancel()
+
+    if feeder is not None:
+        feeder.add_done_callback(fed)
     while True:
         timer = loop.call_later(seconds, expire)
         try:
@@ -476,11 +524,16 @@ async def _each_within(stream, seconds: float):
         except StopAsyncIteration:
             return
         except asyncio.CancelledError:
-            if expired and task.uncancel() == 0:  # this timer's cancellation, and no one else's
+            if (expired or broke) and task.uncancel() == 0:  # our own cancellation, and no one else's
+                if broke is not None:
+                    raise FeederFailed(broke) from None
                 raise TimeoutError from None
             raise
         finally:
             timer.cancel()
+            if feeder is not None:
+                feeder.remove_done_callback(fed)
+                feeder = None
         yield message
 
 

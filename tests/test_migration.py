@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from cluster_harness import BatonUp
 from test_stories import PROMPTS
 
+from baton.cluster.etcd_server import free_port
 from baton.engine import LLM, Resumed, SamplingParams
 from baton.router.client import AsyncBatonClient, BatonClient, BatonError, Delta, Finished
 
@@ -59,6 +61,16 @@ def _through_faults(up: BatonUp, prompts: list[str], params: list[dict], faults)
     return asyncio.run(run()), at_faults
 
 
+def _migrations(up: BatonUp) -> dict[str, float]:
+    """The router's baton_router_migrations_total by cause, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{up.http.removesuffix('/v1')}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {sample.labels["cause"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "baton_router_migrations_total"}
+
+
 def _ran_on_after(results: list, at_fault: list[int], tokens: int, node: str) -> None:
     """Every stream that had not all its tokens when the fault fired ended on `node`."""
     for i, (_, finish) in enumerate(results):
@@ -82,7 +94,8 @@ def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_pat
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(STREAMS)]
     undisturbed = stories_llm.generate(prompts, [SamplingParams(**_params(i)) for i in range(STREAMS)])
     want, want_text = [o.token_ids for o in undisturbed], [o.text for o in undisturbed]
-    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "3") as up:
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "3",
+                 "--http-port", str(free_port())) as up:
         nodes = {n.node_id: n for n in up.nodes("decode")}
         pids = {node_id: up.node_pid(node_id) for node_id in nodes}
         victims = ["decode-0"]
@@ -104,6 +117,8 @@ def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_pat
             moved = [line for line in log if f"{node} failed" in line and "resuming on other nodes" in line]
             assert moved, f"no stream was on {node} when it was killed: nothing was shown"
             assert len({line.split()[5] for line in moved}) == len(moved) <= STREAMS  # each stream moved once
+        # Every move is counted where operators look, by its cause.
+        assert sum(_migrations(up).values()) == sum("resuming on other nodes" in line for line in log)
         [survivor] = [nodes[n] for n in nodes if n not in victims]
         up.wait_until(lambda: (s := up.stats(survivor)).free_blocks == s.total_blocks and not s.running, timeout=10)
     assert not up.hung
@@ -187,7 +202,7 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
     params = [_params(i) for i in range(8)]
     want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in params])]
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
-                 "--stream-inactivity-timeout", "2") as up:
+                 "--stream-inactivity-timeout", "2", "--http-port", str(free_port())) as up:
         victim = up.node_pid("decode-0")
         try:
             results, [at_stop] = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGSTOP))])
@@ -198,6 +213,7 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
                  if "decode-0 failed" in line and "no token within 2 s" in line]
         assert moved, "no stream was on the stopped node: nothing was shown"
+        assert _migrations(up).get("silent") == len(moved)  # each stream fenced off the stopped node is counted
 
 
 def test_the_picker_keeps_new_requests_off_a_node_that_just_failed_while_there_is_another():
@@ -242,6 +258,38 @@ def test_a_decode_node_stopped_with_sigterm_hands_over_what_it_cannot_finish(sto
         up.wait_until(lambda: not os.path.exists(f"/proc/{victim}") or
                       open(f"/proc/{victim}/stat").read().split()[2] == "Z", timeout=30)
         assert "handing over the streams still running" in (up.log_dir / "decode-0.log").read_text()
+
+
+def test_choices_of_a_shared_prefill_go_on_alone_when_their_decode_node_dies(stories_path, stories_llm: LLM,
+                                                                            tmp_path):
+    """OpenAI n=4 (one prefill, the choices forked on one decode node): that node SIGKILLed once every choice
+    has 10 tokens. Each choice resumes alone on the other decode node from what its client has, token for
+    token its undisturbed run (seed + its index), and each move is counted."""
+    openai = pytest.importorskip("openai")
+    prompt, n, tokens = PROMPTS[1], 4, 200
+    want = [stories_llm.generate([prompt], SamplingParams(max_tokens=tokens, temperature=0.9, seed=5 + j,
+                                                          ignore_eos=True))[0].text for j in range(n)]
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
+                 "--http-port", str(free_port())) as up:
+        decodes = up.nodes("decode")
+        texts, counts, victims = [""] * n, [0] * n, []
+        with openai.OpenAI(base_url=up.http, api_key="unused", max_retries=0, timeout=120) as client:
+            for chunk in client.completions.create(model="stories260K", prompt=prompt, n=n, max_tokens=tokens,
+                                                   temperature=0.9, seed=5, stream=True,
+                                                   extra_body={"ignore_eos": True}):
+                for c in chunk.choices:
+                    texts[c.index] += c.text
+                    counts[c.index] += 1
+                if not victims and min(counts) >= 10:
+                    [busy] = [d for d in decodes if up.stats(d).running]  # all four choices are on one node
+                    victims.append(busy.node_id)
+                    os.kill(up.node_pid(busy.node_id), signal.SIGKILL)
+        assert victims, "the fault was never injected"
+        assert texts == want
+        log = (up.log_dir / "router.log").read_text()
+        assert f"{victims[0]} failed under its {n} choices" in log
+        alone = log.count("goes on alone")
+        assert 1 <= alone <= n and sum(_migrations(up).values()) == alone  # the choices that had not finished
 
 
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGTERM"])
@@ -300,3 +348,43 @@ def test_a_node_restarted_on_its_address_is_served_at_once(stories_path, stories
         finally:
             restarted.terminate()
             restarted.wait(30)
+
+
+def test_a_prefill_call_that_fails_before_the_decode_streams_first_message_ends_the_wait_at_once():
+    """A prefill node killed after its first token but before its K/V were all in: the decode node may not
+    learn of it for a whole lease, so the router watches the prefill call (the stream's `feeder`) until the
+    decode node's first message, and moves the request at once instead of after the inactivity deadline (the
+    10-minute chaos run had a stream wait 10 s here). After that message, the feeder no longer matters."""
+    from baton.router.server import FeederFailed, _each_within
+
+    async def silent():
+        await asyncio.Event().wait()  # a decode stream waiting for K/V that will not come
+        yield None
+
+    async def one_then(messages: list, release: asyncio.Event):
+        yield "first"
+        await release.wait()
+        yield "second"
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        feeder = loop.create_future()
+        loop.call_soon(feeder.set_exception, RuntimeError("prefill node gone"))
+        with pytest.raises(FeederFailed) as failed:
+            async for _ in _each_within(silent(), 60.0, feeder):
+                pass
+        assert str(failed.value.error) == "prefill node gone"
+        # The feeder failing after the first message changes nothing; without one, the deadline still holds.
+        feeder, release, got = loop.create_future(), asyncio.Event(), []
+        async for message in _each_within(one_then(got, release), 60.0, feeder):
+            got.append(message)
+            if message == "first":
+                feeder.set_exception(RuntimeError("late"))
+                loop.call_later(0.05, release.set)
+        assert got == ["first", "second"] and str(feeder.exception()) == "late"
+        with pytest.raises(TimeoutError):
+            async for _ in _each_within(silent(), 0.1):
+                pass
+        assert asyncio.current_task().cancelling() == 0  # nothing left cancelled behind
+
+    asyncio.run(asyncio.wait_for(run(), 30))

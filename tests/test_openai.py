@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from cluster_harness import BatonUp
+from test_node_metrics import Scrape, idle
 from test_stories import PROMPTS
 
 from baton.cluster.etcd_server import free_port
@@ -71,8 +72,31 @@ def test_streamed_completions_follow_openais_format(client, stories_llm: LLM):
     assert usage.usage.prompt_tokens == len(want.prompt_token_ids)
 
 
+def _prefill_once(up, calls: int, prompt_tokens: int):
+    """A context whose body's calls must compute each of their prompts once, whatever their n: the prefill
+    node's request and prompt-token counters move by exactly that (and every block comes back)."""
+    [prefill], [decode] = up.nodes("prefill"), up.nodes("decode")
+    up.wait_until(lambda: idle(prefill) and idle(decode), 10)
+    before = Scrape(prefill.metrics_address)
+
+    class Check:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *failed):
+            if failed[0] is None:
+                up.wait_until(lambda: idle(prefill) and idle(decode), 10)
+                after = Scrape(prefill.metrics_address)
+                moved = {name: after.value(name) - before.value(name)
+                         for name in ("baton_requests_total", "baton_prompt_tokens_total")}
+                assert moved == {"baton_requests_total": calls, "baton_prompt_tokens_total": prompt_tokens}
+
+    return Check()
+
+
 def test_async_client_streams_and_sampled_choices_are_reproducible(up, stories_llm: LLM):
     prompts = [PROMPTS[2], PROMPTS[3]]
+    lengths = [len(stories_llm.engine.tokenizer.encode(p)) for p in prompts]
 
     async def run():
         async with openai.AsyncOpenAI(base_url=up.http, api_key="unused", max_retries=0, timeout=120) as client:
@@ -88,7 +112,8 @@ def test_async_client_streams_and_sampled_choices_are_reproducible(up, stories_l
                                                     max_tokens=12)
             return texts, finishes, whole
 
-    texts, finishes, whole = asyncio.run(run())
+    with _prefill_once(up, calls=2 * len(prompts), prompt_tokens=2 * sum(lengths)):  # not n times over
+        texts, finishes, whole = asyncio.run(run())
     assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == texts  # the same, streamed or not
     assert all(finishes)
     for p, prompt in enumerate(prompts):  # prompt-major; choice j takes seed + j
@@ -96,6 +121,25 @@ def test_async_client_streams_and_sampled_choices_are_reproducible(up, stories_l
             want = _offline(stories_llm, prompt, max_tokens=12, temperature=0.8, seed=7 + j)
             assert texts[p * 3 + j] == want.text, (p, j)
     assert len(set(texts[:3])) > 1  # the choices differ
+
+
+@pytest.mark.parametrize("length", [21, 32])  # a prompt that ends in a partly filled block, and one that does not
+def test_choices_fork_from_one_prefill_token_for_token(up, client, stories_llm: LLM, length: int):
+    """n choices of one prompt: prefilled once, the choices forked from its blocks on the decode node (each
+    computes the prompt's tail past the full blocks it shares, and samples its own first token); greedy and
+    seeded choices each equal the offline engine's run of that choice."""
+    ids = stories_llm.engine.tokenizer.encode(" ".join(PROMPTS))[:length]
+    greedy = _offline(stories_llm, ids, max_tokens=16, temperature=0.0, ignore_eos=True)
+    with _prefill_once(up, calls=2, prompt_tokens=2 * length):
+        same = client.completions.create(model=MODEL, prompt=ids, n=4, max_tokens=16, temperature=0, extra_body={
+            "ignore_eos": True})
+        seeded = client.completions.create(model=MODEL, prompt=ids, n=3, max_tokens=16, temperature=0.9, seed=11,
+                                           extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(same.choices, key=lambda c: c.index)] == [greedy.text] * 4
+    assert same.usage.completion_tokens == 4 * 16 and same.usage.prompt_tokens == length
+    for c in seeded.choices:
+        want = _offline(stories_llm, ids, max_tokens=16, temperature=0.9, seed=11 + c.index, ignore_eos=True)
+        assert c.text == want.text, c.index
 
 
 def test_penalties_and_vllms_extensions_equal_the_offline_engine(client, stories_llm: LLM):

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\"\x85\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x10 \x01(\x05\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12 \n\x06resume\x18\x06 \x01(\x0b\x32\x10.baton.v1.ResumeB\x08\n\x06prompt\"/\n\x06Resume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_chars\x18\x02 \x01(\r\"y\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.baton.v1.TokenChunkH\x00\x12\"\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x10.baton.v1.FinishH\x00\x42\x06\n\x04kind\"{\n\nTokenChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12+\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x15.baton.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x85\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x04 \x01(\x01\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\"P\n\x06\x46inish\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.baton.v1.Usage\"\x13\n\x11ListModelsRequest\"g\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xd8\x01\n\x05\x42\x61ton\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponse\x12\x41\n\x08Tokenize\x12\x19.baton.v1.TokenizeRequest\x1a\x1a.baton.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\"\x85\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x10 \x01(\x05\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12 \n\x06resume\x18\x06 \x01(\x0b\x32\x10.baton.v1.ResumeB\x08\n\x06prompt\"/\n\x06Resume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_chars\x18\x02 \x01(\r\"\x89\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.baton.v1.TokenChunkH\x00\x12\"\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x10.baton.v1.FinishH\x00\x12\x0e\n\x06\x63hoice\x18\x04 \x01(\rB\x06\n\x04kind\"{\n\nTokenChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12+\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x15.baton.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x85\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x04 \x01(\x01\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\"P\n\x06\x46inish\x12&\n\x06reason\x18\x01 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.baton.v1.Usage\"\x13\n\x11ListModelsRequest\"g\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xd8\x01\n\x05\x42\x61ton\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponse\x12\x41\n\x08Tokenize\x12\x19.baton.v1.TokenizeRequest\x1a\x1a.baton.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.baton_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1675
-  _globals['_FINISHREASON']._serialized_end=1822
+  _globals['_FINISHREASON']._serialized_start=1692
+  _globals['_FINISHREASON']._serialized_end=1839
   _globals['_SAMPLINGPARAMS']._serialized_start=35
   _globals['_SAMPLINGPARAMS']._serialized_end=552
   _globals['_TOKENIDS']._serialized_start=554
@@ -41,26 +41,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=777
   _globals['_RESUME']._serialized_start=779
   _globals['_RESUME']._serialized_end=826
-  _globals['_GENERATERESPONSE']._serialized_start=828
-  _globals['_GENERATERESPONSE']._serialized_end=949
-  _globals['_TOKENCHUNK']._serialized_start=951
-  _globals['_TOKENCHUNK']._serialized_end=1074
-  _globals['_TOPLOGPROBS']._serialized_start=1076
-  _globals['_TOPLOGPROBS']._serialized_end=1126
-  _globals['_USAGE']._serialized_start=1129
-  _globals['_USAGE']._serialized_end=1262
-  _globals['_FINISH']._serialized_start=1264
-  _globals['_FINISH']._serialized_end=1344
-  _globals['_LISTMODELSREQUEST']._serialized_start=1346
-  _globals['_LISTMODELSREQUEST']._serialized_end=1365
-  _globals['_MODELINFO']._serialized_start=1367
-  _globals['_MODELINFO']._serialized_end=1470
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1472
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1529
-  _globals['_TOKENIZEREQUEST']._serialized_start=1531
-  _globals['_TOKENIZEREQUEST']._serialized_end=1633
-  _globals['_TOKENIZERESPONSE']._serialized_start=1635
-  _globals['_TOKENIZERESPONSE']._serialized_end=1672
-  _globals['_BATON']._serialized_start=1825
-  _globals['_BATON']._serialized_end=2041
+  _globals['_GENERATERESPONSE']._serialized_start=829
+  _globals['_GENERATERESPONSE']._serialized_end=966
+  _globals['_TOKENCHUNK']._serialized_start=968
+  _globals['_TOKENCHUNK']._serialized_end=1091
+  _globals['_TOPLOGPROBS']._serialized_start=1093
+  _globals['_TOPLOGPROBS']._serialized_end=1143
+  _globals['_USAGE']._serialized_start=1146
+  _globals['_USAGE']._serialized_end=1279
+  _globals['_FINISH']._serialized_start=1281
+  _globals['_FINISH']._serialized_end=1361
+  _globals['_LISTMODELSREQUEST']._serialized_start=1363
+  _globals['_LISTMODELSREQUEST']._serialized_end=1382
+  _globals['_MODELINFO']._serialized_start=1384
+  _globals['_MODELINFO']._serialized_end=1487
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1489
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1546
+  _globals['_TOKENIZEREQUEST']._serialized_start=1548
+  _globals['_TOKENIZEREQUEST']._serialized_end=1650
+  _globals['_TOKENIZERESPONSE']._serialized_start=1652
+  _globals['_TOKENIZERESPONSE']._serialized_end=1689
+  _globals['_BATON']._serialized_start=1842
+  _globals['_BATON']._serialized_end=2058
 # @@protoc_insertion_point(module_scope)
