@@ -197,7 +197,8 @@ def _router(args: argparse.Namespace) -> int:
                      max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations,
                      inactivity_timeout=args.stream_inactivity_timeout, node_wait=args.node_wait,
                      http_port=args.http_port, chat_template=args.chat_template, log_format=args.log_format,
-                     served_model_name=args.served_model_name[0] if args.served_model_name else ""))
+                     served_model_name=args.served_model_name[0] if args.served_model_name else "",
+                     metrics_port=args.metrics_port, router_id=args.router_id))
     return 0
 
 
@@ -418,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: derived from the tokenizer and the model's context)")
     _migration_args(router)
     _http_args(router, 0)
+    router.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                        help="without --http-port: serve Prometheus metrics (GET /metrics, /sd) on this port "
+                             "(default 0: a free one); with it, they are on the HTTP port. The address is "
+                             "published in etcd under the router's record")
+    router.add_argument("--router-id", default="", help="its record's name in etcd (default: router-HOST:PORT)")
     _served_name_arg(router)
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)

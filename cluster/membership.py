@@ -83,16 +83,68 @@ class NodeInfo:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> NodeInfo:
-        obj = json.loads(data)
-        if not isinstance(obj, dict):
-            raise ValueError(f"NodeInfo JSON must be an object, got {type(obj).__name__}")
-        unknown = set(obj) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"NodeInfo: unknown fields {sorted(unknown)}")
+        return _record(cls, data)
+
+
+@dataclass(slots=True)
+class RouterInfo:
+    """A router's record (`/baton/<cluster>/routers/<router_id>`): where clients and scrapers find it. Routers
+    keep no state that others read; the record is for operators (`baton status`, Prometheus discovery)."""
+
+    router_id: str
+    address: str  # gRPC host:port (baton.v1 and KServe)
+    http_address: str = ""  # host:port of its OpenAI-compatible HTTP front; "" -> none
+    metrics_address: str = ""  # host:port of its Prometheus metrics (GET /metrics)
+
+    def __post_init__(self) -> None:
+        for name in ("router_id", "address", "http_address", "metrics_address"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"RouterInfo.{name} must be a string, got {getattr(self, name)!r}")
+        if not self.router_id or "/" in self.router_id:
+            raise ValueError(f"RouterInfo.router_id must be non-empty and contain no '/', got {self.router_id!r}")
+        if not self.address:
+            raise ValueError("RouterInfo.address must be host:port, got ''")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> RouterInfo:
+        return _record(cls, data)
+
+
+def _record(cls, data: bytes | str):
+    """A record of type `cls` from its JSON; ValueError names what is wrong (not an object, a field unknown
+    or missing, a value refused by the record's own checks)."""
+    obj = json.loads(data)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{cls.__name__} JSON must be an object, got {type(obj).__name__}")
+    unknown = set(obj) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    try:
+        return cls(**obj)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"{cls.__name__}: {e}") from None
+
+
+def routers_prefix(cluster: str) -> str:
+    return nodes_prefix(cluster).removesuffix("nodes/") + "routers/"
+
+
+def router_key(cluster: str, router_id: str) -> str:
+    return f"{routers_prefix(cluster)}{router_id}"
+
+
+async def read_routers(client: aetcd.Client, cluster: str) -> list[RouterInfo]:
+    """The routers registered in `cluster`, by id (a record that does not parse is skipped)."""
+    routers = []
+    for kv in await client.get_prefix(routers_prefix(cluster).encode()):
         try:
-            return cls(**obj)
-        except TypeError as e:  # a required field is missing
-            raise ValueError(f"NodeInfo: {e}") from None
+            routers.append(RouterInfo.from_json(kv.value))
+        except ValueError as e:
+            log.warning("skipping a router record that does not parse (%s): %s", kv.key, e)
+    return sorted(routers, key=lambda r: r.router_id)
 
 
 def nodes_prefix(cluster: str) -> str:
@@ -125,13 +177,15 @@ def _lease_not_found(e: Exception) -> bool:
 
 # -- the node's side -----------------------------------------------------------------------------------
 class NodeRegistration:
-    """`reg = await NodeRegistration.register(url, cluster, info)`; `await reg.update_load(...)`; `await reg.close()`."""
+    """`reg = await NodeRegistration.register(url, cluster, info)`; `await reg.update_load(...)`; `await reg.close()`.
+    A router registers its `RouterInfo` the same way (under its key; it has no load to update)."""
 
-    def __init__(self, etcd_url: str, cluster: str, info: NodeInfo, ttl: float = 3.0) -> None:
+    def __init__(self, etcd_url: str, cluster: str, info: NodeInfo | RouterInfo, ttl: float = 3.0) -> None:
         if ttl <= 0:
             raise ValueError(f"ttl must be > 0, got {ttl!r}")
         self.info = info
-        self.key = node_key(cluster, info.role, info.node_id)
+        self.key = router_key(cluster, info.router_id) if isinstance(info, RouterInfo) else \
+            node_key(cluster, info.role, info.node_id)
         # etcd leases count whole seconds, and etcd raises a TTL below its minimum (1.5 election timeouts).
         self._ttl = max(1, math.ceil(ttl))
         self._granted_ttl = self._ttl
@@ -144,7 +198,8 @@ class NodeRegistration:
         self._closed = False
 
     @classmethod
-    async def register(cls, etcd_url: str, cluster: str, info: NodeInfo, ttl: float = 3.0) -> NodeRegistration:
+    async def register(cls, etcd_url: str, cluster: str, info: NodeInfo | RouterInfo,
+                       ttl: float = 3.0) -> NodeRegistration:
         reg = cls(etcd_url, cluster, info, ttl)
         try:
             async with reg._lock:

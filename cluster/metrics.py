@@ -177,6 +177,8 @@ class RequestMetrics:
             if self._last is None:
                 m.ttft.observe(now - self._start)
                 m.prompt_tokens.inc(self._prompt_tokens)
+                for _ in range(n - 1):  # tokens that came with the first (outputs that queued up, coalesced)
+                    m.tpot.observe(0.0)
             else:
                 for _ in range(n):
                     m.tpot.observe((now - self._last) / n)

@@ -1,6 +1,6 @@
-"""`baton status`: the nodes etcd lists, with the load each one's metrics endpoint reports.
+"""`baton status`: the nodes etcd lists, with the load each one's metrics endpoint reports, and the routers.
 
-One range read of the membership (`/baton/<cluster>/nodes/`, or every cluster's), then a scrape of each node's
+One range read of the cluster's records (`/baton/<cluster>/`, or every cluster's), then a scrape of each node's
 `metrics_address`, all at once. A node whose metrics cannot be read (no address, not answering within
 SCRAPE_TIMEOUT_S, a reply without the figures) shows "-" in the columns that come from them.
 """
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import aetcd
 from prometheus_client.parser import text_string_to_metric_families
 
-from baton.cluster.membership import ROLES, NodeInfo, close_quietly, etcd_client, nodes_prefix
+from baton.cluster.membership import ROLES, NodeInfo, RouterInfo, close_quietly, etcd_client, nodes_prefix
 
 SCRAPE_TIMEOUT_S = 2.0
 ETCD_TIMEOUT_S = 5.0
 COLUMNS = ("NODE", "ROLE", "MODEL", "ADDRESS", "TP", "RUNNING", "WAITING", "KV BLOCKS")
+ROUTER_COLUMNS = ("ROUTER", "ADDRESS", "HTTP", "METRICS")
 _FIGURES = ("baton_sequences_running", "baton_sequences_waiting", "baton_kv_blocks_used", "baton_kv_blocks_capacity")
 # No proxy: metrics addresses are the cluster's own (a proxy from the environment would not reach them).
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -34,19 +35,24 @@ class Load:
     blocks_capacity: int
 
 
-async def read_nodes(client: aetcd.Client, cluster: str) -> list[tuple[str, NodeInfo]]:
-    """(cluster, node) of every node registered in `cluster` ("": in every cluster), by cluster, role, id."""
-    result = await client.get_prefix((nodes_prefix(cluster) if cluster else "/baton/").encode())
-    nodes = []
+async def read_nodes(client: aetcd.Client, cluster: str
+                     ) -> tuple[list[tuple[str, NodeInfo]], list[tuple[str, RouterInfo]]]:
+    """(cluster, node) of every node registered in `cluster` ("": in every cluster), by cluster, role, id;
+    and (cluster, router) of every router, by cluster and id."""
+    result = await client.get_prefix((f"/baton/{cluster}/" if cluster else "/baton/").encode())
+    nodes, routers = [], []
     for kv in result:
-        parts = kv.key.decode(errors="replace").split("/")  # "", "baton", cluster, "nodes", role, node id
-        if len(parts) != 6 or parts[3] != "nodes":
-            continue  # a placement, its history, ...: not a node
+        # "", "baton", cluster, "nodes", role, node id  |  "", "baton", cluster, "routers", router id
+        parts = kv.key.decode(errors="replace").split("/")
         try:
-            nodes.append((parts[2], NodeInfo.from_json(kv.value)))
+            if len(parts) == 6 and parts[3] == "nodes":
+                nodes.append((parts[2], NodeInfo.from_json(kv.value)))
+            elif len(parts) == 5 and parts[3] == "routers":
+                routers.append((parts[2], RouterInfo.from_json(kv.value)))
         except ValueError:
             continue  # another version's record, a hand-made key: not ours to show
-    return sorted(nodes, key=lambda n: (n[0], ROLES.index(n[1].role), n[1].node_id))
+    return (sorted(nodes, key=lambda n: (n[0], ROLES.index(n[1].role), n[1].node_id)),
+            sorted(routers, key=lambda r: (r[0], r[1].router_id)))
 
 
 def scrape(address: str) -> Load | None:
@@ -63,19 +69,26 @@ def scrape(address: str) -> Load | None:
         return None
 
 
-def render(nodes: list[tuple[str, NodeInfo]], loads: list[Load | None]) -> str:
-    """One table per cluster."""
+def render(nodes: list[tuple[str, NodeInfo]], loads: list[Load | None],
+           routers: list[tuple[str, RouterInfo]] = ()) -> str:
+    """One table of nodes per cluster, then its routers."""
     out: list[str] = []
-    for cluster in dict.fromkeys(c for c, _ in nodes):
+    for cluster in dict.fromkeys(c for c, _ in [*nodes, *routers]):
         rows = [_row(info, load) for (c, info), load in zip(nodes, loads) if c == cluster]
         out.append(f"cluster {cluster}: {len(rows)} node{'s' * (len(rows) != 1)}")
-        widths = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
-        for r in [COLUMNS, *rows]:
-            # Names left-aligned, figures right-aligned.
-            out.append("  ".join(v.ljust(w) if i < 4 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-                       .rstrip())
+        out += _table(COLUMNS, rows, left=4)  # names left-aligned, figures right-aligned
+        mine = [(r.router_id, r.address, r.http_address or "-", r.metrics_address or "-")
+                for c, r in routers if c == cluster]
+        if mine:
+            out += ["", *_table(ROUTER_COLUMNS, mine, left=4)]
         out.append("")
     return "\n".join(out)
+
+
+def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> list[str]:
+    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
+    return ["  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+            for r in [columns, *rows]]
 
 
 def _row(info: NodeInfo, load: Load | None) -> tuple[str, ...]:
@@ -88,12 +101,12 @@ def _row(info: NodeInfo, load: Load | None) -> tuple[str, ...]:
 
 
 async def snapshot(client: aetcd.Client, etcd: str, cluster: str) -> str:
-    nodes = await read_nodes(client, cluster)
-    if not nodes:
+    nodes, routers = await read_nodes(client, cluster)
+    if not nodes and not routers:
         return f"no nodes registered in cluster {cluster} (etcd {etcd})\n" if cluster else \
             f"no nodes registered in etcd {etcd}\n"
     loads = await asyncio.gather(*(asyncio.to_thread(scrape, info.metrics_address) for _, info in nodes))
-    return render(nodes, list(loads))
+    return render(nodes, list(loads), routers)
 
 
 async def _run(etcd: str, cluster: str, watch: float | None) -> int:

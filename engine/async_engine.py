@@ -73,14 +73,14 @@ class AsyncEngine:
         left = set(request_ids)
         try:
             while left:
-                out = await stream.get()
-                if isinstance(out, EngineFailed):
-                    raise out
-                if out.request_id not in left:
-                    continue
-                if out.finished:
-                    left.discard(out.request_id)
-                yield out
+                for out in _coalesced(await stream.get(), stream):
+                    if isinstance(out, EngineFailed):
+                        raise out
+                    if out.request_id not in left:
+                        continue
+                    if out.finished:
+                        left.discard(out.request_id)
+                    yield out
         finally:
             for request_id in request_ids:
                 self.close_stream(request_id)
@@ -92,18 +92,21 @@ class AsyncEngine:
 
     async def outputs(self, request_id: str, stream: asyncio.Queue, until_first: bool = False
                       ) -> AsyncIterator[RequestOutput]:
-        """Yields a request's outputs until it finishes; aborts it in the engine if the caller stops early."""
+        """Yields a request's outputs until it finishes; aborts it in the engine if the caller stops early.
+        Outputs that queued up while the caller was busy come as one (`_coalesced`), except with
+        `until_first` (only the first is wanted)."""
         finished = False
         try:
             while True:
                 out = await stream.get()
-                if isinstance(out, EngineFailed):
-                    finished = True
-                    raise out
-                finished = out.finished or until_first
-                yield out
-                if finished:
-                    return
+                for out in [out] if until_first else _coalesced(out, stream):
+                    if isinstance(out, EngineFailed):
+                        finished = True
+                        raise out
+                    finished = out.finished or until_first
+                    yield out
+                    if finished:
+                        return
         finally:
             self.close_stream(request_id)
             if not finished:
@@ -230,6 +233,25 @@ class AsyncEngine:
     def _fail_all(self, error: EngineFailed) -> None:
         for stream in self._streams.values():
             stream.put_nowait(error)
+
+
+def _coalesced(first: RequestOutput | EngineFailed, stream: asyncio.Queue) -> list[RequestOutput | EngineFailed]:
+    """`first` and whatever else is queued now, each request's outputs merged into one, in order (an engine
+    failure ends the list). A reader that fell behind the engine (its event loop busy with other streams)
+    then sends one message for the tokens that are ready instead of one per step: fewer messages to write,
+    relay and read, and no token waits longer than it did."""
+    if stream.empty() or isinstance(first, EngineFailed):
+        return [first]
+    merged: dict[str, RequestOutput] = {first.request_id: first}
+    while not stream.empty():
+        item = stream.get_nowait()
+        if isinstance(item, EngineFailed):
+            return [*merged.values(), item]
+        a = merged.get(item.request_id)
+        merged[item.request_id] = item if a is None else RequestOutput(
+            a.request_id, a.first_index, a.token_ids + item.token_ids, a.logprobs + item.logprobs,
+            a.text + item.text, item.finish_reason, a.top_logprobs + item.top_logprobs)
+    return list(merged.values())
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -11,7 +11,8 @@ import aetcd
 
 from baton.cluster.grpc_server import BATON_SERVICE, Server, run_until_signalled
 from baton.cluster.loops import every, retrying
-from baton.cluster.membership import MembershipWatcher
+from baton.cluster.membership import (MembershipWatcher, NodeRegistration, RouterInfo, close_quietly, etcd_client,
+                                     read_routers)
 from baton.engine.loader import resolve_model_path, served_name
 from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
@@ -38,6 +39,8 @@ class RouterConfig:
     inactivity_timeout: float = 10.0  # seconds without a token from a decode node before its stream is moved
     node_wait: float = 5.0  # seconds a request waits for a live node of a role that has none, before UNAVAILABLE
     http_port: int = 0  # the OpenAI-compatible HTTP front's port (0: no HTTP front)
+    metrics_port: int = 0  # without an HTTP front, /metrics and /sd on this port (0: a free one); else on its port
+    router_id: str = ""  # its record's name in etcd; "" -> router-<its gRPC address>
     chat_template: str = ""  # a Jinja chat template file, in place of the checkpoint's
     served_model_name: str = ""  # the given model's name (its nodes register the same); "" -> served_name
     log_format: str = "text"  # or "json": one JSON object per line
@@ -51,11 +54,18 @@ class RouterConfig:
             raise ValueError(f"node_wait: must be >= 0 seconds, got {self.node_wait}")
 
 
-def scrape_targets(membership: MembershipWatcher, cluster: str) -> list[dict]:
-    """Every live node's metrics target, in Prometheus' HTTP service-discovery format (the router's own
-    /metrics is where the scraper found this list)."""
-    return [{"targets": [n.metrics_address], "labels": {"cluster": cluster, "role": n.role, "node": n.node_id}}
-            for n in membership.nodes() if n.metrics_address]
+async def scrape_targets(membership: MembershipWatcher, etcd: aetcd.Client, cluster: str) -> list[dict]:
+    """Every live node's and router's metrics target, in Prometheus' HTTP service-discovery format."""
+    targets = [{"targets": [n.metrics_address], "labels": {"cluster": cluster, "role": n.role, "node": n.node_id}}
+               for n in membership.nodes() if n.metrics_address]
+    try:
+        routers = await read_routers(etcd, cluster)
+    except aetcd.ClientError as e:  # etcd down: the nodes the watch still knows are listed
+        log.warning("service discovery: the routers cannot be read from etcd: %s", e)
+        routers = []
+    return targets + [{"targets": [r.metrics_address], "labels": {"cluster": cluster, "role": "router",
+                                                                   "node": r.router_id}}
+                      for r in routers if r.metrics_address]
 
 
 async def follow_readiness(server: Server, picker: Picker) -> None:
@@ -89,19 +99,35 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
                      (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
                       KSERVE_SERVICE)])
-    readiness = http = None
+    readiness = http = registration = None
     following = asyncio.create_task(every(1.0, models.follow, "models"))
+    etcd = etcd_client(cfg.etcd, timeout=2.0)  # service discovery's reads of the routers
     try:
         address = server.bind(cfg.host, cfg.port)
-        if cfg.http_port:  # bound before gRPC serves: a port in use stops the router before it takes requests
-            from .openai_http import OpenAIFront, start_http  # aiohttp only where HTTP is served
-
-            front = OpenAIFront(servicer, lambda: scrape_targets(membership, cfg.cluster))
-            http, http_address = await start_http(front, cfg.host, cfg.http_port)
-            log.info("OpenAI-compatible HTTP on http://%s", http_address)
+        # Bound before gRPC serves: a port in use stops the router before it takes requests. Without the
+        # OpenAI front, the same server with only /health, /metrics and /sd serves the metrics.
+        http_address = ""
+        try:
+            from .openai_http import OpenAIFront, start_http  # aiohttp and jinja2 (a GPU image may lack them)
+        except ImportError as e:
+            if cfg.http_port:
+                raise
+            log.warning("no metrics endpoint: %s", e)
+        else:
+            front = OpenAIFront(servicer, lambda: scrape_targets(membership, etcd, cfg.cluster))
+            http, http_address = await start_http(front, cfg.host, cfg.http_port or cfg.metrics_port,
+                                                  openai=bool(cfg.http_port))
+            if cfg.http_port:
+                log.info("OpenAI-compatible HTTP on http://%s", http_address)
+            else:
+                log.info("metrics on http://%s/metrics", http_address)
         await server.set_serving(False)  # before the port opens: nothing may see SERVING without nodes
         await server.start()
         readiness = asyncio.create_task(every(1.0, lambda: follow_readiness(server, picker), "readiness"))
+        info = RouterInfo(cfg.router_id or f"router-{address}", address,
+                          http_address if cfg.http_port else "", http_address)
+        registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info),
+                                      (aetcd.ClientError,), 60.0, "registering the router")
         log.info("router listening on %s", address)
         if on_ready is not None:
             on_ready(address)
@@ -112,6 +138,9 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         following.cancel()
         if readiness is not None:
             readiness.cancel()
+        if registration is not None:
+            await registration.close()  # gone from etcd at once
+        await close_quietly(etcd)
         if http is not None:
             await http.cleanup()
         await servicer.close()

@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -119,19 +119,22 @@ class _Call:
 # ---- the front -----------------------------------------------------------------------------------------------
 
 class OpenAIFront:
-    def __init__(self, router: RouterServicer, sd_targets: Callable[[], list[dict]] | None = None) -> None:
+    def __init__(self, router: RouterServicer,
+                 sd_targets: Callable[[], Awaitable[list[dict]]] | None = None) -> None:
         self.router = router
         self.created = int(time.time())
         self.sd_targets = sd_targets
 
-    def app(self) -> web.Application:
+    def app(self, openai: bool = True) -> web.Application:
+        """The whole front, or (`openai=False`) only what operators use: /health, /metrics and /sd."""
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/tokenize", self.tokenize)
-        app.router.add_post("/detokenize", self.detokenize)
+        if openai:
+            app.router.add_get("/v1/models", self.models)
+            app.router.add_post("/v1/completions", self.completions)
+            app.router.add_post("/v1/chat/completions", self.chat_completions)
+            app.router.add_post("/tokenize", self.tokenize)
+            app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/metrics", self.metrics)
         if self.sd_targets is not None:
             app.router.add_get("/sd", self.service_discovery)
@@ -155,7 +158,7 @@ class OpenAIFront:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def service_discovery(self, request: web.Request) -> web.Response:
-        return web.json_response(self.sd_targets())
+        return web.json_response(await self.sd_targets())
 
     async def tokenize(self, request: web.Request) -> web.Response:
         return await self._guarded(request, self._tokenize)
@@ -455,11 +458,12 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, pb.GenerateResponse
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def start_http(front: OpenAIFront, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def start_http(front: OpenAIFront, host: str, port: int, openai: bool = True) -> tuple[web.AppRunner, str]:
     """Serves the front on (host, port) on the running loop; port 0 takes a free one. Returns the runner (to
-    `cleanup()`) and the address it listens on. A port in use raises OSError here, before anything serves."""
+    `cleanup()`) and the address it listens on. A port in use raises OSError here, before anything serves.
+    `openai=False`: only /health, /metrics and /sd (a router without the OpenAI front still has metrics)."""
     sock = socket.create_server((host, port))
-    runner = web.AppRunner(front.app(), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(front.app(openai), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     bound_host, bound_port = sock.getsockname()[:2]

@@ -168,12 +168,18 @@ def test_baton_status_prints_every_node_with_its_role_and_load(up, nodes):
     lines = proc.stdout.splitlines()
     assert lines[0] == f"cluster {up.cluster}: 2 nodes"
     assert lines[1].split() == ["NODE", "ROLE", "MODEL", "ADDRESS", "TP", "RUNNING", "WAITING", "KV", "BLOCKS"]
-    rows = {line.split()[0]: line.split() for line in lines[2:] if line.strip()}
+    end = lines.index("")
+    rows = {line.split()[0]: line.split() for line in lines[2:end]}
     assert set(rows) == {n.node_id for n in nodes.values()}
     for node in nodes.values():
         row = rows[node.node_id]
         assert row[1:5] == [node.role, node.model, node.address, "1"]
         assert row[5:8] == ["0", "0", f"0/{node.capacity}"] and row[8] == "(0.0%)"
+    # Then the routers: this one has no HTTP front, and its metrics on a port of their own.
+    assert lines[end + 1].split() == ["ROUTER", "ADDRESS", "HTTP", "METRICS"]
+    [(router_id, address, http, metrics)] = [tuple(line.split()) for line in lines[end + 2:] if line.strip()]
+    assert (router_id, address, http) == (f"router-{up.address}", up.address, "-")
+    assert Scrape(metrics).value("baton_router_live_nodes", role="decode") == 1
 
 
 def test_baton_status_shows_a_dash_for_a_node_whose_metrics_cannot_be_read(up):

@@ -395,8 +395,10 @@ def test_service_discovery_and_the_dashboard_name_metrics_that_exist(up):
     status, targets = _http("GET", f"{base}/sd")
     nodes = up.nodes()
     assert status == 200
+    # Every node, and the router itself (its metrics on its HTTP port, registered in etcd like the nodes').
     assert sorted((t["targets"][0], t["labels"]["node"], t["labels"]["role"]) for t in targets) == \
-        sorted((n.metrics_address, n.node_id, n.role) for n in nodes)
+        sorted([(n.metrics_address, n.node_id, n.role) for n in nodes] +
+               [(base.removeprefix("http://"), f"router-{up.address}", "router")])
     served = set()
     for url in [f"{base}/metrics"] + [f"http://{n.metrics_address}/metrics" for n in nodes]:
         status, text = _http("GET", url)
