@@ -279,6 +279,11 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             # ValueError / RuntimeError: the pool could not be mapped (a stale handle, another device).
             # A refused ReceiveKV owes nothing; a failed KVWritten leaves the blocks to the decode node's deadline.
             owed = owed and not isinstance(e, grpc.aio.AioRpcError)
+            if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.NOT_FOUND:
+                # The decode node had released the reservation (the request was cancelled): as on the pair
+                # path, a drop, not a failure of anything (the cancellation storm found it logged as one).
+                log.info("kv writes of %s into %s dropped there: %s", rid, target.decode_node_id, e.details())
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{target.decode_node_id}: {e.details()}")
             log.warning("kv writes of %s into %s failed: %s", rid, target.decode_node_id, _short(e))
             context.set_trailing_metadata(((LOST_NODE_KEY, target.decode_node_id),))  # the router avoids it
             await context.abort(grpc.StatusCode.UNAVAILABLE,

@@ -102,7 +102,10 @@ def test_a_15s_etcd_outage_under_load_fails_nothing(outage: str, stories_path, s
                 if stopped:
                     os.kill(stopped, signal.SIGCONT)
                 else:
-                    await asyncio.to_thread(etcd.relaunch)
+                    # From this thread: etcd's supervisor dies with the thread that starts it, and a worker
+                    # thread of asyncio.to_thread ends with this asyncio.run (etcd went with it, and the
+                    # check below failed whenever the nodes were not registered again by its first look).
+                    etcd.relaunch()
                 # Seconds from etcd's return until the dead node's key is gone.
                 left_after = await asyncio.to_thread(up.wait_until, lambda: (live := _live(up)) is not None
                                                      and "decode-1" not in live, TTL_S + 10, 0.1)
