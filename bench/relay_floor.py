@@ -58,18 +58,19 @@ def _source(port: int, ready) -> None:
             ids = list(range(i, i + ask.completion_tokens))
             yield pb.GenerateResponse(request_id="r", chunk=pb.TokenChunk(index=i, token_ids=ids, text="x" * len(ids)))
 
-    async def main():
-        server = grpc.aio.server()
-        handler = grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=None, response_serializer=pb.GenerateResponse.SerializeToString)
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("relayfloor.Source",
-                                                                             {"Stream": handler})])
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
+    uvloop.run(_serve("relayfloor.Source", stream, pb.GenerateResponse.SerializeToString, port, ready))
 
-    uvloop.run(main())
+
+async def _serve(service: str, stream, serializer, port: int, ready) -> None:
+    """Serves `stream` as `service`/Stream (request bytes untouched) until killed."""
+    server = grpc.aio.server()
+    handler = grpc.unary_stream_rpc_method_handler(stream, request_deserializer=None,
+                                                   response_serializer=serializer)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {"Stream": handler})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    ready.set()
+    await server.wait_for_termination()
 
 
 def _relay(port: int, source_port: int, parse: bool, ready) -> None:
@@ -83,16 +84,8 @@ def _relay(port: int, source_port: int, parse: bool, ready) -> None:
             async for message in upstream(request):
                 yield message
 
-        server = grpc.aio.server()
-        handler = grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=None,
-            response_serializer=pb.GenerateResponse.SerializeToString if parse else None)
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("relayfloor.Relay",
-                                                                             {"Stream": handler})])
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
+        await _serve("relayfloor.Relay", stream, pb.GenerateResponse.SerializeToString if parse else None, port,
+                     ready)
 
     uvloop.run(main())
 
