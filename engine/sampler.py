@@ -137,10 +137,13 @@ def _sample_rows(
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)[None, :]
     probs = sorted_logits.softmax(dim=-1)
-    # Keep a token while the probability mass *before* it is below top_p (so the top token always stays).
-    # min_p, top-k and top-p each judge the temperature-scaled distribution; a token must pass all three.
-    mass_before = probs.cumsum(dim=-1) - probs
-    keep = (rank < top_k[:, None]) & (mass_before < top_p[:, None])
+    # In transformers' order: top-k, then top-p on what top-k kept (renormalised): a token stays while the
+    # mass of the more probable tokens it kept is below top_p of their whole mass (so the top token always
+    # stays), then min_p, relative to the top token's probability (which renormalising does not change).
+    in_top_k = rank < top_k[:, None]
+    top_k_probs = torch.where(in_top_k, probs, torch.zeros_like(probs))
+    mass_before = top_k_probs.cumsum(dim=-1) - top_k_probs
+    keep = in_top_k & (mass_before < top_p[:, None] * top_k_probs.sum(dim=-1, keepdim=True))
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=logits.device)
         keep &= probs >= min_p[:, None] * probs[:, :1]  # probs[:, 0] is the top token's: it always stays

@@ -24,6 +24,7 @@ from test_stories import PROMPTS
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import (  # noqa: E402
     MinNewTokensLengthLogitsProcessor, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper,
 )
 
 from test_architectures import PROMPTS as RANDOM_PROMPTS, VARIANTS, load_hf, write_checkpoint  # noqa: E402
@@ -50,17 +51,20 @@ def reference_shape(row: torch.Tensor, p: SamplingParams, history: list[int], n:
 
 
 def reference_pick(x: torch.Tensor, p: SamplingParams, u: float) -> int:
-    """Greedy: the argmax. Sampled: keep a token if min_p, top-k and top-p (the mass of the more probable
-    tokens below top_p) all keep it on the temperature-scaled distribution; invert the kept CDF at u, going
-    from the most probable token down."""
+    """Greedy: the argmax. Sampled, on the temperature-scaled distribution: top-k keeps the k most probable;
+    top-p keeps, of those, a token while the mass of the more probable ones is below top_p of their mass;
+    min_p keeps a token at least min_p times the top one's probability. Invert the kept CDF at u, going from
+    the most probable token down."""
     if p.greedy:
         return int(x.argmax())
     probs = torch.softmax(x.double() / p.temperature, dim=-1)
     top = float(probs.max())
+    ranked = sorted(range(len(probs)), key=lambda t: -float(probs[t]))[: p.top_k or len(probs)]
+    mass = sum(float(probs[t]) for t in ranked)
     kept, before = [], 0.0
-    for rank, t in enumerate(sorted(range(len(probs)), key=lambda t: -float(probs[t]))):
+    for t in ranked:
         q = float(probs[t])
-        if q > 0 and (not p.top_k or rank < p.top_k) and before < p.top_p and q >= p.min_p * top:
+        if q > 0 and before < p.top_p * mass and q >= p.min_p * top:
             kept.append((t, q))
         before += q
     target, cum = u * sum(q for _, q in kept), 0.0
@@ -203,6 +207,29 @@ def test_min_p_equals_transformers():
                 u = uniform(trial, index)
                 want = order[int(torch.searchsorted(cum, u * float(cum[-1]), right=True).clamp(max=len(order) - 1))]
                 assert sample(logits, [p], [trial], [index])[0] == [want], (trial, min_p, index)
+                assert math.isfinite(float(warped[0, want]))
+
+
+def test_top_k_top_p_and_min_p_together_equal_transformers():
+    """Rows with top-k, top-p and min-p at once sample from transformers' temperature, top-k, top-p, min-p
+    distribution (top-p judged on what top-k kept, renormalised): the same token at each draw."""
+    for trial in range(10):
+        torch.manual_seed(100 + trial)
+        logits = torch.randn(1, VOCAB) * 2
+        for top_k, top_p, min_p, temperature in ((12, 0.8, 0.05, 1.3), (5, 0.6, 0.0, 1.0), (40, 0.95, 0.1, 0.8),
+                                                 (0, 0.7, 0.2, 1.0), (3, 1.0, 0.0, 2.0)):
+            p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=trial)
+            ids, warped = torch.tensor([[1]]), TemperatureLogitsWarper(temperature)(torch.tensor([[1]]), logits.clone())
+            for warper in ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)] + \
+                    ([MinPLogitsWarper(min_p)] if min_p else []):
+                warped = warper(ids, warped)
+            probs = torch.softmax(warped[0].double(), dim=-1)
+            order = probs.argsort(descending=True, stable=True).tolist()
+            cum = torch.cumsum(probs[order], 0)
+            for index in range(20):
+                u = uniform(trial, index)
+                want = order[int(torch.searchsorted(cum, u * float(cum[-1]), right=True).clamp(max=len(order) - 1))]
+                assert sample(logits, [p], [trial], [index])[0] == [want], (trial, top_k, top_p, min_p, index)
                 assert math.isfinite(float(warped[0, want]))
 
 
