@@ -93,6 +93,8 @@ class SharedPrefill:
             for queue in self._queues:
                 queue.put_nowait(outcome)
         except asyncio.CancelledError:
+            for queue in self._queues:  # (every choice has ended by now; a late reader would go on alone)
+                queue.put_nowait(_LOST)
             raise
         except BaseException as e:  # noqa: BLE001 - each choice ends with it, as a lone request would
             for queue in self._queues:
