@@ -190,6 +190,19 @@ def test_min_new_tokens_equals_transformers():
         assert torch.equal(ours, theirs), generated
 
 
+def _draws_equal(logits: torch.Tensor, warped: torch.Tensor, p: SamplingParams, seed: int, label: tuple) -> None:
+    """At each of 20 draws, the row samples what inverting transformers' warped distribution (most probable
+    token first) at the row's uniform number gives, and never a token transformers masked."""
+    probs = torch.softmax(warped[0].double(), dim=-1)
+    order = probs.argsort(descending=True, stable=True).tolist()
+    cum = torch.cumsum(probs[order], 0)
+    for index in range(20):
+        u = uniform(seed, index)
+        want = order[int(torch.searchsorted(cum, u * float(cum[-1]), right=True).clamp(max=len(order) - 1))]
+        assert sample(logits, [p], [seed], [index])[0] == [want], (*label, index)
+        assert math.isfinite(float(warped[0, want]))
+
+
 def test_min_p_equals_transformers():
     """A seeded min_p row samples from transformers' temperature + min-p distribution: inverting its CDF (most
     probable token first) at the row's uniform number gives the same token, over many draws."""
@@ -200,14 +213,7 @@ def test_min_p_equals_transformers():
             p = SamplingParams(temperature=temperature, min_p=min_p, seed=trial)
             ids = torch.tensor([[1]])
             warped = MinPLogitsWarper(min_p)(ids, TemperatureLogitsWarper(temperature)(ids, logits.clone()))
-            probs = torch.softmax(warped[0].double(), dim=-1)
-            order = probs.argsort(descending=True, stable=True).tolist()
-            cum = torch.cumsum(probs[order], 0)
-            for index in range(20):
-                u = uniform(trial, index)
-                want = order[int(torch.searchsorted(cum, u * float(cum[-1]), right=True).clamp(max=len(order) - 1))]
-                assert sample(logits, [p], [trial], [index])[0] == [want], (trial, min_p, index)
-                assert math.isfinite(float(warped[0, want]))
+            _draws_equal(logits, warped, p, trial, (trial, min_p))
 
 
 def test_top_k_top_p_and_min_p_together_equal_transformers():
@@ -223,14 +229,7 @@ def test_top_k_top_p_and_min_p_together_equal_transformers():
             for warper in ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)] + \
                     ([MinPLogitsWarper(min_p)] if min_p else []):
                 warped = warper(ids, warped)
-            probs = torch.softmax(warped[0].double(), dim=-1)
-            order = probs.argsort(descending=True, stable=True).tolist()
-            cum = torch.cumsum(probs[order], 0)
-            for index in range(20):
-                u = uniform(trial, index)
-                want = order[int(torch.searchsorted(cum, u * float(cum[-1]), right=True).clamp(max=len(order) - 1))]
-                assert sample(logits, [p], [trial], [index])[0] == [want], (trial, top_k, top_p, min_p, index)
-                assert math.isfinite(float(warped[0, want]))
+            _draws_equal(logits, warped, p, trial, (trial, top_k, top_p, min_p))
 
 
 # -- the engine -----------------------------------------------------------------------------------------------
