@@ -78,6 +78,32 @@ def responses_from_output(
     return responses
 
 
+def merged(responses: list[pb.GenerateResponse]) -> list[pb.GenerateResponse]:
+    """One stream's queued responses with each run of chunks of one choice made one chunk (tokens, text and
+    log-probabilities in order; the first one's index), so that whoever fell behind gets them in one message.
+    Each choice's responses keep their order; the first response of a run is extended in place."""
+    if len(responses) < 2:
+        return responses
+    out: list[pb.GenerateResponse] = []
+    open_chunk: dict[int, pb.TokenChunk] = {}  # choice -> the chunk its next chunk joins
+    for r in responses:
+        if not r.HasField("chunk"):
+            open_chunk.pop(r.choice, None)
+            out.append(r)
+            continue
+        into = open_chunk.get(r.choice)
+        if into is None:
+            open_chunk[r.choice] = r.chunk
+            out.append(r)
+            continue
+        c = r.chunk
+        into.token_ids.extend(c.token_ids)
+        into.text += c.text
+        into.logprobs.extend(c.logprobs)
+        into.top_logprobs.extend(c.top_logprobs)
+    return out
+
+
 async def abort_for(context: grpc.aio.ServicerContext, error: Exception) -> None:
     """Ends an RPC with the status that fits an engine error (never INTERNAL for bad input)."""
     if isinstance(error, FieldError):

@@ -164,6 +164,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             if stop.is_set():  # a stop, not a failure on the way here: finish what this node holds
                 if not await drain(servicer, cfg.node_id, deadline) and hasattr(servicer, "hand_over"):
                     servicer.hand_over()  # the streams still here go on elsewhere (the router moves them)
+            if hasattr(servicer, "close_streams"):
+                servicer.close_streams()  # routers' Streams calls end with their last stream
             # New calls are refused from here on; calls still open (a prefill's last acknowledgement, a
             # stream's last message) get what is left of the drain time, and at least the 2 s they always had.
             await server.stop(grace=max(2.0, deadline - loop.time()))

@@ -33,6 +33,7 @@ from baton.kvtransfer.shared import decode, share
 from baton.v1 import node_pb2, node_pb2_grpc
 
 from .reservations import NotAllowed, Phase, Reservation, Reservations
+from .streams import StreamsCall
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         # request id -> (its deadline, when the writes began), until KVWritten
         self._writes: dict[str, tuple[asyncio.Task, float]] = {}
         self.handing_over = False  # stopping: each stream ends at its next token, for the router to move it
+        self._streams_calls: set[StreamsCall] = set()  # the routers' Streams calls
+        self._streams_closing = False  # stopping: Streams calls take no new stream and end with their last
         # `model`: the name the node registers its model under ("": the architecture's), its metrics' label.
         self.metrics = NodeMetrics(node_id, role, model or engine.model_config.architecture,
                                    spec.tensor_parallel_size)
@@ -387,6 +390,22 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 await abort_for(context, e)
             except EngineFailed as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id}: {e}")
+
+    async def Streams(self, request_iterator, context):
+        """A router's streams on this node, on one call (decode/streams.py)."""
+        call = StreamsCall(self.node_id, self.Generate, self.Continue, lambda: self._streams_closing)
+        self._streams_calls.add(call)
+        try:
+            async for batch in call.serve(request_iterator):
+                yield batch
+        finally:
+            self._streams_calls.discard(call)
+
+    def close_streams(self) -> None:
+        """The node stops serving: each Streams call refuses new streams and ends once its last has."""
+        self._streams_closing = True
+        for call in self._streams_calls:
+            call.wake()
 
     def hand_over(self) -> None:
         """The node is stopping and its drain time is up: each stream it still decodes (Continue, or a

@@ -36,6 +36,7 @@ from .choices import SharedPrefill
 from .metrics import RequestMetrics, RouterMetrics
 from .models import Models
 from .picker import NoNode, Picker
+from .streams import NodeStreams
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class _Node:
     channel: grpc.aio.Channel
     decode: node_pb2_grpc.DecodeNodeStub
     prefill: node_pb2_grpc.PrefillNodeStub
+    streams: NodeStreams  # the request streams on it, all on one call
     users: int = 0  # requests using the channel now
     left: bool = False  # its address left the membership: closed when its last request ends
 
@@ -81,8 +83,9 @@ class NodeStubs:
         if node is None:
             self._prune()
             channel = grpc.aio.insecure_channel(address, options=_NODE_CHANNEL_OPTIONS)
-            node = self._nodes[address] = _Node(channel, node_pb2_grpc.DecodeNodeStub(channel),
-                                                node_pb2_grpc.PrefillNodeStub(channel))
+            decode = node_pb2_grpc.DecodeNodeStub(channel)
+            node = self._nodes[address] = _Node(channel, decode, node_pb2_grpc.PrefillNodeStub(channel),
+                                                NodeStreams(decode))
         node.users += 1
         try:
             yield node
@@ -103,14 +106,19 @@ class NodeStubs:
             self._close(node)
 
     def _close(self, node: _Node) -> None:
-        task = asyncio.get_running_loop().create_task(node.channel.close())
+        task = asyncio.get_running_loop().create_task(_close(node))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        channels = [node.channel for node in self._nodes.values()]
+        nodes = list(self._nodes.values())
         self._nodes = {}
-        await asyncio.gather(*(channel.close() for channel in channels), *self._closing)
+        await asyncio.gather(*(_close(node) for node in nodes), *self._closing)
+
+
+async def _close(node: _Node) -> None:
+    await node.streams.close()
+    await node.channel.close()
 
 
 class NodeLost(Exception):
@@ -321,10 +329,10 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         call = None
         try:
             with self.stubs.use(node.address) as stubs:
-                call = stubs.decode.Generate(
+                call = stubs.streams.generate(
                     node_pb2.NodeGenerateRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
                                                  sampling=req.sampling, resumed=resumed),
-                    timeout=context.time_remaining(),
+                    context.time_remaining(),
                 )
                 async for response in _each_within(call, self.inactivity_timeout):
                     yield response
@@ -347,17 +355,18 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         prefill = await self.picker.when_live(lambda: self.picker.pick("prefill", avoid, req.model.name), wait)
         req.nodes = (prefill.node_id, decode.node_id)
         with self.stubs.use(decode.address) as d, self.stubs.use(prefill.address) as p:
-            async for response in self._through(req, internal, resumed, context, decode, prefill, d.decode,
-                                                p.prefill, forks):
+            async for response in self._through(req, internal, resumed, context, decode, prefill, d, p.prefill,
+                                                forks):
                 yield response
 
     async def _through(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, decode, prefill,
-                       decode_stub, prefill_stub, forks: Sequence[pb.SamplingParams] = ()):
+                       decode_node: _Node, prefill_stub, forks: Sequence[pb.SamplingParams] = ()):
         """One attempt: reserve on the decode node, prefill the prompt (and the tokens `resumed` delivered) into
         it, relay the first token, then the decode node's stream. A node that fails under it raises NodeLost.
         `forks`: the sampling of more choices of the prompt, decoded from its K/V on the decode node (their
         responses tagged with `choice`; the first token, from the prefill node, is choice 0's)."""
         timeout = context.time_remaining()
+        decode_stub = decode_node.decode
         self.picker.acquire(decode.node_id)
         self.picker.acquire(prefill.node_id)
         prefill_call = continue_call = transfer = None
@@ -402,12 +411,12 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 if not forks:
                     return
             phase = decode.node_id
-            continue_call = decode_stub.Continue(
+            continue_call = decode_node.streams.cont(
                 node_pb2.ContinueRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
                                          first_token=first.chunk.token_ids[0],
                                          first_logprob=first.chunk.logprobs[0] if first.chunk.logprobs else 0.0,
                                          sampling=sampling, resumed=resumed, forks=forks),
-                timeout=context.time_remaining(),
+                context.time_remaining(),
             )
             # The decode node waits for the K/V itself (a failed transfer fails its stream), so the prefill
             # call's end is not waited for: once the stream is over, it has nothing to add.

@@ -173,6 +173,38 @@ class NodeGenerateRequest(_message.Message):
     resumed: Resumed
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_baton_pb2.SamplingParams, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ...) -> None: ...
 
+class StreamsRequest(_message.Message):
+    __slots__ = ("generate", "continues", "cancel", "acked")
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    CONTINUES_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    generate: _containers.RepeatedCompositeFieldContainer[NodeGenerateRequest]
+    continues: _containers.RepeatedCompositeFieldContainer[ContinueRequest]
+    cancel: _containers.RepeatedScalarFieldContainer[str]
+    acked: int
+    def __init__(self, generate: _Optional[_Iterable[_Union[NodeGenerateRequest, _Mapping]]] = ..., continues: _Optional[_Iterable[_Union[ContinueRequest, _Mapping]]] = ..., cancel: _Optional[_Iterable[str]] = ..., acked: _Optional[int] = ...) -> None: ...
+
+class StreamsBatch(_message.Message):
+    __slots__ = ("responses", "ends")
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    ENDS_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[_baton_pb2.GenerateResponse]
+    ends: _containers.RepeatedCompositeFieldContainer[StreamEnd]
+    def __init__(self, responses: _Optional[_Iterable[_Union[_baton_pb2.GenerateResponse, _Mapping]]] = ..., ends: _Optional[_Iterable[_Union[StreamEnd, _Mapping]]] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ("request_id", "code", "details", "lost_node")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    LOST_NODE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    code: int
+    details: str
+    lost_node: str
+    def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., details: _Optional[str] = ..., lost_node: _Optional[str] = ...) -> None: ...
+
 class KVTarget(_message.Message):
     __slots__ = ("decode_node_id", "decode_address", "kv_store_address", "block_ids", "transfer_tag", "layout", "share", "rank_shares")
     DECODE_NODE_ID_FIELD_NUMBER: _ClassVar[int]

@@ -71,6 +71,11 @@ class DecodeNodeStub(object):
                 request_serializer=baton_dot_v1_dot_node__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_node__pb2.NodeStats.FromString,
                 _registered_method=True)
+        self.Streams = channel.stream_stream(
+                '/baton.v1.DecodeNode/Streams',
+                request_serializer=baton_dot_v1_dot_node__pb2.StreamsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_node__pb2.StreamsBatch.FromString,
+                _registered_method=True)
 
 
 class DecodeNodeServicer(object):
@@ -128,6 +133,16 @@ class DecodeNodeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Streams(self, request_iterator, context):
+        """What a router calls instead of Continue and Generate: one call carries all of its streams on this node.
+        It opens them (each as its own Continue or Generate would run) and cancels them; the node sends, in one
+        batch, whatever its streams produced since the last, and at most STREAMS_WINDOW batches ahead of the
+        router's `acked`: a router that falls behind gets several tokens per stream in each batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +180,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=baton_dot_v1_dot_node__pb2.GetStatsRequest.FromString,
                     response_serializer=baton_dot_v1_dot_node__pb2.NodeStats.SerializeToString,
+            ),
+            'Streams': grpc.stream_stream_rpc_method_handler(
+                    servicer.Streams,
+                    request_deserializer=baton_dot_v1_dot_node__pb2.StreamsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_node__pb2.StreamsBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +377,33 @@ class DecodeNode(object):
             '/baton.v1.DecodeNode/GetStats',
             baton_dot_v1_dot_node__pb2.GetStatsRequest.SerializeToString,
             baton_dot_v1_dot_node__pb2.NodeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Streams(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/baton.v1.DecodeNode/Streams',
+            baton_dot_v1_dot_node__pb2.StreamsRequest.SerializeToString,
+            baton_dot_v1_dot_node__pb2.StreamsBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,206 @@
+"""The router's side of `DecodeNode.Streams` (decode/streams.py): one call per node carries every stream the
+router has on it, each given to its request as the async iterator its own Continue or Generate call would be.
+
+Per relayed token the router then receives a share of one message instead of a whole one, and when it falls
+behind (its clients, or its own loop) the node's batches bring several tokens per stream, which each stream
+hands on as one message (`merged`): the cost per token falls as the load rises. A batch is acknowledged as
+soon as it is read, so at low load nothing waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import grpc
+
+from baton.cluster.messages import LOST_NODE_KEY, merged
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import node_pb2, node_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_NO_METADATA = grpc.aio.Metadata()
+
+
+def _error(code: grpc.StatusCode, details: str, lost_node: str | None = None) -> grpc.aio.AioRpcError:
+    trailing = grpc.aio.Metadata((LOST_NODE_KEY, lost_node)) if lost_node is not None else _NO_METADATA
+    return grpc.aio.AioRpcError(code, _NO_METADATA, trailing, details)
+
+
+class NodeStream:
+    """One request's responses from its node, in order, as an async iterator (`async for response in stream`);
+    ends as its node ended it, raising `grpc.aio.AioRpcError` for any status but OK. `cancel()` gives it up
+    (the node cancels it; a no-op once it has ended). Responses that queued up come out merged."""
+
+    __slots__ = ("request_id", "_owner", "_queue", "_waiter", "_done", "_error", "_timer")
+
+    def __init__(self, owner: NodeStreams, request_id: str, timeout: float | None) -> None:
+        self.request_id = request_id
+        self._owner = owner
+        self._queue: deque[pb.GenerateResponse] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._done = False
+        self._error: grpc.aio.AioRpcError | None = None
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._expire) if timeout is not None else None
+
+    @property
+    def ended(self) -> bool:
+        """Its node ended it, or its call did (what it sent may still be waiting to be read)."""
+        return self._done
+
+    def __aiter__(self) -> NodeStream:
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        queue = self._queue
+        while not queue:
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if len(queue) == 1:
+            return queue.popleft()
+        responses = merged(list(queue))
+        queue.clear()
+        queue.extend(responses[1:])
+        return responses[0]
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._owner.cancel(self.request_id)
+            self._end(_error(grpc.StatusCode.CANCELLED, "cancelled by the router"))
+
+    def put(self, response: pb.GenerateResponse) -> None:
+        self._queue.append(response)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def end(self, error: grpc.aio.AioRpcError | None) -> None:
+        """Its node ended it (`error` None: OK), or its call did."""
+        self._end(error)
+
+    def _end(self, error: grpc.aio.AioRpcError | None) -> None:
+        if self._done:
+            return
+        self._done, self._error = True, error
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _expire(self) -> None:  # the request's deadline, as its own call would have had it
+        self._timer = None
+        if not self._done:
+            self._owner.cancel(self.request_id)
+            self._end(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+
+class NodeStreams:
+    """The router's streams on one node, and the `Streams` call that carries them: opened with the first
+    stream, and again with the next one after a call broke (every stream open on a broken call ends with
+    its error, as its own call would have)."""
+
+    def __init__(self, stub: node_pb2_grpc.DecodeNodeStub) -> None:
+        self._stub = stub
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._streams: dict[str, NodeStream] = {}
+        self._outbox = node_pb2.StreamsRequest()  # what the next write sends
+        self._wake = asyncio.Event()  # the outbox has something
+        self._read = 0  # batches read on the current call
+        self._tasks: set[asyncio.Task] = set()
+
+    def generate(self, request: node_pb2.NodeGenerateRequest, timeout: float | None) -> NodeStream:
+        """A colocated request, as `DecodeNode.Generate` would run it."""
+        stream = self._open(request.request_id, timeout)
+        self._outbox.generate.append(request)
+        return stream
+
+    def cont(self, request: node_pb2.ContinueRequest, timeout: float | None) -> NodeStream:
+        """A prefilled request, as `DecodeNode.Continue` would run it."""
+        stream = self._open(request.request_id, timeout)
+        self._outbox.continues.append(request)
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None and self._call is not None:
+            self._outbox.cancel.append(request_id)
+            self._wake.set()
+
+    def _open(self, request_id: str, timeout: float | None) -> NodeStream:
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already open on this node")
+        if self._call is None:
+            self._start()
+        stream = self._streams[request_id] = NodeStream(self, request_id, timeout)
+        self._wake.set()
+        return stream
+
+    def _start(self) -> None:
+        call = self._call = self._stub.Streams()
+        self._outbox, self._read = node_pb2.StreamsRequest(), 0
+        for work in (self._reading(call), self._writing(call)):
+            task = asyncio.ensure_future(work)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _writing(self, call: grpc.aio.StreamStreamCall) -> None:
+        """One write at a time (grpc's rule), each with all that was asked since the last."""
+        try:
+            while self._call is call:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._call is not call:
+                    return
+                request, self._outbox = self._outbox, node_pb2.StreamsRequest()
+                await call.write(request)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            log.debug("streams call: write failed: %s", e)  # the call is over: its reader says how
+
+    async def _reading(self, call: grpc.aio.StreamStreamCall) -> None:
+        error: grpc.aio.AioRpcError | None = None
+        try:
+            while True:
+                batch = await call.read()
+                if batch is grpc.aio.EOF:
+                    break
+                self._read += 1
+                self._outbox.acked = self._read
+                self._wake.set()
+                streams = self._streams
+                for response in batch.responses:
+                    stream = streams.get(response.request_id)
+                    if stream is not None:  # else given up: what a cancelled call would have dropped
+                        stream.put(response)
+                for end in batch.ends:
+                    stream = streams.pop(end.request_id, None)
+                    if stream is not None:
+                        stream.end(None if end.code == 0 else _error(
+                            _CODES.get(end.code, grpc.StatusCode.UNKNOWN), end.details,
+                            end.lost_node if end.HasField("lost_node") else None))
+        except grpc.aio.AioRpcError as e:
+            error = e
+        finally:
+            if self._call is call:  # the call is over: the next stream opens another
+                self._call = None
+                self._wake.set()  # its writer sees it and ends
+                streams, self._streams = self._streams, {}
+                why = error or _error(grpc.StatusCode.UNAVAILABLE, "the node ended its streams")
+                for stream in streams.values():
+                    stream.end(why)
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
