@@ -40,7 +40,7 @@ METHOD = "/relayfloor.Relay/Stream"
 SOURCE_METHOD = "/relayfloor.Source/Stream"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -104,7 +104,7 @@ async def _drive(port: int, streams: int, messages: int, tokens: int) -> int:
 
 def measure(mode: str, streams: int, messages: int, batch: int) -> dict:
     ctx = mp.get_context("spawn")
-    source_port, relay_port = _free_port(), _free_port()
+    source_port, relay_port = free_port(), free_port()
     ready_source, ready_relay = ctx.Event(), ctx.Event()
     source = ctx.Process(target=_source, args=(source_port, ready_source), daemon=True)
     relay = ctx.Process(target=_relay, args=(relay_port, source_port, mode != "bytes", ready_relay), daemon=True)
@@ -149,11 +149,15 @@ def main() -> None:
         print(f"{r['streams']:>7} {r['mode']:>8} {r['messages']:>9} {r['tokens']:>8} {r['us_per_message']:>11.1f} "
               f"{r['us_per_token']:>9.1f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(), "commit": git_commit(),
-                                         "date": datetime.now().isoformat(timespec="seconds"),
-                                         "options": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                        indent=2) + "\n")
+        write_rows(args.json, args, rows)
+
+
+def write_rows(path: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """A run's rows as JSON, with the machine, the commit, the date and the options."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "commit": git_commit(),
+                                "date": datetime.now().isoformat(timespec="seconds"),
+                                "options": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
 TICK = os.sysconf("SC_CLK_TCK")
 TARGET_ADDED_P50_MS = 0.5
+TARGET_ROUTER_US = 15.0  # router CPU per relayed token at the top level (issue 15)
 SUSTAIN_RATIO = 0.9  # router tokens/s at the top level at least this fraction of direct's: "close"
 
 
@@ -271,8 +272,9 @@ def main() -> None:
                   f"{c['router']:7.1f} {c['node']:7.1f} {c['client']:7.1f}")
     print()
     print(f"{'streams':>7} {'added p50':>10} {'added p99':>10} {'tok/s ratio':>12} {'router CPU':>11} "
-          f"{'1-core ceiling':>15} {'router core busy':>17}")
-    print(f"{'':7} {'ms/token':>10} {'ms/token':>10} {'router/direct':>12} {'µs/token':>11} {'tok/s':>15}")
+          f"{'1-core ceiling':>15} {'router core busy':>17} {'tokens per':>11}")
+    print(f"{'':7} {'ms/token':>10} {'ms/token':>10} {'router/direct':>12} {'µs/token':>11} {'tok/s':>15} "
+          f"{'':17} {'message':>11}")
     summary = {}
     for level, paths in results.items():
         d, r = paths["direct"], paths["router"]
@@ -288,10 +290,12 @@ def main() -> None:
             router_cpu_us_per_token=us, router_one_core_ceiling_tok_s=1e6 / us if us else float("inf"),
             router_core_busy=r["cpu_s"]["router"] / r["wall_s"] if r["wall_s"] else 0.0,
             router_idle_cpu_per_s=idle_rate,
+            router_tokens_per_message=r["tokens"] / r["messages"] if r["messages"] else 0.0,
         )
         x = summary[level]
         print(f"{level:7d} {x['added_itl_p50_ms']:+10.3f} {x['added_itl_p99_ms']:+10.3f} {x['tokens_per_s_ratio']:12.3f} "
-              f"{us:11.1f} {x['router_one_core_ceiling_tok_s']:15.0f} {x['router_core_busy'] * 100:16.0f}%")
+              f"{us:11.1f} {x['router_one_core_ceiling_tok_s']:15.0f} {x['router_core_busy'] * 100:16.0f}% "
+              f"{x['router_tokens_per_message']:11.2f}")
 
     # Verdict.
     print()
@@ -310,7 +314,9 @@ def main() -> None:
     us_top = summary[top]["router_cpu_us_per_token"]
     print(f"router CPU: {us_top:.1f} µs per relayed token at {top} streams -> at most "
           f"{summary[top]['router_one_core_ceiling_tok_s']:.0f} tok/s on one core; at {top} streams it ran at "
-          f"{summary[top]['router_core_busy'] * 100:.0f}% of its core")
+          f"{summary[top]['router_core_busy'] * 100:.0f}% of its core, {summary[top]['router_tokens_per_message']:.2f} "
+          f"tokens per message to the client (target <= {TARGET_ROUTER_US} µs: "
+          f"{'MET' if us_top <= TARGET_ROUTER_US else 'NOT MET'})")
     print(f"runtime: {runtime:.1f} s")
 
     if args.json:

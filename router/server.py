@@ -6,7 +6,8 @@ A request's life in the router (disaggregated):
   Reserve    the decode node allocates the prompt's blocks (it owns them from here on)
   Prefill    the prefill node computes the prompt and writes its K/V into those blocks; its first token is
              relayed to the client at once
-  Continue   the decode node goes on from the first token; its tokens are relayed as they come
+  Continue   the decode node goes on from the first token; its tokens are relayed as they come (every
+             stream the router has on a node goes on one `Streams` call: `streams.NodeStreams`)
 Whatever ends the request (finish, client cancel, deadline, a node failing), the `finally` releases what the
 decode node holds: Release is idempotent, so it is always sent. In colocated mode one node's `Generate` does
 it all.
