@@ -1,4 +1,4 @@
-"""The randomized storm: 1,200 requests (600 when every node has two ranks) through a 1P2D cluster, many of
+"""The randomized storm: 800 requests (400 when every node has two ranks) through a 1P2D cluster, many of
 them cancelled by their client or ended by a deadline at a random moment (queued, mid-prefill, mid-transfer,
 between the first token and Continue, mid-decode). Afterwards every node's blocks are back to their baseline
 within seconds (not a lease), no request is stuck, no pair channel failed (a cancelled transfer ends without
@@ -22,7 +22,7 @@ from cluster_harness import BatonUp
 from baton.engine import SamplingParams
 from baton.router.client import AsyncBatonClient, BatonError, BatonClient, Cancelled, DeadlineExceeded
 
-REQUESTS = 1200
+REQUESTS = 800
 CONCURRENCY = 48
 SEED = int(os.environ.get("STORM_SEED", "20261201"))
 PROMPTS = [
@@ -67,7 +67,7 @@ async def one(client: AsyncBatonClient, rng: random.Random, outcome: Counter) ->
 # gloo lanes, writes into the decode nodes' memory, and routes between two-rank nodes (every rank's sends and
 # receives ended in step).
 @pytest.mark.parametrize("kv_path, degrees, requests", [("pair", (), REQUESTS), ("shared", (), REQUESTS),
-                                                        ("pair", ("--prefill-tp", "2", "--decode-tp", "2"), 600)],
+                                                        ("pair", ("--prefill-tp", "2", "--decode-tp", "2"), 400)],
                          ids=["pair", "shared", "pair-tp2-to-tp2"])
 def test_a_storm_of_cancellations_leaves_nothing_behind(stories_path, stories_llm, tmp_path, kv_path, degrees,
                                                         requests):

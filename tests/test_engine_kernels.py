@@ -23,9 +23,9 @@ from test_architectures import PROMPTS as RANDOM_PROMPTS  # noqa: E402
 from test_architectures import hf_greedy, load_hf, write_checkpoint, VARIANTS  # noqa: E402
 from test_stories import PROMPTS, hf_greedy as hf_stories_greedy  # noqa: E402
 
-NEW_TOKENS = 40
+NEW_TOKENS = 24
 # The interpreter runs a kernel's programs one after another (~0.5 s a step for one sequence, about 3 s for
-# five): two prompts of different lengths keep the test near half a minute.
+# five): two prompts of different lengths and 24 steps keep the test near 20 s.
 STORIES_PROMPTS = [PROMPTS[0], PROMPTS[3]]
 
 
