@@ -315,23 +315,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         f"request_id: {rid!r} was released ({r.cause})")
                 self.reservations.advance(r, Phase.DECODING)
-                if forks:
-                    async for response in self._choices(request, params, forks, context, track):
-                        yield response
-                    return
-                stream = self.engine.open_stream(rid)  # before adopt: a release from here on ends this stream
-                try:
-                    await self.engine.adopt(rid, list(request.prompt_token_ids), request.first_token,
-                                            request.first_logprob, params, resumed_from_proto(request.resumed))
-                    self.requests_served += 1
-                    track.adopted()
-                    async for out in self.engine.outputs(rid, stream):
-                        await self._unless_handing_over(out, context)
-                        track.output(out)
-                        for response in responses_from_output(out, request.sampling.logprobs):
-                            yield response
-                finally:
-                    self.engine.close_stream(rid)
+                async for response in self._choices(request, params, forks, context, track):
+                    yield response
             except FieldError as e:
                 await abort_for(context, e)
             except EngineFailed as e:
@@ -342,10 +327,11 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 await asyncio.shield(self.reservations.release(rid, "finished"))
 
     async def _choices(self, request, params, forks, context, track):
-        """A request's n choices from one prompt's K/V: choice 0 adopts the reservation as a lone request
-        would; choice k + 1 forks from its full blocks (`engine.fork`: shared, never written; the tail of the
-        prompt computed again in its own blocks) and samples its own first token. One call streams them all,
-        each response tagged with its choice; the caller's Release (or this call's end) frees the lot."""
+        """A request's choices from one prompt's K/V (one, without forks): choice 0 adopts the reservation
+        (with what a resumed stream delivered); choice k + 1 forks from its full blocks (`engine.fork`: shared,
+        never written; the tail of the prompt computed again in its own blocks) and samples its own first
+        token. One call streams them all, each response tagged with its choice; the caller's Release (or this
+        call's end) frees the lot."""
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         ids = [rid] + [f"{rid}#{k + 1}" for k in range(len(forks))]
         choice = {request_id: i for i, request_id in enumerate(ids)}
@@ -354,7 +340,8 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             # The forks first: choice 0 may end with its first token, and its blocks with it.
             for k, fork_params in enumerate(forks):
                 await self.engine.fork(rid, ids[k + 1], prompt, fork_params)
-            first = await self.engine.adopt(rid, prompt, request.first_token, request.first_logprob, params)
+            first = await self.engine.adopt(rid, prompt, request.first_token, request.first_logprob, params,
+                                            resumed_from_proto(request.resumed))
             self.requests_served += len(ids)
             track.adopted()
             # A first token that ended choice 0 was relayed with its Finish by the router: nothing more comes.
