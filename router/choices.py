@@ -6,7 +6,7 @@ in one call, each response tagged with its choice. `SharedPrefill` runs that cal
 own responses, so each choice is then served (relayed, counted, ended) as a request of its own.
 
 A node lost under the shared call does not end the choices: each one still running resumes alone from what
-its client has (`RouterServicer._resuming`, like any migrated stream), so a choice never waits for another.
+its client has (`RouterServicer.resuming`, like any migrated stream), so a choice never waits for another.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class SharedPrefill:
             self._router.metrics.migrations.labels(req.model.name, "failed").inc()
             log.warning("request %s: choice %d goes on alone after %d tokens (its shared call failed)",
                         req.request_id, j, len(delivered))
-            async for response in self._router._resuming(req, self._deadline, self._mode):
+            async for response in self._router.resuming(req, self._deadline, self._mode):
                 yield response
         finally:
             self._open -= 1
@@ -75,7 +75,7 @@ class SharedPrefill:
         router, first = self._router, self._reqs[0]
         forks = [req.sampling for req in self._reqs[1:]]
         try:
-            async for response in router._disaggregated(first, first.internal_id, node_pb2.Resumed(),
+            async for response in router.disaggregated(first, first.internal_id, node_pb2.Resumed(),
                                                         self._deadline, set(), forks):
                 j = response.choice
                 if j:

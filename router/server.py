@@ -254,7 +254,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             log.info("request %s: resumed by its client after %d tokens (its router failed)", req.request_id,
                      len(req.resumed))
         try:
-            async with contextlib.aclosing(source or self._resuming(req, deadline, mode)) as responses:
+            async with contextlib.aclosing(source or self.resuming(req, deadline, mode)) as responses:
                 async for response in responses:
                     yield relay.see(response)
         except grpc.aio.AioRpcError as e:
@@ -281,8 +281,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         left = context.time_remaining()
         return self.node_wait if left is None else max(0.0, min(self.node_wait, left))
 
-    async def _resuming(self, req: Admitted, context, mode: str):
-        """The request's stream, through a prefill and a decode node or a colocated one. A node that fails under
+    async def resuming(self, req: Admitted, context, mode: str):
+        """The request's stream (what `serve` relays, and a choice of a shared prefill runs once it goes on
+        alone), through a prefill and a decode node or a colocated one. A node that fails under
         it (a broken stream, a node that cannot be reached, a decode stream gone silent) does not end the
         stream: it resumes on live nodes from what the client already has (the prompt and the delivered tokens
         computed again, decoding from the next index with the same sampler state), at most `max_migrations`
@@ -293,7 +294,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             for response in self._rest(req, delivered, chars, reason):  # its router failed just before the Finish
                 yield response
             return
-        attempt_on = self._colocated if mode == "colocated" else self._disaggregated
+        attempt_on = self._colocated if mode == "colocated" else self.disaggregated
         for attempt in range(self.max_migrations + 1):
             resumed = node_pb2.Resumed(token_ids=delivered, text_chars=chars)
             # A fresh id per attempt: the failed attempt's state may still be ending on a node that lives.
@@ -348,9 +349,10 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 call.cancel()  # a no-op on what has ended
             self.picker.release(node.node_id)
 
-    async def _disaggregated(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context,
-                             avoid: set[str], forks: Sequence[pb.SamplingParams] = ()):
-        """One attempt through a prefill and a decode node (`_through`)."""
+    async def disaggregated(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context,
+                            avoid: set[str], forks: Sequence[pb.SamplingParams] = ()):
+        """One attempt through a prefill and a decode node (`_through`); a node that fails under it raises
+        NodeLost. What `resuming` runs for each attempt, and `choices.SharedPrefill` for its shared call."""
         wait = self._node_wait(context)
         decode = await self.picker.when_live(lambda: self.picker.pick("decode", avoid, req.model.name), wait)
         prefill = await self.picker.when_live(lambda: self.picker.pick("prefill", avoid, req.model.name), wait)
