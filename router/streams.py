@@ -102,6 +102,24 @@ class NodeStream:
             self._end(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
 
 
+class _Call:
+    """One `Streams` call and what belongs to it alone: what its next write sends, the event that wakes its
+    writer, the batches read on it. (A broken call's writer may still be waking up when the next call starts:
+    sharing any of this with it would let it take the new call's wake-up.)"""
+
+    __slots__ = ("grpc", "outbox", "wake", "read", "over")
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.grpc = call
+        self.outbox = node_pb2.StreamsRequest()
+        self.wake = asyncio.Event()
+        self.read = 0
+        self.over = False
+
+    def send(self) -> None:
+        self.wake.set()
+
+
 class NodeStreams:
     """The router's streams on one node, and the `Streams` call that carries them: opened with the first
     stream, and again with the next one after a call broke (every stream open on a broken call ends with
@@ -109,70 +127,64 @@ class NodeStreams:
 
     def __init__(self, stub: node_pb2_grpc.DecodeNodeStub) -> None:
         self._stub = stub
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._streams: dict[str, NodeStream] = {}
-        self._outbox = node_pb2.StreamsRequest()  # what the next write sends
-        self._wake = asyncio.Event()  # the outbox has something
-        self._read = 0  # batches read on the current call
+        self._call: _Call | None = None
+        self._streams: dict[str, NodeStream] = {}  # the open streams, all on the current call
         self._tasks: set[asyncio.Task] = set()
 
     def generate(self, request: node_pb2.NodeGenerateRequest, timeout: float | None) -> NodeStream:
         """A colocated request, as `DecodeNode.Generate` would run it."""
-        stream = self._open(request.request_id, timeout)
-        self._outbox.generate.append(request)
+        stream, call = self._open(request.request_id, timeout)
+        call.outbox.generate.append(request)
         return stream
 
     def cont(self, request: node_pb2.ContinueRequest, timeout: float | None) -> NodeStream:
         """A prefilled request, as `DecodeNode.Continue` would run it."""
-        stream = self._open(request.request_id, timeout)
-        self._outbox.continues.append(request)
+        stream, call = self._open(request.request_id, timeout)
+        call.outbox.continues.append(request)
         return stream
 
     def cancel(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None and self._call is not None:
-            self._outbox.cancel.append(request_id)
-            self._wake.set()
+            self._call.outbox.cancel.append(request_id)
+            self._call.send()
 
-    def _open(self, request_id: str, timeout: float | None) -> NodeStream:
+    def _open(self, request_id: str, timeout: float | None) -> tuple[NodeStream, _Call]:
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already open on this node")
-        if self._call is None:
-            self._start()
+        call = self._call
+        if call is None:
+            call = self._call = _Call(self._stub.Streams())
+            for work in (self._reading(call), self._writing(call)):
+                task = asyncio.ensure_future(work)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         stream = self._streams[request_id] = NodeStream(self, request_id, timeout)
-        self._wake.set()
-        return stream
+        call.send()
+        return stream, call
 
-    def _start(self) -> None:
-        call = self._call = self._stub.Streams()
-        self._outbox, self._read = node_pb2.StreamsRequest(), 0
-        for work in (self._reading(call), self._writing(call)):
-            task = asyncio.ensure_future(work)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _writing(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _writing(self, call: _Call) -> None:
         """One write at a time (grpc's rule), each with all that was asked since the last."""
         try:
-            while self._call is call:
-                await self._wake.wait()
-                self._wake.clear()
-                if self._call is not call:
+            while True:
+                await call.wake.wait()
+                call.wake.clear()
+                if call.over:
                     return
-                request, self._outbox = self._outbox, node_pb2.StreamsRequest()
-                await call.write(request)
+                request, call.outbox = call.outbox, node_pb2.StreamsRequest()
+                await call.grpc.write(request)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
             log.debug("streams call: write failed: %s", e)  # the call is over: its reader says how
 
-    async def _reading(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _reading(self, call: _Call) -> None:
         error: grpc.aio.AioRpcError | None = None
         try:
             while True:
-                batch = await call.read()
+                batch = await call.grpc.read()
                 if batch is grpc.aio.EOF:
                     break
-                self._read += 1
-                self._outbox.acked = self._read
-                self._wake.set()
+                call.read += 1
+                call.outbox.acked = call.read
+                call.send()
                 streams = self._streams
                 for response in batch.responses:
                     stream = streams.get(response.request_id)
@@ -187,9 +199,10 @@ class NodeStreams:
         except grpc.aio.AioRpcError as e:
             error = e
         finally:
-            if self._call is call:  # the call is over: the next stream opens another
+            call.over = True
+            call.send()  # its writer ends
+            if self._call is call:  # the next stream opens another call
                 self._call = None
-                self._wake.set()  # its writer sees it and ends
                 streams, self._streams = self._streams, {}
                 why = error or _error(grpc.StatusCode.UNAVAILABLE, "the node ended its streams")
                 for stream in streams.values():
@@ -197,7 +210,7 @@ class NodeStreams:
 
     async def close(self) -> None:
         if self._call is not None:
-            self._call.cancel()
+            self._call.grpc.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
