@@ -298,11 +298,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 if not request.first_logprob <= 0:  # NaN, or a probability above 1
                     raise FieldError("first_logprob",
                                      f"must be a log-probability (<= 0), got {request.first_logprob}")
-                forks = [sampling_from_proto(f) for f in request.forks]
-                if forks and request.resumed.token_ids:
-                    raise FieldError("forks", "a resumed stream has no other choices")
-                if len(forks) >= MAX_CHOICES:
-                    raise FieldError("forks", f"at most {MAX_CHOICES - 1}, got {len(forks)}")
+                forks = _forks(request)
                 try:
                     await asyncio.wait_for(r.settled.wait(), self.reservations.lease_left(r))
                 except TimeoutError:
@@ -360,18 +356,28 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 await asyncio.shield(self.engine.release(request_id))
 
     async def Generate(self, request, context):
-        """Colocated mode: prompt and decode on this engine."""
+        """Colocated mode: prompt and decode on this engine; with `forks`, every choice of the prompt from one
+        computation of it (`AsyncEngine.generate_choices`), each response tagged with its choice."""
         REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         with self.metrics.request(context, len(request.prompt_token_ids)) as track:
             try:
+                rid, prompt = request.request_id, list(request.prompt_token_ids)
                 params = sampling_from_proto(request.sampling)
-                outputs = self.engine.generate(request.request_id, list(request.prompt_token_ids), params,
-                                               resumed=resumed_from_proto(request.resumed))
-                self.requests_served += 1
+                forks = _forks(request)
+                ids = [rid] + [f"{rid}#{k + 1}" for k in range(len(forks))]
+                choice = {request_id: i for i, request_id in enumerate(ids)}
+                if forks:
+                    outputs = self.engine.generate_choices(ids, prompt, [params, *forks])
+                else:
+                    outputs = self.engine.generate(rid, prompt, params, resumed=resumed_from_proto(request.resumed))
+                self.requests_served += len(ids)
                 async for out in outputs:
                     await self._unless_handing_over(out, context)
                     track.output(out)
-                    for response in responses_from_output(out, request.sampling.logprobs):
+                    j = choice[out.request_id]
+                    for response in responses_from_output(out, (request.forks[j - 1] if j else
+                                                                 request.sampling).logprobs):
+                        response.request_id, response.choice = rid, j
                         yield response
             except (FieldError, NoCapacity) as e:
                 await abort_for(context, e)
@@ -425,3 +431,13 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         await self.reservations.release_all("node shutdown")
         self.channels.close()
         self.threads.close()
+
+
+def _forks(request) -> list:
+    """The sampling of a request's other choices (`forks` of a Continue or Generate), checked."""
+    forks = [sampling_from_proto(f) for f in request.forks]
+    if forks and request.resumed.token_ids:
+        raise FieldError("forks", "a resumed stream has no other choices")
+    if len(forks) >= MAX_CHOICES:
+        raise FieldError("forks", f"at most {MAX_CHOICES - 1}, got {len(forks)}")
+    return forks

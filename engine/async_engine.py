@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from .engine import KVSink, KVSpec, LLMEngine, StepShape
+from .errors import InvalidRequest
 from .request import RequestOutput, Resumed, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,32 @@ class AsyncEngine:
             self.close_stream(request_id)
             raise
         async for out in self.outputs(request_id, stream, until_first=prefill_only):
+            yield out
+
+    async def generate_choices(self, request_ids: Sequence[str], prompt: Sequence[int],
+                               params: Sequence[SamplingParams]) -> AsyncIterator[RequestOutput]:
+        """Several choices of one prompt (OpenAI's n), their outputs in one stream, the prompt computed once:
+        request_ids[0] is added as any request; once its first output says the prompt is computed, each other
+        choice forks from its K/V (`fork`), or computes the prompt itself if choice 0 is gone by then (it ended
+        with its first token). Aborts every choice left if the caller stops early."""
+        stream = self.open_streams(request_ids)
+        try:
+            await self.call(self.engine.add_request, request_ids[0], list(prompt), params[0], False, None)
+        except BaseException as e:
+            for request_id in request_ids:
+                self.close_stream(request_id)
+            if isinstance(e, asyncio.CancelledError):  # the add still runs (it is queued): the release undoes it
+                await asyncio.shield(self.release(request_ids[0]))
+            raise
+        forked = False
+        async for out in self.outputs_of(request_ids, stream):
+            if not forked:
+                forked = True
+                for child, child_params in zip(request_ids[1:], params[1:]):
+                    try:
+                        await self.fork(request_ids[0], child, prompt, child_params)
+                    except InvalidRequest:  # choice 0 ended with its first token: its blocks went with it
+                        await self.call(self.engine.add_request, child, list(prompt), child_params, False, None)
             yield out
 
     # -- disaggregation -------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The prompt is computed once, on one prefill node, and its K/V sent once into one decode node's reservation;
 the decode node forks the other choices from those blocks (`ContinueRequest.forks`) and streams every choice
-in one call, each response tagged with its choice. `SharedPrefill` runs that call and hands each choice its
+in one call, each response tagged with its choice. A colocated node does the same in one Generate call
+(`NodeGenerateRequest.forks`): the prompt computed once, the other choices forked from it. `SharedPrefill` runs that call and hands each choice its
 own responses, so each choice is then served (relayed, counted, ended) as a request of its own.
 
 A node lost under the shared call does not end the choices: each one still running resumes alone from what
@@ -74,9 +75,10 @@ class SharedPrefill:
 
         router, first = self._router, self._reqs[0]
         forks = [req.sampling for req in self._reqs[1:]]
+        attempt = router.colocated if self._mode == "colocated" else router.disaggregated
         try:
-            async for response in router.disaggregated(first, first.internal_id, node_pb2.Resumed(),
-                                                        self._deadline, set(), forks):
+            async for response in attempt(first, first.internal_id, node_pb2.Resumed(), self._deadline, set(),
+                                          forks):
                 j = response.choice
                 if j:
                     response.ClearField("choice")

@@ -231,10 +231,10 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
     def serve_choices(self, admitted: list[tuple[Admitted, str]], deadline, front: str,
                       start: float) -> list[AsyncIterator[pb.GenerateResponse]]:
         """The responses of each of several choices of one prompt (admitted alike but for their seeds), one
-        stream each, as `serve` gives them. Through a prefill and a decode node the prompt is prefilled once
-        and the choices fork from its K/V on the decode node (`choices.SharedPrefill`)."""
+        stream each, as `serve` gives them. The prompt is computed once and the choices fork from its K/V, on the
+        decode node or the colocated node (`choices.SharedPrefill`)."""
         mode = admitted[0][1]
-        if len(admitted) == 1 or mode != "disaggregated":
+        if len(admitted) == 1:
             return [self.serve(req, mode, deadline, front, start) for req, mode in admitted]
         shared = SharedPrefill(self, [req for req, _ in admitted], deadline, mode)
         return [self.serve(req, mode, deadline, front, start, source=shared.choice(j))
@@ -294,7 +294,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             for response in self._rest(req, delivered, chars, reason):  # its router failed just before the Finish
                 yield response
             return
-        attempt_on = self._colocated if mode == "colocated" else self.disaggregated
+        attempt_on = self.colocated if mode == "colocated" else self.disaggregated
         for attempt in range(self.max_migrations + 1):
             resumed = node_pb2.Resumed(token_ids=delivered, text_chars=chars)
             # A fresh id per attempt: the failed attempt's state may still be ending on a node that lives.
@@ -322,8 +322,10 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                             "at most %d)", req.request_id, lost.node_id or " or ".join(sorted(set(req.nodes))),
                             len(delivered), lost.details, attempt + 1, self.max_migrations)
 
-    async def _colocated(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, avoid: set[str]):
-        """One attempt on a colocated node (the whole request there); a node that fails raises NodeLost."""
+    async def colocated(self, req: Admitted, internal: str, resumed: node_pb2.Resumed, context, avoid: set[str],
+                        forks: Sequence[pb.SamplingParams] = ()):
+        """One attempt on a colocated node (the whole request there); a node that fails raises NodeLost.
+        `forks`: more choices of the prompt, as in `disaggregated`."""
         node = await self.picker.when_live(lambda: self.picker.pick("colocated", avoid, req.model.name),
                                            self._node_wait(context))
         req.nodes = (node.node_id, node.node_id)
@@ -333,7 +335,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             with self.stubs.use(node.address) as stubs:
                 call = stubs.streams.generate(
                     node_pb2.NodeGenerateRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
-                                                 sampling=req.sampling, resumed=resumed),
+                                                 sampling=req.sampling, resumed=resumed, forks=forks),
                     context.time_remaining(),
                 )
                 async for response in _each_within(call, self.inactivity_timeout):

@@ -368,6 +368,14 @@ def test_chat_completions_equal_transformers(chat_checkpoint, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == want
         assert streamed[-1].choices[0].finish_reason in ("length", "stop")
         assert all(c.object == "chat.completion.chunk" for c in streamed)
+        # n > 1 on a colocated node: the prompt computed once, the second choice forked from its full blocks.
+        [node] = cluster.nodes("colocated")
+        before = Scrape(node.metrics_address).value("baton_prefill_batch_tokens_sum")
+        both = client.chat.completions.create(model=chat_checkpoint.name, messages=messages, max_tokens=20,
+                                              temperature=0, n=2)
+        computed = Scrape(node.metrics_address).value("baton_prefill_batch_tokens_sum") - before
+        assert [c.message.content for c in sorted(both.choices, key=lambda c: c.index)] == [want, want]
+        assert len(ids) > 16 and computed == len(ids) + len(ids) - (len(ids) - 1) // 16 * 16  # not 2 x len(ids)
         scored = client.chat.completions.create(model=chat_checkpoint.name, messages=messages, max_tokens=5,
                                                 temperature=0, logprobs=True, top_logprobs=2)
         content = scored.choices[0].logprobs.content

@@ -169,3 +169,55 @@ def test_a_duplicate_id_is_refused_and_a_stopping_node_refuses_new_streams(stori
     assert stopping.request_id == "b" and stopping.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert stopping.HasField("lost_node") and stopping.lost_node == "node-0"
     assert code == grpc.StatusCode.OK
+
+
+def test_a_colocated_node_computes_the_prompt_of_n_choices_once(stories_path, stories_llm: LLM, prompts):
+    """n choices in one Generate (`forks`): choice 0 computes the prompt, the others fork from its full blocks
+    and compute only the tail. Each choice equals the offline engine's run with its own seed; the node's
+    prefill-token histogram shows what was computed. With max_tokens=1, choice 0 is gone before the others
+    can fork: they compute the prompt themselves, and are still right."""
+    prompt = (prompts[0] * 8)[:40]  # 40 tokens: two full blocks of 16 shared, 8 tokens each fork computes
+    sampled = [pb.SamplingParams(max_tokens=12, temperature=0.9, seed=11 + j, ignore_eos=True) for j in range(3)]
+    greedy = [pb.SamplingParams(max_tokens=1, temperature=0.0)] * 3
+
+    async def scenario():
+        async with colocated_node(stories_path) as (servicer, stub):
+            def computed() -> float:
+                return servicer.metrics.registry.get_sample_value("baton_prefill_batch_tokens_sum",
+                                                                  servicer.metrics.labels) or 0.0
+
+            streams = NodeStreams(stub)
+            try:
+                got = []
+                for i, choices in enumerate((sampled, greedy)):
+                    before = computed()
+                    stream = streams.generate(node_pb2.NodeGenerateRequest(
+                        request_id=f"n{i}", prompt_token_ids=prompt, sampling=choices[0], forks=choices[1:]), None)
+                    tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+                    finished = set()
+                    async for r in stream:
+                        assert r.request_id == f"n{i}"
+                        if r.HasField("chunk"):
+                            tokens[r.choice] += r.chunk.token_ids
+                        else:
+                            finished.add(r.choice)
+                    await until_idle(stub, 3 * (i + 1), (await stub.GetStats(node_pb2.GetStatsRequest())).total_blocks)
+                    got.append((tokens, finished, computed() - before))
+                return got
+            finally:
+                await streams.close()
+
+    (sampled_tokens, sampled_done, sampled_computed), (greedy_tokens, greedy_done, greedy_computed) = \
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    block = stories_llm.engine.blocks.block_size
+    shared = (len(prompt) - 1) // block * block
+    assert sampled_computed == len(prompt) + 2 * (len(prompt) - shared)  # not 3 x 40
+    assert sampled_done == greedy_done == {0, 1, 2}
+    for j in range(3):
+        [want] = stories_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.9, seed=11 + j,
+                                                               ignore_eos=True))
+        assert sampled_tokens[j] == want.token_ids, j
+    assert len({tuple(t) for t in sampled_tokens.values()}) > 1  # the choices differ
+    [first] = stories_llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+    assert all(greedy_tokens[j] == first.token_ids for j in range(3))
+    assert greedy_computed == 3 * len(prompt)  # choice 0 ended at once: nothing left to fork from

@@ -162,16 +162,18 @@ class ReleaseResponse(_message.Message):
     def __init__(self, freed_blocks: _Optional[int] = ...) -> None: ...
 
 class NodeGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "resumed")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "resumed", "forks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    FORKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _baton_pb2.SamplingParams
     resumed: Resumed
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_baton_pb2.SamplingParams, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ...) -> None: ...
+    forks: _containers.RepeatedCompositeFieldContainer[_baton_pb2.SamplingParams]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_baton_pb2.SamplingParams, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., forks: _Optional[_Iterable[_Union[_baton_pb2.SamplingParams, _Mapping]]] = ...) -> None: ...
 
 class StreamsRequest(_message.Message):
     __slots__ = ("generate", "continues", "cancel", "acked")
