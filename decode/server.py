@@ -329,8 +329,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         token. One call streams them all, each response tagged with its choice; the caller's Release (or this
         call's end) frees the lot."""
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        ids = [rid] + [f"{rid}#{k + 1}" for k in range(len(forks))]
-        choice = {request_id: i for i, request_id in enumerate(ids)}
+        ids = _choice_ids(rid, len(forks))
         stream = self.engine.open_streams(ids)  # before the engine has them: a release ends their streams
         try:
             # The forks first: choice 0 may end with its first token, and its blocks with it.
@@ -341,14 +340,9 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             self.requests_served += len(ids)
             track.adopted()
             # A first token that ended choice 0 was relayed with its Finish by the router: nothing more comes.
-            async for out in self.engine.outputs_of(ids[1:] if first.finished else ids, stream):
-                await self._unless_handing_over(out, context)
-                track.output(out)
-                logprobs = (request.forks[choice[out.request_id] - 1] if choice[out.request_id]
-                            else request.sampling).logprobs
-                for response in responses_from_output(out, logprobs):
-                    response.request_id, response.choice = rid, choice[out.request_id]
-                    yield response
+            outputs = self.engine.outputs_of(ids[1:] if first.finished else ids, stream)
+            async for response in self._relayed(outputs, request, ids, context, track):
+                yield response
         finally:
             for request_id in ids:  # choice 0's blocks go with the reservation (the caller releases it)
                 self.engine.close_stream(request_id)
@@ -364,25 +358,30 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                 rid, prompt = request.request_id, list(request.prompt_token_ids)
                 params = sampling_from_proto(request.sampling)
                 forks = _forks(request)
-                ids = [rid] + [f"{rid}#{k + 1}" for k in range(len(forks))]
-                choice = {request_id: i for i, request_id in enumerate(ids)}
+                ids = _choice_ids(rid, len(forks))
                 if forks:
                     outputs = self.engine.generate_choices(ids, prompt, [params, *forks])
                 else:
                     outputs = self.engine.generate(rid, prompt, params, resumed=resumed_from_proto(request.resumed))
                 self.requests_served += len(ids)
-                async for out in outputs:
-                    await self._unless_handing_over(out, context)
-                    track.output(out)
-                    j = choice[out.request_id]
-                    for response in responses_from_output(out, (request.forks[j - 1] if j else
-                                                                 request.sampling).logprobs):
-                        response.request_id, response.choice = rid, j
-                        yield response
+                async for response in self._relayed(outputs, request, ids, context, track):
+                    yield response
             except (FieldError, NoCapacity) as e:
                 await abort_for(context, e)
             except EngineFailed as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id}: {e}")
+
+    async def _relayed(self, outputs, request, ids: list[str], context, track):
+        """The responses for the outputs of a request's choices (`ids`, choice 0 first), each under the request's
+        id and tagged with its choice, with the log-probabilities that choice asked for."""
+        choice = {request_id: i for i, request_id in enumerate(ids)}
+        async for out in outputs:
+            await self._unless_handing_over(out, context)
+            track.output(out)
+            j = choice[out.request_id]
+            for response in responses_from_output(out, (request.forks[j - 1] if j else request.sampling).logprobs):
+                response.request_id, response.choice = request.request_id, j
+                yield response
 
     async def Streams(self, request_iterator, context):
         """A router's streams on this node, on one call (decode/streams.py)."""
@@ -431,6 +430,11 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         await self.reservations.release_all("node shutdown")
         self.channels.close()
         self.threads.close()
+
+
+def _choice_ids(request_id: str, forks: int) -> list[str]:
+    """The engine's ids of a request's choices: its own, then one per fork."""
+    return [request_id] + [f"{request_id}#{k + 1}" for k in range(forks)]
 
 
 def _forks(request) -> list:

@@ -118,16 +118,7 @@ class AsyncEngine:
         resumed: Resumed | None = None,
     ) -> AsyncIterator[RequestOutput]:
         stream = self.open_stream(request_id)
-        try:
-            await self.call(self.engine.add_request, request_id, prompt, params, prefill_only, resumed)
-        except asyncio.CancelledError:
-            # The add still runs on the engine thread (it is queued): the release queued after it undoes it.
-            self.close_stream(request_id)
-            await asyncio.shield(self.release(request_id))
-            raise
-        except BaseException:
-            self.close_stream(request_id)
-            raise
+        await self._add([request_id], request_id, prompt, params, prefill_only, resumed)
         async for out in self.outputs(request_id, stream, until_first=prefill_only):
             yield out
 
@@ -138,14 +129,7 @@ class AsyncEngine:
         choice forks from its K/V (`fork`), or computes the prompt itself if choice 0 is gone by then (it ended
         with its first token). Aborts every choice left if the caller stops early."""
         stream = self.open_streams(request_ids)
-        try:
-            await self.call(self.engine.add_request, request_ids[0], list(prompt), params[0], False, None)
-        except BaseException as e:
-            for request_id in request_ids:
-                self.close_stream(request_id)
-            if isinstance(e, asyncio.CancelledError):  # the add still runs (it is queued): the release undoes it
-                await asyncio.shield(self.release(request_ids[0]))
-            raise
+        await self._add(request_ids, request_ids[0], list(prompt), params[0])
         forked = False
         async for out in self.outputs_of(request_ids, stream):
             if not forked:
@@ -156,6 +140,18 @@ class AsyncEngine:
                     except InvalidRequest:  # choice 0 ended with its first token: its blocks went with it
                         await self.call(self.engine.add_request, child, list(prompt), child_params, False, None)
             yield out
+
+    async def _add(self, streams: Sequence[str], request_id: str, prompt: str | Sequence[int],
+                   params: SamplingParams, prefill_only: bool = False, resumed: Resumed | None = None) -> None:
+        """Adds a request whose outputs go to the streams opened for `streams`; if that fails, closes them."""
+        try:
+            await self.call(self.engine.add_request, request_id, prompt, params, prefill_only, resumed)
+        except BaseException as e:
+            for stream_id in streams:
+                self.close_stream(stream_id)
+            if isinstance(e, asyncio.CancelledError):  # the add still runs (it is queued): the release undoes it
+                await asyncio.shield(self.release(request_id))
+            raise
 
     # -- disaggregation -------------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ class NodeStream:
     def cancel(self) -> None:
         if not self._done:
             self._owner.cancel(self.request_id)
-            self._end(_error(grpc.StatusCode.CANCELLED, "cancelled by the router"))
+            self.end(_error(grpc.StatusCode.CANCELLED, "cancelled by the router"))
 
     def put(self, response: pb.GenerateResponse) -> None:
         self._queue.append(response)
@@ -83,10 +83,7 @@ class NodeStream:
             self._waiter.set_result(None)
 
     def end(self, error: grpc.aio.AioRpcError | None) -> None:
-        """Its node ended it (`error` None: OK), or its call did."""
-        self._end(error)
-
-    def _end(self, error: grpc.aio.AioRpcError | None) -> None:
+        """Its node ended it (`error` None: OK), or its call did, or the router gave it up."""
         if self._done:
             return
         self._done, self._error = True, error
@@ -99,7 +96,7 @@ class NodeStream:
         self._timer = None
         if not self._done:
             self._owner.cancel(self.request_id)
-            self._end(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self.end(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
 
 
 class _Call:
