@@ -323,6 +323,8 @@ class MembershipWatcher:
         self._prefix = nodes_prefix(cluster)
         self._rpc_timeout = rpc_timeout
         self._by_role: dict[str, dict[str, NodeInfo]] = {r: {} for r in ROLES}
+        # (role, node id) -> the revision that created its key: a new one each time the node registers anew.
+        self._created: dict[tuple[str, str], int] = {}
         self._revision = 0  # the store revision our copy reflects
         self._cluster_id = 0  # etcd's, to notice a different store behind the same URL
         self._version = 0  # bumped on every change to the copy
@@ -356,6 +358,11 @@ class MembershipWatcher:
             if node_id in by_id:
                 return by_id[node_id]
         return None
+
+    def registration(self, node: NodeInfo) -> int | None:
+        """Which registration of the node is live: the etcd revision that created its key (a node that
+        restarted, or lost its lease and registered again, has another), None while it is not live."""
+        return self._created.get((node.role, node.node_id))
 
     @property
     def revision(self) -> int:
@@ -437,12 +444,14 @@ class MembershipWatcher:
     async def _resync(self, client: aetcd.Client) -> None:
         result = await client.get_prefix(self._prefix.encode())
         by_role: dict[str, dict[str, NodeInfo]] = {r: {} for r in ROLES}
+        created: dict[tuple[str, str], int] = {}
         for kv in result:
             parsed = self._parse(kv.key, kv.value)
             if parsed is not None:
                 by_role[parsed.role][parsed.node_id] = parsed
+                created[parsed.role, parsed.node_id] = kv.create_revision
         async with self._changed:
-            self._by_role = by_role
+            self._by_role, self._created = by_role, created
             self._revision = result.header.revision
             self._cluster_id = result.header.cluster_id
             self._version += 1
@@ -454,10 +463,12 @@ class MembershipWatcher:
                 info = self._parse(event.kv.key, event.kv.value)
                 if info is not None:
                     self._by_role[info.role][info.node_id] = info
+                    self._created[info.role, info.node_id] = event.kv.create_revision
             else:
                 where = self._split_key(event.kv.key)
                 if where is not None:
                     self._by_role[where[0]].pop(where[1], None)
+                    self._created.pop(where, None)
             self._revision = event.kv.mod_revision
             self._version += 1
             self._changed.notify_all()

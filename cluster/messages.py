@@ -15,6 +15,13 @@ DEFAULT_MAX_TOKENS = 16
 # Trailing metadata of a node's UNAVAILABLE that is about another node: its id ("" when it cannot tell which of
 # the two failed), so that the router resumes the request on nodes other than that one.
 LOST_NODE_KEY = "baton-lost-node"
+# The options of a channel from one cluster process to a node (router -> node, prefill -> decode). grpc's
+# reconnect backoff grows to 120 s: a node back on its address (restarted) would be refused by a channel
+# waiting out its backoff; capped at 1 s, as for etcd (cluster/membership.py). And a subchannel of the
+# channel's own: grpc shares them between channels to one address, so the fresh channel that replaces a
+# failed one would take over its failed connection, backoff and all.
+NODE_CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                        ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.use_local_subchannel_pool", 1))
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from baton.cluster.messages import NODE_CHANNEL_OPTIONS
 from baton.kvtransfer.channel import LANES_PER_PAIR, KVTransferError, PairChannels, TransferThreads
 from baton.kvtransfer.shared import SharedPool, open_shared
 from baton.v1 import node_pb2_grpc
@@ -128,7 +129,7 @@ class DecodePeers:
             self._forget(peer)  # restarted elsewhere under the same id
             peer = None
         if peer is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=NODE_CHANNEL_OPTIONS)
             peer = self._peers[node_id] = DecodePeer(node_id, address, store_address, channel,
                                                      node_pb2_grpc.DecodeNodeStub(channel), self._clock())
         peer.active += 1

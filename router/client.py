@@ -21,7 +21,8 @@ Several routers: `BatonClient("host1:50051,host2:50051")` (or a list) sends to t
 UNAVAILABLE (its router died, or could not be reached), then resumes that stream on the next one: it sends the
 request again with the tokens it already has (`GenerateRequest.resume`), and the stream goes on from the next
 index, the same tokens an undisturbed run gives. So that any router can resume it, every request goes out
-with a request id and, when sampled, a seed (drawn here when not given).
+with a request id and, when sampled, a seed (drawn here when not given). A stream whose Finish came is whole:
+its router failing before the call's status is not an error.
 """
 
 import random
@@ -176,6 +177,11 @@ class _Resume:
         else:
             self.finished = True
 
+    def whole(self, error: BatonError) -> bool:
+        """Whether the stream is whole despite `error`: its Finish came, and then its router went away before
+        the call's status did (UNAVAILABLE). Nothing is missing, and nothing is left to resume."""
+        return self.finished and error.code == grpc.StatusCode.UNAVAILABLE
+
     def again(self, error: BatonError) -> bool:
         """Whether to resume on the next router after `error` (which ended the stream before its Finish)."""
         if error.code != grpc.StatusCode.UNAVAILABLE or not self.resumes_left or self.finished:
@@ -252,6 +258,8 @@ class BatonClient(_Client):
                         progress.see(item := _item(resp))
                         yield item
             except BatonError as e:
+                if progress.whole(e):
+                    return
                 if not progress.again(e):
                     raise
                 self._fail_over(stub)
@@ -305,6 +313,8 @@ class AsyncBatonClient(_Client):
                         progress.see(item := _item(resp))
                         yield item
             except BatonError as e:
+                if progress.whole(e):
+                    return
                 if not progress.again(e):
                     raise
                 self._fail_over(stub)

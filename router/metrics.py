@@ -65,7 +65,8 @@ class RouterMetrics:
         self.e2e = Histogram("baton_router_e2e_request_latency_seconds", "From receipt to the end of the request",
                              ["model", "front"], buckets=_E2E_BUCKETS, registry=r)
         self.migrations = Counter("baton_router_migrations", "Streams resumed on other nodes after a node failed "
-                                  "(cause: failed) or was given up for silence and fenced off (cause: silent)",
+                                  "(cause: failed), was given up for silence and fenced off (cause: silent) or left the membership "
+                                  "while a prompt was computed (cause: left)",
                                   ["model", "cause"], registry=r)
         self.client_resumes = Counter("baton_router_client_resumes", "Streams a client resumed here after its "
                                       "router failed", ["model"], registry=r)

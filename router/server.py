@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import grpc
 
 from baton.cluster.logs import REQUEST_ID
-from baton.cluster.messages import LOST_NODE_KEY
+from baton.cluster.membership import NodeInfo
+from baton.cluster.messages import LOST_NODE_KEY, NODE_CHANNEL_OPTIONS
 from baton.engine import FieldError
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
-
-# grpc's reconnect backoff grows to 120 s: a node back on its address (restarted) would be refused by a channel
-# waiting out its backoff. Capped at 1 s, as for etcd (cluster/membership.py).
-_NODE_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                         ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 @dataclass(slots=True, eq=False)
@@ -83,7 +79,7 @@ class NodeStubs:
             node = None
         if node is None:
             self._prune()
-            channel = grpc.aio.insecure_channel(address, options=_NODE_CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=NODE_CHANNEL_OPTIONS)
             decode = node_pb2_grpc.DecodeNodeStub(channel)
             node = self._nodes[address] = _Node(channel, decode, node_pb2_grpc.PrefillNodeStub(channel),
                                                 NodeStreams(decode))
@@ -125,8 +121,9 @@ async def _close(node: _Node) -> None:
 class NodeLost(Exception):
     """A node failed under a request (its calls broke, it stalled, or it said its peer failed): the request can
     resume elsewhere. `node_id` is the node to avoid, None when the failure does not say which of the two.
-    `cause`: "failed" (it said so, or its calls broke) or "silent" (given up for silence: its call is cancelled,
-    so whatever it sends later reaches nobody: the node is fenced off from the stream)."""
+    `cause`: "failed" (it said so, or its calls broke), "silent" (given up for silence: its call is cancelled,
+    so whatever it sends later reaches nobody: the node is fenced off from the stream) or "left" (it left the
+    membership, or registered anew, while the attempt waited for its first token)."""
 
     def __init__(self, node_id: str | None, details: str, cause: str = "failed") -> None:
         super().__init__(details)
@@ -372,6 +369,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         responses tagged with `choice`; the first token, from the prefill node, is choice 0's)."""
         timeout = context.time_remaining()
         decode_stub = decode_node.decode
+        attempt_nodes = self._registrations(prefill, decode)
         self.picker.acquire(decode.node_id)
         self.picker.acquire(prefill.node_id)
         prefill_call = continue_call = transfer = None
@@ -407,7 +405,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 timeout=context.time_remaining(),
             )
             events = prefill_call.__aiter__()
-            first = (await events.__anext__()).first_token
+            first = (await self._first_event(events, attempt_nodes)).first_token
             self.picker.release(prefill.node_id)
             prefill = None
             yield pb.GenerateResponse(request_id=internal, chunk=first.chunk)
@@ -461,6 +459,24 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 task.add_done_callback(self._releasing.discard)
             else:
                 await asyncio.shield(release)
+
+    def _registrations(self, *nodes: NodeInfo) -> list[tuple[NodeInfo, int | None]]:
+        return [(n, self.picker.membership.registration(n)) for n in nodes]
+
+    async def _first_event(self, events, nodes: list[tuple[NodeInfo, int | None]]):
+        """The prefill call's first event. Not timed (a long prompt behind a long queue may rightly take
+        minutes), but every inactivity deadline the attempt's nodes are looked up: one that left the
+        membership, or registered anew (it restarted), since they were picked fails the attempt
+        (NodeLost), which would otherwise wait for its deadline for a token that cannot come."""
+        first = asyncio.ensure_future(events.__anext__())
+        try:
+            while not (await asyncio.wait([first], timeout=self.inactivity_timeout))[0]:
+                for node, registration in nodes:
+                    if self.picker.membership.registration(node) != registration:
+                        raise NodeLost(node.node_id, "left the membership while the prompt was computed", "left")
+            return first.result()
+        finally:
+            first.cancel()  # a no-op once it has completed
 
     def _rest(self, req: Admitted, delivered: list[int], chars: int, reason: int) -> list[pb.GenerateResponse]:
         return resume.rest(req.model.tokenizer, req.prompt_ids, delivered, chars, req.params, reason,

@@ -16,7 +16,7 @@ from baton.engine.loader import DEFAULT_MODEL
 from baton.engine.tokenizer import Tokenizer
 
 from baton.bench.comparison import compare, ratio
-from baton.bench.loadgen import LoadSpec, RequestRecord
+from baton.bench.loadgen import RequestRecord
 from baton.bench.metrics import SLO, percentile, summarize
 from baton.bench.runner import parse_config, resolve_slo, run_config
 from baton.bench.slo import Bound, SLOSpec, Unloaded

@@ -120,6 +120,33 @@ def test_close_removes_the_node_at_once(etcd, cluster):
     run(body())
 
 
+def test_a_node_registered_anew_has_another_registration(etcd, cluster):
+    """What the router compares to tell a node that left, or restarted, from the one it picked: the same for
+    load updates, None once the node left, another once it registered again (seen through the watch and
+    through a later watcher's first read alike)."""
+    async def body():
+        async with await MembershipWatcher.start(etcd.url, cluster) as watcher:
+            first = await NodeRegistration.register(etcd.url, cluster, node("d7", "decode"))
+            await watcher.wait_for(lambda: watcher.get("d7") is not None, WAIT)
+            picked = watcher.get("d7")
+            registration = watcher.registration(picked)
+            assert registration is not None
+            await first.update_load(free_blocks=3)
+            await watcher.wait_for(lambda: watcher.get("d7").free_blocks == 3, WAIT)
+            assert watcher.registration(picked) == registration
+            await first.close()
+            await watcher.wait_for(lambda: watcher.get("d7") is None, WAIT)
+            assert watcher.registration(picked) is None
+            async with await NodeRegistration.register(etcd.url, cluster, node("d7", "decode")):
+                await watcher.wait_for(lambda: watcher.get("d7") is not None, WAIT)
+                again = watcher.registration(picked)
+                assert again is not None and again != registration
+                async with await MembershipWatcher.start(etcd.url, cluster) as late:
+                    assert late.registration(picked) == again
+
+    run(body())
+
+
 def test_lease_lost_during_a_pause_is_regranted(etcd, cluster):
     async def body():
         async with await MembershipWatcher.start(etcd.url, cluster) as watcher:

@@ -218,6 +218,42 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
         assert _migrations(up).get("silent") == len(moved)  # each stream fenced off the stopped node is counted
 
 
+def test_requests_waiting_on_a_stopped_prefill_node_move_once_it_leaves_the_membership(stories_path,
+                                                                                     stories_llm: LLM, tmp_path):
+    """SIGSTOP a prefill node, then send requests: those picked for it wait for a first token that will not
+    come (nothing times the prompt's computation: a long prompt in a long queue may rightly take minutes).
+    Once the node's lease runs out and it leaves the membership, they move to the other prefill node, token
+    for token; without that they hung until their deadline (a chaos run had one hang for 120 s). After
+    SIGCONT, what the stopped node does with the calls it was given goes nowhere, and every block is free."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(6)]
+    options = [dict(max_tokens=16, temperature=0.0, ignore_eos=True) for _ in prompts]
+    want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in options])]
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "2", "--decode", "1",
+                 "--stream-inactivity-timeout", "1", "--http-port", str(free_port())) as up:
+        async def run():
+            async with AsyncBatonClient(up.address, timeout=90) as client:
+                return await asyncio.gather(*(_stream(client, p, options[i], [0] * len(prompts), i)
+                                              for i, p in enumerate(prompts)))
+
+        # First with both nodes up: the router's channel to each is connected (a call to a stopped node on a
+        # channel still connecting fails by itself, once the connection attempt times out).
+        assert {finish.prefill_node for _, finish in asyncio.run(run())} == {"prefill-0", "prefill-1"}
+        victim = up.node_pid("prefill-0")
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            results = asyncio.run(run())
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        _assert_whole(results, want, 16)
+        moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
+                 if "prefill-0 failed" in line and "left the membership" in line]
+        assert moved, "no request was sent to the stopped node: nothing was shown"
+        assert _migrations(up).get("left") == len(moved)
+        assert {finish.prefill_node for _, finish in results} == {"prefill-1"}
+        [decode] = up.nodes("decode")
+        up.wait_until(lambda: (s := up.stats(decode)).free_blocks == s.total_blocks and not s.reserved, 30)
+
+
 def test_the_picker_keeps_new_requests_off_a_node_that_just_failed_while_there_is_another():
     """A dead node stays in the membership until its lease runs out: new requests sent to it meanwhile each
     failed once before moving on (the migration benchmark showed 12 of 16 moves were such requests)."""
