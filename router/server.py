@@ -38,7 +38,7 @@ from .choices import SharedPrefill
 from .metrics import RequestMetrics, RouterMetrics
 from .models import Models
 from .picker import NoNode, Picker
-from .streams import NodeStreams
+from .streams import FeederFailed, NodeStreams
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,6 @@ class NodeLost(Exception):
         self.node_id = node_id
         self.details = details
         self.cause = cause
-
-
-class FeederFailed(Exception):
-    """The call a stream's first message depended on failed first (`_each_within`); `error` is its error."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class Refused(Exception):
@@ -333,9 +325,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 call = stubs.streams.generate(
                     node_pb2.NodeGenerateRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
                                                  sampling=req.sampling, resumed=resumed, forks=forks),
-                    context.time_remaining(),
+                    context.time_remaining(), self.inactivity_timeout,
                 )
-                async for response in _each_within(call, self.inactivity_timeout):
+                async for response in call:
                     yield response
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE:
@@ -414,20 +406,21 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 if not forks:
                     return
             phase = decode.node_id
-            continue_call = decode_node.streams.cont(
-                node_pb2.ContinueRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
-                                         first_token=first.chunk.token_ids[0],
-                                         first_logprob=first.chunk.logprobs[0] if first.chunk.logprobs else 0.0,
-                                         sampling=sampling, resumed=resumed, forks=forks),
-                context.time_remaining(),
-            )
             # The decode node waits for the K/V itself (a failed transfer fails its stream), so the prefill
             # call's end is not waited for: once the stream is over, it has nothing to add.
             transfer = asyncio.ensure_future(_drain(events))
             transfer.add_done_callback(lambda t: t.cancelled() or t.exception())
             # Until the decode node's first message, though, a prefill node that fails (it died before its K/V
-            # were all sent) fails this attempt at once: the decode node may not learn of it for a whole lease.
-            async for response in _each_within(continue_call, self.inactivity_timeout, transfer):
+            # were all sent) fails this attempt at once (the transfer is the stream's feeder): the decode node
+            # may not learn of it for a whole lease.
+            continue_call = decode_node.streams.cont(
+                node_pb2.ContinueRequest(request_id=internal, prompt_token_ids=req.prompt_ids,
+                                         first_token=first.chunk.token_ids[0],
+                                         first_logprob=first.chunk.logprobs[0] if first.chunk.logprobs else 0.0,
+                                         sampling=sampling, resumed=resumed, forks=forks),
+                context.time_remaining(), self.inactivity_timeout, transfer,
+            )
+            async for response in continue_call:
                 yield response
         except FeederFailed as failed:
             e = failed.error  # the prefill call's
@@ -517,54 +510,6 @@ class Relay:
                 prefill_node=prefill_node, decode_node=decode_node,
             ))
         return response
-
-
-async def _each_within(stream, seconds: float, feeder: asyncio.Future | None = None):
-    """The stream's messages, each within `seconds` of the one before (TimeoutError otherwise). A call given up
-    this way is cancelled: whatever its node sends later (it was stopped, and resumes) reaches nobody.
-    `feeder`: a call the stream's first message depends on (the prefill call sending the K/V); if it fails
-    before that message, that ends the stream at once (`FeederFailed`) instead of waiting out the deadline.
-
-    Only the wait for the node counts (not the time the consumer spends with a message: a slow client is not a
-    silent node). Timed with one timer per wait on the running task, not `asyncio.wait_for`, which costs a task
-    per message: this runs once per relayed token."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    messages = stream.__aiter__()
-    expired = False
-    broke: BaseException | None = None
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    def fed(f: asyncio.Future) -> None:
-        nonlocal broke
-        if not f.cancelled() and f.exception() is not None:
-            broke = f.exception()
-            task.cancel()
-
-    if feeder is not None:
-        feeder.add_done_callback(fed)
-    while True:
-        timer = loop.call_later(seconds, expire)
-        try:
-            message = await messages.__anext__()
-        except StopAsyncIteration:
-            return
-        except asyncio.CancelledError:
-            if (expired or broke) and task.uncancel() == 0:  # our own cancellation, and no one else's
-                if broke is not None:
-                    raise FeederFailed(broke) from None
-                raise TimeoutError from None
-            raise
-        finally:
-            timer.cancel()
-            if feeder is not None:
-                feeder.remove_done_callback(fed)
-                feeder = None
-        yield message
 
 
 async def _drain(events) -> None:

@@ -29,21 +29,46 @@ def _error(code: grpc.StatusCode, details: str, lost_node: str | None = None) ->
     return grpc.aio.AioRpcError(code, _NO_METADATA, trailing, details)
 
 
+class FeederFailed(Exception):
+    """The call a stream's first message depended on failed first; `error` is its error."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class NodeStream:
     """One request's responses from its node, in order, as an async iterator (`async for response in stream`);
     ends as its node ended it, raising `grpc.aio.AioRpcError` for any status but OK. `cancel()` gives it up
-    (the node cancels it; a no-op once it has ended). Responses that queued up come out merged."""
+    (the node cancels it; a no-op once it has ended). Responses that queued up come out merged.
 
-    __slots__ = ("request_id", "_owner", "_queue", "_waiter", "_done", "_error", "_timer")
+    `timeout`: the request's deadline (DEADLINE_EXCEEDED), as its own call would have had it. `silence`: once
+    its consumer has waited that long for a message, it ends with TimeoutError (only the wait for the node
+    counts: a slow consumer is not a silent node). `feeder`: a call its first message depends on (the prefill
+    call sending the K/V); if that fails before the first message comes, it ends at once with FeederFailed
+    instead of waiting out the silence. Both give the stream up on its node (fenced off: whatever the node
+    sends later reaches nobody). The silence is timed lazily, one timer per `silence` seconds of waiting at
+    most, not one per message: this runs once per relayed token."""
 
-    def __init__(self, owner: NodeStreams, request_id: str, timeout: float | None) -> None:
+    __slots__ = ("request_id", "_owner", "_queue", "_waiter", "_done", "_error", "_timer", "_silence",
+                 "_silence_timer", "_waiting_since", "_feeder")
+
+    def __init__(self, owner: NodeStreams, request_id: str, timeout: float | None, silence: float | None = None,
+                 feeder: asyncio.Future | None = None) -> None:
         self.request_id = request_id
         self._owner = owner
         self._queue: deque[pb.GenerateResponse] = deque()
         self._waiter: asyncio.Future | None = None
         self._done = False
-        self._error: grpc.aio.AioRpcError | None = None
-        self._timer = asyncio.get_running_loop().call_later(timeout, self._expire) if timeout is not None else None
+        self._error: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(timeout, self._expire) if timeout is not None else None
+        self._silence = silence
+        self._silence_timer: asyncio.TimerHandle | None = None
+        self._waiting_since = 0.0
+        self._feeder = feeder
+        if feeder is not None:
+            feeder.add_done_callback(self._fed)
 
     @property
     def ended(self) -> bool:
@@ -60,7 +85,12 @@ class NodeStream:
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            if self._silence is not None:
+                self._waiting_since = loop.time()
+                if self._silence_timer is None:
+                    self._silence_timer = loop.call_at(self._waiting_since + self._silence, self._silent)
             try:
                 await self._waiter
             finally:
@@ -79,24 +109,51 @@ class NodeStream:
 
     def put(self, response: pb.GenerateResponse) -> None:
         self._queue.append(response)
+        if self._feeder is not None:  # the first message: what the feeder does from now on does not matter
+            self._feeder.remove_done_callback(self._fed)
+            self._feeder = None
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def end(self, error: grpc.aio.AioRpcError | None) -> None:
+    def end(self, error: BaseException | None) -> None:
         """Its node ended it (`error` None: OK), or its call did, or the router gave it up."""
         if self._done:
             return
         self._done, self._error = True, error
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._silence_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._feeder is not None:
+            self._feeder.remove_done_callback(self._fed)
+            self._feeder = None
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def _expire(self) -> None:  # the request's deadline, as its own call would have had it
         self._timer = None
+        self._give_up(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+    def _silent(self) -> None:
+        self._silence_timer = None
+        waiter = self._waiter
+        if self._done or waiter is None or waiter.done():
+            return  # not waiting for the node now: the next wait starts the timer again
+        loop = asyncio.get_running_loop()
+        due = self._waiting_since + self._silence
+        if loop.time() >= due:
+            self._give_up(TimeoutError(f"no message within {self._silence:g} s"))
+        else:  # this wait began after the timer was set: it runs to its own end
+            self._silence_timer = loop.call_at(due, self._silent)
+
+    def _fed(self, feeder: asyncio.Future) -> None:
+        self._feeder = None
+        if not feeder.cancelled() and feeder.exception() is not None:
+            self._give_up(FeederFailed(feeder.exception()))
+
+    def _give_up(self, error: BaseException) -> None:
         if not self._done:
             self._owner.cancel(self.request_id)
-            self.end(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self.end(error)
 
 
 class _Call:
@@ -128,15 +185,17 @@ class NodeStreams:
         self._streams: dict[str, NodeStream] = {}  # the open streams, all on the current call
         self._tasks: set[asyncio.Task] = set()
 
-    def generate(self, request: node_pb2.NodeGenerateRequest, timeout: float | None) -> NodeStream:
-        """A colocated request, as `DecodeNode.Generate` would run it."""
-        stream, call = self._open(request.request_id, timeout)
+    def generate(self, request: node_pb2.NodeGenerateRequest, timeout: float | None,
+                 silence: float | None = None) -> NodeStream:
+        """A colocated request, as `DecodeNode.Generate` would run it (`NodeStream` says what the rest is)."""
+        stream, call = self._open(request.request_id, timeout, silence)
         call.outbox.generate.append(request)
         return stream
 
-    def cont(self, request: node_pb2.ContinueRequest, timeout: float | None) -> NodeStream:
-        """A prefilled request, as `DecodeNode.Continue` would run it."""
-        stream, call = self._open(request.request_id, timeout)
+    def cont(self, request: node_pb2.ContinueRequest, timeout: float | None, silence: float | None = None,
+             feeder: asyncio.Future | None = None) -> NodeStream:
+        """A prefilled request, as `DecodeNode.Continue` would run it (`NodeStream` says what the rest is)."""
+        stream, call = self._open(request.request_id, timeout, silence, feeder)
         call.outbox.continues.append(request)
         return stream
 
@@ -145,7 +204,8 @@ class NodeStreams:
             self._call.outbox.cancel.append(request_id)
             self._call.send()
 
-    def _open(self, request_id: str, timeout: float | None) -> tuple[NodeStream, _Call]:
+    def _open(self, request_id: str, timeout: float | None, silence: float | None = None,
+              feeder: asyncio.Future | None = None) -> tuple[NodeStream, _Call]:
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already open on this node")
         call = self._call
@@ -155,7 +215,7 @@ class NodeStreams:
                 task = asyncio.ensure_future(work)
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        stream = self._streams[request_id] = NodeStream(self, request_id, timeout)
+        stream = self._streams[request_id] = NodeStream(self, request_id, timeout, silence, feeder)
         call.send()
         return stream, call
 

@@ -391,37 +391,50 @@ def test_a_prefill_call_that_fails_before_the_decode_streams_first_message_ends_
     """A prefill node killed after its first token but before its K/V were all in: the decode node may not
     learn of it for a whole lease, so the router watches the prefill call (the stream's `feeder`) until the
     decode node's first message, and moves the request at once instead of after the inactivity deadline (the
-    10-minute chaos run had a stream wait 10 s here). After that message, the feeder no longer matters."""
-    from baton.router.server import FeederFailed, _each_within
+    10-minute chaos run had a stream wait 10 s here). After that message, the feeder no longer matters. A
+    stream given up either way, or for silence, is cancelled on its node (fenced off)."""
+    from baton.router.streams import FeederFailed, NodeStream
+    from baton.v1 import baton_pb2 as pb
 
-    async def silent():
-        await asyncio.Event().wait()  # a decode stream waiting for K/V that will not come
-        yield None
+    class Node:  # what a NodeStream tells its node (NodeStreams, over the Streams call)
+        def __init__(self) -> None:
+            self.cancelled: list[str] = []
 
-    async def one_then(messages: list, release: asyncio.Event):
-        yield "first"
-        await release.wait()
-        yield "second"
+        def cancel(self, request_id: str) -> None:
+            self.cancelled.append(request_id)
 
     async def run():
         loop = asyncio.get_running_loop()
-        feeder = loop.create_future()
+        node, feeder = Node(), loop.create_future()
+        stream = NodeStream(node, "a", None, 60.0, feeder)
         loop.call_soon(feeder.set_exception, RuntimeError("prefill node gone"))
         with pytest.raises(FeederFailed) as failed:
-            async for _ in _each_within(silent(), 60.0, feeder):
+            async for _ in stream:
                 pass
-        assert str(failed.value.error) == "prefill node gone"
-        # The feeder failing after the first message changes nothing; without one, the deadline still holds.
-        feeder, release, got = loop.create_future(), asyncio.Event(), []
-        async for message in _each_within(one_then(got, release), 60.0, feeder):
-            got.append(message)
-            if message == "first":
+        assert str(failed.value.error) == "prefill node gone" and node.cancelled == ["a"]
+        # The feeder failing after the first message changes nothing.
+        feeder = loop.create_future()
+        stream, got = NodeStream(node, "b", None, 60.0, feeder), []
+        stream.put(pb.GenerateResponse(request_id="b", chunk=pb.TokenChunk(index=0, token_ids=[1])))
+        async for message in stream:
+            got.append(message.chunk.index)
+            if len(got) == 1:
                 feeder.set_exception(RuntimeError("late"))
-                loop.call_later(0.05, release.set)
-        assert got == ["first", "second"] and str(feeder.exception()) == "late"
+                loop.call_later(0.05, stream.put, pb.GenerateResponse(request_id="b",
+                                                                      chunk=pb.TokenChunk(index=1, token_ids=[2])))
+                loop.call_later(0.1, stream.end, None)
+        assert got == [0, 1] and str(feeder.exception()) == "late" and node.cancelled == ["a"]
+        # Silence: only the consumer's wait counts. A consumer slower than the silence loses nothing; a wait
+        # that long ends the stream.
+        stream = NodeStream(node, "c", None, 0.2)
+        loop.call_later(0.1, stream.put, pb.GenerateResponse(request_id="c", chunk=pb.TokenChunk(index=0)))
+        loop.call_later(0.15, stream.put, pb.GenerateResponse(request_id="c", chunk=pb.TokenChunk(index=1)))
+        first = await stream.__anext__()
+        await asyncio.sleep(0.5)  # busy with it, longer than the silence: the next one is there
+        assert first.chunk.index == 0 and (await stream.__anext__()).chunk.index == 1
         with pytest.raises(TimeoutError):
-            async for _ in _each_within(silent(), 0.1):
-                pass
+            await stream.__anext__()
+        assert node.cancelled == ["a", "c"]
         assert asyncio.current_task().cancelling() == 0  # nothing left cancelled behind
 
     asyncio.run(asyncio.wait_for(run(), 30))
