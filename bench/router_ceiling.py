@@ -12,7 +12,10 @@ real one (`baton router`, its own process, pinned alone to the last core), servi
 
 At each step interval (the offered load is streams x 1000 / step-ms tokens/s), the same streams: tokens/s
 relayed, the router's CPU per relayed token (every thread, /proc), how busy its core was, and the tokens per
-message its clients got.
+message its clients got. Then the baseline, in the same run on the same core against the same stand-in: a
+bare relay of the same shape (one `Streams` call to the node, one grpc.aio handler per client stream yielding
+each message it gets, nothing else: no admission, resume bookkeeping, metrics or layers), the floor of this
+design in grpc.aio; the ratio is the router's cost over it.
 
     python bench/router_ceiling.py [--streams 256] [--steps-ms 40,10,2] [--max-tokens 400] [--json PATH]
 """
@@ -84,7 +87,9 @@ class _StandIn(node_pb2_grpc.DecodeNodeServicer):
         reader = asyncio.ensure_future(read())
         try:
             while not reader.done():
-                await self.clock.tick
+                # Shielded: the tick is every stream's, and a call cancelled while awaiting it (its router went
+                # away) would cancel it for all, stopping the clock.
+                await asyncio.shield(self.clock.tick)
                 for rid in list(left):
                     response = waiting.get(rid)
                     if response is None:
@@ -165,11 +170,84 @@ async def _until_served(address: str, timeout: float = 60.0) -> None:
     raise RuntimeError("the router never served the stand-in node's model")
 
 
+def _bare(node_address: str, port: int, ready) -> None:
+    """The baseline: relays each baton.v1 Generate (token ids in, as `_drive` sends them) from one `Streams`
+    call to the node, as the router does, and nothing more."""
+
+    async def main() -> None:
+        channel = grpc.aio.insecure_channel(node_address)
+        call = node_pb2_grpc.DecodeNodeStub(channel).Streams()
+        queues: dict[str, asyncio.Queue] = {}
+        outbox, wake = [node_pb2.StreamsRequest()], asyncio.Event()
+
+        async def write() -> None:
+            while True:
+                await wake.wait()
+                wake.clear()
+                request, outbox[0] = outbox[0], node_pb2.StreamsRequest()
+                await call.write(request)
+
+        async def read() -> None:
+            batches = 0
+            while (batch := await call.read()) is not grpc.aio.EOF:
+                batches += 1
+                outbox[0].acked = batches
+                wake.set()
+                for response in batch.responses:
+                    if (queue := queues.get(response.request_id)) is not None:
+                        queue.put_nowait(response)
+
+        async def generate(request: pb.GenerateRequest, context):
+            rid = uuid.uuid4().hex
+            queue = queues[rid] = asyncio.Queue()
+            outbox[0].generate.add(request_id=rid, prompt_token_ids=request.token_ids.ids, sampling=request.sampling)
+            wake.set()
+            try:
+                while True:
+                    response = await queue.get()
+                    yield response
+                    if response.HasField("finish"):
+                        return
+            finally:
+                del queues[rid]
+
+        tasks = [asyncio.ensure_future(write()), asyncio.ensure_future(read())]
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("baton.v1.Baton", {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                generate, request_deserializer=pb.GenerateRequest.FromString,
+                response_serializer=pb.GenerateResponse.SerializeToString)}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        try:
+            await server.wait_for_termination()
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    uvloop.run(main())
+
+
+def _relay_run(pid: int, core: int, address: str, streams: int, max_tokens: int) -> dict:
+    """One measured pass through the relay process `pid` (pinned alone to `core`), after a warm-up."""
+    pin_process(pid, core)
+    uvloop.run(_drive(address, 8, 20))  # warm the channels and the code paths
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    got = uvloop.run(_drive(address, streams, max_tokens))
+    cpu, wall = cpu_seconds(pid) - cpu0, time.perf_counter() - t0
+    return {"relayed_tok_s": got["tokens"] / wall, "tokens": got["tokens"], "messages": got["messages"],
+            "tokens_per_message": got["tokens"] / got["messages"], "cpu_s": cpu, "wall_s": wall,
+            "us_per_token": cpu / got["tokens"] * 1e6, "core_busy": cpu / wall}
+
+
 def measure(etcd: str, streams: int, step_ms: float, max_tokens: int, folder: Path) -> dict:
     ctx = mp.get_context("spawn")
     cluster, model = f"ceiling-{uuid.uuid4().hex[:8]}", served_name(folder)
     node_port, router_port = free_port(), free_port()
-    ready = ctx.Event()
+    ready, bare_ready = ctx.Event(), ctx.Event()
+    cores = sorted(os.sched_getaffinity(0))
+    bare = None
     node = ctx.Process(target=_node, args=(etcd, cluster, node_port, step_ms / 1e3, model, str(folder), ready),
                        daemon=True)
     node.start()
@@ -181,21 +259,28 @@ def measure(etcd: str, streams: int, step_ms: float, max_tokens: int, folder: Pa
             raise RuntimeError("the stand-in node did not start")
         address = f"127.0.0.1:{router_port}"
         uvloop.run(_until_served(address))
-        cores = sorted(os.sched_getaffinity(0))
-        pin_process(router.pid, cores[-1])
         others = set(cores[:-1]) or set(cores)
         for pid in (node.pid, os.getpid()):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 os.sched_setaffinity(int(tid), others)
-        uvloop.run(_drive(address, 8, 20))  # warm the channels and the code paths
-        cpu0, t0 = cpu_seconds(router.pid), time.perf_counter()
-        got = uvloop.run(_drive(address, streams, max_tokens))
-        cpu, wall = cpu_seconds(router.pid) - cpu0, time.perf_counter() - t0
-        return {"streams": streams, "step_ms": step_ms, "offered_tok_s": streams * 1e3 / step_ms,
-                "relayed_tok_s": got["tokens"] / wall, "tokens": got["tokens"], "messages": got["messages"],
-                "tokens_per_message": got["tokens"] / got["messages"], "router_cpu_s": cpu, "wall_s": wall,
-                "router_us_per_token": cpu / got["tokens"] * 1e6, "router_core_busy": cpu / wall}
+        routed = _relay_run(router.pid, cores[-1], address, streams, max_tokens)
+        router.terminate()
+        bare_port = free_port()
+        bare = ctx.Process(target=_bare, args=(f"127.0.0.1:{node_port}", bare_port, bare_ready), daemon=True)
+        bare.start()
+        if not bare_ready.wait(60):
+            raise RuntimeError("the bare relay did not start")
+        floor = _relay_run(bare.pid, cores[-1], f"127.0.0.1:{bare_port}", streams, max_tokens)
+        row = {"streams": streams, "step_ms": step_ms, "offered_tok_s": streams * 1e3 / step_ms}
+        row.update({("router_" if k in ("cpu_s", "us_per_token", "core_busy") else "") + k: v
+                    for k, v in routed.items()})
+        row.update({f"bare_{k}": v for k, v in floor.items()})
+        row["router_over_bare"] = routed["us_per_token"] / floor["us_per_token"]
+        return row
     finally:
+        if bare is not None:
+            bare.kill()
+            bare.join(10)
         router.terminate()
         try:
             router.wait(15)
@@ -219,10 +304,11 @@ def main() -> None:
     print(f"the router alone on one core; the stand-in node and the clients on the other; {args.streams} streams "
           f"of {args.max_tokens} tokens\n")
     print(f"{'step ms':>7} {'offered tok/s':>14} {'relayed tok/s':>14} {'router µs/token':>16} {'core busy':>10} "
-          f"{'tokens/message':>15}")
+          f"{'tokens/message':>15} | {'bare µs/token':>14} {'tokens/message':>15} {'router/bare':>12}")
     for r in rows:
         print(f"{r['step_ms']:>7g} {r['offered_tok_s']:>14.0f} {r['relayed_tok_s']:>14.0f} "
-              f"{r['router_us_per_token']:>16.1f} {r['router_core_busy'] * 100:>9.0f}% {r['tokens_per_message']:>15.2f}")
+              f"{r['router_us_per_token']:>16.1f} {r['router_core_busy'] * 100:>9.0f}% {r['tokens_per_message']:>15.2f}"
+              f" | {r['bare_us_per_token']:>14.1f} {r['bare_tokens_per_message']:>15.2f} {r['router_over_bare']:>11.2f}x")
     if args.json:
         write_rows(args.json, args, rows)
 
