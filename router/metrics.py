@@ -9,12 +9,15 @@ request after its first token, end-to-end from receipt to the Finish.
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
 
 # Seconds: from a loaded CPU node (hundreds of ms) down to a GPU decode step (~10 ms) and below.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
@@ -43,6 +46,51 @@ class _LiveNodes:
         yield family
 
 
+class _Series:
+    """One label set's buckets (non-cumulative; the last is +Inf) and sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        """`times` observations of `value` (the buckets count values <= their bound)."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
+
+class _ChunkHistogram:
+    """A histogram that takes k equal observations at the cost of one (a chunk of k tokens: k gaps, each 1/k of
+    its wait), exposed as any Prometheus histogram. prometheus_client's takes two locks per value, and this
+    runs for every token relayed; the router's metrics are read on its own event loop."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        self._bounds = list(buckets)
+        self._series: dict[tuple[str, ...], _Series] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Series:
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = _Series(self._bounds)
+        return series
+
+    def collect(self):
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, series in sorted(self._series.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip([*self._bounds, math.inf], series.counts):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric(list(values), buckets, series.sum)
+        yield family
+
+
 class RouterMetrics:
     def __init__(self, nodes: Callable[[], list] = list) -> None:
         self.registry = CollectorRegistry()
@@ -57,16 +105,16 @@ class RouterMetrics:
                              registry=r)
         self.ttft = Histogram("baton_router_time_to_first_token_seconds", "From receipt to the first token relayed",
                               ["model", "front"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("baton_router_inter_token_latency_seconds", "Between tokens relayed (a chunk of k "
-                             "tokens counts k, each 1/k of its gap)", ["model", "front"], buckets=_LATENCY_BUCKETS,
-                             registry=r)
+        self.itl = _ChunkHistogram("baton_router_inter_token_latency_seconds", "Between tokens relayed (a chunk "
+                                   "of k tokens counts k, each 1/k of its gap)", ["model", "front"], _LATENCY_BUCKETS,
+                                   r)
         self.tpot = Histogram("baton_router_time_per_output_token_seconds", "A request's time after its first "
                               "token over its other tokens", ["model", "front"], buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("baton_router_e2e_request_latency_seconds", "From receipt to the end of the request",
                              ["model", "front"], buckets=_E2E_BUCKETS, registry=r)
         self.migrations = Counter("baton_router_migrations", "Streams resumed on other nodes after a node failed "
-                                  "(cause: failed), was given up for silence and fenced off (cause: silent) or left the membership "
-                                  "while a prompt was computed (cause: left)",
+                                  "(cause: failed), was given up for silence and fenced off (cause: silent) or "
+                                  "left the membership while a prompt was computed (cause: left)",
                                   ["model", "cause"], registry=r)
         self.client_resumes = Counter("baton_router_client_resumes", "Streams a client resumed here after its "
                                       "router failed", ["model"], registry=r)
@@ -98,9 +146,7 @@ class RequestMetrics:
             self._first = now
             self._m.ttft.labels(self._model, self._front).observe(now - self._start)
         else:
-            gap = (now - self._last) / n
-            for _ in range(n):
-                self._itl.observe(gap)
+            self._itl.observe((now - self._last) / n, n)
         self._last = now
         self._tokens += n
 
