@@ -10,13 +10,12 @@ PROMPT ?= Once upon a time
 venv: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU build on this machine's local disk; a bare `torch` requirement
-# resolved by pip alone could pull a multi-GB CUDA build. --no-compile: Python compiles each module when it is
-# first imported instead of all of torch's at install (torch installs in 9 s instead of 34 on the 2-core VM).
+# resolved by pip alone could pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	command -v etcd >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --no-compile --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $(STAMP)
 
 # A local cluster (etcd, 1 prefill + 1 decode node, router), one request through it, then everything stops.

@@ -30,9 +30,8 @@ def plain_venv(tmp_path_factory) -> Path:
     base = getattr(sys, "_base_executable", sys.executable)
     for cmd in ([base, "-m", "venv", venv],
                 # The CPU build on this machine's disk first (a bare `torch` requirement could fetch a CUDA one).
-                # --no-compile: modules are compiled as they are imported, not all of torch's now (~25 s).
-                [venv / "bin/python", "-m", "pip", "install", "-q", "--no-compile", "torch==2.13.0"],
-                [venv / "bin/python", "-m", "pip", "install", "-q", "--no-compile", ROOT]):
+                [venv / "bin/python", "-m", "pip", "install", "-q", "torch==2.13.0"],
+                [venv / "bin/python", "-m", "pip", "install", "-q", ROOT]):
         proc = _run(*cmd)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return venv
