@@ -47,7 +47,6 @@ _PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHA
                  grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
-
 @dataclass(slots=True, eq=False)
 class _Node:
     channel: grpc.aio.Channel
@@ -422,6 +421,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             )
             async for response in continue_call:
                 yield response
+        except NodeLost:  # one of its nodes left (`_first_event`): the release may wait on a dead node
+            lost = True
+            raise
         except FeederFailed as failed:
             e = failed.error  # the prefill call's
             if not isinstance(e, grpc.aio.AioRpcError) or e.code() != grpc.StatusCode.UNAVAILABLE:
