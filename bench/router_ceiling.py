@@ -307,8 +307,8 @@ def main() -> None:
           f"{'tokens/message':>15} | {'bare µs/token':>14} {'tokens/message':>15} {'router/bare':>12}")
     for r in rows:
         print(f"{r['step_ms']:>7g} {r['offered_tok_s']:>14.0f} {r['relayed_tok_s']:>14.0f} "
-              f"{r['router_us_per_token']:>16.1f} {r['router_core_busy'] * 100:>9.0f}% {r['tokens_per_message']:>15.2f}"
-              f" | {r['bare_us_per_token']:>14.1f} {r['bare_tokens_per_message']:>15.2f} {r['router_over_bare']:>11.2f}x")
+              f"{r['router_us_per_token']:>16.1f} {r['router_core_busy'] * 100:>9.0f}% "
+              f"{r['tokens_per_message']:>15.2f} | {r['bare_us_per_token']:>14.1f} {r['bare_tokens_per_message']:>15.2f} {r['router_over_bare']:>11.2f}x")
     if args.json:
         write_rows(args.json, args, rows)
 

@@ -3,8 +3,9 @@
 The prompt is computed once, on one prefill node, and its K/V sent once into one decode node's reservation;
 the decode node forks the other choices from those blocks (`ContinueRequest.forks`) and streams every choice
 in one call, each response tagged with its choice. A colocated node does the same in one Generate call
-(`NodeGenerateRequest.forks`): the prompt computed once, the other choices forked from it. `SharedPrefill` runs that call and hands each choice its
-own responses, so each choice is then served (relayed, counted, ended) as a request of its own.
+(`NodeGenerateRequest.forks`): the prompt computed once, the other choices forked from it. `SharedPrefill`
+runs that call and hands each choice its own responses, so each choice is then served (relayed, counted,
+ended) as a request of its own.
 
 A node lost under the shared call does not end the choices: each one still running resumes alone from what
 its client has (`RouterServicer.resuming`, like any migrated stream), so a choice never waits for another.

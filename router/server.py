@@ -360,7 +360,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         responses tagged with `choice`; the first token, from the prefill node, is choice 0's)."""
         timeout = context.time_remaining()
         decode_stub = decode_node.decode
-        attempt_nodes = self._registrations(prefill, decode)
+        # Which registration of each node was picked (`_first_event` tells a node that left or restarted).
+        attempt_nodes = [(n, self.picker.membership.registration(n)) for n in (prefill, decode)]
         self.picker.acquire(decode.node_id)
         self.picker.acquire(prefill.node_id)
         prefill_call = continue_call = transfer = None
@@ -454,9 +455,6 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 task.add_done_callback(self._releasing.discard)
             else:
                 await asyncio.shield(release)
-
-    def _registrations(self, *nodes: NodeInfo) -> list[tuple[NodeInfo, int | None]]:
-        return [(n, self.picker.membership.registration(n)) for n in nodes]
 
     async def _first_event(self, events, nodes: list[tuple[NodeInfo, int | None]]):
         """The prefill call's first event. Not timed (a long prompt behind a long queue may rightly take

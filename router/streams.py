@@ -103,9 +103,7 @@ class NodeStream:
         return responses[0]
 
     def cancel(self) -> None:
-        if not self._done:
-            self._owner.cancel(self.request_id)
-            self.end(_error(grpc.StatusCode.CANCELLED, "cancelled by the router"))
+        self._give_up(_error(grpc.StatusCode.CANCELLED, "cancelled by the router"))
 
     def put(self, response: pb.GenerateResponse) -> None:
         self._queue.append(response)
