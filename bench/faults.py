@@ -46,7 +46,7 @@ from baton.bench.engine_throughput import machine
 from baton.bench.metrics import percentile
 from baton.bench.runner import git_commit
 from baton.cluster.launch import ClusterSpec, LocalCluster
-from baton.cluster.membership import MembershipWatcher, NodeInfo
+from baton.common.membership import MembershipWatcher, NodeInfo
 from baton.router.client import AsyncBatonClient, BatonError, Cancelled, DeadlineExceeded, Delta, Finished
 from baton.v1 import node_pb2, node_pb2_grpc
 

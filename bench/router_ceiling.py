@@ -40,7 +40,7 @@ from baton.bench.relay_floor import free_port, write_rows
 from baton.bench.router_overhead import cpu_seconds, pin_process
 from baton.cluster.etcd_server import EtcdServer
 from baton.decode.streams import WINDOW
-from baton.engine.loader import resolve_model_path, served_name
+from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
@@ -115,7 +115,7 @@ class _StandIn(node_pb2_grpc.DecodeNodeServicer):
 
 
 def _node(etcd: str, cluster: str, port: int, step: float, model: str, folder: str, ready) -> None:
-    from baton.cluster.membership import NodeInfo, NodeRegistration
+    from baton.common.membership import NodeInfo, NodeRegistration
 
     async def main() -> None:
         clock = _Clock(step)

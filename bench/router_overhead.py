@@ -45,7 +45,7 @@ import uvloop
 from baton.bench.engine_throughput import machine
 from baton.bench.metrics import percentile
 from baton.cluster.launch import ClusterSpec, LocalCluster
-from baton.cluster.membership import MembershipWatcher
+from baton.common.membership import MembershipWatcher
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 

@@ -10,7 +10,7 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -312,23 +312,6 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.etcd, args.cluster, args.watch)
 
 
-# What `pip install 'baton-llm[bench]'` adds: `baton bench` alone needs them, so they are imported only there.
-BENCH_EXTRAS = frozenset({"matplotlib", "yaml", "tqdm"})
-
-
-def _bench(args: argparse.Namespace) -> int:
-    try:
-        from baton.bench.runner import run_command
-
-        return run_command(Path(args.config), Path(args.output), progress=not args.no_progress)
-    except ModuleNotFoundError as e:
-        if e.name not in BENCH_EXTRAS:
-            raise
-        print(f"baton bench: error: it needs {e.name}, an optional dependency: pip install 'baton-llm[bench]'",
-              file=sys.stderr)
-        return 2
-
-
 def _http_args(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--http-port", type=int, default=port,
                         help=f"the router's OpenAI-compatible HTTP port, on its host (0: no HTTP front; default "
@@ -405,13 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(node)
     node.set_defaults(run=_node)
 
-    bench = sub.add_parser("bench", help="load-test routers (or local clusters it launches) from a config")
-    bench.add_argument("--config", required=True, metavar="FILE", help="a YAML or JSON bench config")
-    bench.add_argument("--output", required=True, metavar="DIR",
-                       help="where summary.json, raw.json, the plots (and the default model) go")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    bench.set_defaults(run=_bench)
-
     router = sub.add_parser("router", help="run the router (what `baton up` starts)")
     router.add_argument("--model", default="", help="HF checkpoint folder (tokenizer and config)")
     router.add_argument("--max-prompt-bytes", type=int, default=0,
@@ -453,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                         help="redraw every SECONDS (default 2) until Ctrl-C")
     status.set_defaults(run=_status)
+    for command in entry_points(group="baton.commands"):  # `baton bench`, from bench/ (see bench/command.py)
+        command.load()(sub)
     return parser
 
 

@@ -26,8 +26,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.cluster.etcd_server import EtcdServer, free_port
-from baton.cluster.loops import retrying
-from baton.cluster.membership import MembershipWatcher
+from baton.common.loops import retrying
+from baton.common.membership import MembershipWatcher
 from baton.v1 import baton_pb2, baton_pb2_grpc
 
 @dataclass(frozen=True, slots=True)

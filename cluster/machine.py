@@ -40,8 +40,8 @@ from pathlib import Path
 
 import aetcd
 
-from baton.cluster.grpc_server import SHUTDOWN_GRACE_S
-from baton.cluster.loops import retrying
+from baton.common.grpc_server import SHUTDOWN_GRACE_S
+from baton.common.loops import retrying
 from baton.cluster.placement import ROUTER, Placement, PlacementError
 from baton.cluster.placement_store import PlacementWatch
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import aetcd
 import torch
 
-from baton.cluster.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, SHUTDOWN_GRACE_S, Server, run_until_signalled
-from baton.cluster.loops import every, retrying
-from baton.cluster.membership import NodeInfo, NodeRegistration
-from baton.cluster.metrics import MetricsServer
+from baton.common.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, SHUTDOWN_GRACE_S, Server, run_until_signalled
+from baton.common.loops import every, retrying
+from baton.common.membership import NodeInfo, NodeRegistration
+from baton.common.metrics import MetricsServer
 from baton.engine import EngineConfig, LLMEngine
-from baton.engine.loader import resolve_model_path, served_name
+from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.engine.shm import remove_stale_shm
 from baton.engine.async_engine import AsyncEngine
 from baton.kvtransfer.channel import KVStoreHost, join_address

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from baton.cluster.membership import ROLES
+from baton.common.membership import ROLES
 
 # The engine's and the node's choices, repeated so that reading a spec needs no torch.
 DEVICES = ("cpu", "cuda")  # on cuda, a node's ranks take its GPUs in order (see machine.py)
@@ -351,7 +351,7 @@ def check_model(p: Placement) -> list[str]:
     Returns warnings (the model is not here, so nothing was checked); raises PlacementError naming the node."""
     from baton.engine import ConfigError
     from baton.engine.config import ModelConfig
-    from baton.engine.loader import resolve_model_path
+    from baton.engine.checkpoint import resolve_model_path
     from baton.engine.parallel import check_degree
 
     try:

@@ -25,7 +25,7 @@ from typing import Any
 import aetcd
 
 # One etcd client configuration for all of Baton (reconnect backoff, keepalives): membership's.
-from baton.cluster.membership import close_quietly, etcd_client
+from baton.common.membership import close_quietly, etcd_client
 from baton.cluster.placement import Placement, PlacementError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import aetcd
 from prometheus_client.parser import text_string_to_metric_families
 
-from baton.cluster.membership import ROLES, NodeInfo, RouterInfo, close_quietly, etcd_client, nodes_prefix
+from baton.common.membership import ROLES, NodeInfo, RouterInfo, close_quietly, etcd_client, nodes_prefix
 
 SCRAPE_TIMEOUT_S = 2.0
 ETCD_TIMEOUT_S = 5.0

@@ -19,10 +19,11 @@ import time
 
 import grpc
 
-from baton.cluster.messages import (LOST_NODE_KEY, abort_for, kv_layout, layouts_match, responses_from_output,
-                                   resumed_from_proto, sampling_from_proto, share_to_proto)
-from baton.cluster.logs import REQUEST_ID, client_request_id
-from baton.cluster.metrics import NodeMetrics
+from baton.common.kv_messages import kv_layout, layouts_match, share_to_proto
+from baton.common.messages import (LOST_NODE_KEY, abort_for, responses_from_output, resumed_from_proto,
+                                   sampling_from_proto)
+from baton.common.logs import REQUEST_ID, client_request_id
+from baton.common.metrics import NodeMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import KVRoute, kv_routes, shard

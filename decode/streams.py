@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from baton.cluster.messages import LOST_NODE_KEY, merged
+from baton.common.messages import LOST_NODE_KEY, merged
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import node_pb2
 

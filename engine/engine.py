@@ -18,7 +18,8 @@ from .config import DTYPES, EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .errors import ConfigError, InvalidRequest, NoCapacity
-from .loader import load_model, resolve_model_path
+from .checkpoint import resolve_model_path
+from .loader import load_model
 from .model_runner import KVCache, ModelRunner
 from .ops import make_ops
 from .parallel import shard

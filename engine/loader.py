@@ -16,25 +16,8 @@ from .model import CausalLM
 from .parallel import Shard, whole
 from .rope import RotaryEmbedding
 
-DEFAULT_MODEL = Path(__file__).parent / "default_model"  # stories260K, see its README.md
-
 # Tensors some checkpoints carry that the model recomputes or does not need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def served_name(folder: Path) -> str:
-    """A model's name in a cluster when none is given: the bundled model's is stories260K, another's its
-    folder's name (what nodes register and routers serve it as)."""
-    return "stories260K" if Path(folder) == DEFAULT_MODEL else Path(folder).name
-
-
-def resolve_model_path(model: str) -> Path:
-    folder = Path(model).expanduser() if model else DEFAULT_MODEL
-    if not folder.is_dir():
-        raise ConfigError("model", f"no checkpoint folder at {folder}")
-    if not (folder / "config.json").is_file():
-        raise ConfigError("model", f"{folder} holds no config.json")
-    return folder
 
 
 def load_model(

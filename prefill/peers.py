@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from baton.cluster.messages import NODE_CHANNEL_OPTIONS
+from baton.common.messages import NODE_CHANNEL_OPTIONS
 from baton.kvtransfer.channel import LANES_PER_PAIR, KVTransferError, PairChannels, TransferThreads
 from baton.kvtransfer.shared import SharedPool, open_shared
 from baton.v1 import node_pb2_grpc

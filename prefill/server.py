@@ -31,10 +31,11 @@ import time
 import grpc
 import torch
 
-from baton.cluster.messages import (LOST_NODE_KEY, abort_for, chunk_from_output, finish_to_proto, kv_layout,
-                                   layouts_match, resumed_from_proto, sampling_from_proto, share_from_proto)
-from baton.cluster.logs import REQUEST_ID, client_request_id
-from baton.cluster.metrics import NodeMetrics, RequestMetrics
+from baton.common.kv_messages import kv_layout, layouts_match, share_from_proto
+from baton.common.messages import (LOST_NODE_KEY, abort_for, chunk_from_output, finish_to_proto, resumed_from_proto,
+                                   sampling_from_proto)
+from baton.common.logs import REQUEST_ID, client_request_id
+from baton.common.metrics import NodeMetrics, RequestMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import kv_routes, shard

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from baton.cluster.messages import sampling_from_proto
+from baton.common.messages import sampling_from_proto
 from baton.engine import InvalidRequest, SamplingParams
 from baton.engine.detokenizer import IncrementalDetokenizer
 from baton.engine.tokenizer import Tokenizer

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import aetcd
 
-from baton.cluster.grpc_server import BATON_SERVICE, Server, run_until_signalled
-from baton.cluster.loops import every, retrying
-from baton.cluster.membership import (MembershipWatcher, NodeRegistration, RouterInfo, close_quietly, etcd_client,
+from baton.common.grpc_server import BATON_SERVICE, Server, run_until_signalled
+from baton.common.loops import every, retrying
+from baton.common.membership import (MembershipWatcher, NodeRegistration, RouterInfo, close_quietly, etcd_client,
                                      read_routers)
-from baton.engine.loader import resolve_model_path, served_name
+from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
 from .kserve import KServeServicer

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baton.cluster.membership import MembershipWatcher
+from baton.common.membership import MembershipWatcher
 from baton.engine import InvalidRequest
-from baton.engine.config import ModelConfig
-from baton.engine.loader import served_name
+from baton.engine.checkpoint import ModelConfig
+from baton.engine.checkpoint import served_name
 from baton.engine.tokenizer import Tokenizer
 
 from .admission import ModelCard, UnknownModel, with_prompt_bound

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
 
-from baton.cluster.membership import MembershipWatcher, NodeInfo
+from baton.common.membership import MembershipWatcher, NodeInfo
 
 
 class NoNode(LookupError):

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from baton.cluster.logs import REQUEST_ID
-from baton.cluster.membership import NodeInfo
-from baton.cluster.messages import LOST_NODE_KEY, NODE_CHANNEL_OPTIONS
+from baton.common.logs import REQUEST_ID
+from baton.common.membership import NodeInfo
+from baton.common.messages import LOST_NODE_KEY, NODE_CHANNEL_OPTIONS
 from baton.engine import FieldError
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc

@@ -15,7 +15,7 @@ from collections import deque
 
 import grpc
 
-from baton.cluster.messages import LOST_NODE_KEY, merged
+from baton.common.messages import LOST_NODE_KEY, merged
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import node_pb2, node_pb2_grpc
 

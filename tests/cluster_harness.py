@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from baton.cluster.membership import MembershipWatcher, NodeInfo
+from baton.common.membership import MembershipWatcher, NodeInfo
 from baton.v1 import node_pb2, node_pb2_grpc
 
 BATON = str(Path(sys.executable).with_name("baton"))

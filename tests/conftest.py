@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from baton.engine import LLM
-from baton.engine.loader import DEFAULT_MODEL
+from baton.engine.checkpoint import DEFAULT_MODEL
 
 SHARED_STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from baton.engine import LLM, ConfigError, SamplingParams
-from baton.engine.loader import DEFAULT_MODEL
+from baton.engine.checkpoint import DEFAULT_MODEL
 from baton.engine.rope import inverse_frequencies
 from baton.engine.sequence import Sequence
 

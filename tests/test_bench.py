@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from baton.engine.loader import DEFAULT_MODEL
+from baton.engine.checkpoint import DEFAULT_MODEL
 from baton.engine.tokenizer import Tokenizer
 
 from baton.bench.comparison import compare, ratio

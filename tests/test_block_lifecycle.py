@@ -13,7 +13,7 @@ import logging
 
 import pytest
 
-from baton.cluster.loops import every
+from baton.common.loops import every
 from baton.decode.reservations import NotAllowed, Phase, Reservations
 from baton.engine import LLM, FinishReason, SamplingParams
 from baton.engine.async_engine import AsyncEngine

@@ -18,7 +18,7 @@ from cluster_harness import BatonUp
 from test_stories import PROMPTS
 
 from baton.cluster.etcd_server import EtcdServer
-from baton.cluster.membership import MembershipWatcher, NodeInfo, NodeRegistration
+from baton.common.membership import MembershipWatcher, NodeInfo, NodeRegistration
 from baton.engine import LLM, SamplingParams
 from baton.router.client import AsyncBatonClient, BatonError
 from baton.router.picker import NoNode, Picker

@@ -18,7 +18,7 @@ import pytest
 from cluster_harness import BatonUp, cluster_pids
 
 from baton.cluster.etcd_server import EtcdServer
-from baton.cluster.membership import MembershipWatcher
+from baton.common.membership import MembershipWatcher
 from baton.engine import SamplingParams
 from baton.router.client import AsyncBatonClient, BatonClient, BatonError, Unavailable
 from baton.router.picker import Picker
@@ -175,7 +175,7 @@ def test_the_routers_maps_stay_bounded_as_nodes_come_and_go():
     router's channels and in-flight counts do not grow with them."""
 
     async def main(etcd_url: str) -> None:
-        from baton.cluster.membership import NodeInfo, NodeRegistration
+        from baton.common.membership import NodeInfo, NodeRegistration
 
         watcher = await MembershipWatcher.start(etcd_url, "churn")
         picker = Picker(watcher)
@@ -243,6 +243,9 @@ def test_sigterm_ends_every_process_within_its_grace_even_with_etcd_down(stories
         pids = {name: up.node_pid(name) for name in ("prefill-0", "decode-0", "colocated-0")}
         pids["router"] = next(p for p in cluster_pids(up.cluster)
                               if b"router" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0"))
+        # A router never loads torch (it would cost it ~0.3 GB and seconds of start-up); the nodes do.
+        assert "libtorch" not in Path(f"/proc/{pids['router']}/maps").read_text()
+        assert "libtorch" in Path(f"/proc/{pids['prefill-0']}/maps").read_text()
         etcd_port = up.etcd.rsplit(":", 1)[1]
         for pid in cluster_pids(f"127.0.0.1:{etcd_port}"):
             os.kill(pid, signal.SIGKILL)

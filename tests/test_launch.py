@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.cluster.cli import main
 from baton.cluster.etcd_server import EtcdServer, free_port
-from baton.cluster.membership import MembershipWatcher
+from baton.common.membership import MembershipWatcher
 from baton.engine import SamplingParams
 from baton.router.client import AsyncBatonClient, BatonClient, Finished
 

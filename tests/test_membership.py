@@ -16,7 +16,7 @@ import uvloop
 
 from baton.cluster import etcd_server
 from baton.cluster.etcd_server import EtcdServer
-from baton.cluster.membership import MembershipWatcher, NodeInfo, NodeRegistration, node_key, nodes_prefix
+from baton.common.membership import MembershipWatcher, NodeInfo, NodeRegistration, node_key, nodes_prefix
 
 WAIT = 5.0  # bound on waits for things that happen within milliseconds
 
@@ -165,7 +165,7 @@ def test_lease_lost_during_a_pause_is_regranted(etcd, cluster):
 
 _CHILD = """
 import asyncio, sys
-from baton.cluster.membership import NodeInfo, NodeRegistration
+from baton.common.membership import NodeInfo, NodeRegistration
 
 async def main():
     info = NodeInfo(node_id="victim", role="decode", model="m", address="127.0.0.1:1", capacity=8, free_blocks=8)

@@ -259,7 +259,7 @@ def test_the_picker_keeps_new_requests_off_a_node_that_just_failed_while_there_i
     failed once before moving on (the migration benchmark showed 12 of 16 moves were such requests)."""
     from types import SimpleNamespace
 
-    from baton.cluster.membership import NodeInfo
+    from baton.common.membership import NodeInfo
     from baton.router.picker import Picker
 
     nodes = [NodeInfo(node_id=f"decode-{i}", role="decode", model="m", address=f"h:{i}", capacity=8,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from baton.cluster.membership import NodeInfo, NodeRegistration
+from baton.common.membership import NodeInfo, NodeRegistration
 from baton.engine import ModelConfig
 from baton.router.client import BatonClient, Delta
 

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.cluster.etcd_server import EtcdServer, free_port
-from baton.cluster.membership import NodeInfo, NodeRegistration
+from baton.common.membership import NodeInfo, NodeRegistration
 
 BATON = str(Path(sys.executable).with_name("baton"))
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from baton.cluster.messages import sampling_from_proto
+from baton.common.messages import sampling_from_proto
 from baton.engine import LLM, FinishReason, InvalidRequest, Resumed, SamplingParams
 from baton.engine.sampler import _shape, sample, uniform
 from baton.router.client import BatonClient

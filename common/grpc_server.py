@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from baton.cluster import logs
+from baton.common import logs
 from baton.v1 import baton_pb2, node_pb2
 
 
