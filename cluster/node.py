@@ -128,6 +128,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             tasks.append(asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry")))
         port = server.bind(cfg.host, cfg.port).rpartition(":")[2]
         address = join_address(cfg.advertise_host, port)
+        if cfg.role != "prefill":
+            servicer.advertise(address)
         # Bound before gRPC serves: a metrics port in use stops the node before it takes a request.
         metrics = await MetricsServer.start(servicer.metrics, servicer.stats, cfg.host, cfg.metrics_port)
         await server.start()

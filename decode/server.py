@@ -86,6 +86,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         self.metrics = NodeMetrics(node_id, role, model or engine.model_config.architecture,
                                    spec.tensor_parallel_size)
         engine.set_step_observer(self.metrics.observe_step)
+        self.advertise("")  # until its server is bound (`advertise`)
 
     # -- reservations -------------------------------------------------------------------------------
 
@@ -96,9 +97,17 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                                                 (request.lease_ms or DEFAULT_LEASE_MS) / 1000)
         except (FieldError, NoCapacity) as e:
             await abort_for(context, e)
-        return node_pb2.ReserveResponse(
-            block_ids=r.blocks, kv_store_address=self.store.address if self.store else "", transfer_tag=r.tag,
-            layout=self.layout, share=self.share, rank_shares=self.rank_shares,
+        target = node_pb2.KVTarget(block_ids=r.blocks, transfer_tag=r.tag)
+        target.MergeFrom(self.target)
+        return node_pb2.ReserveResponse(target=target)
+
+    def advertise(self, address: str) -> None:
+        """Where prefill nodes reach this node (known once its server is bound): what every reservation's
+        target says of it, besides its blocks."""
+        self.target = node_pb2.KVTarget(
+            decode_node_id=self.node_id, decode_address=address,
+            kv_store_address=self.store.address if self.store else "", layout=self.layout, share=self.share,
+            rank_shares=self.rank_shares,
         )
 
     async def housekeeping(self) -> None:

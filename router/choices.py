@@ -8,7 +8,7 @@ runs that call and hands each choice its own responses, so each choice is then s
 ended) as a request of its own.
 
 A node lost under the shared call does not end the choices: each one still running resumes alone from what
-its client has (`RouterServicer.resuming`, like any migrated stream), so a choice never waits for another.
+its client has (`Attempts.stream`, like any migrated stream), so a choice never waits for another.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from baton.v1 import baton_pb2 as pb
 from baton.v1 import node_pb2
 
 from .admission import Admitted
+from .attempt import NodeLost, Try
+from .attempts import Attempts
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,8 @@ class SharedPrefill:
     one stream per choice (`choice(j)`). The call starts when the first choice is read and is cancelled when
     every choice's stream has closed (a client that leaves frees the blocks of all of them)."""
 
-    def __init__(self, router, reqs: list[Admitted], deadline, mode: str) -> None:
-        self._router = router
+    def __init__(self, attempts: Attempts, reqs: list[Admitted], deadline, mode: str) -> None:
+        self._attempts = attempts
         self._reqs = reqs
         self._deadline = deadline
         self._mode = mode
@@ -61,10 +63,10 @@ class SharedPrefill:
             # delivered tokens computed with the prompt, decoding from the next index.
             req.internal_id = f"{req.internal_id}~{j}"
             req.resumed, req.resumed_chars = delivered, chars
-            self._router.metrics.migrations.labels(req.model.name, "failed").inc()
+            self._attempts.metrics.migrations.labels(req.model.name, "failed").inc()
             log.warning("request %s: choice %d goes on alone after %d tokens (its shared call failed)",
                         req.request_id, j, len(delivered))
-            async for response in self._router.resuming(req, self._deadline, self._mode):
+            async for response in self._attempts.stream(req, self._deadline, self._mode):
                 yield response
         finally:
             self._open -= 1
@@ -72,14 +74,11 @@ class SharedPrefill:
                 self._task.cancel()  # cancels the node calls: the decode node frees every choice's blocks
 
     async def _run(self) -> None:
-        from .server import NodeLost  # the servicer's module imports this one
-
-        router, first = self._router, self._reqs[0]
-        forks = [req.sampling for req in self._reqs[1:]]
-        attempt = router.colocated if self._mode == "colocated" else router.disaggregated
+        attempts, first = self._attempts, self._reqs[0]
+        job = Try(first, first.internal_id, node_pb2.Resumed(), self._deadline,
+                  forks=[req.sampling for req in self._reqs[1:]])
         try:
-            async for response in attempt(first, first.internal_id, node_pb2.Resumed(), self._deadline, set(),
-                                          forks):
+            async for response in attempts.one(job, self._mode, set()):
                 j = response.choice
                 if j:
                     response.ClearField("choice")
@@ -88,9 +87,8 @@ class SharedPrefill:
                         req.nodes = first.nodes
                 self._queues[j].put_nowait(response)
         except NodeLost as lost:
-            if lost.node_id is not None:
-                router.picker.suspect(lost.node_id)
-            outcome = lost if not router.max_migrations else _LOST
+            attempts.suspect(lost)
+            outcome = lost if not attempts.settings.max_migrations else _LOST
             log.warning("request %s: %s failed under its %d choices (%s)", first.request_id,
                         lost.node_id or " or ".join(sorted(set(first.nodes))), len(self._reqs), lost.details)
             for queue in self._queues:

@@ -16,6 +16,7 @@ from baton.common.membership import (MembershipWatcher, NodeRegistration, Router
 from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
+from .attempt import AttemptSettings
 from .kserve import KServeServicer
 from .models import Models, load_model
 from .picker import Picker
@@ -94,8 +95,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     given = load_model(folder, cfg.served_model_name or served_name(folder), cfg.max_prompt_bytes,
                        cfg.chat_template)
     models = Models(membership, [given])
-    servicer = RouterServicer(models, picker, cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout,
-                              cfg.node_wait)
+    settings = AttemptSettings(cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout, cfg.node_wait)
+    servicer = RouterServicer(models, picker, settings)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
                      (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
                       KSERVE_SERVICE)])

@@ -37,7 +37,7 @@ def test_an_unclaimed_reservation_is_freed_when_its_lease_ends(up):
     stub, channel = decode_stub(up)
     with channel:
         r = stub.Reserve(node_pb2.ReserveRequest(request_id="orphan", prompt_tokens=40, max_tokens=8, lease_ms=300))
-        assert len(r.block_ids) == 3
+        assert len(r.target.block_ids) == 3
         assert up.stats(up.nodes("decode")[0]).reserved == 1
         up.wait_until(lambda: all_free(up), timeout=2.0)
 
@@ -45,7 +45,7 @@ def test_an_unclaimed_reservation_is_freed_when_its_lease_ends(up):
 def test_a_transfer_that_never_comes_releases_the_reservation(up):
     stub, channel = decode_stub(up)
     with channel:
-        r = stub.Reserve(node_pb2.ReserveRequest(request_id="lonely", prompt_tokens=40, max_tokens=8))
+        r = stub.Reserve(node_pb2.ReserveRequest(request_id="lonely", prompt_tokens=40, max_tokens=8)).target
         with pytest.raises(grpc.RpcError) as e:  # no such prefill node: the channel set-up times out (2 s)
             stub.ReceiveKV(node_pb2.ReceiveKVRequest(request_id="lonely", prefill_node_id="ghost", generation=1,
                                                      layout=r.layout, num_tokens=40), timeout=20)
@@ -86,7 +86,7 @@ def test_a_prefill_node_that_leaves_before_joining_frees_the_reservation_at_once
                  "--transfer-timeout", "60") as up:
         stub, channel = decode_stub(up)
         with channel:
-            r = stub.Reserve(node_pb2.ReserveRequest(request_id="gone", prompt_tokens=40, max_tokens=8))
+            r = stub.Reserve(node_pb2.ReserveRequest(request_id="gone", prompt_tokens=40, max_tokens=8)).target
             with pytest.raises(grpc.RpcError) as e:
                 stub.ReceiveKV(node_pb2.ReceiveKVRequest(request_id="gone", prefill_node_id="ghost", generation=1,
                                                          layout=r.layout, num_tokens=40), timeout=1.0)

@@ -22,7 +22,7 @@ from baton.common.membership import MembershipWatcher
 from baton.engine import SamplingParams
 from baton.router.client import AsyncBatonClient, BatonClient, BatonError, Unavailable
 from baton.router.picker import Picker
-from baton.router.server import NodeStubs
+from baton.router.node_stubs import NodeStubs
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import node_pb2, node_pb2_grpc
 
@@ -167,7 +167,7 @@ def _layout(up: BatonUp, decode) -> node_pb2.KVLayout:
         stub = node_pb2_grpc.DecodeNodeStub(channel)
         r = stub.Reserve(node_pb2.ReserveRequest(request_id="probe", prompt_tokens=3, max_tokens=1), timeout=10)
         stub.Release(node_pb2.ReleaseRequest(request_id="probe"), timeout=10)
-        return r.layout
+        return r.target.layout
 
 
 def test_the_routers_maps_stay_bounded_as_nodes_come_and_go():

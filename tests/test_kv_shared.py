@@ -159,7 +159,7 @@ def test_the_decode_node_holds_shared_writes_as_receiving_until_kv_written(stori
             stub, plain_stub = stubs
 
             async def reserve(s, rid):
-                return await s.Reserve(node_pb2.ReserveRequest(request_id=rid, prompt_tokens=20, max_tokens=4))
+                return (await s.Reserve(node_pb2.ReserveRequest(request_id=rid, prompt_tokens=20, max_tokens=4))).target
 
             def begin(rid, r, block_ids=None):
                 return node_pb2.ReceiveKVRequest(request_id=rid, prefill_node_id="p", layout=r.layout, num_tokens=20,

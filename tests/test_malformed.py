@@ -112,7 +112,7 @@ def test_every_server_still_serves_after_malformed_requests(cluster):
     with grpc.insecure_channel(cluster.addresses["decode"]) as channel:
         stub = node_pb2_grpc.DecodeNodeStub(channel)
         assert stub.Reserve(node_pb2.ReserveRequest(request_id="after", prompt_tokens=4, max_tokens=4),
-                            timeout=WAIT).block_ids
+                            timeout=WAIT).target.block_ids
         stub.Release(node_pb2.ReleaseRequest(request_id="after"), timeout=WAIT)
     with grpc.insecure_channel(cluster.addresses["prefill"]) as channel:
         assert node_pb2_grpc.PrefillNodeStub(channel).GetStats(node_pb2.GetStatsRequest(), timeout=WAIT).node_id

@@ -85,6 +85,7 @@ class Nodes:
         node_pb2_grpc.add_DecodeNodeServicer_to_server(self.decode, self.server)
         node_pb2_grpc.add_PrefillNodeServicer_to_server(self.prefill, self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.decode.advertise(self.address)
         await self.server.start()
         self.channel = grpc.aio.insecure_channel(self.address)
         self.decode_stub = node_pb2_grpc.DecodeNodeStub(self.channel)
@@ -102,16 +103,14 @@ class Nodes:
         await self.decode_engine.close()
         self.store.close()
 
-    async def reserve(self, rid: str, prompt: list[int]) -> node_pb2.ReserveResponse:
-        return await self.decode_stub.Reserve(
+    async def reserve(self, rid: str, prompt: list[int]) -> node_pb2.KVTarget:
+        response = await self.decode_stub.Reserve(
             node_pb2.ReserveRequest(request_id=rid, prompt_tokens=len(prompt), max_tokens=4, lease_ms=60_000))
+        return response.target
 
     async def prefill_call(self, rid: str, prompt: list[int], reservation=None) -> list[node_pb2.PrefillEvent]:
         """The router's Prefill call; returns its events, or raises its AioRpcError."""
-        r = reservation or await self.reserve(rid, prompt)
-        target = node_pb2.KVTarget(decode_node_id="decode-0", decode_address=self.address,
-                                   kv_store_address=r.kv_store_address, block_ids=r.block_ids,
-                                   transfer_tag=r.transfer_tag, layout=r.layout)
+        target = reservation or await self.reserve(rid, prompt)  # the reservation, as the router passes it on
         call = self.prefill_stub.Prefill(node_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=4, temperature=0),
             target=target))

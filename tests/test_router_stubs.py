@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from baton.router.server import NodeStubs
+from baton.router.node_stubs import NodeStubs
 from baton.v1 import node_pb2
 
 

@@ -64,20 +64,10 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("block_ids", "kv_store_address", "transfer_tag", "layout", "share", "rank_shares")
-    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
-    KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
-    LAYOUT_FIELD_NUMBER: _ClassVar[int]
-    SHARE_FIELD_NUMBER: _ClassVar[int]
-    RANK_SHARES_FIELD_NUMBER: _ClassVar[int]
-    block_ids: _containers.RepeatedScalarFieldContainer[int]
-    kv_store_address: str
-    transfer_tag: int
-    layout: KVLayout
-    share: KVShare
-    rank_shares: _containers.RepeatedCompositeFieldContainer[KVShare]
-    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., kv_store_address: _Optional[str] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ..., rank_shares: _Optional[_Iterable[_Union[KVShare, _Mapping]]] = ...) -> None: ...
+    __slots__ = ("target",)
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    target: KVTarget
+    def __init__(self, target: _Optional[_Union[KVTarget, _Mapping]] = ...) -> None: ...
 
 class ReceiveKVRequest(_message.Message):
     __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens", "block_ids", "transfer_tag", "lane", "shared")
