@@ -28,6 +28,7 @@ from .request import FinishReason, RequestOutput, Resumed, SamplingParams
 from .sampler import sample, top_alternatives
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .stops import held_back, stop_at
 from .tokenizer import Tokenizer
 
 
@@ -417,29 +418,15 @@ class LLMEngine:
         if seq.finish_reason is not None:
             delta += seq.detokenizer.flush()
         seq.text += delta
-        # Before min_tokens tokens, stop strings are not looked for (vLLM's stop checker returns early too).
-        if p.stop and seq.num_output_tokens >= p.min_tokens and self._cut_at_stop_string(seq, len(delta)):
+        if (cut := stop_at(seq.text, len(seq.text) - len(delta), p, seq.num_output_tokens)) is not None:
+            seq.text = seq.text[:cut]
             seq.finish_reason = FinishReason.STOP
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
             del self._seqs[seq.request_id]
 
-    def _cut_at_stop_string(self, seq: Sequence, added: int) -> bool:
-        # Only a match that ends in the new text can be new; search from where it could start.
-        longest = max(map(len, seq.params.stop))
-        start = max(0, len(seq.text) - added - longest + 1)
-        hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
-        if not hits:
-            return False
-        cut = min(hits)
-        if seq.params.include_stop_str_in_output:
-            cut += next(len(s) for s in seq.params.stop if seq.text.find(s, start) == cut)
-        seq.text = seq.text[:cut]
-        return True
-
     def _emit(self, seq: Sequence) -> RequestOutput:
-        # While a stop string could still be completing, hold back as many characters as it could span.
-        hold = 0 if seq.finish_reason or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        hold = 0 if seq.finish_reason else held_back(seq.params)
         end = max(seq.num_text_emitted, len(seq.text) - hold)
         text = seq.text[seq.num_text_emitted : end]
         seq.num_text_emitted = end

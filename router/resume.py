@@ -1,12 +1,14 @@
 """A stream resumed from the tokens its client already has (its node or its router failed) whose tokens
 already end it: the failure came between its last token and its Finish. What the client still lacks, the
 text held back while a stop string could be completing and the Finish, is worked out here from the tokens,
-as the engine would have at that token; nothing is sent to a node (it would sample a token past the end)."""
+as the engine would have at that token (the same detokenizer fed the same tokens one by one, the same stop-string
+rule, `engine/stops.py`); nothing is sent to a node (it would sample a token past the end)."""
 
 from __future__ import annotations
 
 from baton.engine import SamplingParams
 from baton.engine.detokenizer import IncrementalDetokenizer
+from baton.engine.stops import stop_at
 from baton.engine.tokenizer import Tokenizer
 from baton.v1 import baton_pb2 as pb
 
@@ -30,34 +32,15 @@ def rest(tokenizer: Tokenizer, prompt: list[int], delivered: list[int], chars: i
          reason: int, request_id: str) -> list[pb.GenerateResponse]:
     """The ended stream's last responses: its held-back text (if any), then its Finish."""
     detokenizer = IncrementalDetokenizer(tokenizer, prompt)
-    floor = -1  # a stop string counts only if it ends after this character (min_tokens, as the engine checks)
-    if params.stop and params.min_tokens >= 2:
-        text = ""
-        for i, token in enumerate(delivered):
-            text += detokenizer.push([token])
-            if i == params.min_tokens - 2:  # the text before the token that reaches min_tokens
-                floor = len(text)
-        text += detokenizer.flush()
-    else:
-        text = detokenizer.push(delivered) + detokenizer.flush()
-    if params.stop:  # only a match the delivered text did not end before can be new
-        start = max(0, chars - max(map(len, params.stop)) + 1)
-        hits = [(i, s) for s in params.stop if (i := _find_after(text, s, start, floor)) >= 0]
-        if hits:
-            cut, stop = min(hits)
-            text = text[: cut + (len(stop) if params.include_stop_str_in_output else 0)]
-            reason = pb.FINISH_REASON_STOP
+    # Token by token, as the engine built it: the text before the last token, then what the last one added.
+    text = "".join(detokenizer.push([token]) for token in delivered[:-1])
+    new_from = len(text)
+    text += detokenizer.push(delivered[-1:]) + detokenizer.flush()  # the engine flushes at a finishing token
+    if (cut := stop_at(text, new_from, params, len(delivered))) is not None:
+        text, reason = text[:cut], pb.FINISH_REASON_STOP
     responses = []
     if len(text) > chars:
         responses.append(pb.GenerateResponse(request_id=request_id, chunk=pb.TokenChunk(index=len(delivered),
                                                                                        text=text[chars:])))
     responses.append(pb.GenerateResponse(request_id=request_id, finish=pb.Finish(reason=reason)))
     return responses
-
-
-def _find_after(text: str, stop: str, start: int, floor: int) -> int:
-    """The first occurrence of `stop` in text[start:] that ends after character `floor`, or -1."""
-    at = text.find(stop, start)
-    while 0 <= at and at + len(stop) <= floor:
-        at = text.find(stop, at + 1)
-    return at
