@@ -1,9 +1,10 @@
-"""Stop strings: where a request's text ends, and how much of its end is held back until that is known.
+"""Where a request ends: at a token (`token_finish`), or at a stop string in its text (`stop_at`), and how much
+of its text is held back until that is known (`held_back`).
 
-Two places must agree on it to the character: the engine, which checks each token's text as the token is
-generated, and the router, which works out the end of a stream whose tokens reached its client but whose Finish
-did not (`router/resume.py`). Both ask `stop_at` and `held_back`; neither matches stop strings itself. The
-module is torch-free: the router imports it.
+Two places must agree on it to the character: the engine, which checks each token as it is generated, and
+the router, which works out the end of a stream whose tokens reached its client but whose Finish did not
+(`router/resume.py`). Both ask this module; neither decides an end itself. It is torch-free: the router
+imports it.
 
 The rule, checked once per generated token on the text that token completed (vLLM's stop checker too):
 - nothing is looked for before the token that brings the output to `min_tokens` tokens;
@@ -17,7 +18,20 @@ string that starts there, and text once shown cannot be taken back.
 
 from __future__ import annotations
 
-from .request import SamplingParams
+from collections.abc import Container
+
+from .request import FinishReason, SamplingParams
+
+
+def token_finish(token: int, params: SamplingParams, eos_token_ids: Container[int], at_max_len: bool) -> \
+        FinishReason | None:
+    """Why the generated `token` ends its request, if it does (before any stop string is looked for):
+    `at_max_len` says the request reached max_tokens (or the model's context) with it."""
+    if not params.ignore_eos and token in eos_token_ids:
+        return FinishReason.EOS
+    if token in params.stop_token_ids:
+        return FinishReason.STOP
+    return FinishReason.LENGTH if at_max_len else None
 
 
 def stop_at(text: str, new_from: int, params: SamplingParams, num_output_tokens: int) -> int | None:
