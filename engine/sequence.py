@@ -1,4 +1,5 @@
-"""A request's state inside the engine: its tokens, how many have KV in the cache, and its sampler state."""
+"""A request's state inside the engine: its tokens, how many have KV in the cache, and its sampler state.
+What it has handed out (its text included) is its `output` (`output.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .request import FinishReason, SamplingParams
 
 
 if TYPE_CHECKING:
-    from .detokenizer import IncrementalDetokenizer
+    from .output import SequenceOutput
 
 
 class SequenceStatus(enum.Enum):
@@ -28,15 +29,12 @@ class Sequence:
     params: SamplingParams
     max_len: int  # prompt + max_tokens, capped by the model's context
     seed: int | None  # sampling's randomness is a function of (seed, token index) only; None when greedy
-    detokenizer: IncrementalDetokenizer | None = None
+    output: SequenceOutput | None = None  # None only for sequences made up by tests of the scheduler and runner
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     logprobs: list[float] = field(default_factory=list)
     # With params.top_logprobs: one entry per generated token, as logprobs (None where not computed here).
     top_logprobs: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
-    text: str = ""  # continuation text so far (stop strings cut off)
-    num_text_emitted: int = 0  # characters of `text` already handed out
-    num_tokens_emitted: int = 0
     finish_reason: FinishReason | None = None
     prefill_only: bool = False  # a prefill node's request: stop after the first token, the decode node goes on
 

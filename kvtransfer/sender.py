@@ -246,10 +246,6 @@ class KVSender:
         return self._total
 
     @property
-    def has_source(self) -> bool:
-        return self._src is not None
-
-    @property
     def failed(self) -> KVTransferError | None:
         return self._failed
 
@@ -362,12 +358,6 @@ class KVSender:
     @property
     def layers_posted(self) -> int:
         return self._next_layer
-
-    @property
-    def complete(self) -> bool:
-        """Every layer of real data was posted (not cancelled, not padded, not failed)."""
-        return (self._failed is None and not self.cancelled and not self.padded and self.num_layers is not None
-                and self._next_layer == self.num_layers)
 
     def wait(self, timeout: float) -> int:
         """Waits for every posted send; returns the bytes sent (the header not counted). Raises

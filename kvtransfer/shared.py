@@ -144,10 +144,6 @@ class SharedWriter:
         return len(self._dst)
 
     @property
-    def has_source(self) -> bool:
-        return self._src is not None
-
-    @property
     def complete(self) -> bool:
         return self.failed is None and not self.ended_early and self._next_layer == self.num_layers
 
@@ -178,10 +174,6 @@ class SharedWriter:
         if self._next_layer == self.num_layers and pool.device.type == "cuda":
             self._event = torch.cuda.Event()
             self._event.record()
-
-    @property
-    def layers_posted(self) -> int:
-        return self._next_layer
 
     def end_early(self) -> None:
         """The transfer stops short (call once nothing else will post for it). Copies already queued on the

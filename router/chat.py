@@ -21,10 +21,6 @@ from baton.engine import InvalidRequest
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-class NoTemplate(LookupError):
-    """The model has no chat template (a chat request is a 400 that says so)."""
-
-
 def _raise(message: str) -> None:
     raise jinja2.TemplateError(message)
 

@@ -22,7 +22,9 @@ UNAVAILABLE (its router died, or could not be reached), then resumes that stream
 request again with the tokens it already has (`GenerateRequest.resume`), and the stream goes on from the next
 index, the same tokens an undisturbed run gives. So that any router can resume it, every request goes out
 with a request id and, when sampled, a seed (drawn here when not given). A stream whose Finish came is whole:
-its router failing before the call's status is not an error.
+its router failing before the call's status is not an error. Both clients drive one `_Stream` (the state of a
+stream across routers: what to send next, what came back, whether to go on); their generate() loops only
+make the calls, one blocking, one awaited.
 """
 
 import random
@@ -158,36 +160,59 @@ def _resumable(req: pb.GenerateRequest) -> pb.GenerateRequest:
     return req
 
 
-class _Resume:
-    """One generate() call's progress across routers: what it received, and what it may still try."""
+class _Stream:
+    """One generate() call across routers: what it sends, what came back, and whether it goes on.
 
-    def __init__(self, req: pb.GenerateRequest, timeout: float | None, resumes: int) -> None:
+    States: calling (a call to `client`'s current router is open) → resuming (it failed UNAVAILABLE before its
+    Finish: the next call goes to the next router, with what came back as `req.resume`) → calling ...; and
+    done (the Finish came and the call ended, or its router died just after the Finish), or raised (any other
+    failure, or no resume left). The sync and the async generate() are thin loops over it: `stub` for each
+    call, `take` for each response, `failed` or `ended` when the call is over.
+    """
+
+    def __init__(self, client: "_Client", req: pb.GenerateRequest, timeout: float | None) -> None:
+        self.client = client
         self.req = req
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.resumes_left = resumes
-        self.finished = False
+        self.resumes_left = client.resumes
+        self.finished = False  # the Finish came
+        self.done = False
+
+    def stub(self) -> baton_pb2_grpc.BatonStub | None:
+        """The router to call next, None once the stream is done."""
+        return None if self.done else self.client._stub
 
     def timeout(self) -> float | None:
+        """What is left of the whole stream's deadline, for the next call."""
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
-    def see(self, item: Delta | Finished) -> None:
+    def take(self, resp: pb.GenerateResponse) -> Delta | Finished:
+        """A response as the caller sees it; its tokens and text join what a resumed call says it has."""
+        item = _item(resp)
         if isinstance(item, Delta):
             self.req.resume.token_ids.extend(item.token_ids)
             self.req.resume.text_chars += len(item.text)
         else:
             self.finished = True
+        return item
 
-    def whole(self, error: BatonError) -> bool:
-        """Whether the stream is whole despite `error`: its Finish came, and then its router went away before
-        the call's status did (UNAVAILABLE). Nothing is missing, and nothing is left to resume."""
-        return self.finished and error.code == grpc.StatusCode.UNAVAILABLE
+    def ended(self) -> None:
+        """The call ended with an OK status: the stream is done, if its Finish came."""
+        if not self.finished:
+            raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
+        self.done = True
 
-    def again(self, error: BatonError) -> bool:
-        """Whether to resume on the next router after `error` (which ended the stream before its Finish)."""
-        if error.code != grpc.StatusCode.UNAVAILABLE or not self.resumes_left or self.finished:
-            return False
-        self.resumes_left -= 1
-        return True
+    def failed(self, stub: baton_pb2_grpc.BatonStub, error: BatonError) -> None:
+        """The call through `stub` failed with `error`: raises it, unless the stream is whole or goes on."""
+        if error.code != grpc.StatusCode.UNAVAILABLE:
+            raise error
+        if self.finished:  # its router went away after the Finish, before the status: nothing is missing
+            self.done = True
+        elif self.resumes_left:
+            self.resumes_left -= 1
+            self.client._fail_over(stub)
+        else:
+            raise error
 
 
 _REASONS = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
@@ -248,25 +273,17 @@ class BatonClient(_Client):
         """Yields a Delta per chunk as the stream arrives, then one Finished. The prompt is a text or token
         ids. Closing the generator early (e.g. breaking out of a for loop over it) cancels the call. A stream
         whose router fails goes on through another one, if the client has several."""
-        progress = _Resume(_resumable(_request(prompt, options)), self._deadline(timeout), self.resumes)
-        while True:
-            stub = self._stub
-            call = stub.Generate(progress.req, timeout=progress.timeout())
+        stream = _Stream(self, _resumable(_request(prompt, options)), self._deadline(timeout))
+        while (stub := stream.stub()) is not None:
+            call = stub.Generate(stream.req, timeout=stream.timeout())
             try:
                 with _errors(call):  # left early (closed, cancelled, failed): the call is cancelled
                     for resp in call:  # to the end of the stream (its status), not just to the Finish
-                        progress.see(item := _item(resp))
-                        yield item
+                        yield stream.take(resp)
             except BatonError as e:
-                if progress.whole(e):
-                    return
-                if not progress.again(e):
-                    raise
-                self._fail_over(stub)
-                continue
-            if not progress.finished:
-                raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
-            return
+                stream.failed(stub, e)
+            else:
+                stream.ended()
 
     def complete(self, prompt: str | Sequence[int], *, timeout: float | None = None,
                  **options: Unpack[GenerateOptions]) -> Completion:
@@ -303,25 +320,17 @@ class AsyncBatonClient(_Client):
         """Async generator of Deltas, then one Finished. Cancelling the consuming task, or closing the
         generator early (aclose(), contextlib.aclosing), cancels the gRPC call. A stream whose router fails
         goes on through another one, if the client has several."""
-        progress = _Resume(_resumable(_request(prompt, options)), self._deadline(timeout), self.resumes)
-        while True:
-            stub = self._stub
-            call = stub.Generate(progress.req, timeout=progress.timeout())
+        stream = _Stream(self, _resumable(_request(prompt, options)), self._deadline(timeout))
+        while (stub := stream.stub()) is not None:
+            call = stub.Generate(stream.req, timeout=stream.timeout())
             try:
                 with _errors(call):
                     async for resp in call:
-                        progress.see(item := _item(resp))
-                        yield item
+                        yield stream.take(resp)
             except BatonError as e:
-                if progress.whole(e):
-                    return
-                if not progress.again(e):
-                    raise
-                self._fail_over(stub)
-                continue
-            if not progress.finished:
-                raise BatonError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a Finish")
-            return
+                stream.failed(stub, e)
+            else:
+                stream.ended()
 
     async def complete(self, prompt: str | Sequence[int], *, timeout: float | None = None,
                        **options: Unpack[GenerateOptions]) -> Completion:

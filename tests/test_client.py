@@ -30,17 +30,21 @@ class FakeBaton(baton_pb2_grpc.BatonServicer):
 
     The request id scripts the rest: "hang..." sends one chunk and waits until cancelled, "nofinish" ends the
     stream without a Finish, "abort:<CODE>" fails with that status, "reason:<NAME>" finishes with that reason,
-    "diesafterfinish" fails UNAVAILABLE after its Finish (its router died before the call's status went out).
+    "diesafterfinish" fails UNAVAILABLE after its Finish (its router died before the call's status went out),
+    "dies..." fails UNAVAILABLE after its first chunk unless it resumes (`resume` says what the client has:
+    the stream goes on from the next index).
     """
 
     def __init__(self) -> None:
         self.requests: dict[str, pb.GenerateRequest] = {}
+        self.calls: defaultdict[str, list[pb.GenerateRequest]] = defaultdict(list)
         self.started: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.cancelled: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
     async def Generate(self, request, context):
         rid = request.request_id or "generated-id"
         self.requests[rid] = request
+        self.calls[rid].append(request)
         s = request.sampling
         if request.model not in ("", "tiny"):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: unknown model {request.model!r}")
@@ -58,11 +62,13 @@ class FakeBaton(baton_pb2_grpc.BatonServicer):
                 raise
         n = s.max_tokens if s.HasField("max_tokens") else 5
         ids = list(range(100, 100 + n))
-        for i in range(0, n, 2):
+        for i in range(len(request.resume.token_ids), n, 2):
             part = ids[i:i + 2]
             chunk = pb.TokenChunk(index=i, token_ids=part, text="".join(f"<{t}>" for t in part),
                                   logprobs=[-0.5] * len(part) if s.logprobs else [])
             yield pb.GenerateResponse(request_id=rid, chunk=chunk)
+            if rid.startswith("dies") and rid != "diesafterfinish" and not request.HasField("resume"):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)")
         if rid == "nofinish":
             return
         reason = pb.FinishReason.Value(f"FINISH_REASON_{rid.removeprefix('reason:')}") \
@@ -283,6 +289,33 @@ def test_a_stream_whose_router_dies_after_its_finish_is_whole(server):
         assert done.token_ids == [100, 101, 102, 103, 104] and done.finished.completion_tokens == 5
 
     run_async(body)
+
+
+def test_a_stream_whose_router_dies_resumes_on_the_next_from_what_it_has(server):
+    """Two routers (the same fake twice): the first dies after 2 tokens; the stream goes on through the other
+    with those tokens and their text as `resume`, and the caller sees each token once. With no resume left
+    (`resumes=0`) the failure is raised."""
+    target, servicer, _ = server
+    with BatonClient([target, target], timeout=WAIT) as client:
+        items = list(client.generate("x", request_id="dies-sync", temperature=0.5))
+    assert [t for d in items if isinstance(d, Delta) for t in d.token_ids] == [100, 101, 102, 103, 104]
+    assert [d.index for d in items if isinstance(d, Delta)] == [0, 2, 4] and isinstance(items[-1], Finished)
+    first, again = servicer.calls["dies-sync"]
+    assert not first.HasField("resume") and again.resume == pb.Resume(token_ids=[100, 101], text_chars=10)
+    assert again.sampling.seed == first.sampling.seed and first.sampling.HasField("seed")  # drawn once, kept
+    with BatonClient([target, target], timeout=WAIT, resumes=0) as client, pytest.raises(Unavailable):
+        list(client.generate("x", request_id="dies-never"))
+
+    async def body(client, servicer):
+        done = await client.complete("x", request_id="dies-async", max_tokens=6)
+        assert done.token_ids == list(range(100, 106)) and done.finished.completion_tokens == 6
+        assert servicer.calls["dies-async"][1].resume.token_ids == [100, 101]
+
+    async def main():
+        servicer = FakeBaton()
+        async with serving(servicer) as one, AsyncBatonClient([one, one], timeout=WAIT) as client:
+            await body(client, servicer)
+    asyncio.run(main())
 
 
 def test_sync_stream_without_finish_is_an_error(server):
