@@ -53,8 +53,8 @@ class Attempts:
         """The request's stream, through attempt after attempt until one ends it (see the module docstring)."""
         delivered, chars = list(req.resumed), req.resumed_chars  # a client resuming has these already
         avoid: set[str] = set()  # nodes that failed under this request
-        if (reason := resume.ended(delivered, req.params, req.model.card.eos_token_ids)) is not None:
-            for response in _rest(req, delivered, chars, reason):  # its router failed just before the Finish
+        if (rest := _end(req, delivered, chars)) is not None:  # its router failed just before the Finish
+            for response in rest:
                 yield response
             return
         for migration in range(self.settings.max_migrations + 1):
@@ -71,8 +71,8 @@ class Attempts:
                 self.suspect(lost)
                 if migration == self.settings.max_migrations:
                     raise
-                if (reason := resume.ended(delivered, req.params, req.model.card.eos_token_ids)) is not None:
-                    for response in _rest(req, delivered, chars, reason):  # lost just before its Finish
+                if (rest := _end(req, delivered, chars)) is not None:  # lost just before its Finish
+                    for response in rest:
                         yield response
                     return
                 if lost.node_id is not None:
@@ -106,6 +106,7 @@ class Attempts:
         release.add_done_callback(self._releasing.discard)
 
 
-def _rest(req: Admitted, delivered: Sequence[int], chars: int, reason: int) -> list[pb.GenerateResponse]:
-    return resume.rest(req.model.tokenizer, req.prompt_ids, list(delivered), chars, req.params, reason,
-                       req.internal_id)
+def _end(req: Admitted, delivered: Sequence[int], chars: int) -> list[pb.GenerateResponse] | None:
+    """What the client still lacks of a stream that its delivered tokens already end (None: it goes on)."""
+    return resume.end(req.model.tokenizer, req.prompt_ids, list(delivered), chars, req.params,
+                      req.model.card.eos_token_ids, req.internal_id)

@@ -17,22 +17,21 @@ _REASONS = {FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.STOP: pb.FINISH
             FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
-def ended(delivered: list[int], params: SamplingParams, eos_token_ids: tuple[int, ...]) -> int | None:
-    """The finish reason the delivered tokens' last one carries (LENGTH, EOS or STOP by token id), None if the
-    stream goes on. A stop string is found with the text (`rest`)."""
+def end(tokenizer: Tokenizer, prompt: list[int], delivered: list[int], chars: int, params: SamplingParams,
+        eos_token_ids: tuple[int, ...], request_id: str) -> list[pb.GenerateResponse] | None:
+    """The last responses of a stream that its delivered tokens' last one ends (by token id, length or stop
+    string): its held-back text (if any), then its Finish. None if the stream goes on."""
     if not delivered:
         return None
-    reason = token_finish(delivered[-1], params, eos_token_ids, len(delivered) >= params.max_tokens)
-    return None if reason is None else _REASONS[reason]
-
-
-def rest(tokenizer: Tokenizer, prompt: list[int], delivered: list[int], chars: int, params: SamplingParams,
-         reason: int, request_id: str) -> list[pb.GenerateResponse]:
-    """The ended stream's last responses: its held-back text (if any), then its Finish."""
+    by_token = token_finish(delivered[-1], params, eos_token_ids, len(delivered) >= params.max_tokens)
     output = SequenceOutput(tokenizer, prompt, params)
     output.replay(delivered[:-1], 0)  # the text before the last token, as the engine had it
-    if output.add(delivered[-1], len(delivered), finishing=True):
+    if output.add(delivered[-1], len(delivered), finishing=by_token is not None):
         reason = pb.FINISH_REASON_STOP
+    elif by_token is None:
+        return None
+    else:
+        reason = _REASONS[by_token]
     responses = []
     if len(output.text) > chars:
         chunk = pb.TokenChunk(index=len(delivered), text=output.text[chars:])

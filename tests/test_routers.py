@@ -172,7 +172,7 @@ def test_a_client_with_one_dead_router_fails_over_to_the_live_one(cluster, stori
 
 
 def test_a_stream_ended_before_its_finish_ignores_stop_strings_before_min_tokens(stories_llm: LLM):
-    """`router/resume.rest` (the stream's last tokens were delivered, its Finish was not): a stop string held
+    """`router/resume.end` (the stream's last tokens were delivered, its Finish was not): a stop string held
     back in the text but completed before min_tokens was reached does not end the stream, as in the engine."""
     from baton.router import resume
 
@@ -190,6 +190,32 @@ def test_a_stream_ended_before_its_finish_ignores_stop_strings_before_min_tokens
     [engine] = stories_llm.generate([prompt], params)
     assert engine.text == full.text and engine.finish_reason.value == "length"  # the engine goes on
     chars = len(full.text) - (size - 1)  # what its client had: the rest was held back
-    responses = resume.rest(tokenizer, prompt_ids, full.token_ids, chars, params, pb.FINISH_REASON_LENGTH, "r")
+    eos = stories_llm.engine.model_config.eos_token_ids
+    responses = resume.end(tokenizer, prompt_ids, full.token_ids, chars, params, eos, "r")
     assert full.text[:chars] + "".join(r.chunk.text for r in responses if r.HasField("chunk")) == full.text
     assert responses[-1].finish.reason == pb.FINISH_REASON_LENGTH
+    assert resume.end(tokenizer, prompt_ids, full.token_ids[:11], chars, params, eos, "r") is None  # goes on
+
+
+def test_a_stream_ended_on_a_stop_string_before_its_finish_is_ended_by_the_router(stories_llm: LLM):
+    """The tokens reached the client, the Finish did not, and the last token completed a stop string: the
+    router ends the stream there (held-back text up to the stop, then STOP), as the engine did; sent on to a
+    node, it would go on past the stop."""
+    from baton.router import resume
+
+    tokenizer = stories_llm.engine.tokenizer
+    prompt = PROMPTS[0]
+    [full] = stories_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
+    prompt_ids = full.prompt_token_ids
+    ends = [len(tokenizer.decode(prompt_ids + full.token_ids[:i + 1])) - len(tokenizer.decode(prompt_ids))
+            for i in range(12)]
+    stop = full.text[ends[8]:ends[9]]  # what token 9 adds: it completes the stop string
+    assert stop and full.text.find(stop) == ends[8]
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])
+    [engine] = stories_llm.generate([prompt], params)
+    assert engine.finish_reason.value == "stop" and engine.token_ids == full.token_ids[:10]
+    chars = max(0, ends[9] - len(stop) - (len(stop) - 1))  # the client's text: the rest was held back
+    eos = stories_llm.engine.model_config.eos_token_ids
+    responses = resume.end(tokenizer, prompt_ids, engine.token_ids, chars, params, eos, "r")
+    assert full.text[:chars] + "".join(r.chunk.text for r in responses if r.HasField("chunk")) == engine.text
+    assert responses[-1].finish.reason == pb.FINISH_REASON_STOP

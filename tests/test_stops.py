@@ -68,7 +68,7 @@ def test_before_min_tokens_nothing_is_looked_for_and_what_came_before_is_let_be(
 
 
 def test_the_router_ends_a_stream_where_the_engine_did(stories_llm):
-    """`router/resume.rest` (a stream whose tokens were delivered but whose Finish was lost) works out the end
+    """`router/resume.end` (a stream whose tokens were delivered but whose Finish was lost) works out the end
     from the tokens alone: at every length, with stop strings split across tokens, the engine's text and reason."""
     from baton.router import resume
     from baton.v1 import baton_pb2 as pb
@@ -87,7 +87,9 @@ def test_the_router_ends_a_stream_where_the_engine_did(stories_llm):
     assert {out.finish_reason.value for out in outs} == {"length", "stop"}
     for params, out in zip(all_params, outs):
         # The stream's tokens reached the client, none of its text (all of it held back): the router's rest.
-        responses = resume.rest(tokenizer, full.prompt_token_ids, out.token_ids, 0, params, pb.FINISH_REASON_LENGTH,
-                                "r")
+        eos = stories_llm.engine.model_config.eos_token_ids
+        responses = resume.end(tokenizer, full.prompt_token_ids, out.token_ids, 0, params, eos, "r")
+        # One token short, a stream ended by a stop string or max_tokens goes on.
+        assert resume.end(tokenizer, full.prompt_token_ids, out.token_ids[:-1], 0, params, eos, "r") is None
         assert "".join(r.chunk.text for r in responses if r.HasField("chunk")) == out.text, params
         assert responses[-1].finish.reason == reasons[out.finish_reason.value], params
