@@ -114,6 +114,36 @@ class BatonUp:
             stub = (node_pb2_grpc.PrefillNodeStub if node.role == "prefill" else node_pb2_grpc.DecodeNodeStub)(channel)
             return stub.GetStats(node_pb2.GetStatsRequest(), timeout=10)
 
+    def departure(self, action, gone, within: float, what: str) -> float:
+        """Runs `action()` (in a thread) while one membership watcher, started before it, follows the cluster;
+        returns the seconds from the action's start until `gone(watcher)` held, and fails, saying `what` did
+        not leave, if it does not hold within `within` s of that start. The bound is on the departure itself,
+        seen as etcd delivers it, not on polls that each open an etcd client of their own. The action's own
+        failure, if any, is raised first."""
+        async def run() -> float:
+            # Its set-up is not what is timed: a generous bound on each etcd call (a loaded machine's etcd
+            # may take seconds to answer a new connection).
+            watcher = await MembershipWatcher.start(self.etcd, self.cluster, rpc_timeout=30.0)
+            try:
+                assert not gone(watcher), f"{what} had left before the action"
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                acting = asyncio.ensure_future(asyncio.to_thread(action))
+                try:
+                    await watcher.wait_for(lambda: gone(watcher), timeout=within)
+                    took = loop.time() - start
+                except TimeoutError:
+                    took = None
+                await acting
+                if took is None:
+                    raise AssertionError(f"{what} still in the membership {within} s after the action: "
+                                         f"{[n.node_id for n in watcher.nodes()]}")
+                return took
+            finally:
+                await watcher.close()
+
+        return asyncio.run(run())
+
     def wait_until(self, predicate, timeout: float, interval: float = 0.02) -> float:
         """Polls `predicate` until true; returns the seconds it took. Raises TimeoutError past `timeout`."""
         start = time.monotonic()

@@ -14,13 +14,14 @@ import os
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 
 from cluster_harness import BatonUp
 
 from baton.engine import SamplingParams
-from baton.router.client import AsyncBatonClient, BatonError, BatonClient, Cancelled, DeadlineExceeded
+from baton.router.client import AsyncBatonClient, BatonError, BatonClient, DeadlineExceeded, Finished
 
 REQUESTS = 800
 CONCURRENCY = 48
@@ -33,35 +34,72 @@ PROMPTS = [
 ]
 
 
-async def one(client: AsyncBatonClient, rng: random.Random, outcome: Counter) -> None:
-    prompt, max_tokens = rng.choice(PROMPTS), rng.randint(4, 48)
-    kind = rng.choice(["finish", "cancel", "deadline", "after-tokens"])
-    timeout = rng.uniform(0.002, 0.5) if kind == "deadline" else 60.0
-    cancel_after = rng.uniform(0.0, 0.5)
-    tokens_before_cancel = rng.randint(1, 6)
+@dataclass(frozen=True)
+class Plan:
+    """One request of the storm, and how its client means to end it."""
+    kind: str  # "finish" (to its end), "cancel" (its task cancelled), "deadline" (a short one), "after-tokens"
+    prompt: str
+    max_tokens: int
+    timeout: float  # its deadline, in seconds
+    cancel_after: float  # "cancel": seconds before its task is cancelled
+    tokens_before_cancel: int  # "after-tokens": the client leaves the stream once it has this many
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Plan:
+        prompt, max_tokens = rng.choice(PROMPTS), rng.randint(4, 48)
+        kind = rng.choice(["finish", "cancel", "deadline", "after-tokens"])
+        timeout = rng.uniform(0.002, 0.5) if kind == "deadline" else 60.0
+        return cls(kind, prompt, max_tokens, timeout, rng.uniform(0.0, 0.5), rng.randint(1, 6))
+
+
+# How each kind may end. A request that ends any other way failed in the cluster: a "finish" or "after-tokens"
+# request that the cluster cancelled, or that hung until its 60 s deadline, as much as any error status.
+EXPECTED = {"finish": {"ok"}, "after-tokens": {"ok"}, "cancel": {"ok", "cancelled"}, "deadline": {"ok", "deadline"}}
+
+
+async def run(client: AsyncBatonClient, plan: Plan) -> str:
+    """How the request ended: "ok" (every token and its Finish; or, for "after-tokens", left once it had
+    enough), "cancelled" (its task, by its client as planned), "deadline" (DeadlineExceeded), or what else."""
+    seen, finished = 0, None
 
     async def consume() -> None:
-        seen = 0
-        async for item in client.generate(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True,
-                                          timeout=timeout):
+        nonlocal seen, finished
+        async for item in client.generate(plan.prompt, max_tokens=plan.max_tokens, temperature=0, ignore_eos=True,
+                                          timeout=plan.timeout):
+            if isinstance(item, Finished):
+                finished = item
             seen += len(getattr(item, "token_ids", ()))
-            if kind == "after-tokens" and seen >= tokens_before_cancel:
+            if plan.kind == "after-tokens" and seen >= plan.tokens_before_cancel:
                 return  # leaving the generator cancels the call: right after the first token, or mid-decode
 
     task = asyncio.ensure_future(consume())
+    cancelled = False
     try:
-        if kind == "cancel":
-            done, _ = await asyncio.wait({task}, timeout=cancel_after)
+        if plan.kind == "cancel":
+            done, _ = await asyncio.wait({task}, timeout=plan.cancel_after)
             if not done:
-                task.cancel()
+                cancelled = task.cancel()
         await task
-        outcome["ok"] += 1
     except asyncio.CancelledError:
-        outcome["cancelled"] += 1
-    except (DeadlineExceeded, Cancelled):
-        outcome["deadline"] += 1
-    except BatonError as e:  # anything else is a failure of the cluster, not of the client's choosing
-        outcome[f"error {e.code.name}: {e.details}"] += 1
+        if not cancelled:
+            raise  # not this request's own cancel (the storm's bound): not an outcome
+        return "cancelled"
+    except DeadlineExceeded:
+        return "deadline"
+    except BatonError as e:  # a status of the cluster's choosing, not the client's
+        return f"error {e.code.name}: {e.details}"
+    if finished is not None:
+        whole = seen == finished.completion_tokens == plan.max_tokens
+        return "ok" if whole else f"finished with {seen} tokens ({finished.completion_tokens} counted) of " \
+                                  f"{plan.max_tokens}"
+    if plan.kind == "after-tokens" and seen >= plan.tokens_before_cancel:
+        return "ok"
+    return f"ended after {seen} tokens without a Finish"
+
+
+def judge(plan: Plan, how: str) -> str:
+    """`how` itself when the request's kind allows it, else what went wrong."""
+    return how if how in EXPECTED[plan.kind] else f"wrong for kind {plan.kind!r}: {how}"
 
 
 # gloo lanes, writes into the decode nodes' memory, and routes between two-rank nodes (every rank's sends and
@@ -82,8 +120,9 @@ def test_a_storm_of_cancellations_leaves_nothing_behind(stories_path, stories_ll
             gate = asyncio.Semaphore(CONCURRENCY)
 
             async def gated(r: random.Random) -> None:
+                plan = Plan.draw(r)
                 async with gate:
-                    await one(client, r, outcome)
+                    outcome[judge(plan, await run(client, plan))] += 1
 
             async with AsyncBatonClient(up.address) as client:
                 async with asyncio.timeout(600):  # no request may be stuck: the storm ends, whatever happens
@@ -91,8 +130,8 @@ def test_a_storm_of_cancellations_leaves_nothing_behind(stories_path, stories_ll
             return outcome
 
         outcome = asyncio.run(storm())
-        errors = {k: v for k, v in outcome.items() if k.startswith("error")}
-        assert not errors, f"seed {SEED}: {errors}"
+        wrong = {k: v for k, v in outcome.items() if k not in ("ok", "cancelled", "deadline")}
+        assert not wrong, f"seed {SEED}: {wrong}"
         assert outcome["ok"] and outcome["cancelled"] and outcome["deadline"], f"seed {SEED}: {outcome}"
 
         def settled() -> bool:
@@ -118,4 +157,23 @@ def test_a_storm_of_cancellations_leaves_nothing_behind(stories_path, stories_ll
             for prompt in PROMPTS:
                 want = stories_llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0]
                 assert client.complete(prompt, max_tokens=16, temperature=0).token_ids == want.token_ids
+    assert not up.leftovers and up.returncode == 0
+
+
+def test_each_outcome_is_judged_by_its_requests_kind(stories_path, tmp_path):
+    """The storm's judge, on real requests: a deadline or a cancellation is expected only of the kinds that
+    ask for one. A "finish" or "after-tokens" request that ends by its deadline (here one it cannot meet, as a
+    cluster that hung would make it miss one) is a failure, not one more "deadline"."""
+    long = PROMPTS[3]
+    plans = [Plan("finish", PROMPTS[0], 8, 60.0, 0.0, 1), Plan("after-tokens", PROMPTS[0], 8, 60.0, 0.0, 3),
+             Plan("cancel", long, 48, 60.0, 0.0, 1), Plan("deadline", long, 48, 0.001, 0.0, 1),
+             Plan("finish", long, 48, 0.001, 0.0, 1), Plan("after-tokens", long, 48, 0.001, 0.0, 3)]
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "1") as up:
+        async def verdicts() -> list[str]:
+            async with AsyncBatonClient(up.address) as client:
+                return [judge(plan, await run(client, plan)) for plan in plans]
+
+        assert asyncio.run(verdicts()) == [
+            "ok", "ok", "cancelled", "deadline",
+            "wrong for kind 'finish': deadline", "wrong for kind 'after-tokens': deadline"]
     assert not up.leftovers and up.returncode == 0

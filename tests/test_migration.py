@@ -30,12 +30,41 @@ def _params(i: int) -> dict:
         dict(max_tokens=TOKENS, ignore_eos=True, temperature=0.9, top_p=0.95, seed=100 + i)
 
 
-async def _stream(client: AsyncBatonClient, prompt: str, options: dict, progress: list[int], i: int):
+class Progress:
+    """Each stream's token count so far (`counts`), and a wait for every stream to reach a count that fails,
+    naming the stream, as soon as one ends short of it (a dead stream would otherwise be waited for forever)."""
+
+    def __init__(self, streams: int) -> None:
+        self.counts = [0] * streams
+        self._changed = asyncio.Event()  # set on every token counted and every stream's end
+
+    def add(self, i: int, tokens: int) -> None:
+        self.counts[i] += tokens
+        self._changed.set()
+
+    async def every_stream_has(self, tokens: int, tasks: list[asyncio.Task]) -> None:
+        """Returns once every stream has `tokens` tokens. Each stream's own deadline bounds the wait: a stream
+        that stalls ends by it, and then this fails."""
+        for task in tasks:
+            task.add_done_callback(lambda _: self._changed.set())
+        while min(self.counts) < tokens:
+            short = [i for i, t in enumerate(tasks) if t.done() and self.counts[i] < tokens]
+            if short:
+                i = short[0]
+                end = "was cancelled" if tasks[i].cancelled() else \
+                    f"failed: {tasks[i].exception()!r}" if tasks[i].exception() else "finished"
+                raise AssertionError(f"stream {i} ended after {self.counts[i]} tokens ({end}), before every stream "
+                                     f"had {tokens}; counts: {self.counts}")
+            self._changed.clear()
+            await self._changed.wait()
+
+
+async def _stream(client: AsyncBatonClient, prompt: str, options: dict, progress: Progress, i: int):
     deltas, finish = [], None
     async for item in client.generate(prompt, **options):
         if isinstance(item, Delta):
             deltas.append(item)
-            progress[i] += len(item.token_ids)
+            progress.add(i, len(item.token_ids))
         elif isinstance(item, Finished):
             finish = item
     return deltas, finish
@@ -45,16 +74,15 @@ def _through_faults(up: BatonUp, prompts: list[str], params: list[dict], faults)
     """Runs the streams; each (tokens, fault) in `faults` fires once every stream has that many tokens.
     Returns each stream's (deltas, finish), and each stream's token count as each fault fired (a stream may
     have had all its tokens, and its Finish, before: on a loaded machine streams go at uneven paces)."""
-    progress = [0] * len(prompts)
     at_faults: list[list[int]] = []
 
     async def run():
+        progress = Progress(len(prompts))
         async with AsyncBatonClient(up.address, timeout=300) as client:
             tasks = [asyncio.ensure_future(_stream(client, p, params[i], progress, i)) for i, p in enumerate(prompts)]
             for tokens, fault in faults:
-                while min(progress) < tokens:  # every stream is decoding (wherever it is)
-                    await asyncio.sleep(0.01)
-                at_faults.append(list(progress))
+                await progress.every_stream_has(tokens, tasks)  # every stream is decoding (wherever it is)
+                at_faults.append(list(progress.counts))
                 fault()
             return await asyncio.gather(*tasks)
 
@@ -125,6 +153,21 @@ def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_pat
         [survivor] = [nodes[n] for n in nodes if n not in victims]
         up.wait_until(lambda: (s := up.stats(survivor)).free_blocks == s.total_blocks and not s.running, timeout=10)
     assert not up.hung
+
+
+def test_a_stream_that_ends_short_of_a_faults_count_fails_the_wait_instead_of_hanging(stories_path, tmp_path):
+    """`_through_faults` itself: a stream that ends before the count a fault waits for (here by its own
+    max_tokens, as a stream that dies early would) fails the test at once, naming the stream; the fault never
+    fires. (Waiting on `min(counts) < 10` alone would wait forever.)"""
+    fired: list[bool] = []
+    params = [dict(max_tokens=4, temperature=0.0, ignore_eos=True),
+              dict(max_tokens=40, temperature=0.0, ignore_eos=True)]
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "1") as up:
+        with pytest.raises(AssertionError, match=r"stream 0 ended after 4 tokens \(finished\), before every "
+                                                 r"stream had 10"):
+            _through_faults(up, [PROMPTS[0], PROMPTS[1]], params, [(10, lambda: fired.append(True))])
+    assert not fired
+    assert not up.hung and not up.leftovers
 
 
 def test_an_engine_resumes_a_stream_token_for_token_from_what_was_delivered(stories_llm: LLM):

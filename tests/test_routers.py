@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster_harness import BATON, BatonUp, cluster_pids
-from test_migration import _params, _stream
+from test_migration import Progress, _params, _stream
 from test_stories import PROMPTS
 
 from baton.cluster.etcd_server import free_port
@@ -80,16 +80,15 @@ def test_streams_resume_on_another_router_when_theirs_is_killed(stories_path, st
             Router(up, stories_path) as second:
         victim = _router_pid(up)
         decodes = up.nodes("decode")
-        progress = [0] * STREAMS
 
         async def run():
+            progress = Progress(STREAMS)
             async with AsyncBatonClient([up.address, second], timeout=300) as client:
                 tasks = [asyncio.ensure_future(_stream(client, p, {**options[i], "request_id": ids[i]}, progress, i))
                          for i, p in enumerate(prompts)]
-                while min(progress) < 2:  # every stream is decoding, through the first router
-                    await asyncio.sleep(0.01)
+                await progress.every_stream_has(2, tasks)  # every stream is decoding, through the first router
                 os.kill(victim, signal.SIGKILL)
-                at_kill.extend(progress)
+                at_kill.extend(progress.counts)
                 return await asyncio.gather(*tasks)
 
         at_kill: list[int] = []
