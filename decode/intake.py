@@ -1,7 +1,9 @@
 """What a decode node takes in: a reservation's K/V, received over a lane of the pair channel or written in
 place by a prefill node on the same device. `KVIntake` is the one owner of the lanes' claims and of the
 same-device writes' deadlines; the blocks themselves stay `Reservations`' (this module only asks it to move a
-reservation to RECEIVING, and tells it when the K/V are in or will not come).
+reservation to RECEIVING, and tells it when the K/V are in or will not come). A transfer's routes are received
+on whichever ranks hold their KV heads, through `kvtransfer.ranks.NodeRanks` (rank 0 here, the others through
+their pipes: the same call).
 
 A lane of a pair channel, (prefill node, generation, lane index), as this node sees it:
 
@@ -26,16 +28,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from baton.engine import FieldError
 from baton.engine.async_engine import AsyncEngine
-from baton.engine.parallel import KVRoute, Shard
-from baton.kvtransfer.channel import PairChannels, TransferCancelled, TransferThreads
-from baton.kvtransfer.ranks import RankLink, Route, rank_name, receive_route
+from baton.engine.parallel import KVRoute
+from baton.kvtransfer.channel import TransferCancelled
+from baton.kvtransfer.ranks import Abandon, NodeRanks, ReceiveRoute
+from baton.kvtransfer.routes import TransferRoutes
 from baton.kvtransfer.sender import coalesce
 
 from .reservations import Phase, Reservation, Reservations
@@ -80,24 +82,22 @@ class _Write:
 
 
 class KVIntake:
-    """The K/V coming into this node's reservations. `shards`: this node's ranks' shards; `link`: rank 0's
-    pipes to the other ranks (None without tensor parallelism); `store_address`: this node's KV store;
+    """The K/V coming into this node's reservations. `ranks`: this node's ranks (`NodeRanks`: each receives its
+    own KV heads); `head_starts`: each rank's first KV head; `store_address`: this node's KV store;
     `on_done(started)`: called for each transfer that landed whole (the node's metrics)."""
 
-    def __init__(self, node_id: str, engine: AsyncEngine, reservations: Reservations, channels: PairChannels,
-                 threads: TransferThreads, store_address: str, shards: Sequence[Shard], link: RankLink | None,
-                 timeout: float, on_done: Callable[[float], None]) -> None:
+    def __init__(self, node_id: str, engine: AsyncEngine, reservations: Reservations, ranks: NodeRanks,
+                 head_starts: Sequence[int], store_address: str, timeout: float,
+                 on_done: Callable[[float], None]) -> None:
         self.node_id = node_id
         self.timeout = timeout
         self.bytes_received = 0
-        self.rank_bytes = [0] * len(shards)  # KV bytes each rank received
+        self.rank_bytes = [0] * ranks.size  # KV bytes each rank received
         self._engine = engine
         self._reservations = reservations
-        self._channels = channels
-        self._threads = threads
+        self._ranks = ranks
+        self._head_starts = tuple(head_starts)
         self._store_address = store_address
-        self._shards = shards
-        self._link = link
         self._on_done = on_done
         self._claimed: set[Lane] = set()
         self._writes: dict[str, _Write] = {}
@@ -116,20 +116,19 @@ class KVIntake:
                            "carrying another transfer")
         self._claimed.add(lane)  # until the receive (or drain) on it ends, even if this call is cancelled
         task = None
-        abandon = threading.Event()  # set if the caller leaves before its side of the transfer began
         try:
             r = self._reservations.get(rid)
             if r is None or r.phase is Phase.RELEASED:
                 # Released before its K/V came (the request was cancelled): the prefill node may already be
                 # sending. Take the transfer in and drop it, so the lane stays in step for the next transfer.
-                task = self._hold(lane, self._drain(request, routes, abandon))
-                if not await self._unless_caller_leaves(task, rid, routes, abandon):
+                task = self._hold(lane, self._drain(request, routes))
+                if not await self._unless_caller_leaves(task, rid, routes):
                     raise Released(f"kv transfer failed: {rid!r} was released and could not be drained", False)
                 raise Released(f"request_id: no reservation for {rid!r} (its K/V were dropped)", True)
             self._check_fit(request, r)
             self._reservations.advance(r, Phase.RECEIVING)  # at once, before any await: see Reservations
-            task = self._hold(lane, self._receive(request, r, routes, abandon))
-            received, cancelled = await self._unless_caller_leaves(task, rid, routes, abandon)
+            task = self._hold(lane, self._receive(request, r, routes))
+            received, cancelled = await self._unless_caller_leaves(task, rid, routes)
         finally:
             if task is None:
                 self._claimed.discard(lane)
@@ -145,28 +144,24 @@ class KVIntake:
         task.add_done_callback(lambda _: self._claimed.discard(lane))
         return task
 
-    async def _unless_caller_leaves(self, task: asyncio.Future, request_id: str, routes: list[KVRoute],
-                                    abandon: threading.Event):
+    async def _unless_caller_leaves(self, task: asyncio.Future, request_id: str, routes: list[KVRoute]):
         """`task`'s result. Shielded: if the call is cancelled, the receive still ends (done or failed) before
         its blocks can be freed or reused, and its bookkeeping still runs. But a caller that leaves (a prefill
-        node that died) before it joined the pair group never will: the routes still waiting for it give up
-        at once (`abandon`), and the reservation goes now instead of at the transfer timeout."""
+        node that died) before it joined the pair group never will: the receiving ranks' routes still waiting
+        for it give up at once (`Abandon`), and the reservation goes now instead of at the transfer timeout."""
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            abandon.set()
-            for rank in {route.dst for route in routes if route.dst}:
-                self._link.call(rank, "abandon", request_id).add_done_callback(
-                    lambda f: f.cancelled() or f.exception())
+            for rank in {route.dst for route in routes}:
+                self._ranks.call(rank, Abandon(request_id)).add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
 
-    async def _receive(self, request, r: Reservation, routes: list[KVRoute], abandon: threading.Event
-                       ) -> tuple[int | None, bool]:
+    async def _receive(self, request, r: Reservation, routes: list[KVRoute]) -> tuple[int | None, bool]:
         """(bytes received or None, whether the sender cancelled the transfer)."""
         started = time.monotonic()
         blocks = r.blocks[: self._engine.blocks_for(request.num_tokens)]
         received, cancelled, cause = None, False, "kv transfer failed"
-        failures, cancels, nbytes = await self._routes(request, routes, coalesce(blocks), False, abandon)
+        failures, cancels, nbytes = await self._routes(request, routes, coalesce(blocks), False)
         if failures:
             cause = f"kv transfer failed: {failures[0]}"
             log.warning("kv transfer of %s failed: %s", request.request_id, failures[0])
@@ -179,38 +174,29 @@ class KVIntake:
         await self._reservations.receive_ended(r, received is not None, cause)
         return received, cancelled
 
-    async def _drain(self, request, routes: list[KVRoute], abandon: threading.Event) -> bool:
+    async def _drain(self, request, routes: list[KVRoute]) -> bool:
         """Whether the transfer was taken in (or cancelled by its sender) with the lane left in step."""
-        failures, _, _ = await self._routes(request, routes, coalesce(list(request.block_ids)), True, abandon)
+        failures, _, _ = await self._routes(request, routes, coalesce(list(request.block_ids)), True)
         if failures:
             log.warning("draining the kv transfer of %s failed: %s", request.request_id, failures[0])
         return not failures
 
-    async def _routes(self, request, routes: list[KVRoute], runs: list[tuple[int, int]], drain_only: bool,
-                      abandon: threading.Event) -> tuple[list[BaseException], int, int]:
+    async def _routes(self, request, routes: list[KVRoute], runs: list[tuple[int, int]], drain_only: bool
+                      ) -> tuple[list[BaseException], int, int]:
         """Every route of the transfer into this node (one per sender rank and receiving rank, each on its
-        rank; `kvtransfer.ranks`), run to its end: (their failures, how many were cancelled by their sender,
-        the bytes received). A failed route has dropped its generation with its peer rank."""
-        spec = self._engine.kv_spec
-        calls = []
-        for route in routes:
-            start = self._shards[route.dst].kv_head_start
-            mine = Route(request.request_id, rank_name(self.node_id, route.dst),
-                         rank_name(request.prefill_node_id, route.src), request.generation, request.lane,
-                         self._store_address, tuple(runs), (route.head_start - start, route.head_end - start),
-                         spec.num_layers)
-            if route.dst == 0:
-                calls.append(self._threads.run(receive_route, self._channels, mine, self._engine.kv_pools,
-                                               self.timeout, drain_only, abandon.is_set))
-            else:
-                calls.append(self._link.call(route.dst, "recv", mine, self.timeout, drain_only))
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        rank), run to its end: (their failures, how many were cancelled by their sender, the bytes received).
+        A failed route has dropped its generation with its peer rank."""
+        transfer = TransferRoutes(request.request_id, self.node_id, request.prefill_node_id, request.generation,
+                                  request.lane, self._store_address, tuple(runs), self._engine.kv_spec.num_layers)
+        mine = transfer.routes(routes, False, self._head_starts)
+        results = await asyncio.gather(*(self._ranks.call(rank, ReceiveRoute(route, self.timeout, drain_only))
+                                         for rank, route in mine), return_exceptions=True)
         failures = [e for e in results if isinstance(e, BaseException) and not isinstance(e, TransferCancelled)]
         cancels = sum(isinstance(e, TransferCancelled) for e in results)
         nbytes = 0
-        for route, result in zip(routes, results):
+        for (rank, _), result in zip(mine, results):
             if isinstance(result, int) and not drain_only:
-                self.rank_bytes[route.dst] += result
+                self.rank_bytes[rank] += result
                 nbytes += result
         return failures, cancels, nbytes
 

@@ -27,7 +27,7 @@ from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import kv_routes, shard
 from baton.kvtransfer.channel import LANES_PER_PAIR, KVStoreHost, PairChannels, TransferCancelled, TransferThreads
-from baton.kvtransfer.ranks import RankLink
+from baton.kvtransfer.ranks import NodeRanks, RankWork
 from baton.kvtransfer.shared import decode, share
 from baton.v1 import node_pb2, node_pb2_grpc
 
@@ -73,11 +73,10 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         # the others through their pipes.
         self.shards = [shard(engine.model_config, spec.tensor_parallel_size, r)
                        for r in range(spec.tensor_parallel_size)]
-        link = RankLink(engine.rank_links()) if spec.tensor_parallel_size > 1 else None
+        ranks = NodeRanks(RankWork(engine.kv_pools, spec.device, self.channels), self.threads, engine.rank_links())
         # The K/V coming in, both paths: lane claims, write deadlines, bytes received.
-        self.intake = KVIntake(node_id, engine, self.reservations, self.channels, self.threads,
-                               store.address if store else "", self.shards, link, transfer_timeout,
-                               self.metrics.transfer_done)
+        self.intake = KVIntake(node_id, engine, self.reservations, ranks, [s.kv_head_start for s in self.shards],
+                               store.address if store else "", transfer_timeout, self.metrics.transfer_done)
         self.handing_over = False  # stopping: each stream ends at its next token, for the router to move it
         self._streams_calls: set[StreamsCall] = set()  # the routers' Streams calls
         self._streams_closing = False  # stopping: Streams calls take no new stream and end with their last

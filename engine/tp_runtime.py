@@ -178,9 +178,9 @@ def worker_main(args: WorkerArgs) -> None:
     group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size), host=host)
     model.set_tp(group)
     runner = ModelRunner(model, kv, None, str(device))
-    from baton.kvtransfer.ranks import RankAgent
+    from baton.kvtransfer.ranks import RankAgent, RankWork
 
-    agent = RankAgent(args.kv_conn, kv.pools, device)
+    sink = RankAgent(args.kv_conn, RankWork(kv.pools, device)).work  # its routes' senders, once it has any
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
     length = torch.zeros(1, dtype=torch.int64)
     while True:
@@ -194,9 +194,7 @@ def worker_main(args: WorkerArgs) -> None:
             group.broadcast(length)
             encoded = torch.empty(int(length[0]), dtype=torch.int64)
             group.broadcast(encoded)
-            sink = agent.senders  # None: no route was ever opened from this rank (a decode node's)
-            if sink is not None:
-                prompts = decode_prompts(encoded.numpy())
-                sink.step_started(prompts, kv.pools[0])
-                after_layer = lambda layer: sink.layer_done(layer, kv.pools[layer], prompts)  # noqa: E731
+            prompts = decode_prompts(encoded.numpy())
+            sink.step_started(prompts, kv.pools[0])
+            after_layer = lambda layer: sink.layer_done(layer, kv.pools[layer], prompts)  # noqa: E731
         runner.execute(header.numpy(), flat.numpy(), after_layer)

@@ -40,7 +40,8 @@ from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import kv_routes, shard
 from baton.kvtransfer.channel import KVTransferError, PairChannels, TransferThreads
-from baton.kvtransfer.ranks import RankLink, Route, RouteSenders, rank_name
+from baton.kvtransfer.ranks import DropGeneration, EndRoutes, NodeRanks, OpenRoute, RankWork
+from baton.kvtransfer.routes import Route, rank_name
 from baton.kvtransfer.sender import Staging, check_runs, coalesce
 from baton.kvtransfer.shared import SharedWriter, device_id
 from baton.v1 import node_pb2, node_pb2_grpc
@@ -68,8 +69,10 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.layout = kv_layout(self.spec)
         tp = self.spec.tensor_parallel_size
         self.shards = [shard(engine.model_config, tp, r) for r in range(tp)]
-        self.link = RankLink(engine.rank_links()) if tp > 1 else None  # the other ranks' route senders
-        self.routes = RouteSenders(self.channels, engine.kv_pools, self.staging)  # rank 0's
+        # Rank 0's route senders here, the other ranks' through their pipes.
+        self.ranks = NodeRanks(RankWork(engine.kv_pools, self.spec.device, self.channels, self.staging), self.threads,
+                               engine.rank_links())
+        self.routes = self.ranks.local.senders
         self.rank_bytes = [0] * tp  # KV bytes each rank sent
         # The same-device path's writer per transfer, registered before its prompt can be scheduled and removed
         # only once the request has left the engine: the engine thread (the KV sink below) reads it in between.
@@ -202,10 +205,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             mine = Route(rid, rank_name(self.node_id, route.src), rank_name(target.decode_node_id, route.dst),
                          transfer.generation, transfer.lane, target.kv_store_address, tuple(runs),
                          (route.head_start - start, route.head_end - start), self.spec.num_layers)
-            if route.src == 0:
-                opening = self.threads.run(self.routes.open, mine, self.transfer_timeout)
-            else:
-                opening = self.link.call(route.src, "open", mine, self.transfer_timeout)
+            opening = self.ranks.call(route.src, OpenRoute(mine, self.transfer_timeout))
             opening.add_done_callback(_retrieve)
             transfer.opens.append((route.src, opening))
 
@@ -215,8 +215,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         if transfer.finishing is None:
             async def finish() -> int:
                 ranks = sorted({src for src, _ in transfer.opens})
-                ends = [self.threads.run(self.routes.end, rid, self.transfer_timeout) if rank == 0 else
-                        self.link.call(rank, "end", rid, self.transfer_timeout) for rank in ranks]
+                ends = [self.ranks.call(rank, EndRoutes(rid, self.transfer_timeout)) for rank in ranks]
                 results = await asyncio.gather(*ends, return_exceptions=True)
                 for rank, result in zip(ranks, results):
                     if isinstance(result, int):
@@ -371,9 +370,9 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         if transfer.peer is not None:
             if transfer.failed:
                 self.peers.failed(transfer.peer, transfer.generation)  # before the release: the lane is lost
-                for rank in range(1, len(self.shards)):  # the other ranks' groups of that generation go too
-                    self.link.call(rank, "drop", transfer.peer.node_id, transfer.generation).add_done_callback(
-                        _retrieve)
+                for rank in self.ranks.others:  # the other ranks' groups of that generation go too
+                    self.ranks.call(rank, DropGeneration(transfer.peer.node_id, transfer.generation)
+                                    ).add_done_callback(_retrieve)
             self.peers.release(transfer.peer, transfer.generation, transfer.lane)
 
     async def GetStats(self, request, context):
