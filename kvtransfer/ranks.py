@@ -36,6 +36,7 @@ import torch
 from .channel import KVTransferError, PairChannels, TransferCancelled, TransferThreads
 from .routes import Route, RouteSenders, receive_route
 from .sender import Staging
+from .shared import encode, share
 
 # -- the commands -------------------------------------------------------------------------------------------
 
@@ -173,6 +174,19 @@ class RankWork:
     def layer_done(self, layer: int, pool: torch.Tensor, prompts: list[tuple[str, list[int]]]) -> None:
         if self.senders is not None:
             self.senders.layer_done(layer, pool, prompts)
+
+
+def serve_rank(kv) -> tuple[RankWork, bytes]:
+    """A worker rank's part in its node's KV transfers, started in the rank's own process by its engine
+    (`engine.LLMEngine(rank_kv=serve_rank)`). `kv`: the rank's end of its pipe to rank 0, its KV pools, their
+    storage, its /dev/shm file and its device (`engine.tp_runtime.WorkerKV`). Returns the rank's KV sink and its
+    storage described for mapping by a process on the same device (b"" if it cannot be)."""
+    description = b""
+    if kv.shm_path or kv.device.type == "cuda":  # a pool another process on this device can map
+        description = encode(share(kv.storage, kv.shm_path))
+    work = RankWork(kv.pools, kv.device)
+    RankAgent(kv.conn, work)
+    return work, description
 
 
 # -- the pipes ----------------------------------------------------------------------------------------------
