@@ -25,6 +25,7 @@ from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.engine.shm import remove_stale_shm
 from baton.engine.async_engine import AsyncEngine
 from baton.kvtransfer.channel import KVStoreHost, join_address
+from baton.kvtransfer.ranks import serve_rank
 from baton.v1 import node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     if cfg.engine.share_kv_cache:
         remove_stale_shm()  # what killed nodes on this host left in /dev/shm
-    engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+    # A tensor-parallel node's other ranks each move their own KV heads (kvtransfer/ranks.py).
+    engine = await asyncio.to_thread(LLMEngine, cfg.engine, rank_kv=serve_rank)
     store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host) if cfg.role != "prefill" else None
     servicer, metrics, tasks = None, None, []
     folder = resolve_model_path(cfg.engine.model)

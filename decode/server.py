@@ -3,7 +3,8 @@
 A request's life on a decode node (its blocks' lifecycle is `reservations.Phase`, owned by `Reservations`):
   Reserve   blocks allocated for the prompt, under a lease        (router, before anything is computed)
   ReceiveKV the prefill node's K/V land straight in those blocks  (prefill node, layer by layer, on the lane
-            of the pair channel it names: one transfer at a time per lane, answered once its side is over)
+            of the pair channel it names: one transfer at a time per lane, answered once its side is over;
+            or written in place by a prefill node on this device, until KVWritten): `intake.KVIntake`
   Continue  the sequence is adopted with its first token and decoded by continuous batching; tokens stream
             back to the router until it finishes, is cancelled (the call ends) or the node is stopped
   Release   frees whatever is left; also what the lease does on its own if Continue never comes
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 
 import grpc
 
@@ -26,14 +25,14 @@ from baton.common.logs import REQUEST_ID, client_request_id
 from baton.common.metrics import NodeMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
-from baton.engine.parallel import KVRoute, kv_routes, shard
+from baton.engine.parallel import kv_routes, shard
 from baton.kvtransfer.channel import LANES_PER_PAIR, KVStoreHost, PairChannels, TransferCancelled, TransferThreads
-from baton.kvtransfer.ranks import RankLink, Route, rank_name, receive_route
-from baton.kvtransfer.sender import coalesce
+from baton.kvtransfer.ranks import NodeRanks, RankWork
 from baton.kvtransfer.shared import decode, share
 from baton.v1 import node_pb2, node_pb2_grpc
 
-from .reservations import NotAllowed, Phase, Reservation, Reservations
+from .intake import KVIntake, LaneBusy, NotFound, ReceiveFailed, Released
+from .reservations import NotAllowed, Phase, Reservations
 from .streams import StreamsCall
 
 log = logging.getLogger(__name__)
@@ -58,13 +57,12 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         self.peer_idle_seconds = peer_idle_seconds
         self.reservations = Reservations(engine)
         self.layout = kv_layout(spec)
-        self.kv_bytes_received = 0
         self.requests_served = 0
-        # (prefill node, generation, lane) of the receives and drains in progress: the prefill node never puts
-        # two transfers on one lane at once, and one that did would get the other's messages.
-        self._busy: set[tuple[str, int, int]] = set()
+        # `model`: the name the node registers its model under ("": the architecture's), its metrics' label.
+        self.metrics = NodeMetrics(node_id, role, model or engine.model_config.architecture,
+                                   spec.tensor_parallel_size)
         # The same-device path: how a prefill node on this device maps the KV storage (a CUDA allocation is
-        # always shareable; a CPU one only when the engine put it in /dev/shm), and the writes in progress.
+        # always shareable; a CPU one only when the engine put it in /dev/shm).
         storage, shm_path = engine.kv_storage
         self.share, self.rank_shares = None, []
         if publish_share and (storage.device.type == "cuda" or shm_path):
@@ -75,16 +73,13 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         # the others through their pipes.
         self.shards = [shard(engine.model_config, spec.tensor_parallel_size, r)
                        for r in range(spec.tensor_parallel_size)]
-        self.link = RankLink(engine.rank_links()) if spec.tensor_parallel_size > 1 else None
-        self.rank_bytes = [0] * spec.tensor_parallel_size  # KV bytes each rank received
-        # request id -> (its deadline, when the writes began), until KVWritten
-        self._writes: dict[str, tuple[asyncio.Task, float]] = {}
+        ranks = NodeRanks(RankWork(engine.kv_pools, spec.device, self.channels), self.threads, engine.rank_links())
+        # The K/V coming in, both paths: lane claims, write deadlines, bytes received.
+        self.intake = KVIntake(node_id, engine, self.reservations, ranks, [s.kv_head_start for s in self.shards],
+                               store.address if store else "", transfer_timeout, self.metrics.transfer_done)
         self.handing_over = False  # stopping: each stream ends at its next token, for the router to move it
         self._streams_calls: set[StreamsCall] = set()  # the routers' Streams calls
         self._streams_closing = False  # stopping: Streams calls take no new stream and end with their last
-        # `model`: the name the node registers its model under ("": the architecture's), its metrics' label.
-        self.metrics = NodeMetrics(node_id, role, model or engine.model_config.architecture,
-                                   spec.tensor_parallel_size)
         engine.set_step_observer(self.metrics.observe_step)
         self.advertise("")  # until its server is bound (`advertise`)
 
@@ -119,7 +114,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         return node_pb2.ReleaseResponse(freed_blocks=await self.reservations.release(request.request_id, "released"))
 
-    # -- KV transfer --------------------------------------------------------------------------------
+    # -- KV transfer (decode/intake.py owns it; here, its gRPC face) ---------------------------------
 
     async def ReceiveKV(self, request, context):
         """Answered only once this node's side of the transfer is over (every message on its lane matched, or
@@ -129,7 +124,14 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         if not layouts_match(request.layout, self.layout, any_degree=True):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
         if request.shared:
-            return await self._begin_write(request, context)
+            if self.share is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "shared: this node's KV storage is not shared")
+            try:
+                self.intake.begin_write(request)
+            except (NotFound, FieldError, NotAllowed) as e:
+                await context.abort(_status_of(e), str(e))
+            return node_pb2.ReceiveKVResponse()
         try:  # which sender rank sends which heads to which of this node's ranks
             routes = kv_routes(self.engine.model_config, request.layout.tensor_parallel_size or 1, len(self.shards))
         except ConfigError as e:
@@ -137,161 +139,18 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         if request.lane >= LANES_PER_PAIR:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"lane: must be below {LANES_PER_PAIR}, got {request.lane}")
-        lane = (request.prefill_node_id, request.generation, request.lane)
-        if lane in self._busy:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"lane: lane {request.lane} of generation {request.generation} with "
-                                f"{request.prefill_node_id!r} is carrying another transfer")
-        self._busy.add(lane)  # until the receive (or drain) on it ends, even if this call is cancelled
-        task = None
-        abandon = threading.Event()  # set if the caller leaves before its side of the transfer began
         try:
-            r = self.reservations.get(request.request_id)
-            if r is None or r.phase is Phase.RELEASED:
-                # Released before its K/V came (the request was cancelled): the prefill node may already be
-                # sending. Take the transfer in and drop it, so the lane stays in step for the next transfer.
-                task = self._on_lane(lane, self._drain(request, routes, abandon))
-                if not await self._unless_caller_leaves(task, request, routes, abandon):
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {request.request_id!r} "
-                                        "was released and could not be drained")
-                await context.abort(grpc.StatusCode.NOT_FOUND,
-                                    f"request_id: no reservation for {request.request_id!r} (its K/V were dropped)")
-            if not 0 < self.engine.blocks_for(request.num_tokens) <= len(r.blocks):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_tokens: {request.num_tokens} tokens "
-                                    f"do not fit the {len(r.blocks)} reserved blocks")
-            try:
-                self.reservations.advance(r, Phase.RECEIVING)  # at once, before any await: see Reservations
-            except NotAllowed as e:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-            task = self._on_lane(lane, self._receive(request, r, routes, abandon))
-            received, cancelled = await self._unless_caller_leaves(task, request, routes, abandon)
-        finally:
-            if task is None:
-                self._busy.discard(lane)
-        if cancelled:
-            await context.abort(grpc.StatusCode.ABORTED,
-                                f"kv transfer of {request.request_id!r} cancelled by the prefill node")
-        if received is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {r.cause}")
+            received = await self.intake.receive(request, routes)
+        except (LaneBusy, Released, FieldError, NotAllowed, TransferCancelled, ReceiveFailed) as e:
+            await context.abort(_status_of(e), str(e))
         return node_pb2.ReceiveKVResponse(bytes_received=received)
-
-    async def _unless_caller_leaves(self, task: asyncio.Future, request, routes: list[KVRoute],
-                                    abandon: threading.Event):
-        """`task`'s result. Shielded: if this call is cancelled, the receive still ends (done or failed) before
-        its blocks can be freed or reused, and its bookkeeping still runs. But a caller that leaves (a prefill
-        node that died) before it joined the pair group never will: the routes still waiting for it give up
-        at once (`abandon`), and the reservation goes now instead of at the transfer timeout."""
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            abandon.set()
-            for rank in {route.dst for route in routes if route.dst}:
-                self.link.call(rank, "abandon", request.request_id).add_done_callback(
-                    lambda f: f.cancelled() or f.exception())
-            raise
-
-    async def _receive(self, request, r: Reservation, routes: list[KVRoute], abandon: threading.Event
-                       ) -> tuple[int | None, bool]:
-        """(bytes received or None, whether the sender cancelled the transfer)."""
-        started = time.monotonic()
-        blocks = r.blocks[: self.engine.blocks_for(request.num_tokens)]
-        received, cancelled, cause = None, False, "kv transfer failed"
-        failures, cancels, nbytes = await self._routes(request, routes, coalesce(blocks), False, abandon)
-        if failures:
-            cause = f"kv transfer failed: {failures[0]}"
-            log.warning("kv transfer of %s failed: %s", request.request_id, failures[0])
-        elif cancels:
-            cancelled, cause = True, "kv transfer cancelled by the prefill node"  # the lane is in step: keep it
-        else:
-            received = nbytes
-            self.kv_bytes_received += received
-            self.metrics.transfer_done(started)
-        await self.reservations.receive_ended(r, received is not None, cause)
-        return received, cancelled
-
-    async def _drain(self, request, routes: list[KVRoute], abandon: threading.Event) -> bool:
-        """Whether the transfer was taken in (or cancelled by its sender) with the lane left in step."""
-        failures, _, _ = await self._routes(request, routes, coalesce(list(request.block_ids)), True, abandon)
-        if failures:
-            log.warning("draining the kv transfer of %s failed: %s", request.request_id, failures[0])
-        return not failures
-
-    async def _routes(self, request, routes: list[KVRoute], runs: list[tuple[int, int]], drain_only: bool,
-                      abandon: threading.Event) -> tuple[list[BaseException], int, int]:
-        """Every route of the transfer into this node (one per sender rank and receiving rank, each on its
-        rank; `kvtransfer.ranks`), run to its end: (their failures, how many were cancelled by their sender,
-        the bytes received). A failed route has dropped its generation with its peer rank."""
-        spec = self.engine.kv_spec
-        calls = []
-        for route in routes:
-            start = self.shards[route.dst].kv_head_start
-            mine = Route(request.request_id, rank_name(self.node_id, route.dst),
-                         rank_name(request.prefill_node_id, route.src), request.generation, request.lane,
-                         self.store.address, tuple(runs), (route.head_start - start, route.head_end - start),
-                         spec.num_layers)
-            if route.dst == 0:
-                calls.append(self.threads.run(receive_route, self.channels, mine, self.engine.kv_pools,
-                                              self.transfer_timeout, drain_only, abandon.is_set))
-            else:
-                calls.append(self.link.call(route.dst, "recv", mine, self.transfer_timeout, drain_only))
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        failures = [e for e in results if isinstance(e, BaseException) and not isinstance(e, TransferCancelled)]
-        cancels = sum(isinstance(e, TransferCancelled) for e in results)
-        nbytes = 0
-        for route, result in zip(routes, results):
-            if isinstance(result, int) and not drain_only:
-                self.rank_bytes[route.dst] += result
-                nbytes += result
-        return failures, cancels, nbytes
-
-    def _on_lane(self, lane: tuple[str, int, int], work) -> asyncio.Future:
-        """`work` (a receive or a drain) as a task that holds `lane`'s claim until it ends."""
-        task = asyncio.ensure_future(work)
-        task.add_done_callback(lambda _: self._busy.discard(lane))
-        return task
-
-    async def _begin_write(self, request, context):
-        """The same-device path: the prefill node writes into the reserved blocks itself. The reservation
-        becomes RECEIVING (so a release waits for the writes to end), and KVWritten, or the transfer timeout,
-        ends it."""
-        if self.share is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "shared: this node's KV storage is not shared")
-        r = self.reservations.get(request.request_id)
-        if r is None or r.phase is Phase.RELEASED:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no reservation for {request.request_id!r}")
-        if not 0 < self.engine.blocks_for(request.num_tokens) <= len(r.blocks):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_tokens: {request.num_tokens} tokens "
-                                f"do not fit the {len(r.blocks)} reserved blocks")
-        if list(request.block_ids) != r.blocks[: len(request.block_ids)]:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_ids: not this reservation's blocks")
-        try:
-            self.reservations.advance(r, Phase.RECEIVING)  # at once, before any await: see Reservations
-        except NotAllowed as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        self._writes[request.request_id] = (asyncio.create_task(self._write_deadline(r, request.prefill_node_id)),
-                                            time.monotonic())
-        return node_pb2.ReceiveKVResponse()
-
-    async def _write_deadline(self, r: Reservation, prefill_id: str) -> None:
-        await asyncio.sleep(self.transfer_timeout)
-        if self._writes.pop(r.request_id, None) is not None:
-            log.warning("kv writes of %s by %s did not end in %.0f s", r.request_id, prefill_id, self.transfer_timeout)
-            await self.reservations.receive_ended(r, False, "the prefill node's KV writes did not end in time")
 
     async def KVWritten(self, request, context):
         REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
-        write = self._writes.pop(request.request_id, None)
-        r = self.reservations.get(request.request_id)
-        if write is None or r is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no KV write in progress for "
-                                f"{request.request_id!r}")
-        deadline, started = write
-        deadline.cancel()
-        if request.ok:
-            self.kv_bytes_received += request.bytes_written
-            self.metrics.transfer_done(started)
-        await self.reservations.receive_ended(r, request.ok, "kv written" if request.ok else
-                                              f"the prefill node {request.prefill_node_id} gave up its KV writes")
+        try:
+            await self.intake.end_write(request.request_id, request.prefill_node_id, request.ok, request.bytes_written)
+        except NotFound as e:
+            await context.abort(_status_of(e), str(e))
         return node_pb2.KVWrittenResponse()
 
     # -- decoding -----------------------------------------------------------------------------------
@@ -430,16 +289,31 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         total, free, running, waiting = await self.engine.load()
         return node_pb2.NodeStats(
             node_id=self.node_id, role=self.role, total_blocks=total, free_blocks=free, running=running,
-            waiting=waiting, reserved=self.reservations.pending, kv_bytes_received=self.kv_bytes_received,
-            requests_served=self.requests_served, peers=self.channels.peers(), rank_kv_bytes=self.rank_bytes,
+            waiting=waiting, reserved=self.reservations.pending, kv_bytes_received=self.intake.bytes_received,
+            requests_served=self.requests_served, peers=self.channels.peers(), rank_kv_bytes=self.intake.rank_bytes,
         )
 
     async def close(self) -> None:
-        for deadline, _ in self._writes.values():
-            deadline.cancel()
+        self.intake.close()
         await self.reservations.release_all("node shutdown")
         self.channels.close()
         self.threads.close()
+
+
+# How the intake's refusals and ends answer ReceiveKV and KVWritten. OK, NOT_FOUND (a drained transfer) and
+# ABORTED (a cancel header) tell the prefill node that the lane is in step; a Released that could not be
+# drained is UNAVAILABLE, like a failed receive: the lane's generation must go.
+_INTAKE_STATUS = (
+    (LaneBusy, grpc.StatusCode.FAILED_PRECONDITION), (NotAllowed, grpc.StatusCode.FAILED_PRECONDITION),
+    (FieldError, grpc.StatusCode.INVALID_ARGUMENT), (NotFound, grpc.StatusCode.NOT_FOUND),
+    (TransferCancelled, grpc.StatusCode.ABORTED), (ReceiveFailed, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def _status_of(e: Exception) -> grpc.StatusCode:
+    if isinstance(e, Released):
+        return grpc.StatusCode.NOT_FOUND if e.drained else grpc.StatusCode.UNAVAILABLE
+    return next(code for kind, code in _INTAKE_STATUS if isinstance(e, kind))
 
 
 def _choice_ids(request_id: str, forks: int) -> list[str]:

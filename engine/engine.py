@@ -24,7 +24,7 @@ from .loader import load_model
 from .model_runner import KVCache, ModelRunner
 from .ops import make_ops
 from .parallel import shard
-from .tp_runtime import TPWorkers, rank_device
+from .tp_runtime import RankKVService, TPWorkers, rank_device
 from .request import FinishReason, RequestOutput, Resumed, SamplingParams
 from .requests import Requests
 from .sampler import sample, top_alternatives
@@ -77,7 +77,9 @@ class KVSink(Protocol):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank_kv: RankKVService | None = None) -> None:
+        """`rank_kv`: a tensor-parallel engine's other ranks start it to take part in KV transfers (a prefill or
+        decode node's: `kvtransfer.ranks.serve_rank`); without it they only compute."""
         self.config = config
         folder = resolve_model_path(config.model)
         self.model_config = cfg = ModelConfig.from_folder(folder)
@@ -106,7 +108,7 @@ class LLMEngine:
                      self.shard.num_kv_heads)
         self._workers = None
         if tp > 1:  # the other ranks: their own processes, each with its shard and its own pool
-            self._workers = TPWorkers(config, str(folder), cfg, num_blocks, self.max_model_len)
+            self._workers = TPWorkers(config, str(folder), cfg, num_blocks, self.max_model_len, rank_kv=rank_kv)
             model.set_tp(self._workers.group)
         graphs = None
         if device.startswith("cuda") and config.kernels == "triton" and not config.enforce_eager and tp == 1:
@@ -128,7 +130,8 @@ class LLMEngine:
         return [] if self._workers is None else self._workers.pools
 
     def rank_links(self) -> list:
-        """Rank 0's ends of the pipes to ranks 1, 2, ... (`kvtransfer.ranks.RankLink` drives their KV transfers)."""
+        """Rank 0's ends of the pipes to ranks 1, 2, ... (`kvtransfer.ranks.NodeRanks` drives their KV transfers
+        through them); none without `rank_kv`."""
         return [] if self._workers is None else self._workers.links
 
     def ranks_alive(self) -> bool:

@@ -3,8 +3,10 @@ ranks 1..N-1 are workers that only execute. Each step, rank 0 broadcasts the ste
 one int64 array: `ModelRunner.flatten`) and every rank runs its shard of the forward pass; the row-parallel
 layers' all-reduces and the logits' gather keep them in step. A step that computes prompts bound for a KV
 transfer (a prefill node's) carries them too, so that each rank posts its own heads' sends as its layers are
-done (`kvtransfer.ranks`); rank 0 drives those transfers through one pipe per rank. A worker dies with rank 0 (and rank 0's next
-collective fails when a worker dies), so no rank outlives the engine.
+done. The worker loop knows KV transfers only as a `KVSink`: the node's service hands the engine a
+`RankKVService` (`LLMEngine(rank_kv=...)`, picklable), which each worker starts in its own process with its end of
+a pipe to rank 0 (rank 0 drives the transfers through it) and which returns the rank's sink. A worker dies with
+rank 0 (and rank 0's next collective fails when a worker dies), so no rank outlives the engine.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import datetime
 import multiprocessing as mp
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +27,9 @@ import torch.distributed as dist
 from .config import DTYPES, EngineConfig, ModelConfig
 from .host_collectives import HostCollectives
 from .parallel import TPGroup, make_group, shard
+
+if TYPE_CHECKING:
+    from .engine import KVSink
 
 HEADER_LEN = 16
 POOL_KEY = "tp/kv-pool"  # + "/rank": that rank's KV storage described for mapping ("" if not shareable)
@@ -34,6 +41,22 @@ def rank_device(device: str, rank: int) -> torch.device:
     """Rank r's device: the r-th GPU after the engine's own (each rank its own GPU), or the CPU."""
     d = torch.device(device)
     return torch.device("cuda", (d.index or 0) + rank) if d.type == "cuda" else d
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerKV:
+    """What a worker rank hands its node's KV transfers, in its own process."""
+
+    conn: object  # its end of its pipe to rank 0
+    pools: list[torch.Tensor]  # its KV pools, one per layer: [num_blocks, 2, block_size, its kv heads, head_dim]
+    storage: torch.Tensor  # all of them, contiguous
+    shm_path: str  # the /dev/shm file that holds the storage ("" if none)
+    device: torch.device
+
+
+# Started by each worker rank (pickled to it: a module-level function): the rank's KV sink, and its storage
+# described for mapping by a process on the same device (b"" if it cannot be).
+RankKVService = Callable[[WorkerKV], "tuple[KVSink, bytes]"]
 
 
 @dataclass(frozen=True)
@@ -48,30 +71,32 @@ class WorkerArgs:
     parent_pid: int
     host_path: str  # rank 0's shared-memory collectives buffer ("" on CUDA)
     kv_conn: object = None  # this rank's end of its pipe to rank 0 (KV transfer commands)
+    rank_kv: RankKVService | None = None  # None: this engine's ranks take no part in KV transfers
 
 
 class TPWorkers:
     """Rank 0's side: starts the other ranks, joins them in one group, and sends each step to them."""
 
     def __init__(self, config: EngineConfig, folder: str, cfg: ModelConfig, num_blocks: int, max_model_len: int,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, rank_kv: RankKVService | None = None) -> None:
         size = config.tensor_parallel_size
         device = rank_device(config.device, 0)
         self.store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=timeout),
                                    wait_for_workers=False)
         host = HostCollectives(0, size, HOST_SLOT_BYTES) if device.type == "cpu" else None
         ctx = mp.get_context("spawn")  # torch's threads exist already: never fork
-        pipes = [ctx.Pipe() for _ in range(1, size)]
-        self.links = [mine for mine, _ in pipes]  # rank 0's ends, for kvtransfer.ranks.RankLink
+        pipes = [ctx.Pipe() if rank_kv is not None else (None, None) for _ in range(1, size)]
+        self.links = [mine for mine, _ in pipes if mine is not None]  # rank 0's ends: the KV service drives them
         self.procs = [ctx.Process(target=worker_main, name=f"tp-rank-{rank}", daemon=True,
                                   args=(WorkerArgs(config, folder, rank, size, num_blocks, max_model_len,
                                                    self.store.port, os.getpid(), host.path if host else "",
-                                                   theirs),))
+                                                   theirs, rank_kv),))
                       for rank, (_, theirs) in zip(range(1, size), pipes)]
         for p in self.procs:
             p.start()
         for _, theirs in pipes:
-            theirs.close()  # the worker's copy only: its death then closes rank 0's end
+            if theirs is not None:
+                theirs.close()  # the worker's copy only: its death then closes rank 0's end
         self.group: TPGroup | None = None  # None until every rank has joined, and again once stopped
         try:
             self.group = make_group(0, size, self.store, device, vocab_sizes(cfg, size), timeout, host)
@@ -168,19 +193,15 @@ def worker_main(args: WorkerArgs) -> None:
                  num_kv_heads=mine.num_kv_heads)
     store = dist.TCPStore("127.0.0.1", args.store_port, None, False, datetime.timedelta(seconds=300),
                           wait_for_workers=False)
+    sink: KVSink | None = None
     description = b""
-    if kv.shm_path or device.type == "cuda":  # a pool another process on this device can map
-        from baton.kvtransfer.shared import encode, share
-
-        description = encode(share(kv.storage, kv.shm_path))
+    if args.rank_kv is not None:
+        sink, description = args.rank_kv(WorkerKV(args.kv_conn, kv.pools, kv.storage, kv.shm_path, device))
     store.set(f"{POOL_KEY}/{args.rank}", description)  # before joining the group: rank 0 reads it after
     host = HostCollectives(args.rank, args.size, HOST_SLOT_BYTES, args.host_path) if args.host_path else None
     group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size), host=host)
     model.set_tp(group)
     runner = ModelRunner(model, kv, None, str(device))
-    from baton.kvtransfer.ranks import RankAgent
-
-    agent = RankAgent(args.kv_conn, kv.pools, device)
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
     length = torch.zeros(1, dtype=torch.int64)
     while True:
@@ -194,7 +215,6 @@ def worker_main(args: WorkerArgs) -> None:
             group.broadcast(length)
             encoded = torch.empty(int(length[0]), dtype=torch.int64)
             group.broadcast(encoded)
-            sink = agent.senders  # None: no route was ever opened from this rank (a decode node's)
             if sink is not None:
                 prompts = decode_prompts(encoded.numpy())
                 sink.step_started(prompts, kv.pools[0])

@@ -1,168 +1,205 @@
-"""KV transfers between nodes of any tensor-parallel degrees: rank to rank, never through one process.
+"""A node's ranks in its KV transfers: rank 0 (the process that speaks gRPC) fans each transfer's routes out
+over every rank of its node, itself included, through one interface.
 
-A transfer from a prefill node of degree p to a decode node of degree d is split into routes
-(`engine.parallel.kv_routes`): prefill rank s sends KV heads [a, b) to decode rank r. A route is a transfer of
-its own (the `sender` / `receiver` protocol; a head range is packed into one contiguous buffer per layer) on
-the pair channel between those two processes, each named by its rank (`rank_name`). Every route of a transfer
-travels on the node pair's generation and lane, so the lanes' rule (one transfer at a time, a lane given back
-only once the decode node has answered) holds for all of them at once; a failure of any route fails the
-transfer and its generation, for every rank.
+    NodeRanks.call(rank, command) ──rank 0──▶ RankWork.run on a transfer thread, in this process
+                                  └─rank r──▶ RankLink ══pipe══▶ RankAgent (rank r) ──▶ its RankWork.run
 
-Rank 0 of each node speaks gRPC and drives its other ranks through one pipe each: `RankLink` (rank 0) sends a
-numbered command, `RankAgent` (on the rank) runs it on a thread of its own and answers under that number, so
-the answers of two routes (two ranks, or two requests) are never taken for one another. A decode node's
-transfer is complete when every route's receiver has answered. A prefill rank posts its sends from its own
-engine step: `RouteSenders` is each prefill rank's KV sink, and rank 0 broadcasts the step's prompts with its
-inputs (`engine.tp_runtime`).
+A command is a typed message (`OpenRoute`, `EndRoutes`, `ReceiveRoute`, `Abandon`, `DropGeneration`), pickled
+over the pipes; its answer is the command's result, or TransferCancelled (the sender's cancel header: the lane
+is in step), or KVTransferError, whichever rank ran it. `RankWork` is one rank's side of every transfer: its
+pair channels, its route senders (its engine's KV sink), its receives. Answers come back numbered, so the
+answers of two routes (two ranks, or two requests) are never taken for one another.
+
+A receive on a rank, by request id (`RankWork`; `Abandon` is how rank 0 tells it that the caller left):
+
+    (none) ──ReceiveRoute admitted──▶ RECEIVING ──Abandon──▶ ABANDONED ──its last route ends──▶ (none)
+                                          └──────────────its last route ends─────────────────▶ (none)
+
+An ABANDONED receive still waiting for its peer to join the pair group gives up at once. A receive is admitted
+(counted) when its command is handed over, before it runs: an Abandon that follows always finds it. An
+Abandon for a request that receives nothing here is forgotten.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
-import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .channel import DECODE_RANK, PREFILL_RANK, KVTransferError, PairChannels, TransferCancelled
-from .receiver import drain, receive
-from .sender import KVSender, Staging
+from .channel import KVTransferError, PairChannels, TransferCancelled, TransferThreads
+from .routes import Route, RouteSenders, receive_route
+from .sender import Staging
+from .shared import encode, share
 
-log = logging.getLogger(__name__)
-
-
-def rank_name(node_id: str, rank: int) -> str:
-    """A node's rank as a pair channel peer. Rank 0 is the node itself; node ids never hold a "/", so
-    `PairChannels.drop(node_id)` can find a node's other ranks by the prefix."""
-    return node_id if rank == 0 else f"{node_id}/{rank}"
+# -- the commands -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    """One route of one transfer, as one of its two ranks sees it."""
+class OpenRoute:
+    """Prefill rank: open (or reuse) the route's lane and register its sender. Answer: None."""
+
+    route: Route
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class EndRoutes:
+    """Prefill rank: end the request's routes (what they owe goes) and wait for their sends. Answer: bytes."""
 
     request_id: str
-    me: str  # this rank's name (`rank_name`)
-    peer: str  # the other end's
-    generation: int  # the node pair's
-    lane: int
-    store: str  # the decode node's KV store address (rank 0 hosts it for all its ranks)
-    runs: tuple[tuple[int, int], ...]  # the decode node's reserved blocks, coalesced
-    heads: tuple[int, int]  # the range of this rank's own KV heads that the route carries
-    num_layers: int
+    timeout: float
 
 
-class RouteSenders:
-    """A prefill rank's route senders, by request: its engine's KV sink (engine thread) and the routes' opens
-    and ends (transfer threads). `pools`: this rank's KV pools, one per layer."""
+@dataclass(frozen=True, slots=True)
+class ReceiveRoute:
+    """Decode rank: receive the route into the reserved blocks, or (`drain_only`) take it in and drop it.
+    Answer: bytes."""
 
-    def __init__(self, channels: PairChannels, pools: Sequence[torch.Tensor], staging: Staging | None = None) -> None:
-        self.channels = channels
+    route: Route
+    timeout: float
+    drain_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """Decode rank: the request's caller left; its receives still waiting for their peer give up. Answer: None."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DropGeneration:
+    """Any rank: forget the groups of `generation` (and older) with the peer node's ranks. Answer: None."""
+
+    peer: str
+    generation: int
+
+
+Command = OpenRoute | EndRoutes | ReceiveRoute | Abandon | DropGeneration
+
+
+class Answer(enum.StrEnum):
+    """How a rank's answer on its pipe went: (number, Answer, the result or the error's text)."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+# -- one rank -----------------------------------------------------------------------------------------------
+
+
+class RankWork:
+    """One rank's side of its node's KV transfers. `channels`: rank 0's own (its service's); a worker rank
+    makes its own on the first command, which names the rank (`Route.me`). Thread-safe: each command runs
+    on a thread of its own (a receive waits for its sender, an open for its peer).
+
+    It is its engine's KV sink too (`engine.KVSink`: the step posts its routes' layers), through its route
+    senders once it has any."""
+
+    def __init__(self, pools: Sequence[torch.Tensor], device: torch.device | str,
+                 channels: PairChannels | None = None, staging: Staging | None = None) -> None:
         self.pools = pools
-        self.staging = staging if staging is not None else Staging()
-        self._senders: dict[str, list[KVSender]] = {}
-        self._lock = threading.Lock()
+        self.device = torch.device(device)
+        self._channels = channels
+        self._staging = staging
+        self.senders: RouteSenders | None = None if channels is None else RouteSenders(channels, pools, staging)
+        self._lock = threading.Lock()  # making the channels, the two records below
+        self._receiving: Counter[str] = Counter()  # request id -> its routes receiving here
+        self._abandoned: set[str] = set()  # those of them whose caller left
 
-    def open(self, route: Route, timeout: float) -> None:
-        """Opens (or reuses) the route's lane and registers its sender: its header goes when the prompt's step
-        starts. Blocking. Raises KVTransferError (nothing is registered then)."""
-        group = self.channels.get(route.peer, route.generation, route.store, PREFILL_RANK, timeout, route.lane)
-        heads = None if route.heads == (0, self.pools[0].shape[3]) else route.heads
-        sender = KVSender(group, DECODE_RANK, route.request_id, None, route.runs, num_layers=route.num_layers,
-                          pool=self.pools[0], post_header=False, staging=self.staging, heads=heads)
-        with self._lock:
-            self._senders.setdefault(route.request_id, []).append(sender)
+    def admit(self, command: Command) -> None:
+        """Counts a receive in as its command is handed over (before `run`): an Abandon then finds it."""
+        if isinstance(command, ReceiveRoute):
+            with self._lock:
+                self._receiving[command.route.request_id] += 1
 
-    def end(self, request_id: str, timeout: float) -> int:
-        """Ends the request's routes from this rank (call once its engine holds the request no more): what a
-        route still owes goes (a cancel header, or zeros), then every send is waited for. Returns the bytes
-        sent; raises the first route's KVTransferError."""
-        with self._lock:
-            senders = self._senders.pop(request_id, [])
-        sent, error = 0, None
-        for sender in senders:
-            sender.end_early()  # nothing if every layer went
-            try:
-                sent += sender.wait(timeout)
-            except KVTransferError as e:
-                error = error or e
-        if error is not None:
-            raise error
-        return sent
+    def run(self, command: Command):
+        """Runs an admitted command (blocking): its answer, TransferCancelled or KVTransferError."""
+        try:
+            return self._execute(command)
+        except (TransferCancelled, KVTransferError):
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is a failed transfer to rank 0
+            raise KVTransferError(f"{type(e).__name__}: {e}") from e
 
-    def _of(self, request_id: str) -> list[KVSender]:
-        with self._lock:
-            return list(self._senders.get(request_id, ()))
-
-    # The KV sink (engine thread, inside a step): never raises, a failure stays with its route's sender.
-    def step_started(self, prompts: list[tuple[str, list[int]]], pool: torch.Tensor) -> None:
-        for rid, table in prompts:
-            for sender in self._of(rid):
+    def _execute(self, command: Command):
+        match command:
+            case OpenRoute(route, timeout):
+                self._for(route.me)
+                return self.senders.open(route, timeout)
+            case EndRoutes(request_id, timeout):
+                return self.senders.end(request_id, timeout) if self.senders is not None else 0
+            case ReceiveRoute(route, timeout, drain_only):
+                rid = route.request_id
                 try:
-                    sender.begin(table[: sender.num_blocks], pool)
-                except Exception as e:  # noqa: BLE001 - kept by the sender, raised by its wait
-                    log.warning("kv route of %s: the header failed: %s", rid, e)
+                    return receive_route(self._for(route.me), route, self.pools, timeout, drain_only,
+                                         lambda: rid in self._abandoned)
+                finally:
+                    with self._lock:
+                        self._receiving[rid] -= 1
+                        if not self._receiving[rid]:
+                            del self._receiving[rid]
+                            self._abandoned.discard(rid)
+            case Abandon(request_id):
+                with self._lock:
+                    if request_id in self._receiving:  # else nothing waits: nothing to remember
+                        self._abandoned.add(request_id)
+                return None
+            case DropGeneration(peer, generation):
+                if self._channels is not None:
+                    self._channels.drop(peer, generation)
+                return None
+        raise TypeError(f"not a rank command: {command!r}")
+
+    def _for(self, me: str) -> PairChannels:
+        with self._lock:
+            if self._channels is None:
+                self._channels = PairChannels(me, self.device)
+                self.senders = RouteSenders(self._channels, self.pools, self._staging)
+            return self._channels
+
+    # The KV sink (engine thread, inside a step): nothing to post before a route was opened here.
+    def step_started(self, prompts: list[tuple[str, list[int]]], pool: torch.Tensor) -> None:
+        if self.senders is not None:
+            self.senders.step_started(prompts, pool)
 
     def layer_done(self, layer: int, pool: torch.Tensor, prompts: list[tuple[str, list[int]]]) -> None:
-        for rid, _ in prompts:
-            for sender in self._of(rid):
-                if sender.failed is None and sender.header is not None:
-                    try:
-                        sender.send_layer(layer, pool)
-                    except Exception as e:  # noqa: BLE001 - a dead peer fails only the routes bound for it
-                        log.warning("kv route of %s: layer %d failed: %s", rid, layer, e)
+        if self.senders is not None:
+            self.senders.layer_done(layer, pool, prompts)
 
 
-def receive_route(channels: PairChannels, route: Route, pools: Sequence[torch.Tensor], timeout: float,
-                  drain_only: bool = False, abandoned: Callable[[], bool] | None = None) -> int:
-    """A decode rank's side of a route: received into the reserved blocks' head range (or, `drain_only`, taken
-    in and dropped: the reservation is gone). Blocking. Returns the bytes; raises TransferCancelled (the lane is
-    in step) or KVTransferError, after dropping the route's generation with that peer. `abandoned`: see
-    `PairChannels.get` (a set-up still waiting for its peer gives up once it is true)."""
-    try:
-        group = channels.get(route.peer, route.generation, route.store, DECODE_RANK, timeout, route.lane,
-                             abandoned)
-        if drain_only:
-            first = pools[0]
-            shape = (2, first.shape[2], route.heads[1] - route.heads[0], first.shape[4])
-            return drain(group, PREFILL_RANK, route.request_id, route.runs, shape, first.dtype, first.device,
-                         timeout)
-        return receive(group, PREFILL_RANK, route.request_id, pools, route.runs, timeout, heads=route.heads)
-    except TransferCancelled:
-        raise
-    except Exception as e:
-        channels.drop(route.peer, route.generation)  # this generation only: a newer one serves others
-        if isinstance(e, KVTransferError):
-            raise
-        raise KVTransferError(f"kv route of {route.request_id} from {route.peer}: {e}") from e
+def serve_rank(kv) -> tuple[RankWork, bytes]:
+    """A worker rank's part in its node's KV transfers, started in the rank's own process by its engine
+    (`engine.LLMEngine(rank_kv=serve_rank)`). `kv`: the rank's end of its pipe to rank 0, its KV pools, their
+    storage, its /dev/shm file and its device (`engine.tp_runtime.WorkerKV`). Returns the rank's KV sink and its
+    storage described for mapping by a process on the same device (b"" if it cannot be)."""
+    description = b""
+    if kv.shm_path or kv.device.type == "cuda":  # a pool another process on this device can map
+        description = encode(share(kv.storage, kv.shm_path))
+    work = RankWork(kv.pools, kv.device)
+    RankAgent(kv.conn, work)
+    return work, description
 
 
-# -- rank 0 and the others --------------------------------------------------------------------------------
-
-OK, CANCELLED, FAILED = "ok", "cancelled", "failed"
+# -- the pipes ----------------------------------------------------------------------------------------------
 
 
 class RankAgent:
-    """A worker rank's end of its pipe to rank 0: runs the KV commands rank 0 sends, each on a thread of its
-    own (a receive waits for its sender, an open for its peer), and answers each under its number.
+    """A worker rank's end of its pipe to rank 0: runs each command on a thread of its own (`RankWork`) and
+    answers it under its number."""
 
-    Commands: ("open", Route, timeout), ("end", request id, timeout), ("recv", Route, timeout, drain_only),
-    ("abandon", request id) (a receive still waiting for its peer to join gives up), ("drop", peer, generation). The pair channels are made on the first command, which names this rank."""
-
-    def __init__(self, conn, pools: Sequence[torch.Tensor], device: torch.device, max_threads: int = 256) -> None:
+    def __init__(self, conn, work: RankWork, max_threads: int = 256) -> None:
         self.conn = conn
-        self.pools = pools
-        self.device = device
-        self.senders: RouteSenders | None = None  # read by the worker's step: None until a route was opened
-        self._channels: PairChannels | None = None
-        self._lock = threading.Lock()  # the pipe's writes, making the channels, the two sets below
-        self._receiving: Counter[str] = Counter()  # request id -> its routes receiving here
-        self._abandoned: set[str] = set()  # those of them whose transfer rank 0 gave up
+        self.work = work
+        self._lock = threading.Lock()  # the pipe's writes
         self._threads = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kv-rank")
         threading.Thread(target=self._serve, name="kv-agent", daemon=True).start()
 
@@ -172,65 +209,25 @@ class RankAgent:
                 number, command = self.conn.recv()
             except (EOFError, OSError):
                 return  # rank 0 is gone: this process ends with it
-            self._threads.submit(self._run, number, command)
+            self.work.admit(command)  # in the order they came: an Abandon finds the receive sent before it
+            self._threads.submit(self._answer, number, command)
 
-    def _run(self, number: int, command: tuple) -> None:
+    def _answer(self, number: int, command: Command) -> None:
         try:
-            answer = (OK, self._execute(*command))
+            answer = (Answer.OK, self.work.run(command))
         except TransferCancelled as e:
-            answer = (CANCELLED, str(e))
-        except Exception as e:  # noqa: BLE001 - every failure is rank 0's to handle
-            answer = (FAILED, f"{type(e).__name__}: {e}" if not isinstance(e, KVTransferError) else str(e))
+            answer = (Answer.CANCELLED, str(e))
+        except KVTransferError as e:
+            answer = (Answer.FAILED, str(e))
         with self._lock:
             try:
                 self.conn.send((number, *answer))
             except (OSError, ValueError):
                 pass  # rank 0 is gone
 
-    def _execute(self, op: str, *args):
-        if op == "open":
-            route, timeout = args
-            self._for(route.me)
-            return self.senders.open(route, timeout)
-        if op == "end":
-            request_id, timeout = args
-            return self.senders.end(request_id, timeout) if self.senders is not None else 0
-        if op == "recv":
-            route, timeout, drain_only = args
-            with self._lock:
-                self._receiving[route.request_id] += 1
-            try:
-                return receive_route(self._for(route.me), route, self.pools, timeout, drain_only,
-                                     lambda: route.request_id in self._abandoned)
-            finally:
-                with self._lock:
-                    self._receiving[route.request_id] -= 1
-                    if not self._receiving[route.request_id]:
-                        del self._receiving[route.request_id]
-                        self._abandoned.discard(route.request_id)
-        if op == "abandon":
-            (request_id,) = args
-            with self._lock:
-                if request_id in self._receiving:  # else nothing waits: nothing to remember
-                    self._abandoned.add(request_id)
-            return None
-        if op == "drop":
-            peer, generation = args
-            if self._channels is not None:
-                self._channels.drop(peer, generation)
-            return None
-        raise ValueError(f"unknown command {op!r}")
-
-    def _for(self, me: str) -> PairChannels:
-        with self._lock:
-            if self._channels is None:
-                self._channels = PairChannels(me, self.device)
-                self.senders = RouteSenders(self._channels, self.pools)
-            return self._channels
-
 
 class RankLink:
-    """Rank 0's ends of the pipes to ranks 1, 2, ...: `call(rank, op, ...)` is an asyncio future of the answer
+    """Rank 0's ends of the pipes to ranks 1, 2, ...: `call(rank, command)` is an asyncio future of the answer
     (KVTransferError for a failure, TransferCancelled for a cancelled route). A rank whose pipe closes (it
     died) fails every call waiting on it, and every later one."""
 
@@ -247,7 +244,7 @@ class RankLink:
     def size(self) -> int:
         return len(self._conns) + 1
 
-    def call(self, rank: int, op: str, *args) -> asyncio.Future:
+    def call(self, rank: int, command: Command) -> asyncio.Future:
         future: Future = Future()
         with self._lock:
             number = next(self._numbers)
@@ -256,7 +253,7 @@ class RankLink:
             else:
                 self._waiting[number] = (rank, future)
                 try:
-                    self._conns[rank - 1].send((number, (op, *args)))
+                    self._conns[rank - 1].send((number, command))
                 except (OSError, ValueError) as e:
                     del self._waiting[number]
                     future.set_exception(KVTransferError(f"rank {rank} is gone: {e}"))
@@ -272,9 +269,9 @@ class RankLink:
                 _, future = self._waiting.pop(number, (None, None))
             if future is None:
                 continue
-            if status == OK:
+            if status == Answer.OK:
                 future.set_result(value)
-            elif status == CANCELLED:
+            elif status == Answer.CANCELLED:
                 future.set_exception(TransferCancelled(value))
             else:
                 future.set_exception(KVTransferError(f"rank {rank}: {value}"))
@@ -284,3 +281,30 @@ class RankLink:
             futures = [self._waiting.pop(n)[1] for n in orphans]
         for future in futures:
             future.set_exception(KVTransferError(f"rank {rank} is gone"))
+
+
+# -- rank 0's fan-out ---------------------------------------------------------------------------------------
+
+
+class NodeRanks:
+    """Rank 0's handle on every rank of its node: `call(rank, command)` runs a command on any of them with
+    the same answers (here, on a transfer thread, for rank 0; through its pipe for the others), so no caller
+    branches on rank 0. `local`: rank 0's own `RankWork`; `conns`: its pipes to ranks 1, 2, ..."""
+
+    def __init__(self, local: RankWork, threads: TransferThreads, conns: Sequence = ()) -> None:
+        self.local = local
+        self._threads = threads
+        self._link = RankLink(conns) if conns else None
+        self.size = 1 + len(conns)
+
+    @property
+    def others(self) -> range:
+        return range(1, self.size)
+
+    def call(self, rank: int, command: Command) -> asyncio.Future:
+        if rank == 0:
+            self.local.admit(command)
+            return self._threads.run(self.local.run, command)
+        if self._link is None:
+            raise ValueError(f"rank: this node has one rank, got {rank}")
+        return self._link.call(rank, command)

@@ -123,24 +123,24 @@ def test_a_rank_whose_pipe_closes_fails_the_calls_waiting_on_it_and_every_later_
     import multiprocessing as mp
 
     from baton.kvtransfer.channel import KVTransferError
-    from baton.kvtransfer.ranks import RankLink
+    from baton.kvtransfer.ranks import EndRoutes, RankLink
 
     mine, theirs = mp.Pipe()
 
     async def run() -> None:
         link = RankLink([mine])
-        first, second = link.call(1, "end", "a", 1.0), link.call(1, "end", "b", 1.0)
+        first, second = link.call(1, EndRoutes("a", 1.0)), link.call(1, EndRoutes("b", 1.0))
         (_, c1), (n2, c2) = theirs.recv(), theirs.recv()
-        assert (c1, c2) == (("end", "a", 1.0), ("end", "b", 1.0))
+        assert (c1, c2) == (EndRoutes("a", 1.0), EndRoutes("b", 1.0))
         theirs.send((n2, "ok", 22))  # the second answered first
         assert await second == 22 and not first.done()
-        waiting = link.call(1, "end", "c", 1.0)
+        waiting = link.call(1, EndRoutes("c", 1.0))
         theirs.recv()
         theirs.close()  # the rank dies with two calls unanswered
         for call in (first, waiting):
             with pytest.raises(KVTransferError, match="rank 1 is gone"):
                 await asyncio.wait_for(call, 10)
         with pytest.raises(KVTransferError, match="rank 1 is gone"):
-            await link.call(1, "end", "d", 1.0)
+            await link.call(1, EndRoutes("d", 1.0))
 
     asyncio.run(run())

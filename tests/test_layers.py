@@ -1,5 +1,5 @@
 """Baton's packages form layers, each importing only those below it (imports inside functions count):
-kvtransfer, engine, common, then router / prefill / decode, then cluster (the launchers), then bench."""
+kvtransfer and engine (neither imports the other), common, then router / prefill / decode, then cluster (the launchers), then bench."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each package and the packages it may import.
 LAYERS = {
     "kvtransfer": set(),
-    "engine": {"kvtransfer"},
+    "engine": set(),  # its tensor-parallel workers reach KV transfer through the KVSink they are given
     "common": {"engine", "kvtransfer"},
     "router": {"common", "engine"},
     "prefill": {"common", "engine", "kvtransfer"},
