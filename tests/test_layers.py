@@ -1,5 +1,6 @@
 """Baton's packages form layers, each importing only those below it (imports inside functions count):
-kvtransfer and engine (neither imports the other), common, then router / prefill / decode, then cluster (the launchers), then bench."""
+kvtransfer and engine (neither imports the other), common, then router / prefill / decode, then cluster (the
+launchers), then bench."""
 
 from __future__ import annotations
 
