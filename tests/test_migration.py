@@ -275,7 +275,7 @@ def test_requests_waiting_on_a_stopped_prefill_node_move_once_it_leaves_the_memb
                  "--stream-inactivity-timeout", "1", "--http-port", str(free_port())) as up:
         async def run():
             async with AsyncBatonClient(up.address, timeout=90) as client:
-                return await asyncio.gather(*(_stream(client, p, options[i], [0] * len(prompts), i)
+                return await asyncio.gather(*(_stream(client, p, options[i], Progress(len(prompts)), i)
                                               for i, p in enumerate(prompts)))
 
         # First with both nodes up: the router's channel to each is connected (a call to a stopped node on a
