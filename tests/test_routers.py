@@ -170,6 +170,15 @@ def test_a_client_with_one_dead_router_fails_over_to_the_live_one(cluster, stori
     assert isinstance(items[-1], Finished) and items[-1].completion_tokens == 12
 
 
+def _greedy_with_ends(llm: LLM, prompt: str, tokens: int):
+    """A greedy completion, and where each of its tokens' text ends in its text (characters)."""
+    tokenizer = llm.engine.tokenizer
+    [full] = llm.generate([prompt], SamplingParams(max_tokens=tokens, temperature=0.0))
+    base = len(tokenizer.decode(full.prompt_token_ids))
+    return full, [len(tokenizer.decode(full.prompt_token_ids + full.token_ids[:i + 1])) - base
+                  for i in range(tokens)]
+
+
 def test_a_stream_ended_before_its_finish_ignores_stop_strings_before_min_tokens(stories_llm: LLM):
     """`router/resume.end` (the stream's last tokens were delivered, its Finish was not): a stop string held
     back in the text but completed before min_tokens was reached does not end the stream, as in the engine."""
@@ -177,10 +186,8 @@ def test_a_stream_ended_before_its_finish_ignores_stop_strings_before_min_tokens
 
     tokenizer = stories_llm.engine.tokenizer
     prompt = PROMPTS[0]
-    [full] = stories_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
+    full, ends = _greedy_with_ends(stories_llm, prompt, 12)
     prompt_ids = full.prompt_token_ids
-    ends = [len(tokenizer.decode(prompt_ids + full.token_ids[:i + 1])) - len(tokenizer.decode(prompt_ids))
-            for i in range(12)]
     # A stop string completed by token 9, long enough to lie in the text held back at the end.
     size = len(full.text) - ends[9] + 2
     stop = full.text[ends[9] - size:ends[9]]
@@ -204,10 +211,8 @@ def test_a_stream_ended_on_a_stop_string_before_its_finish_is_ended_by_the_route
 
     tokenizer = stories_llm.engine.tokenizer
     prompt = PROMPTS[0]
-    [full] = stories_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))
+    full, ends = _greedy_with_ends(stories_llm, prompt, 12)
     prompt_ids = full.prompt_token_ids
-    ends = [len(tokenizer.decode(prompt_ids + full.token_ids[:i + 1])) - len(tokenizer.decode(prompt_ids))
-            for i in range(12)]
     stop = full.text[ends[8]:ends[9]]  # what token 9 adds: it completes the stop string
     assert stop and full.text.find(stop) == ends[8]
     params = SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])
