@@ -223,7 +223,7 @@ def _up(args: argparse.Namespace) -> int:
                  "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
                  "--kv-path": args.kv_path, "--drain-timeout": args.drain_timeout, "--log-format": args.log_format}
-    node_args = [part for flag, value in passed_on.items() if value for part in (flag, str(value))]
+    node_args = [part for flag, value in passed_on.items() if value is not None for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
     first = ModelPool(args.model, tuple(args.served_model_name), args.prefill, args.decode, args.colocated,
                       args.prefill_tp, args.decode_tp, args.tp)

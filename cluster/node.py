@@ -193,7 +193,7 @@ async def drain(servicer, node_id: str, deadline: float) -> bool:
     start = loop.time()
     s = await servicer.stats()
     log.info("%s: left the membership; draining %d running, %d waiting, %d reserved (at most %.1f s)", node_id,
-             s.running, s.waiting, s.reserved, deadline - start)
+             s.running, s.waiting, s.reserved, max(0.0, deadline - start))
     while True:
         busy = s.running + s.waiting + s.reserved
         if not busy and loop.time() >= min(start + DRAIN_SETTLE_S, deadline):
