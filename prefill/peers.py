@@ -12,6 +12,11 @@ the caller does once the decode node has answered the transfer's ReceiveKV (its 
 of the transfer was matched). A transfer that ended any other way marks its generation `failed`, so its lanes
 are never used again: a lane whose receiver may not have posted all its recvs would hand the next transfer's
 receiver the previous transfer's messages (NCCL can complete small sends before the recvs are posted).
+
+    peer:  (unknown) ──a transfer starts──▶ OPEN ──a transfer fails──▶ FAILED ──its last one ends──▶ (forgotten)
+                                             └──unused idle_seconds, seen as the next transfer starts──▶ (forgotten)
+    lane:  FREE ──acquire──▶ HELD ──release, generation good──▶ FREE
+                               └──the generation failed──▶ RETIRED (with its generation: never used again)
 """
 
 from __future__ import annotations

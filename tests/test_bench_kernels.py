@@ -1,4 +1,4 @@
-"""bench/kernels.py: its quick CPU run writes sane rows, and what its CUDA run times is the right work."""
+"""bench/kernel_speed.py: its quick CPU run writes sane rows, and what its CUDA run times is the right work."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_gpu_path_calls_give_the_references_results():
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
-    from baton.bench import kernels as bench
+    from baton.bench import kernel_speed as bench
 
     inp = bench.Inputs(torch.float32, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = bench.Shapes(rows=(3,), decode=((2, 64),), prefill=((2, 48),))

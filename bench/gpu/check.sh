@@ -38,7 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: runs it, logs it, records its status a
 }
 step gpu_tests 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_engine_kernels.py --junitxml "$OUT/gpu_tests.xml"
 step kernel_tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py --junitxml "$OUT/kernel_tests.xml"
-step bench_kernels 60 "$PY" bench/kernels.py --quick --json "$OUT/kernels.json"
+step bench_kernels 60 "$PY" bench/kernel_speed.py --quick --json "$OUT/kernels.json"
 step engine_cuda 150 "$PY" bench/engine_cuda.py --json "$OUT/engine_cuda.json"
 
 { echo "{\"device\": \"$DEVICE\", \"commit\": \"$(git rev-parse --short HEAD 2>/dev/null)\","

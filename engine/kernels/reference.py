@@ -1,5 +1,5 @@
 """The torch references of the Triton kernels, one per kernel with the kernel's signature: the oracle of
-tests/test_kernels.py and the baseline of bench/kernels.py. Each kernel module re-exports its own (`<name>_ref`).
+tests/test_kernels.py and the baseline of bench/kernel_speed.py. Each kernel module re-exports its own (`<name>_ref`).
 This module needs no triton, so a CPU-only install can import it. They are the engine's own torch code
 (`engine/attention.py`, `engine/ops.py`, `engine/rope.py`), called through the kernels' signatures.
 """

@@ -11,7 +11,7 @@ On CUDA: the Triton kernels and their `<name>_ref` references, timed with CUDA e
 calls, L2 flushed before each). On a CPU: the torch references only (Triton's interpreter is far too slow to
 time), with time.perf_counter, on smaller shapes, float32 by default; triton is then never imported.
 
-    python bench/kernels.py [--json PATH] [--quick] [--dtype bfloat16|float16|float32] [--max-gib 40]
+    python bench/kernel_speed.py [--json PATH] [--quick] [--dtype bfloat16|float16|float32] [--max-gib 40]
 """
 
 from __future__ import annotations
