@@ -20,9 +20,10 @@ from baton.common.membership import ROLES, NodeInfo, RouterInfo, close_quietly, 
 
 SCRAPE_TIMEOUT_S = 2.0
 ETCD_TIMEOUT_S = 5.0
-COLUMNS = ("NODE", "ROLE", "MODEL", "ADDRESS", "TP", "RUNNING", "WAITING", "KV BLOCKS")
-ROUTER_COLUMNS = ("ROUTER", "ADDRESS", "HTTP", "METRICS")
+COLUMNS = ("NODE", "ROLE", "MODEL", "ADDRESS", "TP", "RUNNING", "WAITING", "KV BLOCKS", "MEMORY")
+ROUTER_COLUMNS = ("ROUTER", "ADDRESS", "HTTP", "METRICS", "MEMORY")
 _FIGURES = ("baton_sequences_running", "baton_sequences_waiting", "baton_kv_blocks_used", "baton_kv_blocks_capacity")
+_MEMORY = "process_resident_memory_bytes"  # the serving process's (a tensor-parallel node's other ranks apart)
 # No proxy: metrics addresses are the cluster's own (a proxy from the environment would not reach them).
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -33,6 +34,7 @@ class Load:
     waiting: int
     blocks_used: int
     blocks_capacity: int
+    resident_bytes: int | None = None  # None: not reported (an older node)
 
 
 async def read_nodes(client: aetcd.Client, cluster: str
@@ -57,28 +59,51 @@ async def read_nodes(client: aetcd.Client, cluster: str
 
 def scrape(address: str) -> Load | None:
     """The load a node's metrics report, or None if they cannot be read."""
-    if not address:
+    values = _read(address)
+    try:
+        memory = values.get(_MEMORY)
+        return Load(*(int(values[name]) for name in _FIGURES), None if memory is None else int(memory))
+    except KeyError:  # incomplete
         return None
+
+
+def scrape_memory(address: str) -> int | None:
+    """A router's resident memory, from its metrics (None if they cannot be read)."""
+    memory = _read(address).get(_MEMORY)
+    return None if memory is None else int(memory)
+
+
+def _read(address: str) -> dict[str, float]:
+    """The unlabelled figures and the first sample of each labelled one at `address`/metrics ({} if unread)."""
+    if not address:
+        return {}
     try:
         with _OPENER.open(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT_S) as reply:
             text = reply.read().decode()
-        values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-                  if s.name in _FIGURES}
-        return Load(*(int(values[name]) for name in _FIGURES))
-    except (OSError, ValueError, KeyError):  # unreachable, refused, timed out, not Prometheus text, incomplete
-        return None
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                values.setdefault(s.name, s.value)
+        return values
+    except (OSError, ValueError):  # unreachable, refused, timed out, not Prometheus text
+        return {}
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
 
 
 def render(nodes: list[tuple[str, NodeInfo]], loads: list[Load | None],
-           routers: list[tuple[str, RouterInfo]] = ()) -> str:
+           routers: list[tuple[str, RouterInfo]] = (), router_memory: list[int | None] | None = None) -> str:
     """One table of nodes per cluster, then its routers."""
     out: list[str] = []
     for cluster in dict.fromkeys(c for c, _ in [*nodes, *routers]):
         rows = [_row(info, load) for (c, info), load in zip(nodes, loads) if c == cluster]
         out.append(f"cluster {cluster}: {len(rows)} node{'s' * (len(rows) != 1)}")
         out += _table(COLUMNS, rows, left=4)  # names left-aligned, figures right-aligned
-        mine = [(r.router_id, r.address, r.http_address or "-", r.metrics_address or "-")
-                for c, r in routers if c == cluster]
+        memory = router_memory if router_memory is not None else [None] * len(routers)
+        mine = [(r.router_id, r.address, r.http_address or "-", r.metrics_address or "-", mib(m))
+                for (c, r), m in zip(routers, memory) if c == cluster]
         if mine:
             out += ["", *_table(ROUTER_COLUMNS, mine, left=4)]
         out.append("")
@@ -94,10 +119,10 @@ def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> 
 def _row(info: NodeInfo, load: Load | None) -> tuple[str, ...]:
     names = (info.node_id, info.role, info.model, info.address, str(info.tensor_parallel_size))
     if load is None:
-        return (*names, "-", "-", "-")
+        return (*names, "-", "-", "-", "-")
     used, total = load.blocks_used, load.blocks_capacity
     kv = f"{used}/{total} ({100 * used / total:.1f}%)" if total else f"{used}/{total}"
-    return (*names, str(load.running), str(load.waiting), kv)
+    return (*names, str(load.running), str(load.waiting), kv, mib(load.resident_bytes))
 
 
 async def snapshot(client: aetcd.Client, etcd: str, cluster: str) -> str:
@@ -106,7 +131,8 @@ async def snapshot(client: aetcd.Client, etcd: str, cluster: str) -> str:
         return f"no nodes registered in cluster {cluster} (etcd {etcd})\n" if cluster else \
             f"no nodes registered in etcd {etcd}\n"
     loads = await asyncio.gather(*(asyncio.to_thread(scrape, info.metrics_address) for _, info in nodes))
-    return render(nodes, list(loads), routers)
+    memory = await asyncio.gather(*(asyncio.to_thread(scrape_memory, r.metrics_address) for _, r in routers))
+    return render(nodes, list(loads), routers, list(memory))
 
 
 async def _run(etcd: str, cluster: str, watch: float | None) -> int:

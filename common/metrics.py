@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -40,6 +40,7 @@ class NodeMetrics:
     def __init__(self, node_id: str, role: str, model: str, tensor_parallel_size: int = 1) -> None:
         self.role = role
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and the rest, as Prometheus names them
         self.labels = dict(node=node_id, role=role, model=model)
         r, values = self.registry, self.labels
 

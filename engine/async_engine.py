@@ -195,6 +195,10 @@ class AsyncEngine:
         return self.engine.kv_pools
 
     @property
+    def transfer_tokens(self) -> int:
+        return self.engine.transfer_tokens
+
+    @property
     def kv_storage(self) -> tuple:
         return self.engine.kv_storage
 

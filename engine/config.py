@@ -71,7 +71,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30
     max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # None: max(4096, max_model_len)
+    max_num_batched_tokens: int | None = None  # None: max(4096, max_model_len) (`step_tokens`)
     max_model_len: int | None = None  # None: the checkpoint's context
     enable_chunked_prefill: bool = False
     seed: int = 0  # seeds the requests that bring no seed of their own
@@ -94,3 +94,13 @@ class EngineConfig:
                 raise ConfigError(name, f"must be > 0, got {value}")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ConfigError("max_model_len", f"must be > 1, got {self.max_model_len}")
+
+
+def step_tokens(config: EngineConfig, max_model_len: int) -> int:
+    """The most tokens one engine step computes: `max_num_batched_tokens`, or max(4096, max_model_len)."""
+    return config.max_num_batched_tokens or max(4096, max_model_len)
+
+
+def transfer_tokens(config: EngineConfig, max_model_len: int) -> int:
+    """The most prompt tokens one step's KV transfers carry (a chunked prompt's blocks go once it is whole)."""
+    return max(step_tokens(config, max_model_len), max_model_len)

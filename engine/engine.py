@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from .block_manager import BlockManager
-from .config import DTYPES, EngineConfig, ModelConfig
+from .config import DTYPES, EngineConfig, ModelConfig, step_tokens, transfer_tokens
 from .cuda_graphs import DecodeGraphs
 from .errors import ConfigError
 from .checkpoint import resolve_model_path
@@ -85,7 +85,8 @@ class LLMEngine:
         self.model_config = cfg = ModelConfig.from_folder(folder)
         self.tokenizer = Tokenizer.from_folder(folder)
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
-        batched = config.max_num_batched_tokens or max(4096, self.max_model_len)
+        batched = step_tokens(config, self.max_model_len)
+        self.transfer_tokens = transfer_tokens(config, self.max_model_len)  # what bounds the send buffers
         if not config.enable_chunked_prefill and batched < self.max_model_len:
             raise ConfigError(
                 "max_num_batched_tokens",

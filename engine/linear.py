@@ -13,6 +13,11 @@ from torch import nn
 
 # Packing picks a blocked layout for this many rows; any row count works with it.
 _PACK_ROWS_HINT = 32
+# Row counts are rounded up to keep this many bits below their leading one (at most 1/8 more rows; counts below
+# 16 unchanged): oneDNN keeps memory for each row count it has seen, and a prefill node that saw every prompt
+# length grew by gigabytes (bench/README.md, memory_soak.py). Rounded, a process sees 8 row counts per octave:
+# 88 up to 8192 rows.
+ROW_BITS = 3
 
 
 class PackedLinear(nn.Module):
@@ -25,7 +30,19 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)
+        n = rows.shape[0]
+        pad = padded_rows(n) - n
+        if pad:  # zero rows, whose outputs are dropped: each row's result depends on that row alone
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return out[:n].reshape(*x.shape[:-1], self.out_features)
+
+
+def padded_rows(n: int) -> int:
+    """`n` rounded up to ROW_BITS bits below its leading one (unchanged below 2**(ROW_BITS + 1))."""
+    shift = max(0, n.bit_length() - ROW_BITS - 1)
+    return -(-n >> shift) << shift
 
 
 def packing_works(dtype: torch.dtype) -> bool:

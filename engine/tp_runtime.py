@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import DTYPES, EngineConfig, ModelConfig
+from .config import DTYPES, EngineConfig, ModelConfig, transfer_tokens
 from .host_collectives import HostCollectives
 from .parallel import TPGroup, make_group, shard
 
@@ -52,6 +52,7 @@ class WorkerKV:
     storage: torch.Tensor  # all of them, contiguous
     shm_path: str  # the /dev/shm file that holds the storage ("" if none)
     device: torch.device
+    transfer_tokens: int  # the most prompt tokens one step's transfers carry: what send buffers are bounded by
 
 
 # Started by each worker rank (pickled to it: a module-level function): the rank's KV sink, and its storage
@@ -196,7 +197,8 @@ def worker_main(args: WorkerArgs) -> None:
     sink: KVSink | None = None
     description = b""
     if args.rank_kv is not None:
-        sink, description = args.rank_kv(WorkerKV(args.kv_conn, kv.pools, kv.storage, kv.shm_path, device))
+        sink, description = args.rank_kv(WorkerKV(args.kv_conn, kv.pools, kv.storage, kv.shm_path, device,
+                                                  transfer_tokens(config, args.max_model_len)))
     store.set(f"{POOL_KEY}/{args.rank}", description)  # before joining the group: rank 0 reads it after
     host = HostCollectives(args.rank, args.size, HOST_SLOT_BYTES, args.host_path) if args.host_path else None
     group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size), host=host)

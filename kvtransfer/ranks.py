@@ -35,7 +35,7 @@ import torch
 
 from .channel import KVTransferError, PairChannels, TransferCancelled, TransferThreads
 from .routes import Route, RouteSenders, receive_route
-from .sender import Staging
+from .sender import Staging, staging_bytes
 from .shared import encode, share
 
 # -- the commands -------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def serve_rank(kv) -> tuple[RankWork, bytes]:
     description = b""
     if kv.shm_path or kv.device.type == "cuda":  # a pool another process on this device can map
         description = encode(share(kv.storage, kv.shm_path))
-    work = RankWork(kv.pools, kv.device)
+    work = RankWork(kv.pools, kv.device, staging=Staging(staging_bytes(kv.pools, kv.transfer_tokens)))
     RankAgent(kv.conn, work)
     return work, description
 

@@ -140,30 +140,75 @@ class Staging:
 
     A fresh multi-MiB CPU buffer per layer is mmapped and page-faulted anew every time (glibc serves
     allocations above 32 MiB that way, smaller ones until its threshold adapts): measured on a 64 MiB layer,
-    1.2 GB/s against 1.7 GB/s with reused memory (bench/README.md). At most `max_bytes` are kept."""
+    1.2 GB/s against 1.7 GB/s with reused memory (bench/README.md). Buffers are flat, by dtype and device, and a
+    layer of any prompt length takes the smallest free one that holds it, so prompts of every length share a
+    few buffers instead of keeping one per shape (which grew a prefill node by ~0.4 GB, bench/README.md). A new
+    buffer is sized up to ROUND_BITS bits below its leading one, so that the next prompt a little longer fits.
+    At most `max_bytes` are kept free (`staging_bytes`: a figure from the node's configuration); past it, the
+    smallest go first. What is lent out is bounded by the transfers in flight."""
+
+    ROUND_BITS = 2
 
     def __init__(self, max_bytes: int = 512 << 20) -> None:
         self.max_bytes = max_bytes
-        self._free: dict[tuple[torch.Size, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._free: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}  # each sorted by size
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> the flat buffer behind a lent view
         self._kept = 0
         self._lock = threading.Lock()
 
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept
+
     def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of `shape` (uninitialised) on a kept buffer when one is large enough."""
+        need = shape.numel()
         with self._lock:
-            free = self._free.get((shape, dtype, device))
-            if free:
-                t = free.pop()
-                self._kept -= t.numel() * t.element_size()
-                return t
-        return torch.empty(shape, dtype=dtype, device=device)
+            free = self._free.get((dtype, device), [])
+            i = next((i for i, t in enumerate(free) if t.numel() >= need), None)
+            if i is not None:
+                flat = free.pop(i)
+                self._kept -= _nbytes(flat)
+            else:
+                shift = max(0, need.bit_length() - self.ROUND_BITS - 1)
+                flat = torch.empty(-(-need >> shift) << shift, dtype=dtype, device=device)
+            view = flat[:need].view(shape)
+            self._lent[view.data_ptr()] = flat
+            return view
 
     def give(self, tensors: list[torch.Tensor]) -> None:
+        """Takes back what `take` lent (anything else is ignored); keeps it while the bound allows."""
         with self._lock:
             for t in tensors:
-                size = t.numel() * t.element_size()
-                if self._kept + size <= self.max_bytes:
-                    self._free.setdefault((t.shape, t.dtype, t.device), []).append(t)
-                    self._kept += size
+                flat = self._lent.pop(t.data_ptr(), None)
+                if flat is None:
+                    continue
+                free = self._free.setdefault((flat.dtype, flat.device), [])
+                free.append(flat)
+                free.sort(key=torch.Tensor.numel)
+                self._kept += _nbytes(flat)
+            for free in self._free.values():
+                while self._kept > self.max_bytes and free:
+                    self._kept -= _nbytes(free.pop(0))
+
+
+    def forget(self, tensors: list[torch.Tensor]) -> None:
+        """Drops what `take` lent without keeping it (a failed send's: the backend may still hold it)."""
+        with self._lock:
+            for t in tensors:
+                self._lent.pop(t.data_ptr(), None)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def staging_bytes(pools: Sequence[torch.Tensor], tokens: int) -> int:
+    """What a rank's Staging keeps free: the K/V of `tokens` prompt tokens (the most one engine step sends) in
+    every layer, twice (one step's transfers still sending as the next one's pack)."""
+    block = pools[0][0]
+    blocks = -(-tokens // block.shape[1])  # [2, block_size, heads, head_dim] per block and layer
+    return 2 * len(pools) * blocks * _nbytes(block)
 
 
 class KVSender:
@@ -393,5 +438,7 @@ class KVSender:
         self._failed = exc
         self._works.clear()
         self._tensors.clear()
+        if self._staging is not None:
+            self._staging.forget(self._packed)
         self._packed = []
         self.pg = None

@@ -34,7 +34,7 @@ from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import kv_routes, shard
 from baton.kvtransfer.channel import PairChannels, TransferThreads
 from baton.kvtransfer.ranks import NodeRanks, RankWork
-from baton.kvtransfer.sender import Staging, check_runs, coalesce
+from baton.kvtransfer.sender import Staging, check_runs, coalesce, staging_bytes
 from baton.kvtransfer.shared import device_id
 from baton.v1 import node_pb2, node_pb2_grpc
 
@@ -65,7 +65,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         # Rank 0's part of the transfers (its route senders, and the same-device writers) is this node's KV
         # sink; the other ranks' are theirs, driven through their pipes. The packed layers' buffers are reused
         # from transfer to transfer.
-        rank0 = RankWork(engine.kv_pools, self.spec.device, self.channels, Staging())
+        staging = Staging(staging_bytes(engine.kv_pools, engine.transfer_tokens))
+        rank0 = RankWork(engine.kv_pools, self.spec.device, self.channels, staging)
         self.ranks = NodeRanks(rank0, self.threads, engine.rank_links())
         self.sending = Sending(node_id, self.peers, self.ranks, self.threads, kv_layout(self.spec),
                                engine.model_config, self.spec.device, tuple(s.kv_head_start for s in self.shards),

@@ -14,7 +14,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
@@ -94,6 +94,7 @@ class _ChunkHistogram:
 class RouterMetrics:
     def __init__(self, nodes: Callable[[], list] = list) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and the rest, as Prometheus names them
         r = self.registry
         self.requests = Counter("baton_router_requests", "Requests ended, by model, front and outcome (ok, or the "
                                 "gRPC status name)", ["model", "front", "status"], registry=r)

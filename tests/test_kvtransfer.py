@@ -25,7 +25,7 @@ from baton.engine.model_runner import KVCache
 from baton.kvtransfer.channel import (_RENDEZVOUS_KEYS, DECODE_RANK, LANES_PER_PAIR, PREFILL_RANK, KVStoreHost,
                                       KVTransferError, PairChannels, TransferCancelled, pair_prefix)
 from baton.kvtransfer.receiver import receive
-from baton.kvtransfer.sender import HEADER_LEN, KVSender, Staging, coalesce, make_header
+from baton.kvtransfer.sender import HEADER_LEN, KVSender, Staging, coalesce, make_header, staging_bytes
 
 LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 16, 2, 32
 DECODE_BLOCKS, PREFILL_BLOCKS = 40, 48
@@ -731,15 +731,34 @@ def test_dropped_generations_leave_no_keys_in_the_store(host, decode, prefill, g
     assert counts[-1] <= counts[1], counts  # bounded: not one more set of keys per generation
 
 
-def test_staging_reuses_packed_buffers_within_its_bound():
-    staging = Staging(max_bytes=3 * 4096 * 4)
-    shape = torch.Size((4, 1024))
-    a, b = staging.take(shape, torch.float32, torch.device("cpu")), staging.take(shape, torch.float32,
-                                                                                 torch.device("cpu"))
+def test_staging_shares_a_few_buffers_among_prompts_of_every_length_within_its_bound():
+    """Layers of any shape take the smallest kept buffer that holds them, so a node that sees every prompt
+    length keeps a few buffers, not one per shape; what is kept free never exceeds the bound, and a buffer a
+    failed send may still be read by is never handed out again."""
+    cpu, f32 = torch.device("cpu"), torch.float32
+    staging = Staging(max_bytes=64 << 10)
+    a = staging.take(torch.Size((4, 1024)), f32, cpu)
+    b = staging.take(torch.Size((3, 1024)), f32, cpu)
+    assert a.shape == (4, 1024) and b.shape == (3, 1024)
     staging.give([a, b])
-    again = staging.take(shape, torch.float32, torch.device("cpu"))
-    assert again.data_ptr() in (a.data_ptr(), b.data_ptr())  # reused, not allocated anew
-    other = staging.take(torch.Size((2, 1024)), torch.float32, torch.device("cpu"))
-    assert other.data_ptr() not in (a.data_ptr(), b.data_ptr())  # another shape: its own buffer
-    staging.give([again, other, torch.empty(4, 1024)])  # past the bound: the last one is not kept
-    assert staging._kept <= staging.max_bytes
+    kept = staging.kept_bytes
+    for rows in range(1, 5):  # every shorter prompt fits on what is kept: nothing new
+        t = staging.take(torch.Size((rows, 1024)), f32, cpu)
+        assert t.data_ptr() in (a.data_ptr(), b.data_ptr()) and t.shape == (rows, 1024)
+        staging.give([t])
+    assert staging.kept_bytes == kept
+    staging.give([torch.empty(4, 1024)])  # not lent by it: ignored
+    assert staging.kept_bytes == kept
+    big = [staging.take(torch.Size((rows, 1024)), f32, cpu) for rows in (5, 9, 12)]
+    staging.give(big)
+    assert staging.kept_bytes <= staging.max_bytes  # the smallest went first
+    failed = staging.take(torch.Size((2, 1024)), f32, cpu)
+    staging.forget([failed])
+    staging.give([failed])
+    assert all(staging.take(torch.Size((1, 1024)), f32, cpu).data_ptr() != failed.data_ptr() for _ in range(3))
+
+
+def test_staging_bytes_follow_from_the_pool_and_the_step():
+    pools = [torch.zeros(8, 2, 16, 2, 64) for _ in range(6)]  # 6 layers, blocks of 16 tokens, 16 KiB each
+    assert staging_bytes(pools, 4096) == 2 * 6 * 256 * 16 * 1024
+    assert staging_bytes(pools, 17) == 2 * 6 * 2 * 16 * 1024

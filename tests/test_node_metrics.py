@@ -167,7 +167,8 @@ def test_baton_status_prints_every_node_with_its_role_and_load(up, nodes):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"cluster {up.cluster}: 2 nodes"
-    assert lines[1].split() == ["NODE", "ROLE", "MODEL", "ADDRESS", "TP", "RUNNING", "WAITING", "KV", "BLOCKS"]
+    assert lines[1].split() == ["NODE", "ROLE", "MODEL", "ADDRESS", "TP", "RUNNING", "WAITING", "KV", "BLOCKS",
+                                "MEMORY"]
     end = lines.index("")
     rows = {line.split()[0]: line.split() for line in lines[2:end]}
     assert set(rows) == {n.node_id for n in nodes.values()}
@@ -175,11 +176,26 @@ def test_baton_status_prints_every_node_with_its_role_and_load(up, nodes):
         row = rows[node.node_id]
         assert row[1:5] == [node.role, node.model, node.address, "1"]
         assert row[5:8] == ["0", "0", f"0/{node.capacity}"] and row[8] == "(0.0%)"
+        assert row[10] == "MiB" and _near(int(row[9]) << 20, _rss(up.node_pid(node.node_id)))
     # Then the routers: this one has no HTTP front, and its metrics on a port of their own.
-    assert lines[end + 1].split() == ["ROUTER", "ADDRESS", "HTTP", "METRICS"]
-    [(router_id, address, http, metrics)] = [tuple(line.split()) for line in lines[end + 2:] if line.strip()]
-    assert (router_id, address, http) == (f"router-{up.address}", up.address, "-")
+    assert lines[end + 1].split() == ["ROUTER", "ADDRESS", "HTTP", "METRICS", "MEMORY"]
+    [(router_id, address, http, metrics, memory, unit)] = [tuple(line.split()) for line in lines[end + 2:]
+                                                           if line.strip()]
+    assert (router_id, address, http, unit) == (f"router-{up.address}", up.address, "-", "MiB")
     assert Scrape(metrics).value("baton_router_live_nodes", role="decode") == 1
+    assert _near(int(memory) << 20, Scrape(metrics).value("process_resident_memory_bytes"))
+
+
+def _rss(pid: int) -> int:
+    """A process's resident memory, as /proc has it now."""
+    [kib] = [line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+             if line.startswith("VmRSS:")]
+    return int(kib) << 10
+
+
+def _near(shown: int, now: int) -> bool:
+    """A figure read a moment before another of the same memory (an idle process: within 10%)."""
+    return abs(shown - now) <= now / 10
 
 
 def test_baton_status_shows_a_dash_for_a_node_whose_metrics_cannot_be_read(up):
@@ -195,7 +211,7 @@ def test_baton_status_shows_a_dash_for_a_node_whose_metrics_cannot_be_read(up):
 
     one, every = asyncio.run(with_ghost())
     assert one.returncode == 0, one.stderr
-    assert one.stdout.splitlines()[2].split() == ["ghost-0", "decode", "m", "127.0.0.1:9", "1", "-", "-", "-"]
+    assert one.stdout.splitlines()[2].split() == ["ghost-0", "decode", "m", "127.0.0.1:9", "1", "-", "-", "-", "-"]
     assert every.returncode == 0, every.stderr
     assert "cluster ghosts: 1 node" in every.stdout and f"cluster {up.cluster}: 2 nodes" in every.stdout
 
