@@ -47,7 +47,7 @@ def _generate(args: argparse.Namespace) -> int:
     from baton.engine import LLM
 
     with LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, enforce_eager=args.enforce_eager,
-             tensor_parallel_size=args.tp) as llm:
+             tensor_parallel_size=args.tp, enable_prefix_caching=args.enable_prefix_caching) as llm:
         for out in llm.stream(args.prompt, _params(args)):
             sys.stdout.write(out.text)
             sys.stdout.flush()
@@ -106,6 +106,13 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--enable-chunked-prefill", action="store_true")
+    _prefix_caching_arg(parser, default=True)
+
+
+def _prefix_caching_arg(parser: argparse.ArgumentParser, default: bool | None) -> None:
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=default,
+                        help="keep full KV blocks for their contents and reuse them for prompts that start the "
+                             "same way (on by default)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -116,7 +123,7 @@ def _engine_config(args: argparse.Namespace):
         enforce_eager=args.enforce_eager, tensor_parallel_size=args.tp, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
     )
 
 
@@ -225,6 +232,7 @@ def _up(args: argparse.Namespace) -> int:
                  "--kv-path": args.kv_path, "--drain-timeout": args.drain_timeout, "--log-format": args.log_format}
     node_args = [part for flag, value in passed_on.items() if value is not None for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
+    node_args += ["--no-enable-prefix-caching"] if args.enable_prefix_caching is False else []
     first = ModelPool(args.model, tuple(args.served_model_name), args.prefill, args.decode, args.colocated,
                       args.prefill_tp, args.decode_tp, args.tp)
     more: list[ModelPool] = []
@@ -330,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="", help="HF checkpoint folder (default: the bundled stories260K)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     _device_arg(gen)
+    _prefix_caching_arg(gen, default=True)
     _sampling_args(gen)
     gen.set_defaults(run=_generate)
 
@@ -343,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=0, help="torch threads per node (0: cores / nodes)")
     up.add_argument("--pin", action="store_true", help="pin node i to core i (isolated, equal resources)")
     up.add_argument("--enable-chunked-prefill", action="store_true", help="in decode and colocated nodes")
+    _prefix_caching_arg(up, default=None)
     up.add_argument("--max-num-batched-tokens", type=int, default=None)
     _device_arg(up)
     up.add_argument("--num-kv-blocks", type=int, default=None)

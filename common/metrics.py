@@ -112,7 +112,18 @@ class NodeMetrics:
             gauge("baton_kv_blocks_free", "KV cache blocks free", s.free_blocks),
             gauge("baton_kv_blocks_used", "KV cache blocks held (by sequences or reservations)",
                   s.total_blocks - s.free_blocks),
+            gauge("baton_prefix_cache_blocks", "KV cache blocks named for their contents, held or not (those not "
+                  "held count as free)", s.prefix_cache.cached_blocks),
         ]
+        for name, doc, value in (
+                ("baton_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache.queries),
+                ("baton_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)",
+                 s.prefix_cache.hits),
+                ("baton_prefix_cache_evictions", "Cached KV blocks taken for other contents",
+                 s.prefix_cache.evictions)):
+            counter = CounterMetricFamily(name, doc, labels=LABELS)
+            counter.add_metric(list(self.labels.values()), value)
+            out.append(counter)
         if self.role != "prefill":
             out.append(gauge("baton_sequences_reserved", "Reservations whose sequence is not decoding yet (blocks "
                              "reserved, K/V landing or landed)", s.reserved))

@@ -291,6 +291,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             node_id=self.node_id, role=self.role, total_blocks=total, free_blocks=free, running=running,
             waiting=waiting, reserved=self.reservations.pending, kv_bytes_received=self.intake.bytes_received,
             requests_served=self.requests_served, peers=self.channels.peers(), rank_kv_bytes=self.intake.rank_bytes,
+            prefix_cache=node_pb2.PrefixCache(**await self.engine.prefix_cache()),
         )
 
     async def close(self) -> None:

@@ -219,6 +219,10 @@ class AsyncEngine:
         """(total blocks, free blocks, running, waiting), read on the engine thread."""
         return await self.call(self.engine.load)
 
+    async def prefix_cache(self) -> dict[str, int]:
+        """`LLMEngine.prefix_cache`, read on the engine thread."""
+        return await self.call(self.engine.prefix_cache)
+
     async def close(self) -> None:
         self._stopping = True
         self._commands.put(lambda: None)

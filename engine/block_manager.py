@@ -1,22 +1,80 @@
-"""Owns every KV block: a free list, one block table per sequence, and a reference count per block (a forked
-sequence shares its parent's prompt blocks). Nothing else allocates or frees."""
+"""Owns every KV block: one block table per sequence, a reference count per block (a forked sequence shares its
+parent's prompt blocks), and, with prefix caching, the blocks kept for their contents. Nothing else allocates
+or frees.
+
+A block is, at any time, in exactly one of these states:
+
+    FREE ──grow──▶ HELD (refs > 0) ──last holder goes, block unnamed──▶ FREE
+                      │  ▲
+     commit names it  │  │ attach (a prompt that names it)
+                      ▼  │
+                   HELD, named ──last holder goes──▶ CACHED (refs 0, named) ──evict, when grow needs room──▶ FREE
+
+A block is named (`prefix.block_names`) once its K/V are final: it is full and its tokens are computed
+(`commit`). Only full blocks are named, so a partly filled block is never shared. A cached block keeps its K/V
+for the next prompt that starts the same way; it counts as available (`num_free`), and is evicted least
+recently released first, and of one sequence's blocks its last (the leaf) first, so that a cached prefix stays
+whole for as long as possible. A name maps to one block: a second block computed with the same contents (two
+requests prefilled at once) stays unnamed and is freed as usual.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from .prefix import block_names
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The cached blocks a sequence's tokens start with: their ids and names, in order."""
+
+    blocks: list[int] = field(default_factory=list)
+    names: list[bytes] = field(default_factory=list)
+    reclaimed: int = 0  # how many of them are cached (nobody holds them): attaching takes them off `num_free`
+
+
+NO_MATCH = Match()
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    """What prefix caching did, in tokens and blocks (counters, for metrics)."""
+
+    queries: int = 0  # tokens of the sequences looked up
+    hits: int = 0  # of them, tokens found cached
+    evictions: int = 0  # cached blocks reused for other contents
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, seed: bytes | None = None) -> None:
+        """`seed`: the model's identity (`prefix.model_seed`); None: no prefix caching."""
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.seed = seed
         self._free: deque[int] = deque(range(num_blocks))
         self._tables: dict[str, list[int]] = {}
-        self._refs = [0] * num_blocks  # how many tables hold each block; a block is free when it is 0
+        self._refs = [0] * num_blocks  # how many tables hold each block
+        self._names: dict[str, list[bytes]] = {}  # per sequence, the names of its first full blocks
+        self._block_of: dict[bytes, int] = {}  # name -> the block that holds it
+        self._name_of: dict[int, bytes] = {}  # block -> its name
+        self._cached: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds, eviction order first
+        self.counters = CacheCounters()
+
+    @property
+    def caching(self) -> bool:
+        return self.seed is not None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a request may take: free ones and cached ones (evicted when taken)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks named for their contents, held or not."""
+        return len(self._block_of)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -28,18 +86,68 @@ class BlockManager:
         """How many sequences (or reservations) hold `block`."""
         return self._refs[block]
 
-    def can_hold(self, seq_id: str, num_tokens: int) -> bool:
-        """Whether the sequence could grow to hold `num_tokens` tokens with the blocks free now (a forked
-        sequence's shared blocks are in its table, so they count as held)."""
-        return self.blocks_for(num_tokens) - len(self.table(seq_id)) <= len(self._free)
+    def can_hold(self, seq_id: str, num_tokens: int, match: Match = NO_MATCH) -> bool:
+        """Whether the sequence could grow to hold `num_tokens` tokens with the blocks available now, after
+        attaching `match` (a forked sequence's shared blocks are in its table, so they count as held)."""
+        held = len(self.table(seq_id)) + len(match.blocks)
+        return self.blocks_for(num_tokens) - held <= self.num_free - match.reclaimed
+
+    def match(self, token_ids: list[int]) -> Match:
+        """The longest run of cached blocks `token_ids` start with, short of its last token (whose logits the
+        sequence needs: it is always computed)."""
+        if self.seed is None:
+            return NO_MATCH
+        blocks: list[int] = []
+        names: list[bytes] = []
+        for name in block_names(self.seed, token_ids, self.block_size, limit=(len(token_ids) - 1) // self.block_size):
+            block = self._block_of.get(name)
+            if block is None:
+                break
+            blocks.append(block)
+            names.append(name)
+        return Match(blocks, names, sum(1 for b in blocks if b in self._cached))
+
+    def attach(self, seq_id: str, match: Match, num_tokens: int) -> None:
+        """Starts `seq_id`'s table with the matched blocks (their K/V are its first tokens'), and counts the
+        lookup of its `num_tokens` tokens."""
+        if self._tables.get(seq_id):
+            raise ValueError(f"{seq_id}: already holds blocks")
+        self.counters.queries += num_tokens
+        self.counters.hits += len(match.blocks) * self.block_size
+        for block in match.blocks:
+            if not self._refs[block]:
+                del self._cached[block]
+            self._refs[block] += 1
+        self._tables[seq_id] = list(match.blocks)
+        self._names[seq_id] = list(match.names)
+
+    def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Names the sequence's full blocks whose tokens are all computed (`num_computed` of `token_ids`): from
+        now on a prompt that starts with those tokens may attach them."""
+        if self.seed is None:
+            return
+        table = self._tables.get(seq_id)
+        if not table:
+            return
+        known = self._names.setdefault(seq_id, [])
+        full = min(num_computed // self.block_size, len(table))
+        if full <= len(known):
+            return
+        names = block_names(self.seed, token_ids, self.block_size, start=known, limit=full)
+        for i in range(len(known), full):
+            block, name = table[i], names[i]
+            if name not in self._block_of and block not in self._name_of:
+                self._block_of[name] = block
+                self._name_of[block] = name
+        self._names[seq_id] = names
 
     def grow(self, seq_id: str, num_tokens: int) -> None:
         table = self._tables.setdefault(seq_id, [])
         missing = self.blocks_for(num_tokens) - len(table)
-        if missing > len(self._free):
-            raise RuntimeError(f"{seq_id}: {missing} blocks needed, {len(self._free)} free (check can_hold first)")
+        if missing > self.num_free:
+            raise RuntimeError(f"{seq_id}: {missing} blocks needed, {self.num_free} free (check can_hold first)")
         for _ in range(missing):
-            block = self._free.popleft()
+            block = self._take()
             self._refs[block] = 1
             table.append(block)
 
@@ -55,14 +163,39 @@ class BlockManager:
         for block in shared:
             self._refs[block] += 1
         self._tables[child_id] = shared
+        self._names[child_id] = self._names.get(parent_id, [])[:num_blocks]
 
     def free(self, seq_id: str) -> int:
-        """Drops the sequence's hold on its blocks; freeing twice is harmless. Blocks no one else holds go back
-        to the pool. Returns how many did."""
+        """Drops the sequence's hold on its blocks; freeing twice is harmless. Blocks no one else holds become
+        available again (cached, if named). Returns how many did."""
         table = self._tables.pop(seq_id, [])
-        before = len(self._free)
-        for block in table:
+        self._names.pop(seq_id, None)
+        before = self.num_free
+        for block in reversed(table):  # the leaf first: evicted first
             self._refs[block] -= 1
             if not self._refs[block]:
-                self._free.append(block)
-        return len(self._free) - before
+                if block in self._name_of:
+                    self._cached[block] = None
+                else:
+                    self._free.append(block)
+        return self.num_free - before
+
+    def flush(self) -> int:
+        """Forgets every cached block nobody holds (they become free); returns how many."""
+        n = len(self._cached)
+        while self._cached:
+            block, _ = self._cached.popitem(last=False)
+            self._forget(block)
+            self._free.append(block)
+        return n
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        block, _ = self._cached.popitem(last=False)  # the least recently released
+        self._forget(block)
+        self.counters.evictions += 1
+        return block
+
+    def _forget(self, block: int) -> None:
+        del self._block_of[self._name_of.pop(block)]

@@ -74,6 +74,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: max(4096, max_model_len) (`step_tokens`)
     max_model_len: int | None = None  # None: the checkpoint's context
     enable_chunked_prefill: bool = False
+    enable_prefix_caching: bool = True  # full blocks kept for their contents and reused (engine/block_manager.py)
     seed: int = 0  # seeds the requests that bring no seed of their own
     pack_cpu_weights: bool = True  # oneDNN packed-weight matmuls on CPU (engine/linear.py)
     kernels: str = "auto"  # "torch", "triton" or "auto" (Triton on CUDA, torch on a CPU); resolved here

@@ -24,6 +24,7 @@ from .loader import load_model
 from .model_runner import KVCache, ModelRunner
 from .ops import make_ops
 from .parallel import shard
+from .prefix import model_seed
 from .tp_runtime import RankKVService, TPWorkers, rank_device
 from .request import FinishReason, RequestOutput, Resumed, SamplingParams
 from .requests import Requests
@@ -104,7 +105,8 @@ class LLMEngine:
         model = load_model(folder, cfg, dtype, device, self.max_model_len, config.pack_cpu_weights, self.shard)
         model.ops = make_ops(config.kernels, model.rotary, config.block_size)
         num_blocks = config.num_kv_blocks or self._default_num_blocks(DTYPES[dtype])
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        seed = model_seed(folder) if config.enable_prefix_caching else None
+        self.blocks = BlockManager(num_blocks, config.block_size, seed)
         kv = KVCache(cfg, num_blocks, config.block_size, DTYPES[dtype], device, config.share_kv_cache,
                      self.shard.num_kv_heads)
         self._workers = None
@@ -212,6 +214,10 @@ class LLMEngine:
         """Aborts every waiting and running sequence (their blocks are freed at once)."""
         self.requests.abort_all()
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached block no request holds (vLLM's name); returns how many."""
+        return self.blocks.flush()
+
     def set_kv_sink(self, sink: KVSink | None) -> None:
         self._kv_sink = sink
 
@@ -243,6 +249,12 @@ class LLMEngine:
         s = self.scheduler
         return self.blocks.num_blocks, self.blocks.num_free, len(s.running), len(s.waiting)
 
+    def prefix_cache(self) -> dict[str, int]:
+        """What prefix caching did: cached_blocks (named, held or not), and since the start, queries and hits
+        (prompt tokens looked up, and found cached) and evictions (cached blocks taken for other contents)."""
+        c = self.blocks.counters
+        return dict(cached_blocks=self.blocks.num_cached, queries=c.queries, hits=c.hits, evictions=c.evictions)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -262,6 +274,7 @@ class LLMEngine:
         logits, sampled = self.runner.run(step.seqs, step.num_tokens, after_layer, kv_prompts)
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
+            self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed)  # its full blocks are final
         chosen = [step.seqs[i] for i in sampled]
         tokens, logprobs = sample(logits, [s.params for s in chosen], [s.seed for s in chosen],
                                   [s.num_output_tokens for s in chosen], [s.token_ids for s in chosen],
@@ -284,8 +297,9 @@ class LLMEngine:
         sink = self._kv_sink
         if sink is None:
             return None, []
-        prompts = [(seq.request_id, self.blocks.table(seq.request_id))
-                   for seq, n in zip(step.seqs, step.num_tokens) if seq.prefill_only and seq.num_computed == 0]
+        # A prompt goes whole, cached blocks included, in the step that computes its (uncached) rest.
+        prompts = [(seq.request_id, self.blocks.table(seq.request_id)) for seq, n in zip(step.seqs, step.num_tokens)
+                   if seq.prefill_only and seq.num_computed + n == seq.num_tokens]
         if not prompts:
             return None, []
         pools = self.runner.kv.pools

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
+from .block_manager import NO_MATCH, BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
@@ -70,15 +70,22 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            n = seq.num_uncomputed
+            # An adopted or forked sequence arrives with K/V in its blocks already (num_computed); any other
+            # starts after the cached blocks its tokens begin with (prefix caching; a preempted one too).
+            looked_up = self.blocks.caching and not seq.num_computed
+            match = self.blocks.match(seq.token_ids) if looked_up else NO_MATCH
+            start = seq.num_computed or len(match.blocks) * self.blocks.block_size
+            n = seq.num_tokens - start
             if n > budget:
                 if not self.config.chunked_prefill:
                     break
                 n = budget
-            # An adopted sequence (prefilled elsewhere) arrives with its prompt's K/V already in its blocks.
-            if not self.blocks.can_hold(seq.request_id, seq.num_computed + n):
+            if not self.blocks.can_hold(seq.request_id, start + n, match):
                 break
             self.waiting.popleft()
+            if looked_up:
+                self.blocks.attach(seq.request_id, match, seq.num_tokens)
+                seq.num_computed = start
             self.blocks.grow(seq.request_id, seq.num_computed + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

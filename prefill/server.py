@@ -172,6 +172,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             node_id=self.node_id, role="prefill", total_blocks=total, free_blocks=free, running=running,
             waiting=waiting, kv_bytes_sent=self.kv_bytes_sent, requests_served=self.requests_served,
             peers=max(len(self.peers), self.channels.peers()), rank_kv_bytes=self.sending.rank_bytes,
+            prefix_cache=node_pb2.PrefixCache(**await self.engine.prefix_cache()),
         )
 
     async def close(self) -> None:

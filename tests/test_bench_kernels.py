@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernel_speed.py"
 KERNELS = {"add_rmsnorm", "silu_mul", "rotary", "store_kv", "decode_attention", "prefill_attention"}
 
 

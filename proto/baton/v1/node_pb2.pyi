@@ -258,7 +258,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "running", "waiting", "reserved", "kv_bytes_received", "kv_bytes_sent", "requests_served", "peers", "rank_kv_bytes")
+    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "running", "waiting", "reserved", "kv_bytes_received", "kv_bytes_sent", "requests_served", "peers", "rank_kv_bytes", "prefix_cache")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,7 @@ class NodeStats(_message.Message):
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     RANK_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     total_blocks: int
@@ -283,4 +284,17 @@ class NodeStats(_message.Message):
     requests_served: int
     peers: int
     rank_kv_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ..., peers: _Optional[int] = ..., rank_kv_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefix_cache: PrefixCache
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ..., peers: _Optional[int] = ..., rank_kv_bytes: _Optional[_Iterable[int]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ...) -> None: ...
+
+class PrefixCache(_message.Message):
+    __slots__ = ("cached_blocks", "queries", "hits", "evictions")
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    cached_blocks: int
+    queries: int
+    hits: int
+    evictions: int
+    def __init__(self, cached_blocks: _Optional[int] = ..., queries: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
