@@ -6,7 +6,7 @@ The hash is BLAKE2b (hashlib, 16-byte digests). A cached block is handed to any 
 so a prompt crafted to collide with another tenant's block would read that tenant's K/V: the hash must resist
 collisions, which fast non-cryptographic hashes (xxHash, Python's hash()) do not (vLLM moved off hash() for this
 reason). BLAKE2b is the fastest collision-resistant hash in the standard library (no dependency to keep), and a
-block's name costs about a microsecond: a 1,000-token prompt is named in ~0.1 ms (bench/README.md).
+block's name costs about a microsecond: a 1,000-token prompt is named in 70 µs (bench/README.md).
 """
 
 from __future__ import annotations

@@ -243,9 +243,11 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
                                                                                             tmp_path):
     """SIGSTOP a decode node mid-stream: its streams move once no token has come for the inactivity deadline
     (2 s here), and complete token for token; after SIGCONT, the stopped node's calls were cancelled, so what
-    it sends goes nowhere (the clients' streams are whole, without a repeated index)."""
+    it sends goes nowhere (the clients' streams are whole, without a repeated index). Streams as long as the
+    model's context allows: a node may run far ahead of its clients, and CI saw it finish 160-token streams
+    before the stop, moving none."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
-    params = [_params(i) for i in range(8)]
+    params = [{**_params(i), "max_tokens": 460} for i in range(8)]
     want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in params])]
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
                  "--stream-inactivity-timeout", "2", "--http-port", str(free_port())) as up:
@@ -254,7 +256,7 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
             results, _ = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGSTOP))])
         finally:
             os.kill(victim, signal.SIGCONT)
-        _assert_whole(results, want, TOKENS)
+        _assert_whole(results, want, 460)
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
                  if "decode-0 failed" in line and "no token within 2 s" in line]
         _moved_to(results, moved, "decode-1")

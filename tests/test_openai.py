@@ -354,8 +354,9 @@ def test_chat_completions_equal_transformers(chat_checkpoint, tmp_path):
     out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
     want = tokenizer.decode(out, skip_special_tokens=True)
     assert len(want) > 10  # a test that could fail: the model says something
+    # No prefix cache: the n > 1 check below counts what the prompt and its fork compute.
     with BatonUp(tmp_path, "--model", str(chat_checkpoint), "--prefill", "0", "--decode", "0", "--colocated", "1",
-                 "--http-port", str(free_port())) as cluster, \
+                 "--http-port", str(free_port()), "--no-enable-prefix-caching") as cluster, \
             openai.OpenAI(base_url=cluster.http, api_key="unused", max_retries=0, timeout=120) as client:
         got = client.chat.completions.create(model=chat_checkpoint.name, messages=messages, max_tokens=20,
                                              temperature=0)

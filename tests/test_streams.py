@@ -27,7 +27,9 @@ GREEDY = pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=Tr
 @contextlib.asynccontextmanager
 async def colocated_node(stories_path):
     loop = asyncio.get_running_loop()
-    engine = AsyncEngine(await asyncio.to_thread(lambda: LLM(str(stories_path), num_kv_blocks=64).engine), loop)
+    # No prefix cache: these tests count what a prompt and its forks compute, which a cache would change.
+    engine = AsyncEngine(await asyncio.to_thread(
+        lambda: LLM(str(stories_path), num_kv_blocks=64, enable_prefix_caching=False).engine), loop)
     servicer = DecodeServicer("node-0", "colocated", engine, None)
     server = grpc.aio.server()
     node_pb2_grpc.add_DecodeNodeServicer_to_server(servicer, server)
