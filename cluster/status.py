@@ -23,7 +23,8 @@ ETCD_TIMEOUT_S = 5.0
 COLUMNS = ("NODE", "ROLE", "MODEL", "ADDRESS", "TP", "RUNNING", "WAITING", "KV BLOCKS", "MEMORY")
 ROUTER_COLUMNS = ("ROUTER", "ADDRESS", "HTTP", "METRICS", "MEMORY")
 _FIGURES = ("baton_sequences_running", "baton_sequences_waiting", "baton_kv_blocks_used", "baton_kv_blocks_capacity")
-_MEMORY = "process_resident_memory_bytes"  # the serving process's (a tensor-parallel node's other ranks apart)
+_MEMORY = "process_resident_memory_bytes"  # the serving process's
+_RANKS_MEMORY = "baton_rank_resident_memory_bytes"  # a tensor-parallel node's other ranks', one sample each
 # No proxy: metrics addresses are the cluster's own (a proxy from the environment would not reach them).
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -62,6 +63,8 @@ def scrape(address: str) -> Load | None:
     values = _read(address)
     try:
         memory = values.get(_MEMORY)
+        if memory is not None:
+            memory += values.get(_RANKS_MEMORY, 0)  # the node is all its ranks' processes
         return Load(*(int(values[name]) for name in _FIGURES), None if memory is None else int(memory))
     except KeyError:  # incomplete
         return None
@@ -74,7 +77,7 @@ def scrape_memory(address: str) -> int | None:
 
 
 def _read(address: str) -> dict[str, float]:
-    """The unlabelled figures and the first sample of each labelled one at `address`/metrics ({} if unread)."""
+    """Each figure at `address`/metrics, summed over its samples ({} if unread)."""
     if not address:
         return {}
     try:
@@ -83,7 +86,7 @@ def _read(address: str) -> dict[str, float]:
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                values.setdefault(s.name, s.value)
+                values[s.name] = values.get(s.name, 0.0) + s.value
         return values
     except (OSError, ValueError):  # unreachable, refused, timed out, not Prometheus text
         return {}

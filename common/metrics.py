@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
@@ -37,8 +37,10 @@ STATE_TIMEOUT_S = 5.0  # a scrape waits this long for the engine's figures (a st
 
 
 class NodeMetrics:
-    def __init__(self, node_id: str, role: str, model: str, tensor_parallel_size: int = 1) -> None:
+    def __init__(self, node_id: str, role: str, model: str, tensor_parallel_size: int = 1,
+                 rank_pids: Sequence[int] = ()) -> None:
         self.role = role
+        self.rank_pids = tuple(rank_pids)  # ranks 1, 2, ...: processes of their own, their memory read at scrapes
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and the rest, as Prometheus names them
         self.labels = dict(node=node_id, role=role, model=model)
@@ -127,6 +129,14 @@ class NodeMetrics:
         if self.role != "prefill":
             out.append(gauge("baton_sequences_reserved", "Reservations whose sequence is not decoding yet (blocks "
                              "reserved, K/V landing or landed)", s.reserved))
+        if self.rank_pids:
+            ranks = GaugeMetricFamily("baton_rank_resident_memory_bytes", "Resident memory of the node's other "
+                                      "tensor-parallel ranks, each a process of its own (rank 0 is the serving "
+                                      "process: process_resident_memory_bytes)", labels=(*LABELS, "rank"))
+            for rank, pid in enumerate(self.rank_pids, 1):
+                if (rss := resident_bytes(pid)) is not None:
+                    ranks.add_metric([*self.labels.values(), str(rank)], rss)
+            out.append(ranks)
         sent = CounterMetricFamily("baton_kv_transfer_bytes", "KV cache bytes of the transfers that completed",
                                    labels=(*LABELS, "direction"))
         sent.add_metric([*self.labels.values(), self.direction],
@@ -284,3 +294,15 @@ class MetricsServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident memory from /proc (None if it is gone, or there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return None

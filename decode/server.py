@@ -60,7 +60,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         self.requests_served = 0
         # `model`: the name the node registers its model under ("": the architecture's), its metrics' label.
         self.metrics = NodeMetrics(node_id, role, model or engine.model_config.architecture,
-                                   spec.tensor_parallel_size)
+                                   spec.tensor_parallel_size, engine.rank_pids())
         # The same-device path: how a prefill node on this device maps the KV storage (a CUDA allocation is
         # always shareable; a CPU one only when the engine put it in /dev/shm).
         storage, shm_path = engine.kv_storage

@@ -208,6 +208,9 @@ class AsyncEngine:
     def rank_links(self) -> list:
         return self.engine.rank_links()
 
+    def rank_pids(self) -> list[int]:
+        return self.engine.rank_pids()
+
     @property
     def model_config(self):
         return self.engine.model_config

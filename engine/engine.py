@@ -132,6 +132,10 @@ class LLMEngine:
         1, 2, ... of a tensor-parallel engine whose pools are shareable (CUDA, or `share_kv_cache`)."""
         return [] if self._workers is None else self._workers.pools
 
+    def rank_pids(self) -> list[int]:
+        """The process ids of ranks 1, 2, ... (none on one rank)."""
+        return [] if self._workers is None else [p.pid for p in self._workers.procs]
+
     def rank_links(self) -> list:
         """Rank 0's ends of the pipes to ranks 1, 2, ... (`kvtransfer.ranks.NodeRanks` drives their KV transfers
         through them); none without `rank_kv`."""

@@ -74,7 +74,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.kv_bytes_sent = 0
         self.requests_served = 0
         # `model`: the name the node registers its model under ("": the architecture's), its metrics' label.
-        self.metrics = NodeMetrics(node_id, "prefill", model or engine.model_config.architecture, tp)
+        self.metrics = NodeMetrics(node_id, "prefill", model or engine.model_config.architecture, tp,
+                                   engine.rank_pids())
         engine.set_kv_sink(rank0)
         engine.set_step_observer(self.metrics.observe_step)
 

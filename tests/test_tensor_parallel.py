@@ -137,8 +137,25 @@ def test_a_colocated_node_with_two_ranks_serves_and_goes_down_whole_when_a_rank_
             for prompt in PROMPTS[:3]:
                 want = stories_llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
                 assert client.complete(prompt, max_tokens=40, temperature=0).token_ids == want.token_ids
+        _rank_memory_is_reported(up, "colocated-0")
         kill_a_rank_mid_stream(up, "colocated-0", "colocated")
     assert not up.hung and up.leftovers == []
+
+
+def _rank_memory_is_reported(up, node_id: str) -> None:
+    """The node's metrics give its rank 1's resident memory, as /proc has it (within 10%: read apart)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    [info] = [n for n in up.nodes() if n.node_id == node_id]
+    [rank1] = [pid for pid in _children_of(up.node_pid(node_id)) if b"spawn_main" in _cmdline(pid)]
+    with urllib.request.urlopen(f"http://{info.metrics_address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    [reported] = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == "baton_rank_resident_memory_bytes" and s.labels["rank"] == "1"]
+    [kib] = [line.split()[1] for line in open(f"/proc/{rank1}/status") if line.startswith("VmRSS:")]
+    assert abs(reported - (int(kib) << 10)) <= reported / 10
 
 
 def kill_a_rank_mid_stream(up, node_id: str, role: str) -> None:
