@@ -80,6 +80,7 @@ def machine_processes(p: Placement, machine: str, etcd_url: str) -> dict[str, Pr
     engine += ("--num-kv-blocks", str(o.num_kv_blocks)) if o.num_kv_blocks else ()
     engine += ("--max-num-seqs", str(o.max_num_seqs)) if o.max_num_seqs else ()
     engine += ("--advertise-host", m.advertise_host) if m.advertise_host else ()
+    engine += () if o.enable_prefix_caching else ("--no-enable-prefix-caching",)
     for n in m.nodes:
         args = ("node", "--role", n.role, "--node-id", n.name, "--tp", str(n.tp), "--host", m.host,
                 "--port", str(n.port), *common, *engine)

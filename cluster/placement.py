@@ -8,7 +8,7 @@ into id lists, and goes through the same checks when it is read back.
     cluster: prod                        # the etcd key prefix (/baton/prod/...) and the nodes' --cluster
     etcd: [http://10.0.0.1:2379]         # where `baton place` writes when it is given no --etcd
     model: {path: /models/llama-8b, dtype: bfloat16, device: cuda}  # path "" or absent: the bundled stories260K
-    options: {num_kv_blocks: 8192, max_num_seqs: 64, kv_path: auto, drain_timeout: 30}
+    options: {num_kv_blocks: 8192, max_num_seqs: 64, kv_path: auto, drain_timeout: 30, enable_prefix_caching: true}
     machines:
       - name: a
         host: 0.0.0.0                    # what its nodes and router listen on (they publish this machine's address)
@@ -63,6 +63,7 @@ class NodeOptions:
     max_num_seqs: int | None = None
     kv_path: str = "auto"
     drain_timeout: float = 30.0  # seconds a stopped node waits for its running work before it stops serving
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,12 @@ class _Entry:
             raise self.error(name, f"must be a number >= {low}, got {_show(value)}")
         return float(value)
 
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {_show(value)}")
+        return value
+
     def items(self, name: str, required: bool = False) -> list[Any]:
         value = self.get(name, [], required)
         if not isinstance(value, list):
@@ -261,7 +268,8 @@ def _options(obj: Any) -> NodeOptions:
     options = NodeOptions(num_kv_blocks=e.integer("num_kv_blocks", None, 1),
                           max_num_seqs=e.integer("max_num_seqs", None, 1),
                           kv_path=e.string("kv_path", "auto", choices=KV_PATHS),
-                          drain_timeout=e.number("drain_timeout", 30.0, 0.0))
+                          drain_timeout=e.number("drain_timeout", 30.0, 0.0),
+                          enable_prefix_caching=e.boolean("enable_prefix_caching", True))
     e.done()
     return options
 

@@ -116,6 +116,8 @@ BAD = [
      "options: kv_path: must be one of auto, pair, shared, got 'nvlink'"),
     ("a drain timeout", edit(CPU, lambda s: s.update(options={"drain_timeout": -1})),
      "options: drain_timeout: must be a number >= 0.0, got -1"),
+    ("prefix caching", edit(CPU, lambda s: s.update(options={"enable_prefix_caching": "yes"})),
+     "options: enable_prefix_caching: must be true or false, got 'yes'"),
     ("num_kv_blocks 0", edit(CPU, lambda s: s.update(options={"num_kv_blocks": 0})),
      "options: num_kv_blocks: must be an integer >= 1, got 0"),
     ("an etcd URL", edit(CPU, lambda s: s.update(etcd=["127.0.0.1"])),
@@ -160,7 +162,8 @@ def test_good_specs_round_trip_and_defaults_are_filled_in():
     d = spec.to_dict()
     assert d["machines"][0]["gpus"] == list(range(8))  # a count becomes the ids
     assert d["machines"][0]["router"] == {"port": 50051, "host": "", "http_port": 0}
-    assert d["options"] == {"num_kv_blocks": None, "max_num_seqs": None, "kv_path": "auto", "drain_timeout": 30.0}
+    assert d["options"] == {"num_kv_blocks": None, "max_num_seqs": None, "kv_path": "auto", "drain_timeout": 30.0,
+                            "enable_prefix_caching": True}
     assert Placement.from_json(parse(CPU).to_json()) == parse(CPU)
     with pytest.raises(PlacementError, match="^not valid JSON"):
         Placement.from_json(b"{")
@@ -221,8 +224,11 @@ def test_machine_processes_command_lines():
     assert d0.stop_timeout > 30.0  # SIGKILL only after the node's own drain and shutdown grace
     assert procs["router"].args == ("router", "--etcd", ETCD, "--cluster", "g1", "--model", "/nowhere/llama",
                                     "--host", "0.0.0.0", "--port", "50051", "--http-port", "0")
+    assert "--no-enable-prefix-caching" not in d0.args  # on by default
     cpu = machine_processes(parse(CPU), "m1", ETCD)
     assert "--model" not in cpu["n1"].args and "CUDA_VISIBLE_DEVICES" not in dict(cpu["n1"].env)  # bundled model
+    off = machine_processes(parse(edit(CPU, lambda s: s.update(options={"enable_prefix_caching": False}))), "m1", ETCD)
+    assert "--no-enable-prefix-caching" in off["n1"].args
 
 
 def test_changes_say_what_moved():
