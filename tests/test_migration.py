@@ -89,6 +89,24 @@ def _through_faults(up: BatonUp, prompts: list[str], params: list[dict], faults)
     return asyncio.run(run()), at_faults
 
 
+class StopBusiest:
+    """A fault: `sig` to the decode node running the most streams at that moment (where the router put the
+    streams is its business; one suite run put all eight on one node). `victim`: its node id and pid, after."""
+
+    def __init__(self, up: BatonUp, sig: int) -> None:
+        self.up, self.sig = up, sig
+        self.decodes = up.nodes("decode")
+        self.victim: tuple[str, int] | None = None
+
+    def __call__(self) -> None:
+        busiest = max(self.decodes, key=lambda d: self.up.stats(d).running)
+        self.victim = (busiest.node_id, self.up.node_pid(busiest.node_id))
+        os.kill(self.victim[1], self.sig)
+
+    def other(self) -> str:
+        return ({d.node_id for d in self.decodes} - {self.victim[0]}).pop()
+
+
 def _migrations(up: BatonUp) -> dict[str, float]:
     """The router's baton_router_migrations_total by cause, from its /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -241,7 +259,7 @@ def test_requests_survive_a_prefill_node_killed_while_it_prefills(stories_path, 
 def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reaches_a_client(stories_path,
                                                                                             stories_llm: LLM,
                                                                                             tmp_path):
-    """SIGSTOP a decode node mid-stream: its streams move once no token has come for the inactivity deadline
+    """SIGSTOP a decode node mid-stream (the one with the most streams then): its streams move once no token has come for the inactivity deadline
     (2 s here), and complete token for token; after SIGCONT, the stopped node's calls were cancelled, so what
     it sends goes nowhere (the clients' streams are whole, without a repeated index). Streams as long as the
     model's context allows: a node may run far ahead of its clients, and CI saw it finish 160-token streams
@@ -251,15 +269,16 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
     want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in params])]
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
                  "--stream-inactivity-timeout", "2", "--http-port", str(free_port())) as up:
-        victim = up.node_pid("decode-0")
+        stop = StopBusiest(up, signal.SIGSTOP)
         try:
-            results, _ = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGSTOP))])
+            results, _ = _through_faults(up, prompts, params, [(10, stop)])
         finally:
-            os.kill(victim, signal.SIGCONT)
+            if stop.victim is not None:
+                os.kill(stop.victim[1], signal.SIGCONT)
         _assert_whole(results, want, 460)
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
-                 if "decode-0 failed" in line and "no token within 2 s" in line]
-        _moved_to(results, moved, "decode-1")
+                 if f"{stop.victim[0]} failed" in line and "no token within 2 s" in line]
+        _moved_to(results, moved, stop.other())
         assert _migrations(up).get("silent") == len(moved)  # each stream fenced off the stopped node is counted
 
 
@@ -332,15 +351,16 @@ def test_a_decode_node_stopped_with_sigterm_hands_over_what_it_cannot_finish(sto
     want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in params])]
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
                  "--drain-timeout", "0.3") as up:
-        victim = up.node_pid("decode-0")
-        results, _ = _through_faults(up, prompts, params, [(10, lambda: os.kill(victim, signal.SIGTERM))])
+        stop = StopBusiest(up, signal.SIGTERM)
+        results, _ = _through_faults(up, prompts, params, [(10, stop)])
         _assert_whole(results, want, 460)
+        (name, victim) = stop.victim
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
-                 if "decode-0 failed" in line and "handed over" in line]
-        _moved_to(results, moved, "decode-1")
+                 if f"{name} failed" in line and "handed over" in line]
+        _moved_to(results, moved, stop.other())
         up.wait_until(lambda: not os.path.exists(f"/proc/{victim}") or
                       open(f"/proc/{victim}/stat").read().split()[2] == "Z", timeout=30)
-        assert "handing over the streams still running" in (up.log_dir / "decode-0.log").read_text()
+        assert "handing over the streams still running" in (up.log_dir / f"{name}.log").read_text()
 
 
 def test_choices_of_a_shared_prefill_go_on_alone_when_their_decode_node_dies(stories_path, stories_llm: LLM,
