@@ -47,14 +47,14 @@ class Workload:
         return cls(prompts, [rng.randint(64, 256) for _ in range(n)])
 
 
-def write_checkpoint(folder: Path) -> None:
+def write_checkpoint(folder: Path, config: dict = MODEL) -> None:
     """A random-weight Llama saved by transformers, with a word-level tokenizer covering its vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**MODEL, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, MODEL["vocab_size"])}
+    LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, config["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(folder / "tokenizer.json"))

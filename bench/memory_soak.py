@@ -46,7 +46,7 @@ from pathlib import Path
 
 import aiohttp
 
-from baton.bench.engine_throughput import MODEL, machine
+from baton.bench.engine_throughput import MODEL, machine, write_checkpoint
 from baton.bench.faults import rss_kb, run_cluster, write_json
 from baton.cluster.etcd_server import free_port
 from baton.cluster.launch import ClusterSpec, LocalCluster
@@ -63,26 +63,12 @@ SCENARIOS = ("pd", "colocated", "tp2")
 
 # -- the model ----------------------------------------------------------------------------------------------------
 
-def write_model(folder: Path) -> None:
-    """engine_throughput.write_checkpoint's random Llama and word-level tokenizer, with a 4096-token context."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**SOAK_MODEL, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, SOAK_MODEL["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-
-
 def cached_model(folder: Path = CACHE) -> Path:
     """The checkpoint folder, written once (into a temporary folder renamed into place: no half-written one)."""
     if not (folder / "config.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-        write_model(tmp)
+        write_checkpoint(tmp, SOAK_MODEL)
         try:
             tmp.rename(folder)
         except OSError:  # another run wrote it meanwhile
