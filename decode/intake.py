@@ -159,7 +159,7 @@ class KVIntake:
     async def _receive(self, request, r: Reservation, routes: list[KVRoute]) -> tuple[int | None, bool]:
         """(bytes received or None, whether the sender cancelled the transfer)."""
         started = time.monotonic()
-        blocks = r.blocks[: self._engine.blocks_for(request.num_tokens)]
+        blocks = r.blocks[r.cached: self._engine.blocks_for(request.num_tokens)]  # never into a cached block
         received, cancelled, cause = None, False, "kv transfer failed"
         failures, cancels, nbytes = await self._routes(request, routes, coalesce(blocks), False)
         if failures:
@@ -176,7 +176,8 @@ class KVIntake:
 
     async def _drain(self, request, routes: list[KVRoute]) -> bool:
         """Whether the transfer was taken in (or cancelled by its sender) with the lane left in step."""
-        failures, _, _ = await self._routes(request, routes, coalesce(list(request.block_ids)), True)
+        runs = coalesce(list(request.block_ids)[request.first_block:])  # the blocks the sender addresses
+        failures, _, _ = await self._routes(request, routes, runs, True)
         if failures:
             log.warning("draining the kv transfer of %s failed: %s", request.request_id, failures[0])
         return not failures
@@ -239,9 +240,17 @@ class KVIntake:
     # ------------------------------------------------------------------------------------------------------
 
     def _check_fit(self, request, r: Reservation) -> None:
-        if not 0 < self._engine.blocks_for(request.num_tokens) <= len(r.blocks):
+        blocks = self._engine.blocks_for(request.num_tokens)
+        if not 0 < blocks <= len(r.blocks):
             raise FieldError("num_tokens", f"{request.num_tokens} tokens do not fit the {len(r.blocks)} reserved "
                              "blocks")
+        # The blocks before the first written are the reservation's cached ones: a transfer that starts anywhere
+        # else would leave blocks unwritten, or write into blocks other requests read.
+        if request.first_block != r.cached:
+            raise FieldError("first_block", f"the transfer starts at block {request.first_block}; this node holds "
+                             f"the first {r.cached} blocks of the prompt and expects the rest")
+        if request.first_block >= blocks:
+            raise FieldError("first_block", f"block {request.first_block} is past the prompt's {blocks} blocks")
 
     def close(self) -> None:
         """The node stops: the write deadlines go (the node's release of every reservation frees the blocks)."""

@@ -20,7 +20,7 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from baton.engine.async_engine import AsyncEngine
@@ -49,6 +49,7 @@ class Reservation:
     blocks: list[int]
     tag: int  # unique on this node: names the transfer (ReserveResponse.transfer_tag); not on the wire
     expires: float  # lease deadline (clock), for RESERVED and READY
+    cached: int = 0  # the first blocks hold the prompt's K/V already (the prefix cache): nothing is written there
     phase: Phase = Phase.RESERVED
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # READY or RELEASED: what Continue waits for
     cause: str = ""  # why it was released (or will be, once its receive ends)
@@ -72,14 +73,17 @@ class Reservations:
     def lease_left(self, r: Reservation) -> float:
         return max(0.0, r.expires - self._clock())
 
-    async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int, lease_s: float) -> Reservation:
-        """Allocates the prompt's blocks under a lease. Raises the engine's InvalidRequest / NoCapacity."""
+    async def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int, lease_s: float,
+                      token_ids: Sequence[int] = ()) -> Reservation:
+        """Allocates the prompt's blocks under a lease, its cached ones first when its `token_ids` are given.
+        Raises the engine's InvalidRequest / NoCapacity."""
         try:
-            blocks = await self._engine.reserve(request_id, prompt_tokens, max_tokens)
+            got = await self._engine.reserve(request_id, prompt_tokens, max_tokens, token_ids or None)
         except asyncio.CancelledError:  # the allocation still runs (it is queued): undo it after
             await asyncio.shield(self._engine.release(request_id))
             raise
-        r = self._by_id[request_id] = Reservation(request_id, blocks, next(self._tags), self._clock() + lease_s)
+        r = self._by_id[request_id] = Reservation(request_id, got.blocks, next(self._tags), self._clock() + lease_s,
+                                                  cached=got.cached)
         return r
 
     def advance(self, r: Reservation, to: Phase) -> None:

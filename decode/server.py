@@ -89,10 +89,10 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         try:
             r = await self.reservations.reserve(request.request_id, request.prompt_tokens, request.max_tokens,
-                                                (request.lease_ms or DEFAULT_LEASE_MS) / 1000)
+                                                (request.lease_ms or DEFAULT_LEASE_MS) / 1000, request.token_ids)
         except (FieldError, NoCapacity) as e:
             await abort_for(context, e)
-        target = node_pb2.KVTarget(block_ids=r.blocks, transfer_tag=r.tag)
+        target = node_pb2.KVTarget(block_ids=r.blocks, transfer_tag=r.tag, cached_blocks=r.cached)
         target.MergeFrom(self.target)
         return node_pb2.ReserveResponse(target=target)
 
@@ -123,6 +123,9 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         if not layouts_match(request.layout, self.layout, any_degree=True):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
+        if request.first_block >= max(1, len(request.block_ids)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"first_block: {request.first_block} is past the "
+                                f"target's {len(request.block_ids)} blocks")
         if request.shared:
             if self.share is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

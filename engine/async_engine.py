@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from .engine import KVSink, KVSpec, LLMEngine, StepShape
+from .requests import Reserved
 from .errors import InvalidRequest
 from .request import RequestOutput, Resumed, SamplingParams
 
@@ -155,8 +156,9 @@ class AsyncEngine:
 
     # -- disaggregation -------------------------------------------------------------------------------
 
-    async def reserve(self, request_id: str, prompt_len: int, max_tokens: int) -> list[int]:
-        return await self.call(self.engine.reserve, request_id, prompt_len, max_tokens)
+    async def reserve(self, request_id: str, prompt_len: int, max_tokens: int,
+                      token_ids: Sequence[int] | None = None) -> Reserved:
+        return await self.call(self.engine.reserve, request_id, prompt_len, max_tokens, token_ids)
 
     async def adopt(self, request_id: str, prompt: Sequence[int], first_token: int, first_logprob: float,
                     params: SamplingParams, resumed: Resumed | None = None) -> RequestOutput:

@@ -121,6 +121,14 @@ class BlockManager:
         self._tables[seq_id] = list(match.blocks)
         self._names[seq_id] = list(match.names)
 
+    def holds_prefix(self, seq_id: str, token_ids: list[int]) -> bool:
+        """Whether `token_ids` start with the tokens of the named blocks `seq_id` holds (the cached blocks a
+        reservation attached hold some prompt's K/V: only that prompt may be decoded from them)."""
+        names = self._names.get(seq_id)
+        if not names or self.seed is None:
+            return True
+        return block_names(self.seed, token_ids, self.block_size, limit=len(names)) == names
+
     def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
         """Names the sequence's full blocks whose tokens are all computed (`num_computed` of `token_ids`): from
         now on a prompt that starts with those tokens may attach them."""

@@ -27,7 +27,7 @@ from .parallel import shard
 from .prefix import model_seed
 from .tp_runtime import RankKVService, TPWorkers, rank_device
 from .request import FinishReason, RequestOutput, Resumed, SamplingParams
-from .requests import Requests
+from .requests import Requests, Reserved
 from .sampler import sample, top_alternatives
 from .scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -173,9 +173,12 @@ class LLMEngine:
 
     # -- disaggregation: a decode node reserves blocks, another node fills them, this engine goes on ---
 
-    def reserve(self, request_id: str, prompt_len: int, max_tokens: int) -> list[int]:
-        """Allocates the blocks a prompt's K/V will be written into; returns their ids in order."""
-        return self.requests.reserve(request_id, prompt_len, max_tokens)
+    def reserve(self, request_id: str, prompt_len: int, max_tokens: int,
+                token_ids: Seq[int] | None = None) -> Reserved:
+        """Allocates the blocks a prompt's K/V will be written into: their ids in order. With the prompt's
+        `token_ids`, its cached blocks come first and are held for it (`Reserved.cached`: their K/V need not
+        be written)."""
+        return self.requests.reserve(request_id, prompt_len, max_tokens, token_ids)
 
     def adopt(
         self, request_id: str, prompt: Seq[int], first_token: int, first_logprob: float, params: SamplingParams,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
-from .block_manager import BlockManager
+from .block_manager import NO_MATCH, BlockManager
 from .errors import InvalidRequest
 from .output import SequenceOutput
 from .request import FinishReason, RequestOutput, Resumed, SamplingParams
@@ -23,6 +24,14 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 from .validation import RequestChecks
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """A reservation's blocks, in order; the first `cached` of them hold the prompt's K/V already (cached)."""
+
+    blocks: list[int]
+    cached: int = 0
 
 
 class Requests:
@@ -48,12 +57,22 @@ class Requests:
         self._queue(seq)
         return ids
 
-    def reserve(self, request_id: str, prompt_len: int, max_tokens: int) -> list[int]:
-        """Allocates the blocks a prompt's K/V will be written into; returns their ids in order."""
+    def reserve(self, request_id: str, prompt_len: int, max_tokens: int,
+                token_ids: Seq[int] | None = None) -> Reserved:
+        """Allocates the blocks a prompt's K/V will be written into. `token_ids`, the prompt's (`prompt_len` of
+        them), are looked up in the prefix cache: the cached blocks they start with are held for the reservation
+        and only the K/V of the rest is to be written (`Reserved.cached`)."""
         self._checks.new_id(request_id, self._seqs)
-        self._checks.reservation(request_id, prompt_len, max_tokens)
+        match = NO_MATCH
+        if token_ids:
+            ids = list(token_ids)
+            self._checks.reserved_tokens(ids, prompt_len)
+            match = self._blocks.match(ids)
+        self._checks.reservation(request_id, prompt_len, max_tokens, match)
+        if token_ids and self._blocks.caching:
+            self._blocks.attach(request_id, match, prompt_len)
         self._blocks.grow(request_id, prompt_len)
-        return list(self._blocks.table(request_id))
+        return Reserved(list(self._blocks.table(request_id)), len(match.blocks))
 
     def adopt(self, request_id: str, prompt: Seq[int], params: SamplingParams, resumed: Resumed | None) -> Sequence:
         """Queues the sequence of a reservation whose prompt K/V (and `resumed` tokens' K/V) are in its blocks;
@@ -61,7 +80,12 @@ class Requests:
         if not self._blocks.table(request_id):
             raise InvalidRequest("request_id", f"{request_id!r} holds no reservation on this engine")
         seq = self._sequence(request_id, list(prompt), params, resumed)  # the first token's index was 0
+        if not self._blocks.holds_prefix(request_id, seq.token_ids):
+            raise InvalidRequest("prompt_token_ids", "differ from the tokens reserved for them (the reservation's "
+                                 "cached blocks hold another prompt's K/V)")
         seq.num_computed = seq.num_tokens
+        # Their K/V are final: named now, so a request that ends with its first token leaves them cached too.
+        self._blocks.commit(request_id, seq.token_ids, seq.num_computed)
         self._queue(seq)
         return seq
 

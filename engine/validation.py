@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Container, Sequence as Seq
 from dataclasses import dataclass
 
-from .block_manager import BlockManager
+from .block_manager import NO_MATCH, BlockManager, Match
 from .errors import InvalidRequest, NoCapacity
 from .request import SamplingParams
 from .sequence import Sequence
@@ -47,13 +47,21 @@ class RequestChecks:
             )
         return max_len
 
-    def reservation(self, request_id: str, prompt_len: int, max_tokens: int) -> None:
-        """A decode node's reservation for a prompt another node computes: its length, and room for it now."""
+    def reservation(self, request_id: str, prompt_len: int, max_tokens: int, match: Match = NO_MATCH) -> None:
+        """A decode node's reservation for a prompt another node computes: its length, and room for it now (after
+        attaching `match`, its cached blocks)."""
         if prompt_len < 1 or prompt_len >= self.max_model_len:
             raise InvalidRequest("prompt", f"{prompt_len} tokens, the model's context is {self.max_model_len}")
         self.fits(prompt_len, max_tokens)
-        if not self.blocks.can_hold(request_id, prompt_len):
-            raise NoCapacity(f"{self.blocks.blocks_for(prompt_len)} KV blocks needed, {self.blocks.num_free} free")
+        if not self.blocks.can_hold(request_id, prompt_len, match):
+            needed = self.blocks.blocks_for(prompt_len) - len(match.blocks)
+            raise NoCapacity(f"{needed} KV blocks needed, {self.blocks.num_free - match.reclaimed} free")
+
+    def reserved_tokens(self, ids: list[int], prompt_len: int) -> None:
+        """The token ids a reservation is looked up by: real ids, as many as it reserves for."""
+        self._token_ids("token_ids", ids)
+        if len(ids) != prompt_len:
+            raise InvalidRequest("token_ids", f"{len(ids)} token ids for a {prompt_len}-token reservation")
 
     def resumed(self, ids: Seq[int], params: SamplingParams, prompt_len: int, max_len: int) -> None:
         """A resumed stream's delivered tokens: real ids, and room for at least one more token after them."""

@@ -47,6 +47,7 @@ class Route:
     runs: tuple[tuple[int, int], ...]  # the decode node's reserved blocks, coalesced
     heads: tuple[int, int]  # the range of this rank's own KV heads that the route carries
     num_layers: int
+    first_block: int = 0  # the prompt's first block it carries: the decode node holds those before (cached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class TransferRoutes:
     store: str
     runs: tuple[tuple[int, int], ...]
     num_layers: int
+    first_block: int = 0
 
     def routes(self, pieces, sending: bool, head_starts: Sequence[int]) -> list[tuple[int, Route]]:
         """Each piece (`engine.parallel.KVRoute`: src rank, dst rank, global head range) as this node's rank
@@ -73,7 +75,8 @@ class TransferRoutes:
             start = head_starts[mine]
             out.append((mine, Route(self.request_id, rank_name(self.node_id, mine), rank_name(self.peer_id, theirs),
                                     self.generation, self.lane, self.store, self.runs,
-                                    (piece.head_start - start, piece.head_end - start), self.num_layers)))
+                                    (piece.head_start - start, piece.head_end - start), self.num_layers,
+                                    self.first_block)))
         return out
 
 
@@ -85,7 +88,7 @@ class RouteSenders:
         self.channels = channels
         self.pools = pools
         self.staging = staging if staging is not None else Staging()
-        self._senders: dict[str, list[KVSender]] = {}
+        self._senders: dict[str, list[tuple[int, KVSender]]] = {}  # (the first block it sends, the sender)
         self._lock = threading.Lock()
 
     def open(self, route: Route, timeout: float) -> None:
@@ -95,18 +98,18 @@ class RouteSenders:
         heads = None if route.heads == (0, self.pools[0].shape[3]) else route.heads
         sender = KVSender(group, DECODE_RANK, route.request_id, None, route.runs, num_layers=route.num_layers,
                           pool=self.pools[0], post_header=False, staging=self.staging, heads=heads)
-        self.add(route.request_id, sender)
+        self.add(route.request_id, sender, route.first_block)
 
-    def add(self, request_id: str, sender) -> None:
+    def add(self, request_id: str, sender, first_block: int = 0) -> None:
         """Registers a sender of the request's K/V for the KV sink (a route's `KVSender`, or a same-device
-        `SharedWriter`: the same verbs)."""
+        `SharedWriter`: the same verbs), which sends the prompt's blocks from `first_block` on."""
         with self._lock:
-            self._senders.setdefault(request_id, []).append(sender)
+            self._senders.setdefault(request_id, []).append((first_block, sender))
 
     def remove(self, request_id: str) -> list:
         """Takes the request's senders out: the KV sink posts nothing more for them."""
         with self._lock:
-            return self._senders.pop(request_id, [])
+            return [sender for _, sender in self._senders.pop(request_id, [])]
 
     def end(self, request_id: str, timeout: float) -> int:
         """Ends the request's routes from this rank (call once its engine holds the request no more): what a
@@ -123,22 +126,22 @@ class RouteSenders:
             raise error
         return sent
 
-    def _of(self, request_id: str) -> list:
+    def _of(self, request_id: str) -> list[tuple[int, object]]:
         with self._lock:
             return list(self._senders.get(request_id, ()))
 
     # The KV sink (engine thread, inside a step): never raises, a failure stays with its sender.
     def step_started(self, prompts: list[tuple[str, list[int]]], pool: torch.Tensor) -> None:
         for rid, table in prompts:
-            for sender in self._of(rid):
+            for first, sender in self._of(rid):
                 try:
-                    sender.begin(table[: sender.num_blocks], pool)
+                    sender.begin(table[first: first + sender.num_blocks], pool)
                 except Exception as e:  # noqa: BLE001 - kept by the sender, raised by its wait
                     log.warning("kv transfer of %s: the header failed: %s", rid, e)
 
     def layer_done(self, layer: int, pool: torch.Tensor, prompts: list[tuple[str, list[int]]]) -> None:
         for rid, _ in prompts:
-            for sender in self._of(rid):
+            for _, sender in self._of(rid):
                 if sender.failed is None and sender.header is not None:
                     try:
                         sender.send_layer(layer, pool)

@@ -63,7 +63,8 @@ class PairTransfer(Transfer):
         self.receive_call = self.peer.stub.ReceiveKV(
             node_pb2.ReceiveKVRequest(request_id=self.request_id, prefill_node_id=s.node_id,
                                       generation=self.generation, layout=s.layout, num_tokens=self.num_tokens,
-                                      block_ids=target.block_ids, transfer_tag=target.transfer_tag, lane=self.lane),
+                                      block_ids=target.block_ids, transfer_tag=target.transfer_tag, lane=self.lane,
+                                      first_block=self.first_block),
             timeout=s.timeout,
         )
         # Its answer, awaited through a shield (awaiting the call itself would cancel it with its awaiter): the
@@ -71,7 +72,7 @@ class PairTransfer(Transfer):
         self.answer = asyncio.ensure_future(self.receive_call)
         self.answer.add_done_callback(retrieve)
         routes = TransferRoutes(self.request_id, s.node_id, target.decode_node_id, self.generation, self.lane,
-                        target.kv_store_address, tuple(self.runs), s.num_layers)
+                                target.kv_store_address, tuple(self.runs), s.num_layers, self.first_block)
         for rank, route in routes.routes(self.pieces, True, s.head_starts):
             opening = s.ranks.call(rank, OpenRoute(route, s.timeout))  # its sender then waits for the step
             opening.add_done_callback(retrieve)

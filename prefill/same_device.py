@@ -55,9 +55,11 @@ class SameDeviceTransfer(Transfer):
         self.started = time.monotonic()
         await self.peer.stub.ReceiveKV(node_pb2.ReceiveKVRequest(
             request_id=self.request_id, prefill_node_id=s.node_id, layout=s.layout, num_tokens=self.num_tokens,
-            block_ids=target.block_ids, transfer_tag=target.transfer_tag, shared=True), timeout=s.timeout)
-        self.writer = SharedWriter(targets, list(target.block_ids), s.num_layers)
-        s.ranks.local.senders.add(self.request_id, self.writer)  # the KV sink copies each layer as it is done
+            block_ids=target.block_ids, transfer_tag=target.transfer_tag, shared=True, first_block=self.first_block),
+            timeout=s.timeout)
+        self.writer = SharedWriter(targets, list(target.block_ids)[self.first_block:], s.num_layers)
+        # The KV sink copies each layer as it is done, of the blocks after the decode node's cached ones.
+        s.ranks.local.senders.add(self.request_id, self.writer, self.first_block)
 
     async def _targets(self) -> list[tuple[torch.Tensor, int, int]]:
         """Each decode rank's storage, mapped here, with the range of this node's KV heads it holds

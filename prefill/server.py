@@ -34,7 +34,7 @@ from baton.engine.async_engine import AsyncEngine, EngineFailed
 from baton.engine.parallel import kv_routes, shard
 from baton.kvtransfer.channel import PairChannels, TransferThreads
 from baton.kvtransfer.ranks import NodeRanks, RankWork
-from baton.kvtransfer.sender import Staging, check_runs, coalesce, staging_bytes
+from baton.kvtransfer.sender import Staging, coalesce, staging_bytes
 from baton.kvtransfer.shared import device_id
 from baton.v1 import node_pb2, node_pb2_grpc
 
@@ -88,10 +88,15 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 prompt = list(request.prompt_token_ids)
                 # A resumed stream's delivered tokens are computed (and their K/V sent) with the prompt.
                 computed = len(prompt) + len(request.resumed.token_ids)
-                runs = coalesce(list(target.block_ids))
-                if check_runs(runs) != self.engine.blocks_for(computed):
-                    raise FieldError("target.block_ids", f"{check_runs(runs)} blocks for {computed} tokens to compute "
-                                     f"(they fill {self.engine.blocks_for(computed)})")
+                filled = self.engine.blocks_for(computed)
+                if len(target.block_ids) != filled:
+                    raise FieldError("target.block_ids", f"{len(target.block_ids)} blocks for {computed} tokens to "
+                                     f"compute (they fill {filled})")
+                if target.cached_blocks >= filled:  # the last block always goes: its last token was computed here
+                    raise FieldError("target.cached_blocks", f"{target.cached_blocks} of the prompt's {filled} "
+                                     "blocks: at least the last one is sent")
+                # Only the blocks the decode node lacks are sent: from its first uncached one.
+                runs = coalesce(list(target.block_ids)[target.cached_blocks:])
             except FieldError as e:
                 await abort_for(context, e)
             if not layouts_match(target.layout, self.sending.layout, any_degree=True):

@@ -63,7 +63,8 @@ class Transfer(abc.ABC):
         self.sending = sending
         self.request_id = request.request_id
         self.target = request.target
-        self.runs = runs
+        self.runs = runs  # the decode node's blocks it sends to, coalesced: those after its cached ones
+        self.first_block = request.target.cached_blocks  # the prompt's first block it sends
         # A resumed stream's delivered tokens are computed (and their K/V sent) with the prompt.
         self.num_tokens = len(request.prompt_token_ids) + len(request.resumed.token_ids)
         self.started = 0.0  # time.monotonic() when the decode node was told

@@ -228,9 +228,12 @@ class Attempt:
                                                                              self.settings.inactivity_timeout)
         try:
             reservation = await decode.decode.Reserve(
+                # With the tokens, so that the decode node holds the blocks it has cached for them: the prefill
+                # node sends only the rest.
                 node_pb2.ReserveRequest(request_id=job.internal_id,
                                         prompt_tokens=len(job.req.prompt_ids) + len(job.resumed.token_ids),
-                                        max_tokens=job.req.params.max_tokens, lease_ms=self.settings.lease_ms),
+                                        max_tokens=job.req.params.max_tokens, lease_ms=self.settings.lease_ms,
+                                        token_ids=[*job.req.prompt_ids, *job.resumed.token_ids]),
                 timeout=bound,
             )
         except grpc.aio.AioRpcError as e:

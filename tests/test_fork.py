@@ -184,7 +184,7 @@ def test_fork_from_a_filled_reservation_then_adopt_it(llm, stories_llm):
     0's first token; the decode node forks the other choices from the reservation, then adopts it."""
     decode, prefill, ids = llm.engine, stories_llm.engine, prompt(llm, 45)
     params = [sampled(20), sampled(21), GREEDY]
-    blocks = decode.reserve("r", len(ids), params[0].max_tokens)
+    blocks = decode.reserve("r", len(ids), params[0].max_tokens).blocks
 
     prefill.set_kv_sink(CopySink(decode, blocks))
     try:

@@ -13,7 +13,7 @@ PROMPTS = ["Once upon a time", "The little dog ran to the park and", "Lily"]
 def handoff(prefill: LLM, decode: LLM, rid: str, prompt: str, params: SamplingParams) -> tuple[list[int], str, object]:
     p, d = prefill.engine, decode.engine
     prompt_ids = p.tokenizer.encode(prompt)
-    blocks = d.reserve(rid, len(prompt_ids), params.max_tokens)
+    blocks = d.reserve(rid, len(prompt_ids), params.max_tokens).blocks
     sink = CopySink(d, rid, blocks)
     p.set_kv_sink(sink)
     p.add_request(rid, prompt_ids, params, prefill_only=True)
@@ -82,7 +82,7 @@ def test_prefill_here_decode_there_equals_one_engine(pair, stories_llm, params):
 def test_reservations_are_checked_and_freed(stories_path):
     llm = LLM(str(stories_path), num_kv_blocks=8, block_size=16)
     engine = llm.engine
-    blocks = engine.reserve("a", 40, 10)
+    blocks = engine.reserve("a", 40, 10).blocks
     assert len(blocks) == 3 and engine.num_free_blocks == 5
     with pytest.raises(InvalidRequest) as e:
         engine.reserve("a", 10, 10)

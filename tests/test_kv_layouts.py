@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from cluster_harness import BatonUp
+from test_prefix_transfer import held_blocks
 from test_stories import PROMPTS
 
 from baton.engine import LLM, SamplingParams
@@ -37,10 +38,6 @@ def expected_rank_bytes(cfg, prefill_tp: int, decode_tp: int, blocks: int, block
     return sent, received
 
 
-def _prompt_blocks(llm: LLM, prompts: list[str], block_size: int = 16) -> int:
-    return sum(-(-len(llm.tokenizer.encode(p)) // block_size) for p in prompts)
-
-
 @pytest.mark.parametrize("prefill_tp, decode_tp", [(1, 2), (2, 1), (2, 2)], ids=["tp1-to-tp2", "tp2-to-tp1",
                                                                                  "tp2-to-tp2"])
 def test_kv_goes_rank_to_rank_between_any_two_degrees(stories_path, stories_llm, tmp_path, prefill_tp, decode_tp):
@@ -48,14 +45,29 @@ def test_kv_goes_rank_to_rank_between_any_two_degrees(stories_path, stories_llm,
                  "--decode-tp", str(decode_tp)) as up:
         [decode], [prefill] = up.nodes("decode"), up.nodes("prefill")
         baseline = up.stats(decode).total_blocks
+        tokenizer = stories_llm.tokenizer
+        computed: list[list[int]] = []  # what the decode node computed, request by request
+        blocks = 0  # the blocks that crossed
+        held: list[int] = []  # of each prompt, the blocks the decode node held already
         with BatonClient(up.address, timeout=60) as client:
+            def complete(prompt: list[int], **options) -> list[int]:
+                nonlocal blocks
+                want = stories_llm.generate([prompt], SamplingParams(**options))[0].token_ids
+                got = client.complete(prompt, **options).token_ids
+                assert got == want, prompt
+                # Each rank of the decode node holds its heads of the blocks it cached: only the rest moves.
+                held.append(held_blocks(computed, prompt))
+                blocks += -(-len(prompt) // 16) - held[-1]
+                computed.append(prompt + got[:-1])
+                return got
+
             for prompt in PROMPTS:
-                want = stories_llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
-                assert client.complete(prompt, max_tokens=40, temperature=0).token_ids == want.token_ids, prompt
-            seeded = dict(max_tokens=30, temperature=0.8, top_p=0.9, seed=5)
-            want = stories_llm.generate([PROMPTS[1]], SamplingParams(**seeded))[0].token_ids
-            assert client.complete(PROMPTS[1], **seeded).token_ids == want
-        blocks = _prompt_blocks(stories_llm, [*PROMPTS, PROMPTS[1]])
+                complete(tokenizer.encode(prompt), max_tokens=40, temperature=0)
+            complete(tokenizer.encode(PROMPTS[1]), max_tokens=30, temperature=0.8, top_p=0.9, seed=5)
+            # A conversation's next turn: the decode node holds the first turn's blocks.
+            first = tokenizer.encode(PROMPTS[3])
+            complete(first + computed[3][len(first):] + tokenizer.encode(" Then"), max_tokens=20, temperature=0)
+        assert held[-1] >= 3
         sent, received = expected_rank_bytes(stories_llm.engine.model_config, prefill_tp, decode_tp, blocks, 16)
         assert list(up.stats(prefill).rank_kv_bytes) == sent
         assert list(up.stats(decode).rank_kv_bytes) == received
@@ -79,10 +91,15 @@ def test_random_checkpoints_through_clusters_of_different_degrees(tmp_path, vari
     with BatonUp(tmp_path / "logs", "--model", str(folder), "--kv-path", "pair", "--prefill-tp", str(prefill_tp),
                  "--decode-tp", str(decode_tp), "--block-size", "8") as up:
         [decode], [prefill] = up.nodes("decode"), up.nodes("prefill")
+        blocks, computed = 0, []
         with BatonClient(up.address, timeout=120) as client:
             for prompt, want in zip(prompts, wants):
                 assert client.complete(prompt, max_tokens=12, temperature=0, ignore_eos=True).token_ids == want
-        sent, received = expected_rank_bytes(cfg, prefill_tp, decode_tp, sum(-(-len(p) // 8) for p in prompts), 8)
+                # Each prompt extends the one before: the decode node holds its blocks, the rest moves.
+                blocks += -(-len(prompt) // 8) - held_blocks(computed, prompt, 8)
+                computed.append(prompt + want[:-1])
+        assert blocks < sum(-(-len(p) // 8) for p in prompts)
+        sent, received = expected_rank_bytes(cfg, prefill_tp, decode_tp, blocks, 8)
         if prefill_tp == 4:
             assert sent[1] == sent[3] == 0 and sent[0] == sent[2] > 0
         assert list(up.stats(prefill).rank_kv_bytes) == sent

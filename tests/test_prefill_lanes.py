@@ -67,19 +67,24 @@ class _Held:
 
 
 class Nodes:
-    """A prefill node and a decode node on one gRPC server, with the router's two calls."""
+    """A prefill node and a decode node on one gRPC server, with the router's two calls. `decode`: the decode
+    node's class (`HeldDecode`, or the plain one); `shared`: its KV storage in /dev/shm, so that the prefill
+    node writes into it on the same-device path."""
 
-    def __init__(self, stories_path) -> None:
+    def __init__(self, stories_path, decode: type[DecodeServicer] = HeldDecode, shared: bool = False) -> None:
         self.stories_path = stories_path
+        self.decode_class = decode
+        self.shared = shared
 
     async def __aenter__(self) -> Nodes:
         loop = asyncio.get_running_loop()
-        engines = [await asyncio.to_thread(lambda: LLM(str(self.stories_path), num_kv_blocks=64).engine)
-                   for _ in range(2)]
+        engines = [await asyncio.to_thread(
+            lambda shared: LLM(str(self.stories_path), num_kv_blocks=64, share_kv_cache=shared).engine, shared)
+            for shared in (False, self.shared)]
         self.vocab = engines[0].model_config.vocab_size
         self.prefill_engine, self.decode_engine = (AsyncEngine(e, loop) for e in engines)
         self.store = KVStoreHost()
-        self.decode = HeldDecode("decode-0", "decode", self.decode_engine, self.store, TIMEOUT)
+        self.decode = self.decode_class("decode-0", "decode", self.decode_engine, self.store, TIMEOUT)
         self.prefill = PrefillServicer("prefill-0", self.prefill_engine, TIMEOUT)
         self.server = grpc.aio.server()
         node_pb2_grpc.add_DecodeNodeServicer_to_server(self.decode, self.server)
@@ -93,7 +98,7 @@ class Nodes:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for gate in self.decode.gates.values():
+        for gate in getattr(self.decode, "gates", {}).values():
             gate.set()
         await self.channel.close()
         await self.server.stop(grace=None)

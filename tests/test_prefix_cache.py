@@ -141,7 +141,8 @@ def test_tensor_parallel_with_the_cache_is_exact(stories_path, uncached):
 
 def test_a_cluster_caches_prompts_on_both_nodes_and_reports_it(stories_path, uncached, tmp_path):
     """1P1D: the second time a prompt comes, the prefill node finds its blocks cached (its hits rise by them);
-    the decode node keeps the finished requests' blocks (prompt and generated) named. Token for token the
+    the decode node keeps the finished requests' blocks (prompt and generated) named, and holds them for the
+    prompts that start with them, so only the other blocks' K/V cross. Token for token the
     uncached engine's; afterwards no request holds a block (cached ones count as free), and the node metrics
     and GetStats say what was cached."""
     import urllib.request
@@ -150,6 +151,7 @@ def test_a_cluster_caches_prompts_on_both_nodes_and_reports_it(stories_path, unc
 
     from baton.router.client import BatonClient
     from cluster_harness import BatonUp
+    from test_prefix_transfer import block_bytes, held_blocks
 
     prompts = _prompts(uncached)
     want = [o.token_ids for o in uncached.generate(prompts, GREEDY)]
@@ -167,6 +169,15 @@ def test_a_cluster_caches_prompts_on_both_nodes_and_reports_it(stories_path, unc
         up.wait_until(lambda: all(s.free_blocks == s.total_blocks and not s.running
                                   for s in map(up.stats, (prefill, decode))), 10)
         assert up.stats(decode).prefix_cache.cached_blocks > 0
+        # The decode node held each prompt's blocks it had computed before (prompt and generated, of every
+        # earlier request): the prefill node sent the others' K/V alone, to the byte.
+        computed, blocks = [], 0
+        for prompt, tokens in zip(prompts * 2, want * 2):
+            blocks += -(-len(prompt) // 16) - held_blocks(computed, prompt)
+            computed.append(prompt + tokens[:-1])
+        assert blocks < 2 * sum(-(-len(p) // 16) for p in prompts)
+        assert up.stats(decode).kv_bytes_received == up.stats(prefill).kv_bytes_sent == blocks * block_bytes(
+            uncached.engine)
         with urllib.request.urlopen(f"http://{prefill.metrics_address}/metrics", timeout=10) as reply:
             samples = {s.name: s.value for f in text_string_to_metric_families(reply.read().decode())
                        for s in f.samples}

@@ -52,16 +52,18 @@ class KVShare(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., shm_path: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., storage_size: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: bool = ..., tensor_offset: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "max_tokens", "lease_ms")
+    __slots__ = ("request_id", "prompt_tokens", "max_tokens", "lease_ms", "token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     max_tokens: int
     lease_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("target",)
@@ -70,7 +72,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, target: _Optional[_Union[KVTarget, _Mapping]] = ...) -> None: ...
 
 class ReceiveKVRequest(_message.Message):
-    __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens", "block_ids", "transfer_tag", "lane", "shared")
+    __slots__ = ("request_id", "prefill_node_id", "generation", "layout", "num_tokens", "block_ids", "transfer_tag", "lane", "shared", "first_block")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,7 @@ class ReceiveKVRequest(_message.Message):
     TRANSFER_TAG_FIELD_NUMBER: _ClassVar[int]
     LANE_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prefill_node_id: str
     generation: int
@@ -89,7 +92,8 @@ class ReceiveKVRequest(_message.Message):
     transfer_tag: int
     lane: int
     shared: bool
-    def __init__(self, request_id: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., lane: _Optional[int] = ..., shared: bool = ...) -> None: ...
+    first_block: int
+    def __init__(self, request_id: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., lane: _Optional[int] = ..., shared: bool = ..., first_block: _Optional[int] = ...) -> None: ...
 
 class KVWrittenRequest(_message.Message):
     __slots__ = ("request_id", "prefill_node_id", "ok", "bytes_written")
@@ -198,7 +202,7 @@ class StreamEnd(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., details: _Optional[str] = ..., lost_node: _Optional[str] = ...) -> None: ...
 
 class KVTarget(_message.Message):
-    __slots__ = ("decode_node_id", "decode_address", "kv_store_address", "block_ids", "transfer_tag", "layout", "share", "rank_shares")
+    __slots__ = ("decode_node_id", "decode_address", "kv_store_address", "block_ids", "transfer_tag", "layout", "share", "rank_shares", "cached_blocks")
     DECODE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +211,7 @@ class KVTarget(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     RANK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     decode_node_id: str
     decode_address: str
     kv_store_address: str
@@ -215,7 +220,8 @@ class KVTarget(_message.Message):
     layout: KVLayout
     share: KVShare
     rank_shares: _containers.RepeatedCompositeFieldContainer[KVShare]
-    def __init__(self, decode_node_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., kv_store_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ..., rank_shares: _Optional[_Iterable[_Union[KVShare, _Mapping]]] = ...) -> None: ...
+    cached_blocks: int
+    def __init__(self, decode_node_id: _Optional[str] = ..., decode_address: _Optional[str] = ..., kv_store_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_tag: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., share: _Optional[_Union[KVShare, _Mapping]] = ..., rank_shares: _Optional[_Iterable[_Union[KVShare, _Mapping]]] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "target", "resumed")

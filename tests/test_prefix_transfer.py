@@ -1,0 +1,182 @@
+"""Disaggregated prefix caching (issue 25, part 2): a decode node holds the cached blocks a prompt starts with for
+its reservation, and the prefill node sends the K/V of the other blocks alone, on the pair channel and on the
+same-device path. A real PrefillServicer and DecodeServicer (stories260K engines, real gloo pair groups, real
+gRPC on loopback); the router's part is played by the test. Token for token the uncached engine's; what goes
+over the wire is counted to the byte; and no input leaves a block held."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from test_prefill_lanes import BOUND, Nodes, transferred
+
+from baton.decode.server import DecodeServicer
+from baton.engine import LLM, SamplingParams
+from baton.engine.prefix import block_names
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import node_pb2
+
+BLOCK = 16
+GREEDY = pb.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def held_blocks(computed: list[list[int]], prompt: list[int], block_size: int = BLOCK) -> int:
+    """How many leading blocks of `prompt` a node that computed each of `computed` (token lists, in full) holds
+    cached, short of the block of the prompt's last token (always computed again): the prefix-cache rule,
+    restated from block names alone."""
+    known = {name for tokens in computed for name in block_names(b"", tokens, block_size)}
+    held = 0
+    for name in block_names(b"", prompt, block_size, limit=(len(prompt) - 1) // block_size):
+        if name not in known:
+            break
+        held += 1
+    return held
+
+
+def block_bytes(llm_engine) -> int:
+    """One block's K/V, every layer (float32)."""
+    cfg = llm_engine.model_config
+    return cfg.num_layers * 2 * BLOCK * cfg.num_kv_heads * cfg.head_dim * 4
+
+
+def run(stories_path, test, shared: bool = False) -> None:
+    async def main():
+        async with asyncio.timeout(BOUND):
+            async with Nodes(stories_path, DecodeServicer, shared) as nodes:
+                await test(nodes)
+
+    asyncio.run(main())
+
+
+async def reserve(nodes: Nodes, rid: str, tokens: list[int], **fields) -> node_pb2.KVTarget:
+    request = node_pb2.ReserveRequest(request_id=rid, prompt_tokens=len(tokens), max_tokens=GREEDY.max_tokens,
+                                      lease_ms=60_000, token_ids=tokens)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return (await nodes.decode_stub.Reserve(request)).target
+
+
+async def turn(nodes: Nodes, rid: str, prompt: list[int]) -> tuple[list[int], node_pb2.KVTarget, int]:
+    """The router's three calls for one request: (its tokens, the reservation, the KV bytes sent)."""
+    target = await reserve(nodes, rid, prompt)
+    events = [e async for e in nodes.prefill_stub.Prefill(node_pb2.PrefillRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=GREEDY, target=target))]
+    first = events[0].first_token.chunk
+    tokens = list(first.token_ids)
+    async for response in nodes.decode_stub.Continue(node_pb2.ContinueRequest(
+            request_id=rid, prompt_token_ids=prompt, first_token=first.token_ids[0],
+            first_logprob=first.logprobs[0] if first.logprobs else 0.0, sampling=GREEDY)):
+        if response.HasField("chunk"):
+            tokens += response.chunk.token_ids
+    return tokens, target, transferred(events)
+
+
+async def nothing_held(nodes: Nodes) -> None:
+    """No request holds a block on the decode node (cached ones are available), and nothing is reserved."""
+    blocks = nodes.decode_engine.engine.blocks
+    while nodes.decode.reservations.pending or blocks.num_free != blocks.num_blocks:
+        await asyncio.sleep(0.001)  # a release still on its way (the test's BOUND ends a hang)
+    assert not any(blocks.refs(b) for b in range(blocks.num_blocks))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["pair", "same-device"])
+def test_the_next_turn_moves_only_the_blocks_the_decode_node_lacks(stories_path, shared):
+    """A conversation's second turn resends the first (prompt and answer) with more: the decode node holds every
+    full block of what it computed for turn one, and only the rest crosses; a prompt cached whole still sends
+    the block of its last token. Tokens equal the uncached engine's."""
+    uncached = LLM(str(stories_path), enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True)
+    base = uncached.tokenizer.encode("Once upon a time, there was a little girl named Lily. She loved to play "
+                                     "outside in the sunshine with her friends and her dog")
+
+    async def test(nodes: Nodes):
+        assert nodes.prefill.kv_path == "auto"
+        per_block = block_bytes(nodes.decode_engine.engine)
+        computed: list[list[int]] = []
+        targets: list[node_pb2.KVTarget] = []
+        conversation = list(base)
+        for i in range(3):
+            want = uncached.generate([conversation], params)[0].token_ids
+            tokens, target, sent = await turn(nodes, f"turn-{i}", conversation)
+            targets.append(target)
+            assert target.HasField("share") == shared  # which path it took
+            assert tokens == want, i
+            held = held_blocks(computed, conversation)
+            assert target.cached_blocks == held and (i == 0 or held > 0)
+            assert sent == (-(-len(conversation) // BLOCK) - held) * per_block
+            # The held blocks are the cached ones (still named for those tokens).
+            assert list(target.block_ids[:held]) == nodes.decode_engine.engine.blocks.match(conversation).blocks[:held]
+            computed.append(conversation + tokens[:-1])  # the last token is sampled, never computed
+            conversation = conversation + tokens + uncached.tokenizer.encode(" Then")
+        # The same prompt again: all its blocks but its last token's are held.
+        again = computed[-1][: len(computed[-1]) // BLOCK * BLOCK]
+        tokens, target, sent = await turn(nodes, "again", again)
+        targets.append(target)
+        assert tokens == uncached.generate([again], params)[0].token_ids
+        assert target.cached_blocks == len(again) // BLOCK - 1 and sent == per_block
+        stats = await nodes.decode_stub.GetStats(node_pb2.GetStatsRequest())
+        assert stats.prefix_cache.hits == sum(t.cached_blocks for t in targets) * BLOCK
+        await nothing_held(nodes)
+
+    run(stories_path, test, shared)
+
+
+def test_bad_reservations_and_transfers_are_refused_and_hold_nothing(stories_path):
+    """Token ids that are not the reservation's, a cached count the prompt cannot have, a transfer that starts
+    anywhere but at the decode node's first uncached block, and a Continue whose prompt is not the one its
+    cached blocks hold: each refused with INVALID_ARGUMENT naming the field, nothing held after."""
+    prompt = [(5 * i + 7) % 500 + 1 for i in range(40)]
+
+    async def refused(call, field: str):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field), \
+            (field, e.value.details())
+
+    async def test(nodes: Nodes):
+        await turn(nodes, "seed", prompt)  # the decode node caches its two full blocks
+        await refused(reserve(nodes, "short", prompt[:-1], prompt_tokens=len(prompt)), "token_ids")
+        await refused(reserve(nodes, "vocab", [nodes.vocab] + prompt[1:]), "token_ids")
+        await nothing_held(nodes)
+
+        # A cached count past the prompt's last block: the prefill node refuses it before anything moves.
+        target = await reserve(nodes, "count", prompt)
+        assert target.cached_blocks == 2
+        target.cached_blocks = 3
+        await refused(_drain(_prefill(nodes, "count", prompt, target)), "target.cached_blocks")
+        await nodes.decode_stub.Release(node_pb2.ReleaseRequest(request_id="count"))
+
+        # A transfer that starts at a block the decode node never reported, or past the prompt.
+        target = await reserve(nodes, "start", prompt)
+        for first in (0, 1, 3, 4):
+            await refused(nodes.decode_stub.ReceiveKV(node_pb2.ReceiveKVRequest(
+                request_id="start", prefill_node_id="prefill-x", generation=1, layout=nodes.decode.layout,
+                num_tokens=len(prompt), block_ids=target.block_ids, first_block=first)), "first_block")
+        await refused(nodes.decode_stub.ReceiveKV(node_pb2.ReceiveKVRequest(
+            request_id="start", prefill_node_id="prefill-x", layout=nodes.decode.layout, num_tokens=len(prompt),
+            block_ids=target.block_ids, first_block=9, shared=True)), "first_block")
+        await nodes.decode_stub.Release(node_pb2.ReleaseRequest(request_id="start"))
+
+        # Continue with another prompt of the same length than the one the reservation's cached blocks hold.
+        target = await reserve(nodes, "other", prompt)
+        events = [e async for e in _prefill(nodes, "other", prompt, target)]
+        first = events[0].first_token.chunk.token_ids[0]
+        other = [prompt[0] % 500 + 1] + prompt[1:]
+        await refused(_drain(nodes.decode_stub.Continue(node_pb2.ContinueRequest(
+            request_id="other", prompt_token_ids=other, first_token=first, sampling=GREEDY))), "prompt_token_ids")
+        await nothing_held(nodes)
+
+    run(stories_path, test)
+
+
+def _prefill(nodes: Nodes, rid: str, prompt: list[int], target: node_pb2.KVTarget):
+    return nodes.prefill_stub.Prefill(node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt,
+                                                              sampling=GREEDY, target=target))
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
