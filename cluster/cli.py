@@ -135,6 +135,13 @@ def _migration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-wait", type=float, default=5.0, metavar="S",
                         help="seconds a request waits for a live node of a role that has none before it fails "
                              "UNAVAILABLE (nodes re-registering after an etcd outage, a node restarting)")
+    parser.add_argument("--max-local-prefill-tokens", type=int, default=256, metavar="N",
+                        help="conditional disaggregation: a decode node that holds a prompt's prefix cached computes "
+                             "the rest itself when it is at most N tokens, with no prefill node (0: never; "
+                             "default 256, the crossover measured in bench/README.md)")
+    parser.add_argument("--routing", choices=["kv", "least-loaded", "round-robin"], default="kv",
+                        help="how the router chooses nodes: kv (where the prompt's prefix is cached, against load; "
+                             "from the nodes' KV events), least-loaded, or round-robin (default: kv)")
 
 
 def _cluster_args(parser: argparse.ArgumentParser, port: int = 0) -> None:
@@ -205,7 +212,8 @@ def _router(args: argparse.Namespace) -> int:
                      inactivity_timeout=args.stream_inactivity_timeout, node_wait=args.node_wait,
                      http_port=args.http_port, chat_template=args.chat_template, log_format=args.log_format,
                      served_model_name=args.served_model_name[0] if args.served_model_name else "",
-                     metrics_port=args.metrics_port, router_id=args.router_id))
+                     metrics_port=args.metrics_port, router_id=args.router_id, routing=args.routing,
+                     max_local_prefill_tokens=args.max_local_prefill_tokens))
     return 0
 
 
@@ -223,6 +231,8 @@ def _up(args: argparse.Namespace) -> int:
         raise FieldError("stream_inactivity_timeout", f"must be > 0 seconds, got {args.stream_inactivity_timeout}")
     if not args.node_wait >= 0:
         raise FieldError("node_wait", f"must be >= 0 seconds, got {args.node_wait}")
+    if args.max_local_prefill_tokens < 0:
+        raise FieldError("max_local_prefill_tokens", f"must be >= 0, got {args.max_local_prefill_tokens}")
     if args.tp > 1 and (args.prefill or args.decode):
         raise FieldError("tp", "--tp is the colocated nodes' degree: use --prefill-tp and --decode-tp for prefill "
                                "and decode nodes")
@@ -246,7 +256,8 @@ def _up(args: argparse.Namespace) -> int:
                               chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
                               router_args=["--max-migrations", str(args.max_migrations), "--stream-inactivity-timeout",
                                            str(args.stream_inactivity_timeout), "--node-wait", str(args.node_wait),
-                                           "--log-format", args.log_format]
+                                           "--routing", args.routing, "--max-local-prefill-tokens",
+                                           str(args.max_local_prefill_tokens), "--log-format", args.log_format]
                               + (["--chat-template", args.chat_template] if args.chat_template else []) + names,
                               http_port=args.http_port, more_models=more,
                               log_dir=args.log_dir))

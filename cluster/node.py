@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import aetcd
 import torch
 
-from baton.common.grpc_server import DECODE_SERVICE, PREFILL_SERVICE, SHUTDOWN_GRACE_S, Server, run_until_signalled
+from baton.common.grpc_server import (DECODE_SERVICE, KV_EVENTS_SERVICE, PREFILL_SERVICE, SHUTDOWN_GRACE_S, Server,
+                                      run_until_signalled)
+from baton.common.kv_events import KVEventPublisher, KVEventsServicer
 from baton.common.loops import every, retrying
 from baton.common.membership import NodeInfo, NodeRegistration
 from baton.common.metrics import MetricsServer
@@ -119,15 +121,19 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             async_engine = AsyncEngine(engine, loop)
             servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
                                        model=model_name)
-            server = Server([(node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)])
+            service = (node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)
         else:
             from baton.decode.server import DecodeServicer
 
             async_engine = AsyncEngine(engine, loop)
             servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout,
                                       publish_share=cfg.kv_path != "pair", model=model_name)
-            server = Server([(node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)])
+            service = (node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)
             tasks.append(asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry")))
+        # Every node's prefix cache, as it changes, to the routers that route by it.
+        kv_events = KVEventPublisher(cfg.node_id, async_engine)
+        server = Server([service, (node_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(kv_events),
+                                   KV_EVENTS_SERVICE)])
         port = server.bind(cfg.host, cfg.port).rpartition(":")[2]
         address = join_address(cfg.advertise_host, port)
         if cfg.role != "prefill":
@@ -170,6 +176,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
                     servicer.hand_over()  # the streams still here go on elsewhere (the router moves them)
             if hasattr(servicer, "close_streams"):
                 servicer.close_streams()  # routers' Streams calls end with their last stream
+            kv_events.close()  # the routers' subscriptions end: the node leaves their indexes
             # New calls are refused from here on; calls still open (a prefill's last acknowledgement, a
             # stream's last message) get what is left of the drain time, and at least the 2 s they always had.
             await server.stop(grace=max(2.0, deadline - loop.time()))
@@ -214,13 +221,14 @@ class LoadReporter:
     def __init__(self, servicer, registration: NodeRegistration) -> None:
         self.servicer = servicer
         self.registration = registration
-        self.last: tuple[int, int, int] | None = None
+        self.last: tuple[int, int, int, int] | None = None
 
     async def report(self) -> None:
         s = await self.servicer.stats()
-        load = (s.free_blocks, s.running, s.waiting + s.reserved)
+        load = (s.free_blocks, s.running, s.waiting + s.reserved, s.queued_tokens)
         if load != self.last:
-            await self.registration.update_load(free_blocks=load[0], running=load[1], waiting=load[2])
+            await self.registration.update_load(free_blocks=load[0], running=load[1], waiting=load[2],
+                                                queued_tokens=load[3])
             self.last = load
 
 

@@ -149,6 +149,7 @@ class Server:
 BATON_SERVICE = baton_pb2.DESCRIPTOR.services_by_name["Baton"].full_name
 DECODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["DecodeNode"].full_name
 PREFILL_SERVICE = node_pb2.DESCRIPTOR.services_by_name["PrefillNode"].full_name
+KV_EVENTS_SERVICE = node_pb2.DESCRIPTOR.services_by_name["KVEvents"].full_name
 
 
 # Every server process ends within this many seconds of SIGTERM, whatever else is already down (etcd, a peer):

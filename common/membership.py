@@ -55,6 +55,7 @@ class NodeInfo:
     tensor_parallel_size: int = 1
     model_path: str = ""  # the checkpoint folder, as the node sees it (a router loads the tokenizer from it)
     aliases: list[str] = field(default_factory=list)  # other names requests may give the model
+    queued_tokens: int = 0  # prompt tokens waiting to be computed on it (KV-aware routing weighs them)
 
     def __post_init__(self) -> None:
         if not isinstance(self.aliases, list) or not all(isinstance(a, str) and a for a in self.aliases):
@@ -68,7 +69,7 @@ class NodeInfo:
             raise ValueError(f"NodeInfo.role must be one of {ROLES}, got {self.role!r}")
         if not self.address:
             raise ValueError("NodeInfo.address must be host:port, got ''")
-        for name in ("capacity", "free_blocks", "running", "waiting"):
+        for name in ("capacity", "free_blocks", "running", "waiting", "queued_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"NodeInfo.{name} must be an int >= 0, got {v!r}")
@@ -221,7 +222,7 @@ class NodeRegistration:
 
     async def update_load(
         self, *, free_blocks: int | None = None, running: int | None = None, waiting: int | None = None,
-        capacity: int | None = None,
+        capacity: int | None = None, queued_tokens: int | None = None,
     ) -> None:
         """Publish new load figures (same key, same lease).
 
@@ -231,7 +232,7 @@ class NodeRegistration:
         if self._closed:
             raise RuntimeError("registration is closed")
         new = {k: v for k, v in (("free_blocks", free_blocks), ("running", running), ("waiting", waiting),
-                                 ("capacity", capacity)) if v is not None}
+                                 ("capacity", capacity), ("queued_tokens", queued_tokens)) if v is not None}
         info = NodeInfo(**{**asdict(self.info), **new})  # validates before anything is sent
         async with self._lock:
             self.info = info

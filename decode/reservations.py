@@ -3,6 +3,8 @@
 A reservation only moves forward:
 
     RESERVED ──ReceiveKV──▶ RECEIVING ──every layer in──▶ READY ──Continue──▶ DECODING ──▶ RELEASED
+       │                                                                          ▲
+       └──Continue (prefill_here: this node computes what its cached blocks lack)─┘
        └───────────────────────┴──────────────────────────┴─────────────────────┴──────────▶ RELEASED
 
 Every way to RELEASED, whatever its cause (finish, client cancel, deadline, lease expiry, failed or
@@ -94,6 +96,14 @@ class Reservations:
         r.phase = to
         if to is Phase.READY:
             r.settled.set()
+
+    def compute_here(self, r: Reservation) -> None:
+        """RESERVED -> DECODING with no K/V to come: this node computes what the reservation's cached blocks
+        lack (conditional disaggregation). From any other phase: NotAllowed (the K/V are being sent)."""
+        if r.phase is not Phase.RESERVED:
+            log.error("reservation %s: %s -> DECODING (computed here) is not allowed", r.request_id, r.phase.name)
+            raise NotAllowed(f"prefill_here: {r.request_id!r} is {r.phase.name.lower()}: its K/V are sent")
+        r.phase = Phase.DECODING
 
     async def receive_ended(self, r: Reservation, ok: bool, cause: str) -> None:
         """The receive into `r` is over: READY if every layer came and nobody released it meanwhile, else the

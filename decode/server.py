@@ -171,18 +171,27 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
                     raise FieldError("first_logprob",
                                      f"must be a log-probability (<= 0), got {request.first_logprob}")
                 forks = _forks(request)
-                try:
-                    await asyncio.wait_for(r.settled.wait(), self.reservations.lease_left(r))
-                except TimeoutError:
-                    await self.reservations.release(rid, "lease expired")  # deferred if K/V are still landing
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        "the KV cache did not arrive within the lease")
-                if r.phase is not Phase.READY:
-                    # Its K/V did not come: the prefill node or this one's side of the transfer failed.
-                    context.set_trailing_metadata(((LOST_NODE_KEY, ""),))
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        f"request_id: {rid!r} was released ({r.cause})")
-                self.reservations.advance(r, Phase.DECODING)
+                if request.prefill_here:
+                    # Conditional disaggregation: no K/V come; this node computes what its cached blocks lack.
+                    if forks:
+                        raise FieldError("forks", "not with prefill_here")
+                    try:
+                        self.reservations.compute_here(r)
+                    except NotAllowed as e:
+                        raise FieldError("prefill_here", str(e).removeprefix("prefill_here: ")) from None
+                else:
+                    try:
+                        await asyncio.wait_for(r.settled.wait(), self.reservations.lease_left(r))
+                    except TimeoutError:
+                        await self.reservations.release(rid, "lease expired")  # deferred if K/V are still landing
+                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            "the KV cache did not arrive within the lease")
+                    if r.phase is not Phase.READY:
+                        # Its K/V did not come: the prefill node or this one's side of the transfer failed.
+                        context.set_trailing_metadata(((LOST_NODE_KEY, ""),))
+                        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                            f"request_id: {rid!r} was released ({r.cause})")
+                    self.reservations.advance(r, Phase.DECODING)
                 async for response in self._choices(request, params, forks, context, track):
                     yield response
             except FieldError as e:
@@ -207,12 +216,19 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             # The forks first: choice 0 may end with its first token, and its blocks with it.
             for k, fork_params in enumerate(forks):
                 await self.engine.fork(rid, ids[k + 1], prompt, fork_params)
-            first = await self.engine.adopt(rid, prompt, request.first_token, request.first_logprob, params,
-                                            resumed_from_proto(request.resumed))
+            resumed = resumed_from_proto(request.resumed)
+            if request.prefill_here:  # every output comes from here, the first token's too
+                await self.engine.compute_rest(rid, prompt, params, resumed)
+                finished = False
+            else:
+                first = await self.engine.adopt(rid, prompt, request.first_token, request.first_logprob, params,
+                                                resumed)
+                finished = first.finished
             self.requests_served += len(ids)
-            track.adopted()
+            if not request.prefill_here:
+                track.adopted()
             # A first token that ended choice 0 was relayed with its Finish by the router: nothing more comes.
-            outputs = self.engine.outputs_of(ids[1:] if first.finished else ids, stream)
+            outputs = self.engine.outputs_of(ids[1:] if finished else ids, stream)
             async for response in self._relayed(outputs, request, ids, context, track):
                 yield response
         finally:
@@ -289,10 +305,11 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         return await self.stats()
 
     async def stats(self) -> node_pb2.NodeStats:
-        total, free, running, waiting = await self.engine.load()
+        load = await self.engine.load()
         return node_pb2.NodeStats(
-            node_id=self.node_id, role=self.role, total_blocks=total, free_blocks=free, running=running,
-            waiting=waiting, reserved=self.reservations.pending, kv_bytes_received=self.intake.bytes_received,
+            node_id=self.node_id, role=self.role, total_blocks=load.total_blocks, free_blocks=load.free_blocks,
+            running=load.running, waiting=load.waiting, queued_tokens=load.queued_tokens,
+            reserved=self.reservations.pending, kv_bytes_received=self.intake.bytes_received,
             requests_served=self.requests_served, peers=self.channels.peers(), rank_kv_bytes=self.intake.rank_bytes,
             prefix_cache=node_pb2.PrefixCache(**await self.engine.prefix_cache()),
         )

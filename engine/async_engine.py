@@ -15,7 +15,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from .engine import KVSink, KVSpec, LLMEngine, StepShape
+from .block_manager import CacheChanges
+from .engine import KVSink, KVSpec, LLMEngine, Load, StepShape
 from .requests import Reserved
 from .errors import InvalidRequest
 from .request import RequestOutput, Resumed, SamplingParams
@@ -37,6 +38,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | EngineFailed]] = {}
         self._stopping = False
+        self._on_kv: Callable[[CacheChanges], None] | None = None  # `watch_kv`
+        self._kv_seq = 0  # batches of prefix-cache changes handed to it (engine thread)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -166,6 +169,12 @@ class AsyncEngine:
         token's output (finished if that token ended the request: its stream then gets nothing)."""
         return await self.call(self.engine.adopt, request_id, prompt, first_token, first_logprob, params, resumed)
 
+    async def compute_rest(self, request_id: str, prompt: Sequence[int], params: SamplingParams,
+                           resumed: Resumed | None = None) -> None:
+        """A reservation continued by computing the rest of its prompt here (`LLMEngine.compute_rest`); open its
+        stream first: every output, the first token's included, comes through it."""
+        await self.call(self.engine.compute_rest, request_id, prompt, params, resumed)
+
     async def fork(self, parent_id: str, child_id: str, prompt: Sequence[int], params: SamplingParams,
                    resumed: Resumed | None = None) -> int:
         """A new request sharing the prompt K/V `parent_id` holds (`LLMEngine.fork`); returns the prompt tokens
@@ -183,6 +192,27 @@ class AsyncEngine:
     def set_kv_sink(self, sink: KVSink | None) -> None:
         """Before any request: the sink is called on the engine thread."""
         self.engine.set_kv_sink(sink)
+
+    def watch_kv(self, on_changes: Callable[[CacheChanges], None]) -> None:
+        """Before any request: `on_changes(changes)` is called on the event loop with each batch of the prefix
+        cache's changes (names stored and removed), in order, numbered 1, 2, ... (`kv_snapshot` says where
+        a snapshot stands among them). Nothing is called with prefix caching off."""
+        if self.engine.blocks.caching:
+            self._on_kv = on_changes
+            self.engine.blocks.record_changes()
+
+    async def kv_snapshot(self) -> CacheChanges:
+        """Every named block now, as of the last batch handed to `watch_kv`'s callback (its seq)."""
+        def snapshot() -> CacheChanges:
+            self._hand_over_kv()  # what changed before it goes out first, numbered before it
+            return CacheChanges(self._kv_seq, self.engine.blocks.named(), [], snapshot=True)
+
+        return await self.call(snapshot)
+
+    @property
+    def kv_identity(self) -> tuple[bytes, int]:
+        """(the model's seed, the block size): what block names are made of (b"" with prefix caching off)."""
+        return self.engine.blocks.seed or b"", self.engine.blocks.block_size
 
     def set_step_observer(self, observer: Callable[[StepShape], None] | None) -> None:
         """Before any request: `observer` is called on the engine thread with each step's shape."""
@@ -220,8 +250,8 @@ class AsyncEngine:
     def blocks_for(self, num_tokens: int) -> int:
         return self.engine.blocks_for(num_tokens)
 
-    async def load(self) -> tuple[int, int, int, int]:
-        """(total blocks, free blocks, running, waiting), read on the engine thread."""
+    async def load(self) -> Load:
+        """`LLMEngine.load`, read on the engine thread."""
         return await self.call(self.engine.load)
 
     async def prefix_cache(self) -> dict[str, int]:
@@ -245,8 +275,10 @@ class AsyncEngine:
                     self._commands.get_nowait()()
             except queue.Empty:
                 pass
+            self._hand_over_kv()
             if self.engine.has_unfinished():
                 self._step()
+                self._hand_over_kv()
 
     def _step(self) -> None:
         try:
@@ -259,6 +291,15 @@ class AsyncEngine:
             return
         if outputs:
             self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _hand_over_kv(self) -> None:
+        """The prefix cache's changes since the last call, as the next batch (engine thread)."""
+        if self._on_kv is None:
+            return
+        stored, removed = self.engine.blocks.take_changes()
+        if stored or removed:
+            self._kv_seq += 1
+            self._loop.call_soon_threadsafe(self._on_kv, CacheChanges(self._kv_seq, stored, removed))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -38,6 +38,17 @@ class Match:
 NO_MATCH = Match()
 
 
+@dataclass(frozen=True, slots=True)
+class CacheChanges:
+    """The prefix cache's changes since the batch before (`seq` numbers the batches), or, `snapshot`, every
+    named block at batch `seq`: (name, parent name, b"" for a prompt's first block) stored, names removed."""
+
+    seq: int
+    stored: list[tuple[bytes, bytes]]
+    removed: list[bytes]
+    snapshot: bool = False
+
+
 @dataclass(slots=True)
 class CacheCounters:
     """What prefix caching did, in tokens and blocks (counters, for metrics)."""
@@ -60,7 +71,27 @@ class BlockManager:
         self._block_of: dict[bytes, int] = {}  # name -> the block that holds it
         self._name_of: dict[int, bytes] = {}  # block -> its name
         self._cached: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds, eviction order first
+        self._parent: dict[bytes, bytes] = {}  # name -> its parent's name (b"": a prompt's first block)
         self.counters = CacheCounters()
+        # Names stored and removed since `take_changes` (kept only once someone takes them: `record_changes`).
+        self._stored: list[tuple[bytes, bytes]] | None = None
+        self._removed: list[bytes] = []
+
+    def record_changes(self) -> None:
+        """From now on names stored and removed are kept for `take_changes` (call it after every operation:
+        nothing else bounds them)."""
+        self._stored = []
+
+    def take_changes(self) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        """The names stored (with their parents) and removed since the last call, in order."""
+        stored, removed = self._stored or [], self._removed
+        if self._stored is not None:
+            self._stored, self._removed = [], []
+        return stored, removed
+
+    def named(self) -> list[tuple[bytes, bytes]]:
+        """Every named block, (name, parent), in the order they were named."""
+        return list(self._parent.items())
 
     @property
     def caching(self) -> bool:
@@ -121,6 +152,10 @@ class BlockManager:
         self._tables[seq_id] = list(match.blocks)
         self._names[seq_id] = list(match.names)
 
+    def cached_tokens(self, seq_id: str) -> int:
+        """The tokens of `seq_id`'s named blocks: those whose K/V it attached or has computed."""
+        return len(self._names.get(seq_id, ())) * self.block_size
+
     def holds_prefix(self, seq_id: str, token_ids: list[int]) -> bool:
         """Whether `token_ids` start with the tokens of the named blocks `seq_id` holds (the cached blocks a
         reservation attached hold some prompt's K/V: only that prompt may be decoded from them)."""
@@ -147,6 +182,10 @@ class BlockManager:
             if name not in self._block_of and block not in self._name_of:
                 self._block_of[name] = block
                 self._name_of[block] = name
+                parent = names[i - 1] if i else b""
+                self._parent[name] = parent
+                if self._stored is not None:
+                    self._stored.append((name, parent))
         self._names[seq_id] = names
 
     def grow(self, seq_id: str, num_tokens: int) -> None:
@@ -206,4 +245,8 @@ class BlockManager:
         return block
 
     def _forget(self, block: int) -> None:
-        del self._block_of[self._name_of.pop(block)]
+        name = self._name_of.pop(block)
+        del self._block_of[name]
+        del self._parent[name]
+        if self._stored is not None:
+            self._removed.append(name)

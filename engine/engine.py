@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 
@@ -49,6 +49,16 @@ class KVSpec:
     device: torch.device
     model_kv_heads: int = 0  # the model's, split between the ranks
     tensor_parallel_size: int = 1
+
+
+class Load(NamedTuple):
+    """What the engine holds now (what a node reports, for routing)."""
+
+    total_blocks: int
+    free_blocks: int  # cached blocks nobody holds count as free
+    running: int
+    waiting: int
+    queued_tokens: int  # prompt tokens still to compute, of waiting and running sequences
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +202,12 @@ class LLMEngine:
         seq = self.requests.adopt(request_id, prompt, params, resumed)
         return self._take(seq, first_token, first_logprob, None)  # its top_logprobs came from the prefill node
 
+    def compute_rest(self, request_id: str, prompt: Seq[int], params: SamplingParams,
+                     resumed: Resumed | None = None) -> None:
+        """Continues a reservation whose cached blocks hold the start of `prompt` by computing the rest of it
+        here: its first token comes out of this engine's steps like any other (conditional disaggregation)."""
+        self.requests.compute_rest(request_id, prompt, params, resumed)
+
     def fork(
         self, parent_id: str, child_id: str, prompt: Seq[int], params: SamplingParams,
         resumed: Resumed | None = None,
@@ -251,10 +267,10 @@ class LLMEngine:
     def blocks_for(self, num_tokens: int) -> int:
         return self.blocks.blocks_for(num_tokens)
 
-    def load(self) -> tuple[int, int, int, int]:
-        """(total blocks, free blocks, running, waiting)."""
+    def load(self) -> Load:
         s = self.scheduler
-        return self.blocks.num_blocks, self.blocks.num_free, len(s.running), len(s.waiting)
+        queued = sum(seq.num_uncomputed for seq in s.waiting) + sum(seq.num_uncomputed for seq in s.running)
+        return Load(self.blocks.num_blocks, self.blocks.num_free, len(s.running), len(s.waiting), queued)
 
     def prefix_cache(self) -> dict[str, int]:
         """What prefix caching did: cached_blocks (named, held or not), and since the start, queries and hits

@@ -89,6 +89,21 @@ class Requests:
         self._queue(seq)
         return seq
 
+    def compute_rest(self, request_id: str, prompt: Seq[int], params: SamplingParams,
+                     resumed: Resumed | None) -> Sequence:
+        """Queues the sequence of a reservation whose cached blocks hold the K/V of its first tokens: the rest of
+        its prompt (and `resumed` tokens) is computed here, into the reserved blocks, and its first token sampled
+        here (conditional disaggregation: no prefill node involved)."""
+        if not self._blocks.table(request_id):
+            raise InvalidRequest("request_id", f"{request_id!r} holds no reservation on this engine")
+        seq = self._sequence(request_id, list(prompt), params, resumed)
+        if not self._blocks.holds_prefix(request_id, seq.token_ids):
+            raise InvalidRequest("prompt_token_ids", "differ from the tokens reserved for them (the reservation's "
+                                 "cached blocks hold another prompt's K/V)")
+        seq.num_computed = min(self._blocks.cached_tokens(request_id), seq.num_tokens - 1)
+        self._queue(seq)
+        return seq
+
     def fork(self, parent_id: str, child_id: str, prompt: Seq[int], params: SamplingParams,
              resumed: Resumed | None) -> int:
         """Queues a request that shares the full blocks of `prompt` a parent holds below its last prompt token;

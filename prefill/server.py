@@ -173,10 +173,11 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         return await self.stats()
 
     async def stats(self) -> node_pb2.NodeStats:
-        total, free, running, waiting = await self.engine.load()
+        load = await self.engine.load()
         return node_pb2.NodeStats(
-            node_id=self.node_id, role="prefill", total_blocks=total, free_blocks=free, running=running,
-            waiting=waiting, kv_bytes_sent=self.kv_bytes_sent, requests_served=self.requests_served,
+            node_id=self.node_id, role="prefill", total_blocks=load.total_blocks, free_blocks=load.free_blocks,
+            running=load.running, waiting=load.waiting, queued_tokens=load.queued_tokens,
+            kv_bytes_sent=self.kv_bytes_sent, requests_served=self.requests_served,
             peers=max(len(self.peers), self.channels.peers()), rank_kv_bytes=self.sending.rank_bytes,
             prefix_cache=node_pb2.PrefixCache(**await self.engine.prefix_cache()),
         )

@@ -67,6 +67,9 @@ class Phase(enum.IntEnum):
     ENDED = 4
 
 
+DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 256  # the crossover measured by bench/local_prefill.py (bench/README.md)
+
+
 @dataclass(frozen=True, slots=True)
 class AttemptSettings:
     """How the router tries a request on its nodes (`baton router` options)."""
@@ -75,6 +78,9 @@ class AttemptSettings:
     max_migrations: int = 3  # times a stream may resume on other nodes after a node failed under it
     inactivity_timeout: float = 10.0  # a node silent this long under a stream is given up (and the stream moved)
     node_wait: float = 5.0  # how long a request waits for a live node of a role that has none
+    # Conditional disaggregation: when the decode node holds a prompt's prefix cached and at most this many of
+    # its tokens are not, the decode node computes them itself and no prefill node is involved (0: never).
+    max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS
 
 
 @dataclass(slots=True)
@@ -91,20 +97,20 @@ class Try:
 
 
 class NodeHolds:
-    """The load an attempt puts on its nodes in the picker's count (requests their reports may not show yet):
-    taken for each node as the attempt starts, given back once each: early for a prefill node that has sent
-    its first token, and for all that are left whatever ends the attempt (`with`)."""
+    """The load an attempt puts on its nodes in the picker's count (requests, and prompt tokens to compute,
+    that their reports may not show yet): taken for each node as the attempt starts, given back once each:
+    early for a prefill node that has sent its first token, and for all that are left whatever ends the
+    attempt (`with`). `nodes`: node id -> the prompt tokens it is to compute."""
 
-    def __init__(self, picker: Picker, node_ids: Sequence[str]) -> None:
+    def __init__(self, picker: Picker, nodes: dict[str, int]) -> None:
         self._picker = picker
-        self._held = list(node_ids)
-        for node_id in self._held:
-            picker.acquire(node_id)
+        self._held = dict(nodes)
+        for node_id, tokens in self._held.items():
+            picker.acquire(node_id, tokens)
 
     def give_back(self, node_id: str) -> None:
         if node_id in self._held:
-            self._held.remove(node_id)
-            self._picker.release(node_id)
+            self._picker.release(node_id, self._held.pop(node_id))
 
     def __enter__(self) -> NodeHolds:
         return self
@@ -127,16 +133,20 @@ class Attempt:
     stubs: NodeStubs
     settings: AttemptSettings
     release_later: Callable[[asyncio.Future], None]
+    tokens: int = 0  # the prompt tokens its prefill (or colocated) node is to compute, as routing sees it
+    decided: Callable[[str], None] = lambda where: None  # counts where its prompt was computed: remote, local
     phase: Phase = Phase.PICKED
     lost: bool = False
     _calls: list = field(default_factory=list)  # node calls and tasks, cancelled when it ends
 
     async def responses(self) -> AsyncIterator[pb.GenerateResponse]:
-        nodes = [self.decode] if self.prefill is None else [self.prefill, self.decode]
+        computing = self.prefill or self.decode
+        holds = {computing.node_id: self.tokens, self.decode.node_id: 0} if self.prefill else {
+            self.decode.node_id: self.tokens}
         with contextlib.ExitStack() as channels:
             decode = channels.enter_context(self.stubs.use(self.decode.address))
             prefill = channels.enter_context(self.stubs.use(self.prefill.address)) if self.prefill else None
-            holds = NodeHolds(self.picker, [n.node_id for n in nodes])
+            holds = NodeHolds(self.picker, holds)
             try:
                 with holds:
                     run = self._generate(decode) if prefill is None else self._disaggregated(decode, prefill, holds)
@@ -182,6 +192,20 @@ class Attempt:
         # Which registration of each node was picked (`_first_event` tells a node that left or restarted).
         registrations = [(n, self.picker.membership.registration(n)) for n in (self.prefill, self.decode)]
         target = await self._reserve(decode)
+        if self._local(target):
+            # The decode node holds most of the prompt: it computes the rest itself, no prefill node involved.
+            self.decided("local")
+            holds.give_back(self.prefill.node_id)
+            self._enter(Phase.DECODING)
+            call = decode.streams.cont(
+                node_pb2.ContinueRequest(request_id=job.internal_id, prompt_token_ids=req.prompt_ids,
+                                         sampling=req.sampling, resumed=job.resumed, prefill_here=True),
+                job.deadline.time_remaining(), self.settings.inactivity_timeout)
+            self._calls.append(call)
+            async for response in call:
+                yield response
+            return
+        self.decided("remote")
         self._enter(Phase.PREFILLING)
         prefill_call = prefill.prefill.Prefill(
             node_pb2.PrefillRequest(request_id=job.internal_id, prompt_token_ids=req.prompt_ids,
@@ -216,6 +240,14 @@ class Attempt:
         self._calls.append(continue_call)
         async for response in continue_call:
             yield response
+
+    def _local(self, target: node_pb2.KVTarget) -> bool:
+        """Whether the decode node computes the prompt's rest itself: it holds some of it cached, and the rest
+        is short (`max_local_prefill_tokens`). Never for several choices (they fork from K/V computed once)."""
+        job = self.job
+        cached = target.cached_blocks * target.layout.block_size
+        rest = len(job.req.prompt_ids) + len(job.resumed.token_ids) - cached
+        return cached > 0 and rest <= self.settings.max_local_prefill_tokens and not job.forks
 
     async def _reserve(self, decode: NodeChannel) -> node_pb2.KVTarget:
         """The decode node's reservation, as the prefill node is to get it. A Reserve answers at once from a

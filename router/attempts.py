@@ -20,6 +20,7 @@ from baton.v1 import node_pb2
 from . import resume
 from .admission import Admitted
 from .attempt import Attempt, AttemptSettings, NodeLost, Try
+from .kv_index import PromptBlocks
 from .metrics import RouterMetrics
 from .node_stubs import NodeStubs
 from .picker import Picker
@@ -91,15 +92,19 @@ class Attempts:
         await self.stubs.close()
 
     async def _pick(self, job: Try, mode: str, avoid: set[str]) -> Attempt:
-        req, wait = job.req, self.node_wait(job.deadline)
+        req, wait, picker = job.req, self.node_wait(job.deadline), self.picker
+        # The tokens whose K/V the attempt needs: named once, for every node routing weighs.
+        prompt = PromptBlocks([*req.prompt_ids, *job.resumed.token_ids])
         prefill = None
         if mode == "colocated":
-            decode = await self.picker.when_live(lambda: self.picker.pick("colocated", avoid, req.model.name), wait)
+            decode = await picker.when_live(lambda: picker.pick("colocated", avoid, req.model.name, prompt), wait)
         else:
-            decode = await self.picker.when_live(lambda: self.picker.pick("decode", avoid, req.model.name), wait)
-            prefill = await self.picker.when_live(lambda: self.picker.pick("prefill", avoid, req.model.name), wait)
+            decode = await picker.when_live(lambda: picker.pick("decode", avoid, req.model.name, prompt), wait)
+            prefill = await picker.when_live(lambda: picker.pick("prefill", avoid, req.model.name, prompt), wait)
         req.nodes = ((prefill or decode).node_id, decode.node_id)
-        return Attempt(job, decode, prefill, self.picker, self.stubs, self.settings, self._release_later)
+        tokens = len(prompt.token_ids) - picker.routing.held_tokens(prefill or decode, prompt)
+        decided = lambda where: self.metrics.prefill_decisions.labels(req.model.name, where).inc()  # noqa: E731
+        return Attempt(job, decode, prefill, picker, self.stubs, self.settings, self._release_later, tokens, decided)
 
     def _release_later(self, release: asyncio.Future) -> None:
         self._releasing.add(release)

@@ -16,10 +16,13 @@ from baton.common.membership import (MembershipWatcher, NodeRegistration, Router
 from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
-from .attempt import AttemptSettings
+from .attempt import DEFAULT_MAX_LOCAL_PREFILL_TOKENS, AttemptSettings
 from .kserve import KServeServicer
 from .models import Models, load_model
+from .kv_index import KVIndex
+from .metrics import RouterMetrics
 from .picker import Picker
+from .routing import POLICIES, routing
 from .server import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class RouterConfig:
     chat_template: str = ""  # a Jinja chat template file, in place of the checkpoint's
     served_model_name: str = ""  # the given model's name (its nodes register the same); "" -> served_name
     log_format: str = "text"  # or "json": one JSON object per line
+    routing: str = "kv"  # how nodes are chosen: "kv" (where the prefix lives), "least-loaded" or "round-robin"
+    max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS  # see AttemptSettings
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -53,6 +58,10 @@ class RouterConfig:
             raise ValueError(f"stream_inactivity_timeout: must be > 0 seconds, got {self.inactivity_timeout}")
         if not self.node_wait >= 0:
             raise ValueError(f"node_wait: must be >= 0 seconds, got {self.node_wait}")
+        if self.max_local_prefill_tokens < 0:
+            raise ValueError(f"max_local_prefill_tokens: must be >= 0, got {self.max_local_prefill_tokens}")
+        if self.routing not in POLICIES:
+            raise ValueError(f"routing: must be one of {', '.join(POLICIES)}, got {self.routing!r}")
 
 
 async def scrape_targets(membership: MembershipWatcher, etcd: aetcd.Client, cluster: str) -> list[dict]:
@@ -90,13 +99,20 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     folder = resolve_model_path(cfg.model)
     membership = await retrying(lambda: MembershipWatcher.start(cfg.etcd, cfg.cluster), (aetcd.ClientError,), 60.0,
                                 "watching the membership")
-    picker = Picker(membership)
+    # KV-aware routing reads the nodes' prefix caches from their KV events (kv_index.py).
+    index = KVIndex(membership, lambda node_id, cause: metrics.kv_resyncs.labels(cause).inc()) \
+        if cfg.routing == "kv" else None
+    metrics = RouterMetrics(membership.nodes, index.sizes if index is not None else dict)
+    if index is not None:
+        index.start()
+    picker = Picker(membership, routing=routing(cfg.routing, index))
     # The model it is given is loaded now (its nodes register the same name); the others as nodes show them.
     given = load_model(folder, cfg.served_model_name or served_name(folder), cfg.max_prompt_bytes,
                        cfg.chat_template)
     models = Models(membership, [given])
-    settings = AttemptSettings(cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout, cfg.node_wait)
-    servicer = RouterServicer(models, picker, settings)
+    settings = AttemptSettings(cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout, cfg.node_wait,
+                               cfg.max_local_prefill_tokens)
+    servicer = RouterServicer(models, picker, settings, metrics)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
                      (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
                       KSERVE_SERVICE)])
@@ -145,6 +161,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         if http is not None:
             await http.cleanup()
         await servicer.close()
+        if index is not None:
+            await index.close()
         await membership.close()
 
 

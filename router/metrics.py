@@ -46,6 +46,20 @@ class _LiveNodes:
         yield family
 
 
+class _IndexedBlocks:
+    """Per node, the blocks the KV index knows it holds, read from the index when scraped (it owns them)."""
+
+    def __init__(self, sizes: Callable[[], dict[str, int]]) -> None:
+        self._sizes = sizes
+
+    def collect(self):
+        family = GaugeMetricFamily("baton_router_kv_index_blocks", "Blocks each node holds named, as this "
+                                   "router's KV index knows them (nodes in sync only)", labels=["node"])
+        for node_id, blocks in sorted(self._sizes().items()):
+            family.add_metric([node_id], blocks)
+        yield family
+
+
 class _Series:
     """One label set's buckets (non-cumulative; the last is +Inf) and sum."""
 
@@ -92,7 +106,7 @@ class _ChunkHistogram:
 
 
 class RouterMetrics:
-    def __init__(self, nodes: Callable[[], list] = list) -> None:
+    def __init__(self, nodes: Callable[[], list] = list, indexed: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and the rest, as Prometheus names them
         r = self.registry
@@ -119,7 +133,15 @@ class RouterMetrics:
                                   ["model", "cause"], registry=r)
         self.client_resumes = Counter("baton_router_client_resumes", "Streams a client resumed here after its "
                                       "router failed", ["model"], registry=r)
+        self.prefill_decisions = Counter("baton_router_prefill_decisions", "Where disaggregated requests' prompts "
+                                         "were computed: remote (a prefill node) or local (the decode node held "
+                                         "the prefix and computed the short rest itself)", ["model", "where"],
+                                         registry=r)
+        self.kv_resyncs = Counter("baton_router_kv_index_resyncs", "Times a node's entry in the KV index was "
+                                  "rebuilt from a snapshot after losing sync (cause: gap, broken, refused)",
+                                  ["cause"], registry=r)
         r.register(_LiveNodes(nodes))
+        r.register(_IndexedBlocks(indexed))
 
     def request(self, model: str, front: str, start: float) -> RequestMetrics:
         return RequestMetrics(self, model, front, start)

@@ -1,4 +1,5 @@
-"""Chooses the node for each role: the least loaded of the live nodes, from the load they report."""
+"""Chooses the node for each role among the live ones, from the load they report and what this router sent
+them since, by the routing policy (routing.py: where the prompt's prefix lives, the least loaded, or in turn)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from baton.common.membership import MembershipWatcher, NodeInfo
+
+from .kv_index import PromptBlocks
+from .routing import LeastLoaded, Routing
 
 
 class NoNode(LookupError):
@@ -19,11 +23,13 @@ T = TypeVar("T")
 
 class Picker:
     def __init__(self, membership: MembershipWatcher, suspect_seconds: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, routing: Routing | None = None) -> None:
         self.membership = membership
-        # Requests this router sent that the node's last report may not show yet; a node's key goes when
-        # its count is back to 0, so nodes that come and go leave nothing behind.
+        self.routing = routing or LeastLoaded()
+        # Requests this router sent that the node's last report may not show yet, and their prompt tokens still
+        # to compute; a node's keys go when its counts are back to 0, so nodes that come and go leave nothing.
         self.in_flight: Counter[str] = Counter()
+        self.in_flight_tokens: Counter[str] = Counter()
         # Nodes that just failed a request, until when: a dead node stays in the membership until its lease
         # runs out (the TTL), and every request sent to it meanwhile would fail once before moving on.
         self.suspects: dict[str, float] = {}
@@ -34,19 +40,31 @@ class Picker:
         """`node_id` failed a request: pick others for a while, if there are others."""
         self.suspects[node_id] = self._clock() + self.suspect_seconds
 
-    def acquire(self, node_id: str) -> None:
+    def acquire(self, node_id: str, tokens: int = 0) -> None:
         self.in_flight[node_id] += 1
+        if tokens:
+            self.in_flight_tokens[node_id] += tokens
 
-    def release(self, node_id: str) -> None:
-        left = self.in_flight[node_id] - 1
-        if left > 0:
-            self.in_flight[node_id] = left
-        else:
-            del self.in_flight[node_id]
+    def release(self, node_id: str, tokens: int = 0) -> None:
+        for counts, n in ((self.in_flight, 1), (self.in_flight_tokens, tokens)):
+            left = counts[node_id] - n
+            if left > 0:
+                counts[node_id] = left
+            else:
+                counts.pop(node_id, None)
 
-    def pick(self, role: str, avoid: set[str] | frozenset[str] = frozenset(), model: str | None = None) -> NodeInfo:
-        """The least loaded live node of `role` (serving `model`, when given), other than those in `avoid`
-        (nodes that failed a request)."""
+    def load(self, node: NodeInfo) -> int:
+        """Requests on `node`: as it last reported, and those this router sent it since."""
+        return node.running + node.waiting + self.in_flight[node.node_id]
+
+    def queued(self, node: NodeInfo) -> int:
+        """Prompt tokens waiting on `node`: as it last reported, and those this router sent it since."""
+        return node.queued_tokens + self.in_flight_tokens[node.node_id]
+
+    def pick(self, role: str, avoid: set[str] | frozenset[str] = frozenset(), model: str | None = None,
+             prompt: PromptBlocks | None = None) -> NodeInfo:
+        """The routing policy's choice of a live node of `role` (serving `model`, when given) for `prompt`,
+        other than those in `avoid` (nodes that failed a request)."""
         nodes = [n for n in self.membership.nodes(role)
                  if n.node_id not in avoid and (model is None or n.model == model)]
         if not nodes:
@@ -57,8 +75,7 @@ class Picker:
             del self.suspects[node_id]  # bounded: an entry lives suspect_seconds
         trusted = [n for n in nodes if n.node_id not in self.suspects]
         nodes = trusted or nodes  # a suspect is still better than no node
-        return min(nodes, key=lambda n: (n.running + n.waiting + self.in_flight[n.node_id], -n.free_blocks,
-                                         n.node_id))
+        return self.routing.choose(role, nodes, self.load, self.queued, prompt)
 
     async def when_live(self, choose: Callable[[], T], timeout: float) -> T:
         """`choose()` (a `pick` or `mode`) once it finds a node, trying again on every membership change for up

@@ -14,15 +14,16 @@ from baton.v1 import node_pb2
 
 def test_holds_are_given_back_once_each_whatever_ends_the_attempt():
     picker = Picker(membership=None)
-    with NodeHolds(picker, ["prefill-0", "decode-0"]) as holds:
+    with NodeHolds(picker, {"prefill-0": 300, "decode-0": 0}) as holds:
         assert picker.in_flight == {"prefill-0": 1, "decode-0": 1}
+        assert picker.in_flight_tokens == {"prefill-0": 300}  # the prompt tokens it is to compute
         holds.give_back("prefill-0")  # its first token came: the prefill node's part is over
         holds.give_back("prefill-0")  # twice is once
-        assert picker.in_flight == {"decode-0": 1}
+        assert picker.in_flight == {"decode-0": 1} and picker.in_flight_tokens == {}
     assert picker.in_flight == {}
-    with pytest.raises(RuntimeError), NodeHolds(picker, ["decode-0"]):
+    with pytest.raises(RuntimeError), NodeHolds(picker, {"decode-0": 40}):
         raise RuntimeError("the attempt failed")
-    assert picker.in_flight == {}
+    assert picker.in_flight == {} and picker.in_flight_tokens == {}
 
 
 def test_a_phase_never_moves_back(caplog):

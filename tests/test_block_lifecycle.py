@@ -49,7 +49,7 @@ def test_a_prefill_cancelled_while_queued_leaves_no_block(engine):
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-            total, free, running, waiting = await ae.load()
+            total, free, running, waiting, _ = await ae.load()
             assert (free, running, waiting) == (total, 0, 0)
         finally:
             await ae.close()
@@ -79,7 +79,7 @@ def test_a_release_ends_the_stream_of_an_adopted_sequence(engine):
             assert await ae.release("x") > 0
             reasons = [out.finish_reason async for out in outputs]
             assert reasons[-1] is FinishReason.ABORT
-            total, free, _, _ = await ae.load()
+            total, free, _, _, _ = await ae.load()
             assert free == total
         finally:
             await ae.close()
@@ -112,6 +112,13 @@ def test_the_reservation_lifecycle_moves_forward_only_and_defers_release_while_r
                 res.advance(b, Phase.RECEIVING)  # a duplicate ReceiveKV
             await res.receive_ended(b, ok=False, cause="kv transfer failed: peer gone")
             assert b.phase is Phase.RELEASED and b.settled.is_set() and (await ae.load())[1] == total
+
+            c = await res.reserve("c", 20, 8, lease_s=60)
+            res.compute_here(c)  # conditional disaggregation: no K/V come, this node computes the prompt
+            assert c.phase is Phase.DECODING
+            with pytest.raises(NotAllowed):
+                res.compute_here(c)  # only from RESERVED
+            assert await res.release("c", "finished") == 2 and (await ae.load())[1] == total
         finally:
             await ae.close()
 

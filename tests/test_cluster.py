@@ -76,23 +76,25 @@ def test_stream_carries_indices_and_first_token_arrives_alone(one_one):
 
 
 def test_kv_bytes_received_match_the_prompt_blocks_and_blocks_come_back(one_one, stories_llm):
-    """A prompt no other test sends moves whole; sent again, the decode node holds its blocks (prefix caching)
-    but the last one's, and that one alone moves."""
-    decode = one_one.nodes("decode")[0]
+    """A prompt no other test sends moves whole; sent again, the decode node holds all its blocks but the last
+    one's (prefix caching) and computes that one itself (conditional disaggregation): the prefill node does
+    nothing, nothing moves, and the tokens are the same."""
+    [decode], [prefill] = one_one.nodes("decode"), one_one.nodes("prefill")
     cfg = stories_llm.engine.model_config
     prompt = "A purple kite flew over the quiet river while the old baker sang to his three cats"
     n = len(stories_llm.tokenizer.encode(prompt))
     assert n > 32
-    moved = []
+    moved, served, tokens = [], [], []
     with BatonClient(one_one.address, timeout=60) as client:
         for _ in range(2):
-            before = one_one.stats(decode).kv_bytes_received
-            client.complete(prompt, max_tokens=5, temperature=0)
-            moved.append(one_one.stats(decode).kv_bytes_received - before)
-    assert moved == [kv_bytes(n, cfg), kv_bytes(n - (n - 1) // 16 * 16, cfg)]
+            before = one_one.stats(decode).kv_bytes_received, one_one.stats(prefill).requests_served
+            tokens.append(client.complete(prompt, max_tokens=5, temperature=0).token_ids)
+            moved.append(one_one.stats(decode).kv_bytes_received - before[0])
+            served.append(one_one.stats(prefill).requests_served - before[1])
+    assert moved == [kv_bytes(n, cfg), 0] and served == [1, 0]
+    assert tokens[0] == tokens[1] == stories_llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0))[
+        0].token_ids
     after = one_one.stats(decode)
-    prefill = one_one.stats(one_one.nodes("prefill")[0])
-    assert prefill.kv_bytes_sent >= sum(moved)
     assert after.free_blocks == after.total_blocks and after.reserved == 0
 
 

@@ -277,7 +277,7 @@ def test_async_engine_fork(llm, stories_llm):
                 outs = head + [out async for out in outputs]
                 results.append(([t for o in outs for t in o.token_ids], "".join(o.text for o in outs),
                                 outs[-1].finish_reason))
-            total, free, running, waiting = await ae.load()
+            total, free, running, waiting, _ = await ae.load()
             assert (free, running, waiting) == (total, 0, 0)
             return results
         finally:

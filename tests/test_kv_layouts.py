@@ -42,7 +42,7 @@ def expected_rank_bytes(cfg, prefill_tp: int, decode_tp: int, blocks: int, block
                                                                                  "tp2-to-tp2"])
 def test_kv_goes_rank_to_rank_between_any_two_degrees(stories_path, stories_llm, tmp_path, prefill_tp, decode_tp):
     with BatonUp(tmp_path, "--model", str(stories_path), "--kv-path", "pair", "--prefill-tp", str(prefill_tp),
-                 "--decode-tp", str(decode_tp)) as up:
+                 "--decode-tp", str(decode_tp), "--max-local-prefill-tokens", "0") as up:
         [decode], [prefill] = up.nodes("decode"), up.nodes("prefill")
         baseline = up.stats(decode).total_blocks
         tokenizer = stories_llm.tokenizer
@@ -89,7 +89,7 @@ def test_random_checkpoints_through_clusters_of_different_degrees(tmp_path, vari
         wants = [o.token_ids for o in llm.generate(prompts, params)]
         cfg = llm.engine.model_config
     with BatonUp(tmp_path / "logs", "--model", str(folder), "--kv-path", "pair", "--prefill-tp", str(prefill_tp),
-                 "--decode-tp", str(decode_tp), "--block-size", "8") as up:
+                 "--decode-tp", str(decode_tp), "--block-size", "8", "--max-local-prefill-tokens", "0") as up:
         [decode], [prefill] = up.nodes("decode"), up.nodes("prefill")
         blocks, computed = 0, []
         with BatonClient(up.address, timeout=120) as client:

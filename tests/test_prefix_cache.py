@@ -155,7 +155,9 @@ def test_a_cluster_caches_prompts_on_both_nodes_and_reports_it(stories_path, unc
 
     prompts = _prompts(uncached)
     want = [o.token_ids for o in uncached.generate(prompts, GREEDY)]
-    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "1") as up:
+    # Every prompt goes through the prefill node (a decode node holding most of one would compute it itself).
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "1",
+                 "--max-local-prefill-tokens", "0") as up:
         [prefill], [decode] = up.nodes("prefill"), up.nodes("decode")
         with BatonClient(up.address, timeout=60) as client:
             first = [client.complete(p, max_tokens=24, temperature=0, ignore_eos=True).token_ids for p in prompts]

@@ -180,3 +180,42 @@ def _prefill(nodes: Nodes, rid: str, prompt: list[int], target: node_pb2.KVTarge
 async def _drain(call) -> None:
     async for _ in call:
         pass
+
+
+def test_a_decode_node_that_holds_the_prefix_computes_the_rest_itself(stories_path):
+    """Conditional disaggregation, the decode node's part: a reservation whose cached blocks hold most of the
+    prompt, continued with prefill_here, computes the rest there and samples the first token there; nothing
+    crosses and no prefill node is asked; the tokens are the uncached engine's. Refused with forks, or for a
+    reservation whose K/V were sent; nothing held after."""
+    uncached = LLM(str(stories_path), enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True)
+    prompt = [(3 * i + 11) % 500 + 1 for i in range(40)]
+
+    async def refused(call, field: str):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await _drain(call)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field), \
+            (field, e.value.details())
+
+    def here(nodes: Nodes, rid: str, tokens: list[int], **fields):
+        return nodes.decode_stub.Continue(node_pb2.ContinueRequest(
+            request_id=rid, prompt_token_ids=tokens, sampling=GREEDY, prefill_here=True, **fields))
+
+    async def test(nodes: Nodes):
+        first, _, _ = await turn(nodes, "first", prompt)
+        served, received = nodes.prefill.requests_served, nodes.decode.intake.bytes_received
+        follow_up = prompt + first + [7, 8, 9]
+        target = await reserve(nodes, "next", follow_up)
+        assert target.cached_blocks == (len(prompt) + len(first) - 1) // BLOCK
+        tokens = [t async for r in here(nodes, "next", follow_up) if r.HasField("chunk") for t in r.chunk.token_ids]
+        assert tokens == uncached.generate([follow_up], params)[0].token_ids
+        assert (nodes.prefill.requests_served, nodes.decode.intake.bytes_received) == (served, received)
+
+        await reserve(nodes, "forked", follow_up)
+        await refused(here(nodes, "forked", follow_up, forks=[GREEDY]), "forks")
+        target = await reserve(nodes, "sent", follow_up)
+        await _drain(_prefill(nodes, "sent", follow_up, target))
+        await refused(here(nodes, "sent", follow_up), "prefill_here")
+        await nothing_held(nodes)
+
+    run(stories_path, test)

@@ -33,10 +33,10 @@ class Router:
     """A second `baton router` process on a cluster's etcd: `with Router(up, model) as address:`. It logs
     straight to a file (each line flushed as written), so what a test reads there is never behind."""
 
-    def __init__(self, up: BatonUp, model: Path) -> None:
+    def __init__(self, up: BatonUp, model: Path, *options: str) -> None:
         self.port = free_port()
         self.args = [BATON, "router", "--etcd", up.etcd, "--cluster", up.cluster, "--model", str(model),
-                     "--port", str(self.port), "--parent-pid", str(os.getpid())]
+                     "--port", str(self.port), "--parent-pid", str(os.getpid()), *options]
         self.log = up.log_dir / "router-b.log"
         self.proc: subprocess.Popen | None = None
 

@@ -126,7 +126,7 @@ class Resumed(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text_chars: _Optional[int] = ...) -> None: ...
 
 class ContinueRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "first_token", "first_logprob", "sampling", "resumed", "forks")
+    __slots__ = ("request_id", "prompt_token_ids", "first_token", "first_logprob", "sampling", "resumed", "forks", "prefill_here")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class ContinueRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     FORKS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token: int
@@ -141,7 +142,8 @@ class ContinueRequest(_message.Message):
     sampling: _baton_pb2.SamplingParams
     resumed: Resumed
     forks: _containers.RepeatedCompositeFieldContainer[_baton_pb2.SamplingParams]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., sampling: _Optional[_Union[_baton_pb2.SamplingParams, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., forks: _Optional[_Iterable[_Union[_baton_pb2.SamplingParams, _Mapping]]] = ...) -> None: ...
+    prefill_here: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., sampling: _Optional[_Union[_baton_pb2.SamplingParams, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., forks: _Optional[_Iterable[_Union[_baton_pb2.SamplingParams, _Mapping]]] = ..., prefill_here: bool = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -264,7 +266,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "running", "waiting", "reserved", "kv_bytes_received", "kv_bytes_sent", "requests_served", "peers", "rank_kv_bytes", "prefix_cache")
+    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "running", "waiting", "reserved", "kv_bytes_received", "kv_bytes_sent", "requests_served", "peers", "rank_kv_bytes", "prefix_cache", "queued_tokens")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +280,7 @@ class NodeStats(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     RANK_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     total_blocks: int
@@ -291,7 +294,8 @@ class NodeStats(_message.Message):
     peers: int
     rank_kv_bytes: _containers.RepeatedScalarFieldContainer[int]
     prefix_cache: PrefixCache
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ..., peers: _Optional[int] = ..., rank_kv_bytes: _Optional[_Iterable[int]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ...) -> None: ...
+    queued_tokens: int
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ..., peers: _Optional[int] = ..., rank_kv_bytes: _Optional[_Iterable[int]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefixCache(_message.Message):
     __slots__ = ("cached_blocks", "queries", "hits", "evictions")
@@ -304,3 +308,33 @@ class PrefixCache(_message.Message):
     hits: int
     evictions: int
     def __init__(self, cached_blocks: _Optional[int] = ..., queries: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+
+class KVEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVBlock(_message.Message):
+    __slots__ = ("name", "parent")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    name: bytes
+    parent: bytes
+    def __init__(self, name: _Optional[bytes] = ..., parent: _Optional[bytes] = ...) -> None: ...
+
+class KVEventBatch(_message.Message):
+    __slots__ = ("seq", "snapshot", "stored", "removed", "node_id", "model_seed", "block_size")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SEED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    snapshot: bool
+    stored: _containers.RepeatedCompositeFieldContainer[KVBlock]
+    removed: _containers.RepeatedScalarFieldContainer[bytes]
+    node_id: str
+    model_seed: bytes
+    block_size: int
+    def __init__(self, seq: _Optional[int] = ..., snapshot: bool = ..., stored: _Optional[_Iterable[_Union[KVBlock, _Mapping]]] = ..., removed: _Optional[_Iterable[bytes]] = ..., node_id: _Optional[str] = ..., model_seed: _Optional[bytes] = ..., block_size: _Optional[int] = ...) -> None: ...

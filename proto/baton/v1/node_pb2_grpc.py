@@ -533,3 +533,81 @@ class PrefillNode(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class KVEventsStub(object):
+    """Served by every node: its prefix cache as it changes, for the routers' KV-aware routing.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Subscribe = channel.unary_stream(
+                '/baton.v1.KVEvents/Subscribe',
+                request_serializer=baton_dot_v1_dot_node__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_node__pb2.KVEventBatch.FromString,
+                _registered_method=True)
+
+
+class KVEventsServicer(object):
+    """Served by every node: its prefix cache as it changes, for the routers' KV-aware routing.
+    """
+
+    def Subscribe(self, request, context):
+        """A snapshot of every block the node holds named, then each batch of changes after it, until the caller
+        ends the call. Batches are numbered 1, 2, ... from the node's start: a caller that sees a number skipped
+        (it fell too far behind, and the node dropped what did not fit) subscribes again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVEventsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=baton_dot_v1_dot_node__pb2.KVEventsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_node__pb2.KVEventBatch.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'baton.v1.KVEvents', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('baton.v1.KVEvents', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVEvents(object):
+    """Served by every node: its prefix cache as it changes, for the routers' KV-aware routing.
+    """
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.KVEvents/Subscribe',
+            baton_dot_v1_dot_node__pb2.KVEventsRequest.SerializeToString,
+            baton_dot_v1_dot_node__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
