@@ -7,6 +7,7 @@ over the wire is counted to the byte; and no input leaves a block held."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import grpc
 import pytest
@@ -59,16 +60,19 @@ async def reserve(nodes: Nodes, rid: str, tokens: list[int], **fields) -> node_p
     return (await nodes.decode_stub.Reserve(request)).target
 
 
-async def turn(nodes: Nodes, rid: str, prompt: list[int]) -> tuple[list[int], node_pb2.KVTarget, int]:
-    """The router's three calls for one request: (its tokens, the reservation, the KV bytes sent)."""
-    target = await reserve(nodes, rid, prompt)
+async def turn(nodes: Nodes, rid: str, prompt: list[int], delivered: list[int] = (),
+               sampling: pb.SamplingParams = GREEDY) -> tuple[list[int], node_pb2.KVTarget, int]:
+    """The router's three calls for one request: (its tokens, the reservation, the KV bytes sent). `delivered`:
+    the tokens a stream that resumes here had delivered (its K/V computed and sent with the prompt's)."""
+    resumed = node_pb2.Resumed(token_ids=delivered)
+    target = await reserve(nodes, rid, prompt + list(delivered))
     events = [e async for e in nodes.prefill_stub.Prefill(node_pb2.PrefillRequest(
-        request_id=rid, prompt_token_ids=prompt, sampling=GREEDY, target=target))]
+        request_id=rid, prompt_token_ids=prompt, sampling=sampling, target=target, resumed=resumed))]
     first = events[0].first_token.chunk
     tokens = list(first.token_ids)
     async for response in nodes.decode_stub.Continue(node_pb2.ContinueRequest(
             request_id=rid, prompt_token_ids=prompt, first_token=first.token_ids[0],
-            first_logprob=first.logprobs[0] if first.logprobs else 0.0, sampling=GREEDY)):
+            first_logprob=first.logprobs[0] if first.logprobs else 0.0, sampling=sampling, resumed=resumed)):
         if response.HasField("chunk"):
             tokens += response.chunk.token_ids
     return tokens, target, transferred(events)
@@ -216,6 +220,53 @@ def test_a_decode_node_that_holds_the_prefix_computes_the_rest_itself(stories_pa
         target = await reserve(nodes, "sent", follow_up)
         await _drain(_prefill(nodes, "sent", follow_up, target))
         await refused(here(nodes, "sent", follow_up), "prefill_here")
+        await nothing_held(nodes)
+
+    run(stories_path, test)
+
+
+def test_a_working_set_three_times_the_pool_stays_exact_and_pins_nothing(stories_path):
+    """Twenty conversations of three turns on nodes of 64 blocks each: what they would keep cached is about three
+    pools' worth, so blocks are evicted on both nodes and found again or computed anew. Every token is the
+    uncached engine's, and after the last turn no request holds a block."""
+    uncached = LLM(str(stories_path), enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    rng = random.Random(5)
+    conversations = [[rng.randrange(3, 500) for _ in range(40)] for _ in range(20)]
+
+    async def test(nodes: Nodes):
+        for t in range(3):
+            for c, history in enumerate(conversations):
+                tokens, _, _ = await turn(nodes, f"c{c}-{t}", history)
+                assert tokens == uncached.generate([history], params)[0].token_ids, (c, t)
+                conversations[c] = history + tokens + [rng.randrange(3, 500) for _ in range(40)]
+        for engine in (nodes.prefill_engine.engine, nodes.decode_engine.engine):
+            assert engine.blocks.counters.evictions > 0 and engine.blocks.counters.hits > 0
+        await nothing_held(nodes)
+        prefill = nodes.prefill_engine.engine.blocks
+        assert prefill.num_free == prefill.num_blocks and not any(prefill.refs(b) for b in range(prefill.num_blocks))
+
+    run(stories_path, test)
+
+
+def test_a_stream_resumed_where_its_prefix_is_cached_sends_only_the_rest(stories_path):
+    """Migration's data path with the cache: a stream that resumes on a decode node which holds its prompt's
+    blocks (an earlier request of the same prompt) reserves prompt and delivered tokens, is sent the blocks its
+    cache lacks, and goes on from the next token exactly; seeded sampling too."""
+    uncached = LLM(str(stories_path), enable_prefix_caching=False)
+    prompt = [(7 * i + 2) % 500 + 1 for i in range(50)]
+    seeded = pb.SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    want = uncached.generate([prompt], SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=3,
+                                                      ignore_eos=True))[0].token_ids
+
+    async def test(nodes: Nodes):
+        per_block = block_bytes(nodes.decode_engine.engine)
+        await turn(nodes, "earlier", prompt)  # the decode node holds the prompt's three full blocks now
+        delivered = want[:20]
+        tokens, target, sent = await turn(nodes, "resumed", prompt, delivered, seeded)
+        assert tokens == want[20:]
+        assert target.cached_blocks == len(prompt) // BLOCK
+        assert sent == (-(-(len(prompt) + len(delivered)) // BLOCK) - target.cached_blocks) * per_block
         await nothing_held(nodes)
 
     run(stories_path, test)
