@@ -292,8 +292,10 @@ def test_requests_waiting_on_a_stopped_prefill_node_move_once_it_leaves_the_memb
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(6)]
     options = [dict(max_tokens=16, temperature=0.0, ignore_eos=True) for _ in prompts]
     want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in options])]
+    # Every prompt through a prefill node (the decode node would compute a repeated one itself).
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "2", "--decode", "1",
-                 "--stream-inactivity-timeout", "1", "--http-port", str(free_port())) as up:
+                 "--stream-inactivity-timeout", "1", "--http-port", str(free_port()),
+                 "--max-local-prefill-tokens", "0") as up:
         async def run():
             async with AsyncBatonClient(up.address, timeout=90) as client:
                 return await asyncio.gather(*(_stream(client, p, options[i], Progress(len(prompts)), i)
