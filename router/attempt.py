@@ -196,7 +196,6 @@ class Attempt:
             # The decode node holds most of the prompt: it computes the rest itself, no prefill node involved.
             self.decided("local")
             holds.give_back(self.prefill.node_id)
-            req.nodes = (self.decode.node_id, self.decode.node_id)  # the Finish names who computed the prompt
             self._enter(Phase.DECODING)
             call = decode.streams.cont(
                 node_pb2.ContinueRequest(request_id=job.internal_id, prompt_token_ids=req.prompt_ids,
