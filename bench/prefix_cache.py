@@ -8,7 +8,8 @@ system  one shared system prompt of SYSTEM tokens and a short question (16-64 to
         CONCURRENCY at a time
 
 For each it prints TTFT p50/p99 as the client sees it, goodput (requests/s whose TTFT met the SLO, stated with
-the machine), throughput, KV bytes moved per request (the decode nodes' received bytes), the nodes' prefix-cache
+the machine), throughput, KV bytes moved per request (the decode nodes' received bytes; and those the prefill
+nodes read back from them, the pull path, which `kv-no-pull` turns off), the nodes' prefix-cache
 hit rates (prefill and decode nodes: prompt tokens found cached over those looked up), and the share of
 prompts the decode node computed itself (conditional disaggregation); then each configuration's ratios to
 caching off, and the hit rates of kv routing to least-loaded's.
@@ -45,6 +46,7 @@ CONCURRENCY = 8
 SLO_TTFT_S = 1.0  # goodput's TTFT objective, for this benchmark's 51M Llama on a 2-core VM
 CONFIGS = {  # name -> (node options, router options)
     "kv": ([], ["--routing", "kv"]),
+    "kv-no-pull": (["--kv-pull-min-tokens", "0"], ["--routing", "kv"]),
     "least-loaded": ([], ["--routing", "least-loaded"]),
     "off": (["--no-enable-prefix-caching"], ["--routing", "least-loaded"]),
 }
@@ -134,6 +136,7 @@ def summary(stats: list[node_pb2.NodeStats], rec: Recorder, requests: int, secon
         ttft_p99_ms=ttft[min(len(ttft) - 1, math.ceil(0.99 * len(ttft)) - 1)] * 1000,
         goodput_rps=sum(t <= SLO_TTFT_S for t in ttft) / seconds, throughput_tok_s=rec.tokens / seconds,
         kv_bytes_per_request=sum(s.kv_bytes_received for s in stats if s.role == "decode") / requests,
+        pulled_bytes_per_request=sum(s.kv_bytes_pulled for s in stats if s.role == "decode") / requests,
         prefill_hit_rate=rate("prefill"), decode_hit_rate=rate("decode"), local_share=1 - prefilled / requests)
 
 
@@ -151,7 +154,8 @@ async def one(cluster, workload: str, seed: int) -> dict:
     deltas = []
     for b, a in zip(sorted(before, key=lambda s: s.node_id), sorted(after, key=lambda s: s.node_id)):
         d = node_pb2.NodeStats(node_id=a.node_id, role=a.role, requests_served=a.requests_served - b.requests_served,
-                               kv_bytes_received=a.kv_bytes_received - b.kv_bytes_received)
+                               kv_bytes_received=a.kv_bytes_received - b.kv_bytes_received,
+                               kv_bytes_pulled=a.kv_bytes_pulled - b.kv_bytes_pulled)
         d.prefix_cache.queries = a.prefix_cache.queries - b.prefix_cache.queries
         d.prefix_cache.hits = a.prefix_cache.hits - b.prefix_cache.hits
         deltas.append(d)
@@ -182,7 +186,9 @@ def main() -> int:
             results[workload][name] = row
             print(f"  {workload:6s} {name:12s} TTFT p50 {row['ttft_p50_ms']:8.1f} ms p99 {row['ttft_p99_ms']:8.1f} ms"
                   f"  goodput {row['goodput_rps']:5.2f} req/s  {row['throughput_tok_s']:6.1f} tok/s  KV moved "
-                  f"{row['kv_bytes_per_request'] / 1e6:6.2f} MB/req  hits prefill {row['prefill_hit_rate']:.0%} "
+                  f"{row['kv_bytes_per_request'] / 1e6:6.2f} MB/req (pulled back "
+                  f"{row['pulled_bytes_per_request'] / 1e6:5.2f})  "
+                  f"hits prefill {row['prefill_hit_rate']:.0%} "
                   f"decode {row['decode_hit_rate']:.0%}  local {row['local_share']:.0%}", flush=True)
     for workload, rows in results.items():
         off = rows.get("off")

@@ -97,6 +97,13 @@ def _kv_path_arg(parser: argparse.ArgumentParser) -> None:
                              "GPU; shared: on one CPU host too, through /dev/shm)")
 
 
+def _kv_pull_arg(parser: argparse.ArgumentParser, default: int | None) -> None:
+    parser.add_argument("--kv-pull-min-tokens", type=int, default=default, metavar="N",
+                        help="a prefill node reads back a prompt's cached blocks that the decode node holds and it "
+                             "lacks, instead of computing them, when at least N tokens would come back (0: never; "
+                             "default 16)")
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="HF checkpoint folder (default: the bundled stories260K)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -135,10 +142,10 @@ def _migration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-wait", type=float, default=5.0, metavar="S",
                         help="seconds a request waits for a live node of a role that has none before it fails "
                              "UNAVAILABLE (nodes re-registering after an etcd outage, a node restarting)")
-    parser.add_argument("--max-local-prefill-tokens", type=int, default=256, metavar="N",
+    parser.add_argument("--max-local-prefill-tokens", type=int, default=0, metavar="N",
                         help="conditional disaggregation: a decode node that holds a prompt's prefix cached computes "
-                             "the rest itself when it is at most N tokens, with no prefill node (0: never; "
-                             "default 256, the crossover measured in bench/README.md)")
+                             "the rest itself when it is at most N tokens, with no prefill node (default 0: never; "
+                             "the crossover measured in bench/README.md is none on a CPU)")
     parser.add_argument("--routing", choices=["kv", "least-loaded", "round-robin"], default="kv",
                         help="how the router chooses nodes: kv (where the prompt's prefix is cached, against load; "
                              "from the nodes' KV events), least-loaded, or round-robin (default: kv)")
@@ -198,7 +205,8 @@ def _node(args: argparse.Namespace) -> int:
     run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
                    port=args.port, metrics_port=args.metrics_port, advertise_host=args.advertise_host, ttl=args.ttl,
                    threads=args.threads, transfer_timeout=args.transfer_timeout, kv_path=args.kv_path,
-                   drain_timeout=args.drain_timeout, served_model_names=tuple(args.served_model_name),
+                   kv_pull_min_tokens=args.kv_pull_min_tokens, drain_timeout=args.drain_timeout,
+                   served_model_names=tuple(args.served_model_name),
                    log_format=args.log_format, engine=_engine_config(args)))
     return 0
 
@@ -233,13 +241,16 @@ def _up(args: argparse.Namespace) -> int:
         raise FieldError("node_wait", f"must be >= 0 seconds, got {args.node_wait}")
     if args.max_local_prefill_tokens < 0:
         raise FieldError("max_local_prefill_tokens", f"must be >= 0, got {args.max_local_prefill_tokens}")
+    if args.kv_pull_min_tokens is not None and args.kv_pull_min_tokens < 0:
+        raise FieldError("kv_pull_min_tokens", f"must be >= 0 (0: never pull), got {args.kv_pull_min_tokens}")
     if args.tp > 1 and (args.prefill or args.decode):
         raise FieldError("tp", "--tp is the colocated nodes' degree: use --prefill-tp and --decode-tp for prefill "
                                "and decode nodes")
     passed_on = {"--device": args.device, "--kernels": args.kernels, "--block-size": args.block_size,
                  "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
-                 "--kv-path": args.kv_path, "--drain-timeout": args.drain_timeout, "--log-format": args.log_format}
+                 "--kv-path": args.kv_path, "--drain-timeout": args.drain_timeout, "--log-format": args.log_format,
+                 "--kv-pull-min-tokens": args.kv_pull_min_tokens}
     node_args = [part for flag, value in passed_on.items() if value is not None for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
     node_args += ["--no-enable-prefix-caching"] if args.enable_prefix_caching is False else []
@@ -373,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--drain-timeout", type=float, default=None,
                     help="on SIGTERM, seconds a node finishes its work before handing its streams over (30)")
     _kv_path_arg(up)
+    _kv_pull_arg(up, None)
     up.add_argument("--prefill-tp", type=int, default=1, metavar="P", help="the prefill nodes' tensor-parallel degree")
     up.add_argument("--decode-tp", type=int, default=1, metavar="D",
                     help="the decode nodes' tensor-parallel degree (any two degrees the model takes meet: each "
@@ -397,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on SIGTERM, seconds to finish running work after leaving etcd; a decode node then "
                            "hands the streams it still has to the router, which resumes them elsewhere (default 30)")
     _kv_path_arg(node)
+    _kv_pull_arg(node, 16)
     node.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                       help="serve Prometheus metrics (GET /metrics) on this port of --host (default 0: a free one); "
                            "the address is published in etcd, where `baton status` finds it")

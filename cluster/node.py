@@ -28,6 +28,7 @@ from baton.engine.shm import remove_stale_shm
 from baton.engine.async_engine import AsyncEngine
 from baton.kvtransfer.channel import KVStoreHost, join_address
 from baton.kvtransfer.ranks import serve_rank
+from baton.prefill.pull import DEFAULT_PULL_MIN_TOKENS
 from baton.v1 import node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class NodeConfig:
     # prefill node writes into any storage offered on its own device; "shared": a CPU decode node offers its
     # storage too (in /dev/shm); "pair": always the pair channel (gloo or NCCL).
     kv_path: str = "auto"
+    # A prefill node reads back the cached blocks of a prompt that the decode node holds and it lacks, instead of
+    # computing them, when at least this many tokens would come back (prefill/pull.py); 0: never.
+    kv_pull_min_tokens: int = DEFAULT_PULL_MIN_TOKENS
     # On SIGTERM the node leaves etcd, then serves what it holds (running, waiting, reserved) for up to this
     # long before its server stops.
     drain_timeout: float = 30.0
@@ -82,6 +86,8 @@ class NodeConfig:
             raise ValueError(f"metrics_port: must be a port number (0: any free port), got {self.metrics_port!r}")
         if self.kv_path not in KV_PATHS:
             raise ValueError(f"kv_path: must be one of {KV_PATHS}, got {self.kv_path!r}")
+        if not (isinstance(self.kv_pull_min_tokens, int) and self.kv_pull_min_tokens >= 0):
+            raise ValueError(f"kv_pull_min_tokens: must be >= 0 (0: never pull), got {self.kv_pull_min_tokens!r}")
         if self.kv_path == "shared" and self.role != "prefill":
             self.engine.share_kv_cache = True
 
@@ -120,7 +126,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
 
             async_engine = AsyncEngine(engine, loop)
             servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
-                                       model=model_name)
+                                       pull_min_tokens=cfg.kv_pull_min_tokens, model=model_name)
             service = (node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)
         else:
             from baton.decode.server import DecodeServicer

@@ -141,7 +141,12 @@ class NodeMetrics:
                                    labels=(*LABELS, "direction"))
         sent.add_metric([*self.labels.values(), self.direction],
                         s.kv_bytes_sent if self.role == "prefill" else s.kv_bytes_received)
-        return out + [sent]
+        pulled = CounterMetricFamily("baton_kv_pull_bytes", "KV cache bytes of cached blocks read back instead of "
+                                     "recomputed (the pull path: a decode node sends, a prefill node receives)",
+                                     labels=(*LABELS, "direction"))
+        pulled.add_metric([*self.labels.values(), "received" if self.role == "prefill" else "sent"],
+                          s.kv_bytes_pulled)
+        return out + [sent, pulled]
 
 
 class _Scrape:

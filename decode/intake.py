@@ -14,6 +14,10 @@ A lane of a pair channel, (prefill node, generation, lane index), as this node s
 A claim of a CLAIMED lane is refused (`LaneBusy`): the prefill node puts one transfer at a time on a lane, and
 two receives on one lane would each take the other's messages.
 
+A pull (PullKV: a prefill node reads back cached blocks of a reservation instead of computing them) claims a
+lane the same way, and sends on it: the blocks, or, when the reservation cannot give them (released, or they
+are not its cached blocks), a cancel header on every route, so that the lane stays in step either way.
+
 A same-device write, by request id:
 
     (none) ──begin_write()──▶ WRITING ──end_write() (KVWritten: ok or given up)──▶ (none)
@@ -36,7 +40,7 @@ from baton.engine import FieldError
 from baton.engine.async_engine import AsyncEngine
 from baton.engine.parallel import KVRoute
 from baton.kvtransfer.channel import TransferCancelled
-from baton.kvtransfer.ranks import Abandon, NodeRanks, ReceiveRoute
+from baton.kvtransfer.ranks import Abandon, NodeRanks, ReceiveRoute, SendRoute
 from baton.kvtransfer.routes import TransferRoutes
 from baton.kvtransfer.sender import coalesce
 
@@ -92,6 +96,7 @@ class KVIntake:
         self.node_id = node_id
         self.timeout = timeout
         self.bytes_received = 0
+        self.bytes_pulled = 0  # sent back by PullKV
         self.rank_bytes = [0] * ranks.size  # KV bytes each rank received
         self._engine = engine
         self._reservations = reservations
@@ -200,6 +205,62 @@ class KVIntake:
                 self.rank_bytes[rank] += result
                 nbytes += result
         return failures, cancels, nbytes
+
+    # -- the pull path -----------------------------------------------------------------------------------
+
+    async def send_back(self, request, routes: list[KVRoute]) -> int:
+        """The cached blocks a PullKV request (`request`) names, sent on its lane into the prefill node's blocks:
+        the bytes sent. Returns once this node's side is over. Raises LaneBusy; NotFound or FieldError (first_block,
+        block_ids) after a cancel header went on every route (the lane is in step); ReceiveFailed when a route
+        failed (its generation is dropped)."""
+        rid = request.request_id
+        lane = Lane(request.prefill_node_id, request.generation, request.lane)
+        if lane in self._claimed:
+            raise LaneBusy(f"lane: lane {lane.index} of generation {lane.generation} with {lane.prefill_id!r} is "
+                           "carrying another transfer")
+        self._claimed.add(lane)
+        r, refusal = self._reservations.get(rid), None
+        count = len(request.block_ids)
+        if r is None or r.phase is Phase.RELEASED:
+            refusal = NotFound(f"request_id: no reservation for {rid!r}")
+        elif r.phase is not Phase.RESERVED:
+            refusal = FieldError("request_id", f"{rid!r} is {r.phase.name.lower()}: its blocks are being written")
+        elif request.first_block + count > r.cached:
+            refusal = FieldError("first_block", f"blocks {request.first_block}..{request.first_block + count - 1} "
+                                 f"are not all among the reservation's {r.cached} cached blocks")
+        src = () if refusal is not None else tuple(r.blocks[request.first_block: request.first_block + count])
+        # Shielded, as a receive is: a caller that leaves does not end the sends, nor the read before they end.
+        failures, sent = await asyncio.shield(self._hold(lane, self._read(request, routes, r if src else None, src)))
+        if failures:
+            log.warning("kv pull of %s by %s failed: %s", rid, request.prefill_node_id, failures[0])
+            raise ReceiveFailed(f"kv pull failed: {failures[0]}")
+        if refusal is not None:
+            raise refusal
+        self.bytes_pulled += sent
+        return sent
+
+    async def _read(self, request, routes: list[KVRoute], r: Reservation | None, src: tuple[int, ...]
+                    ) -> tuple[list[BaseException], int]:
+        """`_send`, with `r`'s blocks kept from a release until the sends are over."""
+        if r is None:
+            return await self._send(request, routes, src)
+        self._reservations.begin_read(r)
+        try:
+            return await self._send(request, routes, src)
+        finally:
+            await self._reservations.end_read(r)
+
+    async def _send(self, request, routes: list[KVRoute], src: tuple[int, ...]) -> tuple[list[BaseException], int]:
+        """Every route of the pull from this node, each on its rank (a cancel header on each when `src` is
+        empty): (their failures, the bytes sent)."""
+        transfer = TransferRoutes(request.request_id, self.node_id, request.prefill_node_id, request.generation,
+                                  request.lane, self._store_address, tuple(coalesce(list(request.block_ids))),
+                                  self._engine.kv_spec.num_layers, request.first_block, pull=True)
+        mine = transfer.routes(routes, True, self._head_starts)
+        results = await asyncio.gather(*(self._ranks.call(rank, SendRoute(route, src, self.timeout))
+                                         for rank, route in mine), return_exceptions=True)
+        failures = [e for e in results if isinstance(e, BaseException)]
+        return failures, sum(r for r in results if isinstance(r, int))
 
     # -- the same-device path ----------------------------------------------------------------------------
 

@@ -11,8 +11,9 @@ Every way to RELEASED, whatever its cause (finish, client cancel, deadline, leas
 cancelled transfer, dead peer, node shutdown), goes through `release`, and only `_free` gives blocks back
 (through the engine, which frees a reservation or aborts its sequence alike). While K/V are landing
 (RECEIVING) a release is deferred to the receive's end, so blocks being written into are never freed, and so
-never reused mid-write. A transition that is not allowed is refused and logged as an error: never a silent
-double free. Everything here runs on the event loop: no locks.
+never reused mid-write; likewise while a prefill node reads cached blocks back from it (`begin_read`: the
+pull path), so they are never evicted mid-read. A transition that is not allowed is refused and logged as an
+error: never a silent double free. Everything here runs on the event loop: no locks.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Reservation:
     cached: int = 0  # the first blocks hold the prompt's K/V already (the prefix cache): nothing is written there
     phase: Phase = Phase.RESERVED
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # READY or RELEASED: what Continue waits for
-    cause: str = ""  # why it was released (or will be, once its receive ends)
+    cause: str = ""  # why it was released (or will be, once its receive or its reads end)
+    readers: int = 0  # pulls reading its cached blocks (a release waits for them)
 
 
 class Reservations:
@@ -122,10 +124,21 @@ class Reservations:
         r = self._by_id.get(request_id)
         if r is None:  # nothing reserved (or already released): free whatever the engine still holds
             return await self._engine.release(request_id)
-        if r.phase is Phase.RECEIVING:
+        if r.phase is Phase.RECEIVING or r.readers:
             r.cause = r.cause or cause
             return 0
         return await self._free(r, cause)
+
+    def begin_read(self, r: Reservation) -> None:
+        """A prefill node reads `r`'s cached blocks back (a pull): until `end_read`, a release waits."""
+        r.readers += 1
+
+    async def end_read(self, r: Reservation) -> None:
+        """A read is over: a release that came meanwhile is carried out now (unless K/V are landing: the
+        receive's end does it)."""
+        r.readers -= 1
+        if not r.readers and r.cause and r.phase not in (Phase.RECEIVING, Phase.RELEASED):
+            await self._free(r, r.cause)
 
     async def _free(self, r: Reservation, cause: str) -> int:
         # The record leaves first (no await before): a concurrent release finds nothing to free twice.
@@ -141,7 +154,8 @@ class Reservations:
     async def expire(self) -> None:
         """Releases reservations whose lease ran out while nobody was writing into or decoding them."""
         now = self._clock()
-        for r in [r for r in self._by_id.values() if r.phase in (Phase.RESERVED, Phase.READY) and r.expires < now]:
+        for r in [r for r in self._by_id.values() if r.phase in (Phase.RESERVED, Phase.READY) and r.expires < now
+                  and not r.readers]:
             log.warning("reservation %s expired in phase %s", r.request_id, r.phase.name)
             await self.release(r.request_id, "lease expired")
 

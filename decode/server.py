@@ -148,6 +148,29 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             await context.abort(_status_of(e), str(e))
         return node_pb2.ReceiveKVResponse(bytes_received=received)
 
+    async def PullKV(self, request, context):
+        """The pull path: cached blocks of a reservation sent back to the prefill node that asked (it computes
+        from after them). Answered once this node's side is over: OK, NOT_FOUND (no reservation) and
+        INVALID_ARGUMENT (blocks it does not hold cached) leave the lane in step (a cancel header went);
+        UNAVAILABLE means its generation must go."""
+        REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
+        if not layouts_match(request.layout, self.layout, any_degree=True):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "layout: the two nodes' KV layouts differ")
+        if request.lane >= LANES_PER_PAIR:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"lane: must be below {LANES_PER_PAIR}, got {request.lane}")
+        if not request.block_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_ids: no block to pull")
+        try:  # which of this node's ranks sends which heads to which rank of the prefill node
+            routes = kv_routes(self.engine.model_config, len(self.shards), request.layout.tensor_parallel_size or 1)
+        except ConfigError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"layout: the prefill node's degree: {e}")
+        try:
+            sent = await self.intake.send_back(request, routes)
+        except (LaneBusy, NotFound, FieldError, ReceiveFailed) as e:
+            await context.abort(_status_of(e), str(e))
+        return node_pb2.PullKVResponse(bytes_sent=sent)
+
     async def KVWritten(self, request, context):
         REQUEST_ID.set(client_request_id(request.request_id))  # in every line logged about it
         try:
@@ -310,6 +333,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
             node_id=self.node_id, role=self.role, total_blocks=load.total_blocks, free_blocks=load.free_blocks,
             running=load.running, waiting=load.waiting, queued_tokens=load.queued_tokens,
             reserved=self.reservations.pending, kv_bytes_received=self.intake.bytes_received,
+            kv_bytes_pulled=self.intake.bytes_pulled,
             requests_served=self.requests_served, peers=self.channels.peers(), rank_kv_bytes=self.intake.rank_bytes,
             prefix_cache=node_pb2.PrefixCache(**await self.engine.prefix_cache()),
         )

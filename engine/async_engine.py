@@ -163,6 +163,13 @@ class AsyncEngine:
                       token_ids: Sequence[int] | None = None) -> Reserved:
         return await self.call(self.engine.reserve, request_id, prompt_len, max_tokens, token_ids)
 
+    async def hold_prefix(self, request_id: str, token_ids: Sequence[int], num_blocks: int) -> Reserved:
+        """`LLMEngine.hold_prefix`, on the engine thread."""
+        return await self.call(self.engine.hold_prefix, request_id, token_ids, num_blocks)
+
+    async def commit_held(self, request_id: str, token_ids: Sequence[int]) -> None:
+        await self.call(self.engine.commit_held, request_id, token_ids)
+
     async def adopt(self, request_id: str, prompt: Sequence[int], first_token: int, first_logprob: float,
                     params: SamplingParams, resumed: Resumed | None = None) -> RequestOutput:
         """Continues a sequence prefilled elsewhere; open its stream first (`open_stream`). Returns the first

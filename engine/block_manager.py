@@ -123,14 +123,17 @@ class BlockManager:
         held = len(self.table(seq_id)) + len(match.blocks)
         return self.blocks_for(num_tokens) - held <= self.num_free - match.reclaimed
 
-    def match(self, token_ids: list[int]) -> Match:
+    def match(self, token_ids: list[int], limit: int | None = None) -> Match:
         """The longest run of cached blocks `token_ids` start with, short of its last token (whose logits the
-        sequence needs: it is always computed)."""
+        sequence needs: it is always computed), and of `limit` blocks when given."""
         if self.seed is None:
             return NO_MATCH
         blocks: list[int] = []
         names: list[bytes] = []
-        for name in block_names(self.seed, token_ids, self.block_size, limit=(len(token_ids) - 1) // self.block_size):
+        most = (len(token_ids) - 1) // self.block_size
+        if limit is not None:
+            most = min(most, limit)
+        for name in block_names(self.seed, token_ids, self.block_size, limit=most):
             block = self._block_of.get(name)
             if block is None:
                 break
@@ -138,13 +141,14 @@ class BlockManager:
             names.append(name)
         return Match(blocks, names, sum(1 for b in blocks if b in self._cached))
 
-    def attach(self, seq_id: str, match: Match, num_tokens: int) -> None:
+    def attach(self, seq_id: str, match: Match, num_tokens: int, count: bool = True) -> None:
         """Starts `seq_id`'s table with the matched blocks (their K/V are its first tokens'), and counts the
-        lookup of its `num_tokens` tokens."""
+        lookup of its `num_tokens` tokens (unless not `count`: a hold that is not a request's lookup)."""
         if self._tables.get(seq_id):
             raise ValueError(f"{seq_id}: already holds blocks")
-        self.counters.queries += num_tokens
-        self.counters.hits += len(match.blocks) * self.block_size
+        if count:
+            self.counters.queries += num_tokens
+            self.counters.hits += len(match.blocks) * self.block_size
         for block in match.blocks:
             if not self._refs[block]:
                 del self._cached[block]

@@ -190,6 +190,14 @@ class LLMEngine:
         be written)."""
         return self.requests.reserve(request_id, prompt_len, max_tokens, token_ids)
 
+    def hold_prefix(self, request_id: str, token_ids: Seq[int], num_blocks: int) -> Reserved:
+        """Holds the blocks of the first `num_blocks` full blocks of `token_ids`, cached or fresh (the pull path:
+        `Requests.hold_prefix`); `commit_held` once the fresh ones' K/V are in, `release` to let go."""
+        return self.requests.hold_prefix(request_id, token_ids, num_blocks)
+
+    def commit_held(self, request_id: str, token_ids: Seq[int]) -> None:
+        self.requests.commit_held(request_id, token_ids)
+
     def adopt(
         self, request_id: str, prompt: Seq[int], first_token: int, first_logprob: float, params: SamplingParams,
         resumed: Resumed | None = None,

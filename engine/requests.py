@@ -74,6 +74,30 @@ class Requests:
         self._blocks.grow(request_id, prompt_len)
         return Reserved(list(self._blocks.table(request_id)), len(match.blocks))
 
+    def hold_prefix(self, request_id: str, token_ids: Seq[int], num_blocks: int) -> Reserved:
+        """Holds blocks for the first `num_blocks` full blocks of `token_ids` under `request_id`: the cached ones
+        they start with, then fresh ones whose K/V are to be written from elsewhere (the pull path: a decode node
+        sends them). `commit_held` names them once they are in; `release` lets go either way. Not counted as a
+        prefix-cache lookup (the request that follows is)."""
+        self._checks.new_id(request_id, self._seqs)
+        tokens = num_blocks * self._blocks.block_size
+        ids = list(token_ids)
+        if not 0 < tokens < len(ids):
+            raise InvalidRequest("num_blocks", f"{num_blocks} blocks of a {len(ids)}-token prompt (its last block "
+                                 "is always computed)")
+        self._checks.reserved_tokens(ids[:tokens], tokens)
+        match = self._blocks.match(ids, limit=num_blocks)
+        self._checks.reservation(request_id, tokens, 0, match)
+        self._blocks.attach(request_id, match, tokens, count=False)
+        self._blocks.grow(request_id, tokens)
+        return Reserved(list(self._blocks.table(request_id)), len(match.blocks))
+
+    def commit_held(self, request_id: str, token_ids: Seq[int]) -> None:
+        """The K/V of every block `hold_prefix` holds are in: they are named, for the request that follows (and
+        any other) to attach."""
+        table = self._blocks.table(request_id)
+        self._blocks.commit(request_id, list(token_ids), len(table) * self._blocks.block_size)
+
     def adopt(self, request_id: str, prompt: Seq[int], params: SamplingParams, resumed: Resumed | None) -> Sequence:
         """Queues the sequence of a reservation whose prompt K/V (and `resumed` tokens' K/V) are in its blocks;
         its first token, sampled elsewhere, is the caller's to add."""

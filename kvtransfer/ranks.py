@@ -4,7 +4,8 @@ over every rank of its node, itself included, through one interface.
     NodeRanks.call(rank, command) ──rank 0──▶ RankWork.run on a transfer thread, in this process
                                   └─rank r──▶ RankLink ══pipe══▶ RankAgent (rank r) ──▶ its RankWork.run
 
-A command is a typed message (`OpenRoute`, `EndRoutes`, `ReceiveRoute`, `Abandon`, `DropGeneration`), pickled
+A command is a typed message (`OpenRoute`, `EndRoutes`, `ReceiveRoute`, `SendRoute`, `Abandon`,
+`DropGeneration`), pickled
 over the pipes; its answer is the command's result, or TransferCancelled (the sender's cancel header: the lane
 is in step), or KVTransferError, whichever rank ran it. `RankWork` is one rank's side of every transfer: its
 pair channels, its route senders (its engine's KV sink), its receives. Answers come back numbered, so the
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .channel import KVTransferError, PairChannels, TransferCancelled, TransferThreads
-from .routes import Route, RouteSenders, receive_route
+from .routes import Route, RouteSenders, receive_route, send_route
 from .sender import Staging, staging_bytes
 from .shared import encode, share
 
@@ -68,6 +69,15 @@ class ReceiveRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class SendRoute:
+    """Decode rank: send a pulled route (`Route.pull`) from the cached blocks `src_blocks`. Answer: bytes."""
+
+    route: Route
+    src_blocks: tuple[int, ...]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class Abandon:
     """Decode rank: the request's caller left; its receives still waiting for their peer give up. Answer: None."""
 
@@ -82,7 +92,7 @@ class DropGeneration:
     generation: int
 
 
-Command = OpenRoute | EndRoutes | ReceiveRoute | Abandon | DropGeneration
+Command = OpenRoute | EndRoutes | ReceiveRoute | SendRoute | Abandon | DropGeneration
 
 
 class Answer(enum.StrEnum):
@@ -148,6 +158,8 @@ class RankWork:
                         if not self._receiving[rid]:
                             del self._receiving[rid]
                             self._abandoned.discard(rid)
+            case SendRoute(route, src_blocks, timeout):
+                return send_route(self._for(route.me), route, src_blocks, self.pools, timeout)
             case Abandon(request_id):
                 with self._lock:
                     if request_id in self._receiving:  # else nothing waits: nothing to remember

@@ -10,6 +10,10 @@ at once; a failure of any route fails the transfer and its generation, for every
 
 A prefill rank's routes are `RouteSenders` (its engine's KV sink posts their layers from its own step); a
 decode rank's are `receive_route` calls. Which rank runs what is `ranks.py`'s business.
+
+A pull (`Route.pull`) goes the other way on the same lanes: a decode rank sends blocks it holds cached
+(`send_route`, every layer at once from its pool) into blocks a prefill rank reserved (`receive_route`), with the
+same header, checksums and failure handling. The pair group's ranks stay what they are (prefill 0, decode 1).
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ class Route:
     heads: tuple[int, int]  # the range of this rank's own KV heads that the route carries
     num_layers: int
     first_block: int = 0  # the prompt's first block it carries: the decode node holds those before (cached)
+    pull: bool = False  # decode -> prefill: the decode node's cached blocks read back (`runs`: the prefill node's)
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """(this rank's place in the pair group, the peer's) for the receiving end."""
+        return (PREFILL_RANK, DECODE_RANK) if self.pull else (DECODE_RANK, PREFILL_RANK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +74,7 @@ class TransferRoutes:
     runs: tuple[tuple[int, int], ...]
     num_layers: int
     first_block: int = 0
+    pull: bool = False
 
     def routes(self, pieces, sending: bool, head_starts: Sequence[int]) -> list[tuple[int, Route]]:
         """Each piece (`engine.parallel.KVRoute`: src rank, dst rank, global head range) as this node's rank
@@ -76,7 +87,7 @@ class TransferRoutes:
             out.append((mine, Route(self.request_id, rank_name(self.node_id, mine), rank_name(self.peer_id, theirs),
                                     self.generation, self.lane, self.store, self.runs,
                                     (piece.head_start - start, piece.head_end - start), self.num_layers,
-                                    self.first_block)))
+                                    self.first_block, self.pull)))
         return out
 
 
@@ -151,19 +162,19 @@ class RouteSenders:
 
 def receive_route(channels: PairChannels, route: Route, pools: Sequence[torch.Tensor], timeout: float,
                   drain_only: bool = False, abandoned: Callable[[], bool] | None = None) -> int:
-    """A decode rank's side of a route: received into the reserved blocks' head range (or, `drain_only`, taken
-    in and dropped: the reservation is gone). Blocking. Returns the bytes; raises TransferCancelled (the lane is
-    in step) or KVTransferError, after dropping the route's generation with that peer. `abandoned`: see
-    `PairChannels.get` (a set-up still waiting for its peer gives up once it is true)."""
+    """The receiving rank's side of a route (a decode rank's; a prefill rank's for a pull): received into the
+    reserved blocks' head range (or, `drain_only`, taken in and dropped: the reservation is gone). Blocking.
+    Returns the bytes; raises TransferCancelled (the lane is in step) or KVTransferError, after dropping the
+    route's generation with that peer. `abandoned`: see `PairChannels.get` (a set-up still waiting for its peer
+    gives up once it is true)."""
+    me, peer = route.ranks
     try:
-        group = channels.get(route.peer, route.generation, route.store, DECODE_RANK, timeout, route.lane,
-                             abandoned)
+        group = channels.get(route.peer, route.generation, route.store, me, timeout, route.lane, abandoned)
         if drain_only:
             first = pools[0]
             shape = (2, first.shape[2], route.heads[1] - route.heads[0], first.shape[4])
-            return drain(group, PREFILL_RANK, route.request_id, route.runs, shape, first.dtype, first.device,
-                         timeout)
-        return receive(group, PREFILL_RANK, route.request_id, pools, route.runs, timeout, heads=route.heads)
+            return drain(group, peer, route.request_id, route.runs, shape, first.dtype, first.device, timeout)
+        return receive(group, peer, route.request_id, pools, route.runs, timeout, heads=route.heads)
     except TransferCancelled:
         raise
     except Exception as e:
@@ -171,3 +182,29 @@ def receive_route(channels: PairChannels, route: Route, pools: Sequence[torch.Te
         if isinstance(e, KVTransferError):
             raise
         raise KVTransferError(f"kv route of {route.request_id} from {route.peer}: {e}") from e
+
+
+def send_route(channels: PairChannels, route: Route, src_blocks: Sequence[int], pools: Sequence[torch.Tensor],
+               timeout: float) -> int:
+    """A decode rank's side of a pulled route: the K/V of `src_blocks` (cached blocks of its pool, held by a
+    reservation meanwhile), every layer at once, into the prefill rank's `route.runs`; with no `src_blocks`, a
+    cancel header (the pull was refused: the lane stays in step). Blocking. Returns the bytes sent; raises
+    KVTransferError after dropping the route's generation with that peer."""
+    try:
+        group = channels.get(route.peer, route.generation, route.store, DECODE_RANK, timeout, route.lane)
+        heads = None if route.heads == (0, pools[0].shape[3]) else route.heads
+        if not src_blocks:
+            sender = KVSender(group, PREFILL_RANK, route.request_id, None, route.runs, num_layers=len(pools),
+                              pool=pools[0], post_header=False, heads=heads)
+            sender.end_early()  # before any header: a cancel header
+            return sender.wait(timeout)
+        sender = KVSender(group, PREFILL_RANK, route.request_id, src_blocks, route.runs, num_layers=len(pools),
+                          pool=pools[0], heads=heads)
+        for layer, pool in enumerate(pools):
+            sender.send_layer(layer, pool)
+        return sender.wait(timeout)
+    except Exception as e:
+        channels.drop(route.peer, route.generation)
+        if isinstance(e, KVTransferError):
+            raise
+        raise KVTransferError(f"kv pull of {route.request_id} to {route.peer}: {e}") from e

@@ -1,6 +1,8 @@
 """A prefill node: the `PrefillNode` gRPC service over one engine.
 
 A request's life on a prefill node, one skeleton (`Prefill`) over either path of its K/V (`transfer.Transfer`):
+  0. the pull path (`pull.Pull`): blocks of the prompt that the decode node holds cached and this node lacks
+     are read back from it instead of computed, when the cost model says so
   1. the transfer starts: it takes what its path needs of the decode node's entry (`DecodePeers`) and tells the
      decode node to expect the K/V (ReceiveKV). On the pair channel (`pair.py`) that is a lane of the pair's
      generation that no other transfer holds, and a route opened on each rank of this node that holds KV
@@ -40,6 +42,7 @@ from baton.v1 import node_pb2, node_pb2_grpc
 
 from .pair import PairTransfer
 from .peers import DecodePeers
+from .pull import DEFAULT_PULL_MIN_TOKENS, Pull
 from .same_device import SameDeviceTransfer
 from .transfer import Sending, Transfer, short
 
@@ -48,7 +51,8 @@ log = logging.getLogger(__name__)
 
 class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
     def __init__(self, node_id: str, engine: AsyncEngine, transfer_timeout: float = 30.0,
-                 peer_idle_seconds: float = 60.0, kv_path: str = "auto", model: str = "") -> None:
+                 peer_idle_seconds: float = 60.0, kv_path: str = "auto", model: str = "",
+                 pull_min_tokens: int = DEFAULT_PULL_MIN_TOKENS) -> None:
         self.node_id = node_id
         self.engine = engine
         self.spec = engine.kv_spec
@@ -72,6 +76,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                                engine.model_config, self.spec.device, tuple(s.kv_head_start for s in self.shards),
                                self.spec.num_layers, transfer_timeout, [0] * tp)
         self.kv_bytes_sent = 0
+        self.pull_min_tokens = pull_min_tokens  # 0: never pull (`pull.Pull`)
+        self.kv_bytes_pulled = 0
         self.requests_served = 0
         # `model`: the name the node registers its model under ("": the architecture's), its metrics' label.
         self.metrics = NodeMetrics(node_id, "prefill", model or engine.model_config.architecture, tp,
@@ -106,7 +112,11 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
             except ConfigError as e:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"layout: the decode node's degree: {e}")
             transfer = self._transfer(request, runs, pieces)
+            pull = Pull(self.sending, self.engine, request, prompt + list(request.resumed.token_ids),
+                        self.pull_min_tokens)
             try:
+                await pull.run()
+                self.kv_bytes_pulled += pull.pulled
                 await transfer.start()
                 first = await self._compute(request, prompt, params, track)
                 # From the first token on, the transfer's end is the request's: it goes on (and is counted) if the
@@ -135,7 +145,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
                 # Shielded: a cancelled call still ends its transfer and lets go of its peer entry. The request
                 # leaves the engine first (a queued release runs after the add and after any step computing
                 # it): after that no layer is posted for it on any rank.
-                await asyncio.shield(self._end(transfer))
+                await asyncio.shield(self._end(transfer, pull))
 
     def _transfer(self, request, runs: list[tuple[int, int]], pieces) -> Transfer:
         """The request's transfer: the same-device path wherever the decode node offers its storage on this
@@ -165,9 +175,10 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.metrics.transfer_done(transfer.started)
         track.settle("ok")
 
-    async def _end(self, transfer: Transfer) -> None:
+    async def _end(self, transfer: Transfer, pull: Pull) -> None:
         await self.engine.release(transfer.request_id)
         await transfer.end()
+        await pull.end()
 
     async def GetStats(self, request, context):
         return await self.stats()
@@ -177,7 +188,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         return node_pb2.NodeStats(
             node_id=self.node_id, role="prefill", total_blocks=load.total_blocks, free_blocks=load.free_blocks,
             running=load.running, waiting=load.waiting, queued_tokens=load.queued_tokens,
-            kv_bytes_sent=self.kv_bytes_sent, requests_served=self.requests_served,
+            kv_bytes_sent=self.kv_bytes_sent, kv_bytes_pulled=self.kv_bytes_pulled,
+            requests_served=self.requests_served,
             peers=max(len(self.peers), self.channels.peers()), rank_kv_bytes=self.sending.rank_bytes,
             prefix_cache=node_pb2.PrefixCache(**await self.engine.prefix_cache()),
         )

@@ -67,7 +67,8 @@ class Phase(enum.IntEnum):
     ENDED = 4
 
 
-DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 256  # the crossover measured by bench/local_prefill.py (bench/README.md)
+# The crossover measured by bench/local_prefill.py: none on the 2-core VM (bench/README.md), so off by default.
+DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,9 @@ def kv_bytes(prompt_len: int, cfg, block_size: int = 16) -> int:
 
 @pytest.fixture(scope="module")
 def one_one(stories_path, tmp_path_factory):
-    with BatonUp(tmp_path_factory.mktemp("up11"), "--model", str(stories_path)) as up:
+    # Conditional disaggregation on (it is off by default): short rests of cached prompts are computed locally.
+    with BatonUp(tmp_path_factory.mktemp("up11"), "--model", str(stories_path), "--max-local-prefill-tokens",
+                 "256") as up:
         yield up
     assert not up.hung and up.leftovers == [] and up.returncode == 0
 

@@ -59,7 +59,10 @@ def inputs(prompt, **settings):
 
 
 def _triton(address: str, body: str) -> dict:
-    code = PRELUDE + textwrap.dedent(body)
+    # The script ends with os._exit: tritonclient closes its gRPC channel from __del__ at interpreter exit, and
+    # that close can wait forever on a lock (seen once in a suite run: the test sat out the 180 s timeout after
+    # every answer was in). Nothing the test reads comes after the print.
+    code = PRELUDE + textwrap.dedent(body) + "\nsys.stdout.flush()\nimport os\nos._exit(0)\n"
     done = subprocess.run([sys.executable, "-c", code, address, MODEL], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -47,18 +47,22 @@ def test_kv_goes_rank_to_rank_between_any_two_degrees(stories_path, stories_llm,
         baseline = up.stats(decode).total_blocks
         tokenizer = stories_llm.tokenizer
         computed: list[list[int]] = []  # what the decode node computed, request by request
-        blocks = 0  # the blocks that crossed
+        prompts: list[list[int]] = []  # what the prefill node computed
+        blocks = pulled = 0  # the blocks that crossed, and those read back from the decode node (the pull path)
         held: list[int] = []  # of each prompt, the blocks the decode node held already
         with BatonClient(up.address, timeout=60) as client:
             def complete(prompt: list[int], **options) -> list[int]:
-                nonlocal blocks
+                nonlocal blocks, pulled
                 want = stories_llm.generate([prompt], SamplingParams(**options))[0].token_ids
                 got = client.complete(prompt, **options).token_ids
                 assert got == want, prompt
                 # Each rank of the decode node holds its heads of the blocks it cached: only the rest moves.
                 held.append(held_blocks(computed, prompt))
                 blocks += -(-len(prompt) // 16) - held[-1]
+                # The prefill node lacks the blocks the decode node computed: it reads them back, rank to rank.
+                pulled += held[-1] - held_blocks(prompts, prompt)
                 computed.append(prompt + got[:-1])
+                prompts.append(prompt)
                 return got
 
             for prompt in PROMPTS:
@@ -67,8 +71,11 @@ def test_kv_goes_rank_to_rank_between_any_two_degrees(stories_path, stories_llm,
             # A conversation's next turn: the decode node holds the first turn's blocks.
             first = tokenizer.encode(PROMPTS[3])
             complete(first + computed[3][len(first):] + tokenizer.encode(" Then"), max_tokens=20, temperature=0)
-        assert held[-1] >= 3
-        sent, received = expected_rank_bytes(stories_llm.engine.model_config, prefill_tp, decode_tp, blocks, 16)
+        assert held[-1] >= 3 and pulled >= 1
+        cfg = stories_llm.engine.model_config
+        back = pulled * 16 * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+        assert up.stats(prefill).kv_bytes_pulled == up.stats(decode).kv_bytes_pulled == back
+        sent, received = expected_rank_bytes(cfg, prefill_tp, decode_tp, blocks, 16)
         assert list(up.stats(prefill).rank_kv_bytes) == sent
         assert list(up.stats(decode).rank_kv_bytes) == received
         assert up.stats(decode).kv_bytes_received == up.stats(prefill).kv_bytes_sent == sum(sent)

@@ -11,6 +11,7 @@ import random
 
 import grpc
 import pytest
+import torch
 
 from test_prefill_lanes import BOUND, Nodes, transferred
 
@@ -268,5 +269,96 @@ def test_a_stream_resumed_where_its_prefix_is_cached_sends_only_the_rest(stories
         assert target.cached_blocks == len(prompt) // BLOCK
         assert sent == (-(-(len(prompt) + len(delivered)) // BLOCK) - target.cached_blocks) * per_block
         await nothing_held(nodes)
+
+    run(stories_path, test)
+
+
+async def flush(engine) -> int:
+    """Forgets every block the engine keeps cached (as eviction would), on its thread."""
+    return await engine.call(engine.engine.blocks.flush)
+
+
+def test_a_prefill_node_that_lacks_the_prefix_reads_it_back_from_the_decode_node(stories_path):
+    """The pull path: the decode node holds a conversation's blocks, the prefill node has lost them (flushed, as
+    eviction would): the prefill node reads the K/V of the blocks it lacks back over the pair channel (the
+    pull counted to the byte on both nodes) and computes only the rest (its cache's hits rise by the pulled
+    tokens); tokens are the uncached engine's. With `pull_min_tokens` 0 it computes them instead. A pull
+    the decode node refuses (the reservation was released first) leaves the lane in step: the next request
+    goes on the same generation. Nothing is held after, on either node."""
+    uncached = LLM(str(stories_path), enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, ignore_eos=True)
+    prompt = [(11 * i + 5) % 500 + 1 for i in range(60)]
+
+    async def test(nodes: Nodes):
+        per_block = block_bytes(nodes.decode_engine.engine)
+        prefill = nodes.prefill_engine.engine.blocks
+        first, _, _ = await turn(nodes, "first", prompt)
+        follow_up = prompt + first + [9, 8, 7] * 10
+        for pull in (True, False):
+            nodes.prefill.pull_min_tokens = BLOCK if pull else 0
+            await flush(nodes.prefill_engine)
+            pulled, received, hits = nodes.prefill.kv_bytes_pulled, nodes.decode.intake.bytes_pulled, \
+                prefill.counters.hits
+            tokens, target, sent = await turn(nodes, f"follow-up-{pull}", follow_up)
+            assert tokens == uncached.generate([follow_up], params)[0].token_ids, pull
+            held = target.cached_blocks
+            assert held >= (len(prompt) + len(first) - 1) // BLOCK
+            assert sent == (-(-len(follow_up) // BLOCK) - held) * per_block  # only what the decode node lacks
+            assert nodes.prefill.kv_bytes_pulled - pulled == (held * per_block if pull else 0)
+            assert nodes.decode.intake.bytes_pulled - received == (held * per_block if pull else 0)
+            assert prefill.counters.hits - hits == (held * BLOCK if pull else 0)
+            if pull:
+                # Both nodes' blocks for the prefix hold the same K/V, bit for bit (attention would not notice a
+                # block in the wrong place: the test does). Computed here, they differ in rounding: the decode
+                # node computed most of them a token at a time.
+                mine = prefill.match(follow_up).blocks[:held]
+                theirs = nodes.decode_engine.engine.blocks.match(follow_up).blocks[:held]
+                assert len(mine) == len(theirs) == held
+                for a, b in zip(nodes.prefill_engine.engine.kv_pools, nodes.decode_engine.engine.kv_pools):
+                    assert torch.equal(a[mine], b[theirs])
+            follow_up = follow_up + [4]  # a new last block each time: the decode node holds the same prefix
+
+        # Refused: the reservation is gone when the pull asks for it (the router released it meanwhile).
+        nodes.prefill.pull_min_tokens = BLOCK
+        await flush(nodes.prefill_engine)
+        generation = nodes.peer().generation
+        target = await reserve(nodes, "released", follow_up)
+        await nodes.decode_stub.Release(node_pb2.ReleaseRequest(request_id="released"))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await _drain(_prefill(nodes, "released", follow_up, target))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        tokens, _, _ = await turn(nodes, "after", follow_up)
+        assert tokens == uncached.generate([follow_up], params)[0].token_ids
+        assert nodes.peer().generation == generation  # the lane stayed in step: nothing was retired
+        await nothing_held(nodes)
+        assert prefill.num_free == prefill.num_blocks and not any(prefill.refs(b) for b in range(prefill.num_blocks))
+
+    run(stories_path, test)
+
+
+def test_pulls_the_decode_node_cannot_serve_are_refused_by_field(stories_path):
+    """PullKV's own checks, called as a prefill node would but with bad fields: each refused with the status and
+    the field named, before anything touches a lane."""
+    async def test(nodes: Nodes):
+        layout = nodes.prefill.sending.layout
+        cases = [
+            (dict(block_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "block_ids"),
+            (dict(block_ids=[1], lane=99), grpc.StatusCode.INVALID_ARGUMENT, "lane"),
+            (dict(block_ids=[1], layout=node_pb2.KVLayout(num_layers=layout.num_layers + 1,
+                                                          block_size=layout.block_size)),
+             grpc.StatusCode.FAILED_PRECONDITION, "layout"),
+        ]
+        for fields, code, field in cases:
+            request = node_pb2.PullKVRequest(request_id="x", prefill_node_id="prefill-0", layout=layout)
+            for name, value in fields.items():
+                if name == "layout":
+                    request.layout.CopyFrom(value)
+                elif name == "block_ids":
+                    request.block_ids[:] = value
+                else:
+                    setattr(request, name, value)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await nodes.decode_stub.PullKV(request)
+            assert e.value.code() == code and e.value.details().startswith(field), (field, e.value.details())
 
     run(stories_path, test)

@@ -117,6 +117,30 @@ class ReceiveKVResponse(_message.Message):
     bytes_received: int
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
 
+class PullKVRequest(_message.Message):
+    __slots__ = ("request_id", "prefill_node_id", "generation", "lane", "layout", "first_block", "block_ids")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prefill_node_id: str
+    generation: int
+    lane: int
+    layout: KVLayout
+    first_block: int
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., prefill_node_id: _Optional[str] = ..., generation: _Optional[int] = ..., lane: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., first_block: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PullKVResponse(_message.Message):
+    __slots__ = ("bytes_sent",)
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    bytes_sent: int
+    def __init__(self, bytes_sent: _Optional[int] = ...) -> None: ...
+
 class Resumed(_message.Message):
     __slots__ = ("token_ids", "text_chars")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -266,7 +290,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "running", "waiting", "reserved", "kv_bytes_received", "kv_bytes_sent", "requests_served", "peers", "rank_kv_bytes", "prefix_cache", "queued_tokens")
+    __slots__ = ("node_id", "role", "total_blocks", "free_blocks", "running", "waiting", "reserved", "kv_bytes_received", "kv_bytes_sent", "requests_served", "peers", "rank_kv_bytes", "prefix_cache", "queued_tokens", "kv_bytes_pulled")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +305,7 @@ class NodeStats(_message.Message):
     RANK_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     total_blocks: int
@@ -295,7 +320,8 @@ class NodeStats(_message.Message):
     rank_kv_bytes: _containers.RepeatedScalarFieldContainer[int]
     prefix_cache: PrefixCache
     queued_tokens: int
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ..., peers: _Optional[int] = ..., rank_kv_bytes: _Optional[_Iterable[int]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
+    kv_bytes_pulled: int
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ..., peers: _Optional[int] = ..., rank_kv_bytes: _Optional[_Iterable[int]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., queued_tokens: _Optional[int] = ..., kv_bytes_pulled: _Optional[int] = ...) -> None: ...
 
 class PrefixCache(_message.Message):
     __slots__ = ("cached_blocks", "queries", "hits", "evictions")

@@ -56,6 +56,11 @@ class DecodeNodeStub(object):
                 request_serializer=baton_dot_v1_dot_node__pb2.KVWrittenRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_node__pb2.KVWrittenResponse.FromString,
                 _registered_method=True)
+        self.PullKV = channel.unary_unary(
+                '/baton.v1.DecodeNode/PullKV',
+                request_serializer=baton_dot_v1_dot_node__pb2.PullKVRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_node__pb2.PullKVResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/baton.v1.DecodeNode/Release',
                 request_serializer=baton_dot_v1_dot_node__pb2.ReleaseRequest.SerializeToString,
@@ -113,6 +118,15 @@ class DecodeNodeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullKV(self, request, context):
+        """Called by the prefill node that lacks blocks of a prompt this node holds cached for the request's
+        reservation: this node sends their K/V over the pair channel into the prefill node's blocks (the pull path:
+        read back instead of recomputed). Answered once its side is over; the reservation stays held meanwhile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Frees whatever the node holds for a request (reservation or running sequence). Safe to call twice.
         """
@@ -165,6 +179,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.KVWritten,
                     request_deserializer=baton_dot_v1_dot_node__pb2.KVWrittenRequest.FromString,
                     response_serializer=baton_dot_v1_dot_node__pb2.KVWrittenResponse.SerializeToString,
+            ),
+            'PullKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullKV,
+                    request_deserializer=baton_dot_v1_dot_node__pb2.PullKVRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_node__pb2.PullKVResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -296,6 +315,33 @@ class DecodeNode(object):
             '/baton.v1.DecodeNode/KVWritten',
             baton_dot_v1_dot_node__pb2.KVWrittenRequest.SerializeToString,
             baton_dot_v1_dot_node__pb2.KVWrittenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DecodeNode/PullKV',
+            baton_dot_v1_dot_node__pb2.PullKVRequest.SerializeToString,
+            baton_dot_v1_dot_node__pb2.PullKVResponse.FromString,
             options,
             channel_credentials,
             insecure,
