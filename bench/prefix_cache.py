@@ -5,7 +5,9 @@ chat    CONVERSATIONS conversations of TURNS turns, CONCURRENCY of them at a tim
         history (its earlier prompts and answers) and a new user message; user messages and answers drawn from
         log-normal lengths near ShareGPT's (user ~60 tokens, answers ~120, capped at 256)
 system  one shared system prompt of SYSTEM tokens and a short question (16-64 tokens), REQUESTS requests,
-        CONCURRENCY at a time
+        CONCURRENCY at a time, after one untimed request with the system prompt (it is in use before)
+
+`--shape 4c` runs the same on four colocated nodes instead (the decode hit rate is then the colocated nodes').
 
 For each it prints TTFT p50/p99 as the client sees it, goodput (requests/s whose TTFT met the SLO, stated with
 the machine), throughput, KV bytes moved per request (the decode nodes' received bytes; and those the prefill
@@ -14,7 +16,8 @@ hit rates (prefill and decode nodes: prompt tokens found cached over those looke
 prompts the decode node computed itself (conditional disaggregation); then each configuration's ratios to
 caching off, and the hit rates of kv routing to least-loaded's.
 
-    .venv/bin/python bench/prefix_cache.py [--workload chat|system|both] [--json PATH]
+    .venv/bin/python bench/prefix_cache.py [--workload chat|system|both] [--shape 2p2d|4c] [--configs kv,...]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ CONVERSATIONS, TURNS = 16, 6
 SYSTEM, REQUESTS = 1536, 64
 CONCURRENCY = 8
 SLO_TTFT_S = 1.0  # goodput's TTFT objective, for this benchmark's 51M Llama on a 2-core VM
+SHAPES = {"2p2d": dict(prefill=2, decode=2), "4c": dict(prefill=0, decode=0, colocated=4)}
 CONFIGS = {  # name -> (node options, router options)
     "kv": ([], ["--routing", "kv"]),
     "kv-no-pull": (["--kv-pull-min-tokens", "0"], ["--routing", "kv"]),
@@ -97,7 +101,7 @@ async def chat(address: str, rng: random.Random, rec: Recorder) -> int:
 
 
 async def system(address: str, rng: random.Random, rec: Recorder) -> int:
-    prompt = words(rng, SYSTEM)
+    prompt = words(rng, SYSTEM)  # the first draw: `warm_system` sends the same
     questions = [words(rng, rng.randint(16, 64)) for _ in range(REQUESTS)]
 
     async def client_loop(mine: list[list[int]]) -> None:
@@ -107,6 +111,14 @@ async def system(address: str, rng: random.Random, rec: Recorder) -> int:
 
     await asyncio.gather(*(client_loop(questions[i::CONCURRENCY]) for i in range(CONCURRENCY)))
     return REQUESTS
+
+
+async def warm_system(address: str, seed: int) -> None:
+    """One request with the system prompt, before the timed run: a system prompt is in use before any measured
+    minute (without it, the first CONCURRENCY requests, all at once, each compute and move it whole)."""
+    prompt = words(random.Random(seed), SYSTEM)
+    async with AsyncBatonClient(address, timeout=600) as client:
+        await client.complete(prompt + words(random.Random(-1), 16), max_tokens=2, temperature=0)
 
 
 async def node_stats(cluster) -> list[node_pb2.NodeStats]:
@@ -131,13 +143,15 @@ def summary(stats: list[node_pb2.NodeStats], rec: Recorder, requests: int, secon
 
     ttft = sorted(rec.ttft)
     prefilled = sum(s.requests_served for s in stats if s.role == "prefill")
+    disaggregated = any(s.role == "prefill" for s in stats)
     return dict(
         requests=requests, seconds=seconds, ttft_p50_ms=statistics.median(ttft) * 1000,
         ttft_p99_ms=ttft[min(len(ttft) - 1, math.ceil(0.99 * len(ttft)) - 1)] * 1000,
         goodput_rps=sum(t <= SLO_TTFT_S for t in ttft) / seconds, throughput_tok_s=rec.tokens / seconds,
         kv_bytes_per_request=sum(s.kv_bytes_received for s in stats if s.role == "decode") / requests,
         pulled_bytes_per_request=sum(s.kv_bytes_pulled for s in stats if s.role == "decode") / requests,
-        prefill_hit_rate=rate("prefill"), decode_hit_rate=rate("decode"), local_share=1 - prefilled / requests)
+        prefill_hit_rate=rate("prefill"), decode_hit_rate=rate("decode" if disaggregated else "colocated"),
+        local_share=1 - prefilled / requests if disaggregated else 0.0)
 
 
 async def one(cluster, workload: str, seed: int) -> dict:
@@ -145,6 +159,8 @@ async def one(cluster, workload: str, seed: int) -> dict:
     async with AsyncBatonClient(cluster.address, timeout=600) as client:  # warm: every node has run a request
         for _ in range(4):
             await client.complete(words(rng, 32), max_tokens=2, temperature=0)
+    if workload == "system":
+        await warm_system(cluster.address, seed + 1)
     before = await node_stats(cluster)
     start = time.monotonic()
     requests = await (chat if workload == "chat" else system)(cluster.address, random.Random(seed + 1), rec)
@@ -166,6 +182,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", choices=["chat", "system", "both"], default="both")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--shape", choices=list(SHAPES), default="2p2d",
+                    help="2p2d: two prefill and two decode nodes; 4c: four colocated nodes (where a prefix lives "
+                         "matters more: a node picked at random holds it one time in four)")
+    ap.add_argument("--num-kv-blocks", type=int, default=0,
+                    help="each node's KV pool in blocks (default: the engine's); small pools put the cache under "
+                         "eviction pressure, where routing decides what stays")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -173,11 +195,13 @@ def main() -> int:
     model = cached_model()
     workloads = ["chat", "system"] if args.workload == "both" else [args.workload]
     print(f"machine: {machine('2 cores shared out between the nodes')}\nmodel: {model} (51M Llama, context 4096), "
-          f"2P2D; goodput: requests with TTFT <= {SLO_TTFT_S:g} s", flush=True)
+          f"{args.shape}; goodput: requests with TTFT <= {SLO_TTFT_S:g} s", flush=True)
     results: dict[str, dict[str, dict]] = {w: {} for w in workloads}
     for name in args.configs.split(","):
         node_args, router_args = CONFIGS[name]
-        spec = ClusterSpec(model=str(model), prefill=2, decode=2, node_args=node_args, router_args=router_args)
+        if args.num_kv_blocks:
+            node_args = [*node_args, "--num-kv-blocks", str(args.num_kv_blocks)]
+        spec = ClusterSpec(model=str(model), node_args=node_args, router_args=router_args, **SHAPES[args.shape])
 
         async def body(cluster):
             return {w: await one(cluster, w, args.seed) for w in workloads}
