@@ -47,7 +47,8 @@ def _generate(args: argparse.Namespace) -> int:
     from baton.engine import LLM
 
     with LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, enforce_eager=args.enforce_eager,
-             tensor_parallel_size=args.tp, enable_prefix_caching=args.enable_prefix_caching) as llm:
+             tensor_parallel_size=args.tp, enable_prefix_caching=args.enable_prefix_caching,
+             kv_offload_bytes=args.kv_offload_bytes) as llm:
         for out in llm.stream(args.prompt, _params(args)):
             sys.stdout.write(out.text)
             sys.stdout.flush()
@@ -120,6 +121,10 @@ def _prefix_caching_arg(parser: argparse.ArgumentParser, default: bool | None) -
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=default,
                         help="keep full KV blocks for their contents and reuse them for prompts that start the "
                              "same way (on by default)")
+    parser.add_argument("--kv-offload-bytes", type=int, default=None if default is None else 0, metavar="N",
+                        help="the prefix cache's second tier: blocks evicted from the KV pool keep their K/V in N "
+                             "bytes of pinned host memory (GPU pool) or of a file on local disk (CPU pool), and a "
+                             "prompt that names them copies them back (0: off, the default; one rank only)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -131,6 +136,7 @@ def _engine_config(args: argparse.Namespace):
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
+        kv_offload_bytes=args.kv_offload_bytes,
     )
 
 
@@ -250,7 +256,7 @@ def _up(args: argparse.Namespace) -> int:
                  "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
                  "--kv-path": args.kv_path, "--drain-timeout": args.drain_timeout, "--log-format": args.log_format,
-                 "--kv-pull-min-tokens": args.kv_pull_min_tokens}
+                 "--kv-pull-min-tokens": args.kv_pull_min_tokens, "--kv-offload-bytes": args.kv_offload_bytes}
     node_args = [part for flag, value in passed_on.items() if value is not None for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
     node_args += ["--no-enable-prefix-caching"] if args.enable_prefix_caching is False else []

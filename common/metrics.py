@@ -116,13 +116,17 @@ class NodeMetrics:
                   s.total_blocks - s.free_blocks),
             gauge("baton_prefix_cache_blocks", "KV cache blocks named for their contents, held or not (those not "
                   "held count as free)", s.prefix_cache.cached_blocks),
+            gauge("baton_prefix_cache_offloaded_blocks", "Blocks in the prefix cache's second tier "
+                  "(--kv-offload-bytes)", s.prefix_cache.offloaded_blocks),
         ]
         for name, doc, value in (
                 ("baton_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache.queries),
                 ("baton_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)",
                  s.prefix_cache.hits),
                 ("baton_prefix_cache_evictions", "Cached KV blocks taken for other contents",
-                 s.prefix_cache.evictions)):
+                 s.prefix_cache.evictions),
+                ("baton_prefix_cache_offload_hits", "Prompt tokens whose K/V were copied back from the second tier "
+                 "(counted in the hits too)", s.prefix_cache.offload_hits)):
             counter = CounterMetricFamily(name, doc, labels=LABELS)
             counter.add_metric(list(self.labels.values()), value)
             out.append(counter)

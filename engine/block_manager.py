@@ -22,8 +22,12 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .prefix import block_names
+
+if TYPE_CHECKING:
+    from .offload import OffloadTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,7 @@ class CacheCounters:
     queries: int = 0  # tokens of the sequences looked up
     hits: int = 0  # of them, tokens found cached
     evictions: int = 0  # cached blocks reused for other contents
+    restored: int = 0  # tokens of blocks copied back from the second tier (`offload.OffloadTier`)
 
 
 class BlockManager:
@@ -73,6 +78,9 @@ class BlockManager:
         self._cached: OrderedDict[int, None] = OrderedDict()  # named blocks nobody holds, eviction order first
         self._parent: dict[bytes, bytes] = {}  # name -> its parent's name (b"": a prompt's first block)
         self.counters = CacheCounters()
+        # The second tier (`offload.OffloadTier`, set by the engine once its pool exists): evicted blocks go there,
+        # and a match copies them back.
+        self.tier: OffloadTier | None = None
         # Names stored and removed since `take_changes` (kept only once someone takes them: `record_changes`).
         self._stored: list[tuple[bytes, bytes]] | None = None
         self._removed: list[bytes] = []
@@ -133,13 +141,34 @@ class BlockManager:
         most = (len(token_ids) - 1) // self.block_size
         if limit is not None:
             most = min(most, limit)
+        parent = b""
         for name in block_names(self.seed, token_ids, self.block_size, limit=most):
             block = self._block_of.get(name)
+            if block is None and self.tier is not None and name in self.tier:
+                block = self._restore(name, parent, blocks)
             if block is None:
                 break
             blocks.append(block)
             names.append(name)
+            parent = name
         return Match(blocks, names, sum(1 for b in blocks if b in self._cached))
+
+    def _restore(self, name: bytes, parent: bytes, keep: list[int]) -> int | None:
+        """A block named `name` again, its K/V copied back from the second tier, cached (nobody holds it yet);
+        None when no block is free or evictable but those of `keep` (the match so far)."""
+        block = self._take(exclude=keep)
+        if block is None:
+            return None
+        self.tier.load(name, block)
+        self._refs[block] = 0
+        self._block_of[name] = block
+        self._name_of[block] = name
+        self._parent[name] = parent
+        if self._stored is not None:
+            self._stored.append((name, parent))
+        self._cached[block] = None
+        self.counters.restored += self.block_size
+        return block
 
     def attach(self, seq_id: str, match: Match, num_tokens: int, count: bool = True) -> None:
         """Starts `seq_id`'s table with the matched blocks (their K/V are its first tokens'), and counts the
@@ -232,7 +261,10 @@ class BlockManager:
         return self.num_free - before
 
     def flush(self) -> int:
-        """Forgets every cached block nobody holds (they become free); returns how many."""
+        """Forgets every cached block nobody holds (they become free), and the second tier; returns how many
+        blocks of the pool."""
+        if self.tier is not None:
+            self.tier.clear()
         n = len(self._cached)
         while self._cached:
             block, _ = self._cached.popitem(last=False)
@@ -240,10 +272,20 @@ class BlockManager:
             self._free.append(block)
         return n
 
-    def _take(self) -> int:
+    def _take(self, exclude: list[int] | None = None) -> int | None:
+        """A free block, else the least recently released cached one (its K/V to the second tier, if any),
+        other than those of `exclude`: None if there is none (with no `exclude`, callers checked first)."""
         if self._free:
             return self._free.popleft()
-        block, _ = self._cached.popitem(last=False)  # the least recently released
+        block = next((b for b in self._cached if not exclude or b not in exclude), None)
+        if block is None:
+            if exclude is None:
+                raise RuntimeError("no block free or cached (check can_hold first)")
+            return None
+        del self._cached[block]
+        if self.tier is not None:
+            name = self._name_of[block]
+            self.tier.store(name, self._parent[name], block)
         self._forget(block)
         self.counters.evictions += 1
         return block

@@ -75,6 +75,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the checkpoint's context
     enable_chunked_prefill: bool = False
     enable_prefix_caching: bool = True  # full blocks kept for their contents and reused (engine/block_manager.py)
+    kv_offload_bytes: int = 0  # the prefix cache's second tier (engine/offload.py); 0: none
     seed: int = 0  # seeds the requests that bring no seed of their own
     pack_cpu_weights: bool = True  # oneDNN packed-weight matmuls on CPU (engine/linear.py)
     kernels: str = "auto"  # "torch", "triton" or "auto" (Triton on CUDA, torch on a CPU); resolved here
@@ -93,6 +94,14 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(name, f"must be > 0, got {value}")
+        if not (isinstance(self.kv_offload_bytes, int) and self.kv_offload_bytes >= 0):
+            raise ConfigError("kv_offload_bytes", f"must be >= 0 (0: off), got {self.kv_offload_bytes!r}")
+        if self.kv_offload_bytes and not self.enable_prefix_caching:
+            raise ConfigError("kv_offload_bytes", "the second tier keeps the prefix cache's blocks: turn prefix "
+                                                  "caching on")
+        if self.kv_offload_bytes and self.tensor_parallel_size > 1:
+            raise ConfigError("kv_offload_bytes", "one rank only so far (the other ranks' pools are in their own "
+                                                  "processes)")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ConfigError("max_model_len", f"must be > 1, got {self.max_model_len}")
 

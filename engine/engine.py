@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .checkpoint import resolve_model_path
 from .loader import load_model
 from .model_runner import KVCache, ModelRunner
+from .offload import OffloadTier
 from .ops import make_ops
 from .parallel import shard
 from .prefix import model_seed
@@ -129,6 +130,8 @@ class LLMEngine:
                                   device)
             graphs.capture()
         self.runner = ModelRunner(model, kv, self.blocks, device, graphs, self._workers)
+        if config.kv_offload_bytes:
+            self.blocks.tier = OffloadTier(kv.pools, config.kv_offload_bytes)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, batched, config.enable_chunked_prefill), self.blocks
         )
@@ -283,8 +286,9 @@ class LLMEngine:
     def prefix_cache(self) -> dict[str, int]:
         """What prefix caching did: cached_blocks (named, held or not), and since the start, queries and hits
         (prompt tokens looked up, and found cached) and evictions (cached blocks taken for other contents)."""
-        c = self.blocks.counters
-        return dict(cached_blocks=self.blocks.num_cached, queries=c.queries, hits=c.hits, evictions=c.evictions)
+        c, tier = self.blocks.counters, self.blocks.tier
+        return dict(cached_blocks=self.blocks.num_cached, queries=c.queries, hits=c.hits, evictions=c.evictions,
+                    offloaded_blocks=len(tier) if tier is not None else 0, offload_hits=c.restored)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

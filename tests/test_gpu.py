@@ -157,3 +157,21 @@ def test_another_process_writes_into_a_cuda_pool_through_ipc():
     for layer in range(2):
         assert torch.equal(storage[layer, [3, 1]], (local + layer)[[0, 2]])
         assert bool((storage[layer, [0, 2]] == -1).all())
+
+
+def test_the_second_tier_in_pinned_host_memory_brings_blocks_back_exactly(stories_path):
+    """`kv_offload_bytes` beside a GPU pool: blocks evicted from a 24-block pool go to pinned host memory and
+    come back over PCIe for the prompts sent again, token for token what the uncached engine gives."""
+    import random
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 500) for _ in range(100)] for _ in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(str(stories_path), device="cuda", enable_prefix_caching=False).generate(
+        prompts, params)]
+    llm = LLM(str(stories_path), device="cuda", num_kv_blocks=24, max_num_seqs=2, kv_offload_bytes=64 << 20)
+    assert llm.engine.blocks.tier.store_tensor.is_pinned()
+    for p, w in zip(prompts, want):
+        assert llm.generate([p], params)[0].token_ids == w
+    assert [o.token_ids for o in llm.generate(prompts[:2], params)] == want[:2]
+    assert llm.engine.prefix_cache()["offload_hits"] == 2 * 6 * 16

@@ -130,6 +130,55 @@ def test_preemption_and_eviction_recompute_exactly(stories_path, uncached):
     assert cached_now and cached.engine.reset_prefix_cache() == cached_now and blocks.num_cached == 0
 
 
+def test_blocks_evicted_to_the_second_tier_come_back_instead_of_being_computed(stories_path, uncached):
+    """`kv_offload_bytes`: a pool of 24 blocks, prompts that need three times that; what is evicted goes to a
+    file-backed second tier, and the prompts sent again copy their blocks back from it (offload hits) instead of
+    computing them, exact against the uncached engine; the tier keeps at most what its bytes hold, the least
+    recently used going first, and a cache reset empties it too. Without it, the same prompts compute again."""
+    rng = __import__("random").Random(3)
+    prompts = [[rng.randrange(3, 500) for _ in range(100)] for _ in range(6)]  # 6 full blocks and a bit each
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in uncached.generate(prompts, params)]
+    per_block = None
+    for tier in (True, False):
+        engine_options = dict(num_kv_blocks=24, max_num_seqs=2)
+        if tier:
+            cfg = uncached.engine.model_config
+            per_block = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 4
+            engine_options["kv_offload_bytes"] = 40 * per_block + per_block // 2  # 40 blocks, and a part
+        llm = LLM(str(stories_path), **engine_options)
+        blocks = llm.engine.blocks
+        for p, w in zip(prompts, want):  # one at a time: each evicts what came before
+            assert llm.generate([p], params)[0].token_ids == w
+        before = dict(llm.engine.prefix_cache())
+        assert [o.token_ids for o in llm.generate(prompts[:2], params)] == want[:2]
+        after = llm.engine.prefix_cache()
+        assert blocks.counters.evictions > 0
+        if tier:
+            assert after["offload_hits"] - before["offload_hits"] == 2 * 6 * 16  # every full block came back
+            assert after["hits"] - before["hits"] == 2 * 6 * 16
+            assert 0 < after["offloaded_blocks"] <= 40 == blocks.tier.slots
+            assert blocks.num_free == blocks.num_blocks
+            llm.engine.reset_prefix_cache()
+            assert llm.engine.prefix_cache()["offloaded_blocks"] == 0 and blocks.num_cached == 0
+            assert llm.generate([prompts[0]], params)[0].token_ids == want[0]
+            assert llm.engine.prefix_cache()["offload_hits"] == after["offload_hits"]  # nothing came back
+        else:
+            assert blocks.tier is None and after["offload_hits"] == 0 and after["hits"] == before["hits"]
+
+
+def test_the_second_tier_is_refused_where_it_cannot_work(stories_path):
+    from baton.engine import ConfigError
+
+    for options, message in [(dict(kv_offload_bytes=-1), "must be >= 0"),
+                             (dict(kv_offload_bytes=1 << 20, enable_prefix_caching=False), "prefix caching"),
+                             (dict(kv_offload_bytes=1 << 20, tensor_parallel_size=2), "one rank"),
+                             (dict(kv_offload_bytes=10), "hold no block")]:
+        with pytest.raises(ConfigError, match=message) as e:
+            LLM(str(stories_path), **options)
+        assert e.value.field == "kv_offload_bytes"
+
+
 def test_tensor_parallel_with_the_cache_is_exact(stories_path, uncached):
     with LLM(str(stories_path), tensor_parallel_size=2) as cached:
         prompts = _prompts(cached)

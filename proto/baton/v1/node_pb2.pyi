@@ -324,16 +324,20 @@ class NodeStats(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., reserved: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., requests_served: _Optional[int] = ..., peers: _Optional[int] = ..., rank_kv_bytes: _Optional[_Iterable[int]] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ..., queued_tokens: _Optional[int] = ..., kv_bytes_pulled: _Optional[int] = ...) -> None: ...
 
 class PrefixCache(_message.Message):
-    __slots__ = ("cached_blocks", "queries", "hits", "evictions")
+    __slots__ = ("cached_blocks", "queries", "hits", "evictions", "offloaded_blocks", "offload_hits")
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    OFFLOADED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_HITS_FIELD_NUMBER: _ClassVar[int]
     cached_blocks: int
     queries: int
     hits: int
     evictions: int
-    def __init__(self, cached_blocks: _Optional[int] = ..., queries: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+    offloaded_blocks: int
+    offload_hits: int
+    def __init__(self, cached_blocks: _Optional[int] = ..., queries: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., offloaded_blocks: _Optional[int] = ..., offload_hits: _Optional[int] = ...) -> None: ...
 
 class KVEventsRequest(_message.Message):
     __slots__ = ()
