@@ -119,7 +119,8 @@ def test_conversations_stay_where_their_prefix_lives_through_either_router(stori
     """2P2D, two routers routing by KV: four conversations of three turns each, every turn through the other
     router than the one before, one router restarted midway. Each turn goes to the prefill node that computed
     the conversation's earlier prompts and to the decode node that holds what it decoded: the prefill nodes'
-    hits and the KV bytes moved are those of one node per role having seen the whole conversation."""
+    hits, the KV bytes moved and those the prefill nodes read back (the answers, which only the decode node
+    computed) are those of one node per role having seen the whole conversation."""
     tokenizer = stories_llm.tokenizer
     greedy = dict(max_tokens=20, temperature=0, ignore_eos=True)
     conversations = [tokenizer.encode(p) * 3 for p in PROMPTS[:4]]
@@ -153,7 +154,7 @@ def test_conversations_stay_where_their_prefix_lives_through_either_router(stori
                 with BatonClient(address, timeout=60) as client:
                     return client.complete(history, **greedy).token_ids
 
-            hits = moved = 0
+            hits = moved = pulled = 0
             per_block = block_bytes(stories_llm.engine)
             prefill_seen: list[list[list[int]]] = [[] for _ in conversations]  # per conversation, its prompts
             decode_seen: list[list[list[int]]] = [[] for _ in conversations]  # and what its decode side computed
@@ -171,7 +172,11 @@ def test_conversations_stay_where_their_prefix_lives_through_either_router(stori
                         up.wait_until(in_sync, 30)
                         answers[c] = complete(addresses[(turn + c) % 2], history)
                     assert answers[c] == stories_llm.generate([history], SamplingParams(**greedy))[0].token_ids
-                    hits += held_blocks(prefill_seen[c], history) * 16
+                    # The prefill node reads back what the decode node holds and it lacks (the answers): its hits
+                    # are the decode node's blocks, and the difference is pulled.
+                    own, theirs = held_blocks(prefill_seen[c], history), held_blocks(decode_seen[c], history)
+                    hits += max(own, theirs) * 16
+                    pulled += max(0, theirs - own) * per_block
                     moved += (-(-len(history) // 16) - held_blocks(decode_seen[c], history)) * per_block
                     prefill_seen[c].append(history)
                     decode_seen[c].append(history + answers[c][:-1])
@@ -179,6 +184,7 @@ def test_conversations_stay_where_their_prefix_lives_through_either_router(stori
             # Where each conversation began, it stayed: nothing computed or moved twice.
             assert all(up.stats(n).requests_served for n in prefills + decodes)  # both nodes of each role served
             assert sum(up.stats(n).prefix_cache.hits for n in prefills) == hits > 0
+            assert sum(up.stats(n).kv_bytes_pulled for n in prefills) == pulled > 0
             assert sum(up.stats(n).kv_bytes_received for n in decodes) == moved
         finally:
             second.__exit__()
