@@ -7,7 +7,8 @@ chat    CONVERSATIONS conversations of TURNS turns, CONCURRENCY of them at a tim
 system  one shared system prompt of SYSTEM tokens and a short question (16-64 tokens), REQUESTS requests,
         CONCURRENCY at a time, after one untimed request with the system prompt (it is in use before)
 
-`--shape 4c` runs the same on four colocated nodes instead (the decode hit rate is then the colocated nodes').
+`--shape 4c` (or `8c`) runs the same on four (eight) colocated nodes instead (the decode hit rate is then the
+colocated nodes').
 
 For each it prints TTFT p50/p99 as the client sees it, goodput (requests/s whose TTFT met the SLO, stated with
 the machine), throughput, KV bytes moved per request (the decode nodes' received bytes; and those the prefill
@@ -47,7 +48,8 @@ CONVERSATIONS, TURNS = 16, 6
 SYSTEM, REQUESTS = 1536, 64
 CONCURRENCY = 8
 SLO_TTFT_S = 1.0  # goodput's TTFT objective, for this benchmark's 51M Llama on a 2-core VM
-SHAPES = {"2p2d": dict(prefill=2, decode=2), "4c": dict(prefill=0, decode=0, colocated=4)}
+SHAPES = {"2p2d": dict(prefill=2, decode=2), "4c": dict(prefill=0, decode=0, colocated=4),
+          "8c": dict(prefill=0, decode=0, colocated=8)}
 CONFIGS = {  # name -> (node options, router options)
     "kv": ([], ["--routing", "kv"]),
     "kv-no-pull": (["--kv-pull-min-tokens", "0"], ["--routing", "kv"]),
@@ -183,8 +185,8 @@ def main() -> int:
     ap.add_argument("--workload", choices=["chat", "system", "both"], default="both")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--shape", choices=list(SHAPES), default="2p2d",
-                    help="2p2d: two prefill and two decode nodes; 4c: four colocated nodes (where a prefix lives "
-                         "matters more: a node picked at random holds it one time in four)")
+                    help="2p2d: two prefill and two decode nodes; 4c, 8c: four or eight colocated nodes (where a "
+                         "prefix lives matters more: a node picked at random holds it one time in four, or eight)")
     ap.add_argument("--num-kv-blocks", type=int, default=0,
                     help="each node's KV pool in blocks (default: the engine's); small pools put the cache under "
                          "eviction pressure, where routing decides what stays")
