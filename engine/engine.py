@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Protocol
 
 import torch
 
+from .allocator import keep_large_allocations
 from .block_manager import BlockManager
 from .config import DTYPES, EngineConfig, ModelConfig, step_tokens, transfer_tokens
 from .cuda_graphs import DecodeGraphs
@@ -92,6 +93,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, rank_kv: RankKVService | None = None) -> None:
         """`rank_kv`: a tensor-parallel engine's other ranks start it to take part in KV transfers (a prefill or
         decode node's: `kvtransfer.ranks.serve_rank`); without it they only compute."""
+        keep_large_allocations()  # every step's activations from the allocator's heaps, not fresh pages
         self.config = config
         folder = resolve_model_path(config.model)
         self.model_config = cfg = ModelConfig.from_folder(folder)

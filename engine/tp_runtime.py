@@ -176,10 +176,12 @@ def worker_main(args: WorkerArgs) -> None:
     _die_with_parent(args.parent_pid)
     from pathlib import Path
 
+    from .allocator import keep_large_allocations
     from .loader import load_model
     from .model_runner import KVCache, ModelRunner
     from .ops import make_ops
 
+    keep_large_allocations()  # as rank 0's engine does
     config = args.config
     device = rank_device(config.device, args.rank)
     if device.type == "cuda":
