@@ -116,10 +116,7 @@ class KVIntake:
         TransferCancelled (the sender's cancel header: the lane is in step) or ReceiveFailed."""
         rid = request.request_id
         lane = Lane(request.prefill_node_id, request.generation, request.lane)
-        if lane in self._claimed:
-            raise LaneBusy(f"lane: lane {lane.index} of generation {lane.generation} with {lane.prefill_id!r} is "
-                           "carrying another transfer")
-        self._claimed.add(lane)  # until the receive (or drain) on it ends, even if this call is cancelled
+        self._claim(lane)  # until the receive (or drain) on it ends, even if this call is cancelled
         task = None
         try:
             r = self._reservations.get(rid)
@@ -142,6 +139,13 @@ class KVIntake:
         if received is None:
             raise ReceiveFailed(f"kv transfer failed: {r.cause}")
         return received
+
+    def _claim(self, lane: Lane) -> None:
+        """Takes `lane` for one transfer (a receive, a drain or a pull's sends); LaneBusy if another holds it."""
+        if lane in self._claimed:
+            raise LaneBusy(f"lane: lane {lane.index} of generation {lane.generation} with {lane.prefill_id!r} is "
+                           "carrying another transfer")
+        self._claimed.add(lane)
 
     def _hold(self, lane: Lane, work) -> asyncio.Future:
         """`work` (a receive or a drain) as a task that holds `lane`'s claim until it ends."""
@@ -215,10 +219,7 @@ class KVIntake:
         failed (its generation is dropped)."""
         rid = request.request_id
         lane = Lane(request.prefill_node_id, request.generation, request.lane)
-        if lane in self._claimed:
-            raise LaneBusy(f"lane: lane {lane.index} of generation {lane.generation} with {lane.prefill_id!r} is "
-                           "carrying another transfer")
-        self._claimed.add(lane)
+        self._claim(lane)  # until the sends on it end
         r, refusal = self._reservations.get(rid), None
         count = len(request.block_ids)
         if r is None or r.phase is Phase.RELEASED:
