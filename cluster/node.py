@@ -26,6 +26,7 @@ from baton.engine import EngineConfig, LLMEngine
 from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.engine.shm import remove_stale_shm
 from baton.engine.async_engine import AsyncEngine
+from baton.engine.omp import serial_torch
 from baton.kvtransfer.channel import KVStoreHost, join_address
 from baton.kvtransfer.ranks import serve_rank
 from baton.prefill.pull import DEFAULT_PULL_MIN_TOKENS
@@ -111,11 +112,13 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     """Runs the node until `stop` is set; leaves etcd, the port and every thread clean behind it."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    serial_torch()  # the engine's thread runs the process's only OpenMP team (engine/omp.py)
     loop = asyncio.get_running_loop()
     if cfg.engine.share_kv_cache:
         remove_stale_shm()  # what killed nodes on this host left in /dev/shm
     # A tensor-parallel node's other ranks each move their own KV heads (kvtransfer/ranks.py).
-    engine = await asyncio.to_thread(LLMEngine, cfg.engine, rank_kv=serve_rank)
+    async_engine = await AsyncEngine.start(lambda: LLMEngine(cfg.engine, rank_kv=serve_rank), loop)
+    engine = async_engine.engine
     store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host) if cfg.role != "prefill" else None
     servicer, metrics, tasks = None, None, []
     folder = resolve_model_path(cfg.engine.model)
@@ -124,14 +127,12 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         if cfg.role == "prefill":
             from baton.prefill.server import PrefillServicer
 
-            async_engine = AsyncEngine(engine, loop)
             servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
                                        pull_min_tokens=cfg.kv_pull_min_tokens, model=model_name)
             service = (node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)
         else:
             from baton.decode.server import DecodeServicer
 
-            async_engine = AsyncEngine(engine, loop)
             servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout,
                                       publish_share=cfg.kv_path != "pair", model=model_name)
             service = (node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)
@@ -193,7 +194,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             await metrics.close()
         if servicer is not None:
             await servicer.close()
-            await async_engine.close()
+        await async_engine.close()
         await asyncio.to_thread(engine.close)  # a tensor-parallel engine's other ranks
         if store is not None:
             store.close()

@@ -25,6 +25,7 @@ from baton.common.logs import REQUEST_ID, client_request_id
 from baton.common.metrics import NodeMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
+from baton.engine.omp import serial_torch
 from baton.engine.parallel import kv_routes, shard
 from baton.kvtransfer.channel import LANES_PER_PAIR, KVStoreHost, PairChannels, TransferCancelled, TransferThreads
 from baton.kvtransfer.ranks import NodeRanks, RankWork
@@ -52,7 +53,7 @@ class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
         spec = engine.kv_spec
         # gloo for a CPU pool, NCCL for a CUDA one: the channel follows the KV cache's device.
         self.channels = PairChannels(node_id, spec.device, local_store=store)
-        self.threads = TransferThreads("kv-recv")
+        self.threads = TransferThreads("kv-recv", thread_setup=serial_torch)
         self.transfer_timeout = transfer_timeout
         self.peer_idle_seconds = peer_idle_seconds
         self.reservations = Reservations(engine)

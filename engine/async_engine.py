@@ -32,8 +32,14 @@ class AsyncEngine:
     """The node services' only way into the engine: requests (`generate`), and for disaggregation `reserve`,
     `adopt`, `release` and a KV sink. Each runs on the engine thread between steps, in submission order."""
 
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | None, loop: asyncio.AbstractEventLoop,
+                 build: Callable[[], LLMEngine] | None = None) -> None:
+        """Runs `engine`, or the one `build` makes on the engine thread (`start`)."""
+        self.engine = engine  # type: ignore[assignment] - set by the thread before `started` settles
+        self._build = build
+        self.started: asyncio.Future[None] = loop.create_future()
+        if engine is not None:
+            self.started.set_result(None)
         self._loop = loop
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | EngineFailed]] = {}
@@ -42,6 +48,14 @@ class AsyncEngine:
         self._kv_seq = 0  # batches of prefix-cache changes handed to it (engine thread)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    async def start(cls, build: Callable[[], LLMEngine], loop: asyncio.AbstractEventLoop) -> AsyncEngine:
+        """An engine built by `build` on the thread that will run it, so that this thread's OpenMP team is the
+        process's only one (engine/omp.py); raises what `build` raised."""
+        engine = cls(None, loop, build)
+        await engine.started
+        return engine
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Runs `fn(*args)` on the engine thread between steps; returns its result or raises its error."""
@@ -273,6 +287,13 @@ class AsyncEngine:
     # -- the engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._build is not None:
+            try:
+                self.engine = self._build()
+            except BaseException as e:  # noqa: BLE001 - the caller of `start` raises it
+                self._loop.call_soon_threadsafe(_settle, self.started, None, e)
+                return
+            self._loop.call_soon_threadsafe(_settle, self.started, None, None)
         while not self._stopping:
             busy = self.engine.has_unfinished()
             try:

@@ -53,6 +53,7 @@ class WorkerKV:
     shm_path: str  # the /dev/shm file that holds the storage ("" if none)
     device: torch.device
     transfer_tokens: int  # the most prompt tokens one step's transfers carry: what send buffers are bounded by
+    thread_setup: Callable[[], object]  # for each thread the transfers start: `omp.serial_torch`
 
 
 # Started by each worker rank (pickled to it: a module-level function): the rank's KV sink, and its storage
@@ -178,6 +179,7 @@ def worker_main(args: WorkerArgs) -> None:
 
     from .allocator import keep_large_allocations
     from .loader import load_model
+    from .omp import serial_torch
     from .model_runner import KVCache, ModelRunner
     from .ops import make_ops
 
@@ -200,7 +202,7 @@ def worker_main(args: WorkerArgs) -> None:
     description = b""
     if args.rank_kv is not None:
         sink, description = args.rank_kv(WorkerKV(args.kv_conn, kv.pools, kv.storage, kv.shm_path, device,
-                                                  transfer_tokens(config, args.max_model_len)))
+                                                  transfer_tokens(config, args.max_model_len), serial_torch))
     store.set(f"{POOL_KEY}/{args.rank}", description)  # before joining the group: rank 0 reads it after
     host = HostCollectives(args.rank, args.size, HOST_SLOT_BYTES, args.host_path) if args.host_path else None
     group: TPGroup = make_group(args.rank, args.size, store, device, vocab_sizes(cfg, args.size), host=host)

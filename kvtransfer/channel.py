@@ -492,8 +492,10 @@ class TransferThreads:
     then times out and the channel breaks. A thread per transfer in flight, up to `max_threads`, avoids it
     (they wait in C++ without the GIL)."""
 
-    def __init__(self, name: str, max_threads: int = 512) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix=name)
+    def __init__(self, name: str, max_threads: int = 512, thread_setup: Callable[[], object] | None = None) -> None:
+        """`thread_setup` runs first on each thread (a node passes the engine's `omp.serial_torch`: its OpenMP
+        team stays the engine thread's)."""
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix=name, initializer=thread_setup)
 
     def run(self, fn, *args):
         """An asyncio future for `fn(*args)` on a worker thread."""

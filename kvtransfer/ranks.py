@@ -28,7 +28,7 @@ import enum
 import itertools
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -197,7 +197,7 @@ def serve_rank(kv) -> tuple[RankWork, bytes]:
     if kv.shm_path or kv.device.type == "cuda":  # a pool another process on this device can map
         description = encode(share(kv.storage, kv.shm_path))
     work = RankWork(kv.pools, kv.device, staging=Staging(staging_bytes(kv.pools, kv.transfer_tokens)))
-    RankAgent(kv.conn, work)
+    RankAgent(kv.conn, work, thread_setup=kv.thread_setup)
     return work, description
 
 
@@ -208,11 +208,15 @@ class RankAgent:
     """A worker rank's end of its pipe to rank 0: runs each command on a thread of its own (`RankWork`) and
     answers it under its number."""
 
-    def __init__(self, conn, work: RankWork, max_threads: int = 256) -> None:
+    def __init__(self, conn, work: RankWork, max_threads: int = 256,
+                 thread_setup: Callable[[], object] | None = None) -> None:
+        """`thread_setup` runs first on each thread (the engine's `omp.serial_torch`: the rank's OpenMP team
+        stays its model's)."""
         self.conn = conn
         self.work = work
         self._lock = threading.Lock()  # the pipe's writes
-        self._threads = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kv-rank")
+        self._threads = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kv-rank",
+                                           initializer=thread_setup)
         threading.Thread(target=self._serve, name="kv-agent", daemon=True).start()
 
     def _serve(self) -> None:

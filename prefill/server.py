@@ -33,6 +33,7 @@ from baton.common.messages import (LOST_NODE_KEY, abort_for, chunk_from_output, 
 from baton.common.metrics import NodeMetrics, RequestMetrics
 from baton.engine import ConfigError, FieldError, NoCapacity
 from baton.engine.async_engine import AsyncEngine, EngineFailed
+from baton.engine.omp import serial_torch
 from baton.engine.parallel import kv_routes, shard
 from baton.kvtransfer.channel import PairChannels, TransferThreads
 from baton.kvtransfer.ranks import NodeRanks, RankWork
@@ -61,7 +62,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.kv_path = kv_path
         self.device_id = device_id(self.spec.device)
         self.channels = PairChannels(node_id, self.spec.device)
-        self.threads = TransferThreads("kv-send")
+        self.threads = TransferThreads("kv-send", thread_setup=serial_torch)
         self.peers = DecodePeers(self.channels, self.threads, peer_idle_seconds)
         self.transfer_timeout = transfer_timeout
         tp = self.spec.tensor_parallel_size
