@@ -156,6 +156,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             capacity=stats.total_blocks, free_blocks=stats.free_blocks, running=0, waiting=0,
             metrics_address=join_address(cfg.advertise_host, metrics.port),
             tensor_parallel_size=cfg.engine.tensor_parallel_size,
+            kv_pull_min_tokens=cfg.kv_pull_min_tokens if cfg.role == "prefill" else 0,
         )
         registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl),
                                       (aetcd.ClientError,), START_RETRY_S, "registering in etcd")

@@ -100,9 +100,10 @@ class Attempts:
             decode = await picker.when_live(lambda: picker.pick("colocated", avoid, req.model.name, prompt), wait)
         else:
             decode = await picker.when_live(lambda: picker.pick("decode", avoid, req.model.name, prompt), wait)
-            prefill = await picker.when_live(lambda: picker.pick("prefill", avoid, req.model.name, prompt), wait)
+            prefill = await picker.when_live(
+                lambda: picker.pick("prefill", avoid, req.model.name, prompt, decode), wait)
         req.nodes = ((prefill or decode).node_id, decode.node_id)
-        tokens = len(prompt.token_ids) - picker.routing.held_tokens(prefill or decode, prompt)
+        tokens, _ = picker.routing.prompt_work(prefill or decode, prompt, decode if prefill else None)
         decided = lambda where: self.metrics.prefill_decisions.labels(req.model.name, where).inc()  # noqa: E731
         return Attempt(job, decode, prefill, picker, self.stubs, self.settings, self._release_later, tokens, decided)
 

@@ -62,9 +62,10 @@ class Picker:
         return node.queued_tokens + self.in_flight_tokens[node.node_id]
 
     def pick(self, role: str, avoid: set[str] | frozenset[str] = frozenset(), model: str | None = None,
-             prompt: PromptBlocks | None = None) -> NodeInfo:
+             prompt: PromptBlocks | None = None, decode: NodeInfo | None = None) -> NodeInfo:
         """The routing policy's choice of a live node of `role` (serving `model`, when given) for `prompt`,
-        other than those in `avoid` (nodes that failed a request)."""
+        other than those in `avoid` (nodes that failed a request); for a prefill node, `decode` is the decode
+        node picked for the request (what a prefill node can read back from it counts)."""
         nodes = [n for n in self.membership.nodes(role)
                  if n.node_id not in avoid and (model is None or n.model == model)]
         if not nodes:
@@ -75,7 +76,7 @@ class Picker:
             del self.suspects[node_id]  # bounded: an entry lives suspect_seconds
         trusted = [n for n in nodes if n.node_id not in self.suspects]
         nodes = trusted or nodes  # a suspect is still better than no node
-        return self.routing.choose(role, nodes, self.load, self.queued, prompt)
+        return self.routing.choose(role, nodes, self.load, self.queued, prompt, decode)
 
     async def when_live(self, choose: Callable[[], T], timeout: float) -> T:
         """`choose()` (a `pick` or `mode`) once it finds a node, trying again on every membership change for up

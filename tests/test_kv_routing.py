@@ -107,6 +107,74 @@ def test_the_index_holds_the_engines_names_and_rebuilds_after_lost_events(storie
     asyncio.run(main())
 
 
+def test_a_prefill_node_is_weighed_with_what_it_can_read_back_from_the_decode_node(stories_path):
+    """The prefill cost counts the tokens a prefill node would read back from the decode node picked for the
+    request (those the decode node holds beyond the prefill node's own cache, when they reach the node's
+    `kv_pull_min_tokens`) at PULL_COST of a computed token. Two real engines publish what they hold to a real
+    index: decode-0 decoded a conversation's first turn, prefill-0 computed its prompt, prefill-1 holds nothing.
+    Equal queues: prefill-0 (its own cache costs nothing); with prefill-0's queue at half the prompt it holds,
+    prefill-1, which would read the whole prefix back, where the cost without reading back kept prefill-0;
+    and prefill-0 again when prefill-1 never reads back."""
+    from baton.router.routing import PULL_COST, KVAware
+
+    decode_llm, prefill_llm = (LLM(str(stories_path), num_kv_blocks=32) for _ in range(2))
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    first = decode_llm.tokenizer.encode(PROMPTS[0]) * 8
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engines = {"decode-0": AsyncEngine(decode_llm.engine, loop), "prefill-0": AsyncEngine(prefill_llm.engine, loop)}
+        publishers, servers, follows, nodes = [], [], [], {}
+        index = KVIndex(membership=None)
+        try:
+            for node_id, engine in engines.items():
+                publishers.append(publisher := KVEventPublisher(node_id, engine))
+                servers.append(server := grpc.aio.server())
+                node_pb2_grpc.add_KVEventsServicer_to_server(KVEventsServicer(publisher), server)
+                port = server.add_insecure_port("127.0.0.1:0")
+                await server.start()
+                role = node_id.split("-")[0]
+                nodes[node_id] = NodeInfo(node_id, role, "stories", f"127.0.0.1:{port}",
+                                          kv_pull_min_tokens=16 if role == "prefill" else 0)
+                follows.append(index.follow(nodes[node_id]))
+            nodes["prefill-1"] = NodeInfo("prefill-1", "prefill", "stories", "127.0.0.1:1", kv_pull_min_tokens=16)
+            answer = [t async for out in engines["decode-0"].generate("turn", first, params) for t in out.token_ids]
+            async for _ in engines["prefill-0"].generate("prompt", first, SamplingParams(max_tokens=1)):
+                pass
+            prompt = PromptBlocks(first + answer + [5, 6, 7])  # the next turn
+            own, theirs = len(first) // 16 * 16, (len(first) + len(answer) - 1) // 16 * 16
+            await until(lambda: index.held_tokens("prefill-0", prompt) == own
+                        and index.held_tokens("decode-0", prompt) == theirs, "the index")
+            routing, length = KVAware(index), len(prompt.token_ids)
+            decode, p0, p1 = nodes["decode-0"], nodes["prefill-0"], nodes["prefill-1"]
+            assert routing.prompt_work(p0, prompt, decode) == (length - theirs, theirs - own)
+            assert routing.prompt_work(p1, prompt, decode) == (length - theirs, theirs)
+            assert routing.prompt_work(p1, prompt, None) == (length, 0)  # colocated, or no decode node known
+
+            load = lambda n: 0  # noqa: E731
+            queue = {"prefill-0": 0, "prefill-1": 0}
+            pick = lambda *ns: routing.choose("prefill", list(ns), load, lambda n: queue[n.node_id], prompt,  # noqa: E731
+                                              decode).node_id
+            assert pick(p0, p1) == "prefill-0"
+            queue["prefill-0"] = own // 2  # more than PULL_COST of what it holds, less than all of it
+            assert PULL_COST * own < own // 2 < own
+            assert pick(p0, p1) == "prefill-1"
+            never = NodeInfo("prefill-1", "prefill", "stories", "127.0.0.1:1", kv_pull_min_tokens=0)
+            assert routing.prompt_work(never, prompt, decode) == (length, 0)
+            assert pick(p0, never) == "prefill-0"
+        finally:
+            for follow in follows:
+                follow.cancel()
+            for publisher in publishers:
+                publisher.close()
+            for server in servers:
+                await server.stop(None)
+            for engine in engines.values():
+                await engine.close()
+
+    asyncio.run(main())
+
+
 def _metrics(address: str) -> dict[tuple[str, str], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
