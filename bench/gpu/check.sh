@@ -14,10 +14,22 @@ START=$(date +%s)
 # The image's Python keeps its torch and triton; the kit adds what it lacks; Baton itself without deps.
 # A GPU_VENV that exists already is used as it is (a dry run of the CPU-side parts: GPU_VENV=.venv).
 if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv --system-site-packages "$VENV"
-    "$VENV/bin/python" -m pip install -q --no-index --find-links "$KIT/wheels" \
-        aetcd grpcio grpcio-health-checking grpcio-reflection protobuf prometheus_client > "$OUT/install.log" 2>&1
-    "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
+    python3 -m venv --system-site-packages --without-pip "$VENV"  # pip, setuptools: the image's
+    # The image's python3 may itself be a virtualenv (it was: /opt/torch/.venv), whose packages (torch, triton)
+    # --system-site-packages does not reach: a .pth file puts its site folders after the new one's own, so the
+    # kit's wheels, installed here whatever the image has (--ignore-installed), come first.
+    for kind in purelib platlib; do
+        image=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['$kind'])")
+        mine=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['$kind'])")
+        [ "$image" != "$mine" ] && echo "$image" >> "$mine/image-site-$kind.pth"
+    done
+    wheels=(aetcd grpcio grpcio-health-checking grpcio-reflection protobuf)
+    ls "$KIT"/wheels/prometheus_client-*.whl > /dev/null 2>&1 && wheels+=(prometheus_client)
+    { "$VENV/bin/python" -m pip install -q --no-index --ignore-installed --no-deps --find-links "$KIT/wheels" \
+        "${wheels[@]}"
+      "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+      "$VENV/bin/python" -c "import torch, grpc, grpc_health, aetcd, baton; print('installed: grpcio', grpc.__version__)"
+    } > "$OUT/install.log" 2>&1
 fi
 export PATH="$PWD/$KIT/bin:$VENV/bin:$PATH"
 PY="$VENV/bin/python"
