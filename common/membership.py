@@ -5,9 +5,8 @@ Key layout: `/baton/<cluster>/nodes/<role>/<node_id>` -> `NodeInfo` as JSON, att
 - `NodeRegistration` (one per node process) grants a lease, puts its key under it and keeps the lease alive
   from a background task (aetcd has no keep-alive of its own). A node that stops cleanly revokes the lease, so
   its key goes at once; a node that dies stops refreshing and etcd deletes the key when the TTL runs out.
-- `MembershipWatcher` (in the router) keeps a local copy: one range read, then a watch from the revision after
-  it. aetcd's watch ends when the connection drops; the watcher reconnects and resumes from the last revision
-  it applied + 1, or re-reads everything if that revision was compacted away or the store was replaced.
+- `MembershipWatcher` (in the router) keeps a local copy (`PrefixFollower`: one range read, then a watch from
+  the revision after it, resumed or read again after a lost connection).
 """
 
 from __future__ import annotations
@@ -317,16 +316,17 @@ class NodeRegistration:
 
 
 # -- the router's side ---------------------------------------------------------------------------------
-class MembershipWatcher:
-    """A live local copy of the cluster's nodes. `w = await MembershipWatcher.start(url, cluster)`."""
+class PrefixFollower:
+    """A live local copy of what etcd holds under one prefix: one range read (`_load`), then a watch from the
+    revision after it, each change handed to `_event`. aetcd's watch ends when the connection drops; the copy
+    reconnects and resumes from the last revision it applied + 1, or reads everything again if that revision
+    was compacted away or the store was replaced. Subclasses keep the copy in their own form; both hooks run
+    under the copy's condition, and every change is counted in `version`."""
 
-    def __init__(self, etcd_url: str, cluster: str, *, rpc_timeout: float = 5.0) -> None:
+    def __init__(self, etcd_url: str, prefix: str, *, rpc_timeout: float = 5.0) -> None:
         self._url = etcd_url
-        self._prefix = nodes_prefix(cluster)
+        self._prefix = prefix
         self._rpc_timeout = rpc_timeout
-        self._by_role: dict[str, dict[str, NodeInfo]] = {r: {} for r in ROLES}
-        # (role, node id) -> the revision that created its key: a new one each time the node registers anew.
-        self._created: dict[tuple[str, str], int] = {}
         self._revision = 0  # the store revision our copy reflects
         self._cluster_id = 0  # etcd's, to notice a different store behind the same URL
         self._version = 0  # bumped on every change to the copy
@@ -334,37 +334,23 @@ class MembershipWatcher:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
 
-    @classmethod
-    async def start(cls, etcd_url: str, cluster: str, *, rpc_timeout: float = 5.0) -> MembershipWatcher:
-        """Read the current nodes (raises if etcd is unreachable), then follow changes in the background."""
-        w = cls(etcd_url, cluster, rpc_timeout=rpc_timeout)
-        client = etcd_client(etcd_url, rpc_timeout)
+    def _load(self, kvs) -> None:
+        """Replaces the copy with `kvs` (every key under the prefix)."""
+        raise NotImplementedError
+
+    def _event(self, event: aetcd.Event) -> None:
+        """Applies one change to the copy."""
+        raise NotImplementedError
+
+    async def _follow(self) -> None:
+        """Reads the current copy (raises if etcd is unreachable), then follows changes in the background."""
+        client = etcd_client(self._url, self._rpc_timeout)
         try:
-            await w._resync(client)
+            await self._resync(client)
         except BaseException:
             await close_quietly(client)
             raise
-        w._task = asyncio.get_running_loop().create_task(w._run(client), name=f"watch:{w._prefix}")
-        return w
-
-    # -- reading the copy (no I/O) ------------------------------------------------------------------
-    def nodes(self, role: str | None = None) -> list[NodeInfo]:
-        """Live nodes of `role` (all roles if None), by node id. Treat them as read-only snapshots."""
-        if role is not None and role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        roles = ROLES if role is None else (role,)
-        return sorted((n for r in roles for n in self._by_role[r].values()), key=lambda n: (n.node_id, n.role))
-
-    def get(self, node_id: str) -> NodeInfo | None:
-        for by_id in self._by_role.values():
-            if node_id in by_id:
-                return by_id[node_id]
-        return None
-
-    def registration(self, node: NodeInfo) -> int | None:
-        """Which registration of the node is live: the etcd revision that created its key (a node that
-        restarted, or lost its lease and registered again, has another), None while it is not live."""
-        return self._created.get((node.role, node.node_id))
+        self._task = asyncio.get_running_loop().create_task(self._run(client), name=f"watch:{self._prefix}")
 
     @property
     def revision(self) -> int:
@@ -393,13 +379,12 @@ class MembershipWatcher:
                 await self._task
             self._task = None
 
-    async def __aenter__(self) -> MembershipWatcher:
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    # -- keeping it current -------------------------------------------------------------------------
     async def _run(self, client: aetcd.Client) -> None:
         backoff, failures = 0.05, 0
         resync = False
@@ -445,15 +430,8 @@ class MembershipWatcher:
 
     async def _resync(self, client: aetcd.Client) -> None:
         result = await client.get_prefix(self._prefix.encode())
-        by_role: dict[str, dict[str, NodeInfo]] = {r: {} for r in ROLES}
-        created: dict[tuple[str, str], int] = {}
-        for kv in result:
-            parsed = self._parse(kv.key, kv.value)
-            if parsed is not None:
-                by_role[parsed.role][parsed.node_id] = parsed
-                created[parsed.role, parsed.node_id] = kv.create_revision
         async with self._changed:
-            self._by_role, self._created = by_role, created
+            self._load(result)
             self._revision = result.header.revision
             self._cluster_id = result.header.cluster_id
             self._version += 1
@@ -461,16 +439,7 @@ class MembershipWatcher:
 
     async def _apply(self, event: aetcd.Event) -> None:
         async with self._changed:
-            if event.kind == aetcd.EventKind.PUT:
-                info = self._parse(event.kv.key, event.kv.value)
-                if info is not None:
-                    self._by_role[info.role][info.node_id] = info
-                    self._created[info.role, info.node_id] = event.kv.create_revision
-            else:
-                where = self._split_key(event.kv.key)
-                if where is not None:
-                    self._by_role[where[0]].pop(where[1], None)
-                    self._created.pop(where, None)
+            self._event(event)
             self._revision = event.kv.mod_revision
             self._version += 1
             self._changed.notify_all()
@@ -480,6 +449,65 @@ class MembershipWatcher:
             async with self._changed:
                 self._connected = value
                 self._changed.notify_all()
+
+
+class MembershipWatcher(PrefixFollower):
+    """A live local copy of the cluster's nodes. `w = await MembershipWatcher.start(url, cluster)`."""
+
+    def __init__(self, etcd_url: str, cluster: str, *, rpc_timeout: float = 5.0) -> None:
+        super().__init__(etcd_url, nodes_prefix(cluster), rpc_timeout=rpc_timeout)
+        self._by_role: dict[str, dict[str, NodeInfo]] = {r: {} for r in ROLES}
+        # (role, node id) -> the revision that created its key: a new one each time the node registers anew.
+        self._created: dict[tuple[str, str], int] = {}
+
+    @classmethod
+    async def start(cls, etcd_url: str, cluster: str, *, rpc_timeout: float = 5.0) -> MembershipWatcher:
+        """Read the current nodes (raises if etcd is unreachable), then follow changes in the background."""
+        w = cls(etcd_url, cluster, rpc_timeout=rpc_timeout)
+        await w._follow()
+        return w
+
+    # -- reading the copy (no I/O) ------------------------------------------------------------------
+    def nodes(self, role: str | None = None) -> list[NodeInfo]:
+        """Live nodes of `role` (all roles if None), by node id. Treat them as read-only snapshots."""
+        if role is not None and role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        roles = ROLES if role is None else (role,)
+        return sorted((n for r in roles for n in self._by_role[r].values()), key=lambda n: (n.node_id, n.role))
+
+    def get(self, node_id: str) -> NodeInfo | None:
+        for by_id in self._by_role.values():
+            if node_id in by_id:
+                return by_id[node_id]
+        return None
+
+    def registration(self, node: NodeInfo) -> int | None:
+        """Which registration of the node is live: the etcd revision that created its key (a node that
+        restarted, or lost its lease and registered again, has another), None while it is not live."""
+        return self._created.get((node.role, node.node_id))
+
+    # -- keeping it current -------------------------------------------------------------------------
+    def _load(self, kvs) -> None:
+        by_role: dict[str, dict[str, NodeInfo]] = {r: {} for r in ROLES}
+        created: dict[tuple[str, str], int] = {}
+        for kv in kvs:
+            parsed = self._parse(kv.key, kv.value)
+            if parsed is not None:
+                by_role[parsed.role][parsed.node_id] = parsed
+                created[parsed.role, parsed.node_id] = kv.create_revision
+        self._by_role, self._created = by_role, created
+
+    def _event(self, event: aetcd.Event) -> None:
+        if event.kind == aetcd.EventKind.PUT:
+            info = self._parse(event.kv.key, event.kv.value)
+            if info is not None:
+                self._by_role[info.role][info.node_id] = info
+                self._created[info.role, info.node_id] = event.kv.create_revision
+        else:
+            where = self._split_key(event.kv.key)
+            if where is not None:
+                self._by_role[where[0]].pop(where[1], None)
+                self._created.pop(where, None)
 
     def _split_key(self, key: bytes) -> tuple[str, str] | None:
         rest = key.decode(errors="replace").removeprefix(self._prefix)
