@@ -217,9 +217,26 @@ def _node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_auth(args: argparse.Namespace) -> None:
+    from baton.engine import FieldError
+
+    # `baton up` with its private etcd makes a secret that goes with it; keys kept in an etcd that outlives the
+    # command need a secret that does too.
+    if args.auth and not args.cluster_secret_file and (args.command == "router" or getattr(args, "etcd", "")):
+        raise FieldError("cluster_secret_file", "--auth needs the cluster's secret (--cluster-secret-file PATH)")
+    if args.cluster_secret_file:
+        from baton.common.keys import read_secret
+
+        try:
+            read_secret(args.cluster_secret_file)
+        except (OSError, ValueError) as e:
+            raise FieldError("cluster_secret_file", str(e)) from None
+
+
 def _router(args: argparse.Namespace) -> int:
     from baton.router.main import RouterConfig, run
 
+    _check_auth(args)
     _start_process(args)
     run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
                      max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations,
@@ -227,7 +244,8 @@ def _router(args: argparse.Namespace) -> int:
                      http_port=args.http_port, chat_template=args.chat_template, log_format=args.log_format,
                      served_model_name=args.served_model_name[0] if args.served_model_name else "",
                      metrics_port=args.metrics_port, router_id=args.router_id, routing=args.routing,
-                     max_local_prefill_tokens=args.max_local_prefill_tokens))
+                     max_local_prefill_tokens=args.max_local_prefill_tokens, auth=args.auth,
+                     cluster_secret_file=args.cluster_secret_file))
     return 0
 
 
@@ -260,6 +278,13 @@ def _up(args: argparse.Namespace) -> int:
     node_args = [part for flag, value in passed_on.items() if value is not None for part in (flag, str(value))]
     node_args += ["--enforce-eager"] if args.enforce_eager else []
     node_args += ["--no-enable-prefix-caching"] if args.enable_prefix_caching is False else []
+    _check_auth(args)
+    auth_args, made = [], ""
+    if args.auth:  # the routers need the cluster's secret; one is made for a private etcd's cluster
+        secret_file = args.cluster_secret_file or (made := _new_secret_file())
+        auth_args = ["--auth", "--cluster-secret-file", secret_file]
+        print(f"baton: API keys required; the cluster secret is in {secret_file} (create a key with `baton keys "
+              f"create --name NAME --etcd URL --cluster-secret-file {secret_file}`)", flush=True)
     first = ModelPool(args.model, tuple(args.served_model_name), args.prefill, args.decode, args.colocated,
                       args.prefill_tp, args.decode_tp, args.tp)
     more: list[ModelPool] = []
@@ -268,16 +293,41 @@ def _up(args: argparse.Namespace) -> int:
     names = ["--served-model-name", *first.names] if first.names else []
     role_args = {"colocated": ["--tp", str(first.tp), *names], "decode": ["--tp", str(first.decode_tp), *names],
                  "prefill": ["--tp", str(first.prefill_tp), *names]}
-    return run_up(ClusterSpec(model=first.model, prefill=first.prefill, decode=first.decode, colocated=first.colocated,
-                              port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
-                              chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
-                              router_args=["--max-migrations", str(args.max_migrations), "--stream-inactivity-timeout",
-                                           str(args.stream_inactivity_timeout), "--node-wait", str(args.node_wait),
-                                           "--routing", args.routing, "--max-local-prefill-tokens",
-                                           str(args.max_local_prefill_tokens), "--log-format", args.log_format]
-                              + (["--chat-template", args.chat_template] if args.chat_template else []) + names,
-                              http_port=args.http_port, more_models=more,
-                              log_dir=args.log_dir))
+    spec = ClusterSpec(model=first.model, prefill=first.prefill, decode=first.decode, colocated=first.colocated,
+                       port=args.port, etcd=args.etcd, threads=args.threads, pin=args.pin,
+                       chunked_prefill=args.enable_chunked_prefill, node_args=node_args, role_args=role_args,
+                       router_args=["--max-migrations", str(args.max_migrations), "--stream-inactivity-timeout",
+                                    str(args.stream_inactivity_timeout), "--node-wait", str(args.node_wait),
+                                    "--routing", args.routing, "--max-local-prefill-tokens",
+                                    str(args.max_local_prefill_tokens), "--log-format", args.log_format]
+                       + auth_args + (["--chat-template", args.chat_template] if args.chat_template else []) + names,
+                       http_port=args.http_port, more_models=more, log_dir=args.log_dir)
+    try:
+        return run_up(spec)
+    finally:
+        if made:  # its keys were in the private etcd, gone too
+            import shutil
+
+            shutil.rmtree(os.path.dirname(made), ignore_errors=True)
+
+
+def _new_secret_file() -> str:
+    """A fresh cluster secret in a folder of its own (the private etcd it guards goes with `baton up`)."""
+    import tempfile
+
+    from baton.common.keys import write_secret
+
+    path = os.path.join(tempfile.mkdtemp(prefix="baton-secret-"), "cluster-secret")
+    write_secret(path)
+    return path
+
+
+def _auth_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--auth", action="store_true",
+                        help="require an API key on every public call (Authorization: Bearer KEY; `baton keys`)")
+    parser.add_argument("--cluster-secret-file", default="", metavar="PATH",
+                        help="the cluster's secret, under which etcd keeps the keys' HMACs (with --auth; `baton up "
+                             "--auth` makes one when not given)")
 
 
 def _place(args: argparse.Namespace) -> int:
@@ -403,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     _served_name_arg(up)
     _log_format_arg(up)
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
+    _auth_args(up)
     up.set_defaults(run=_up)
 
     node = sub.add_parser("node", help="run one node (what `baton up` starts)")
@@ -441,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "published in etcd under the router's record")
     router.add_argument("--router-id", default="", help="its record's name in etcd (default: router-HOST:PORT)")
     _served_name_arg(router)
+    _auth_args(router)
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
 
@@ -469,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                         help="redraw every SECONDS (default 2) until Ctrl-C")
     status.set_defaults(run=_status)
+    from baton.cluster import keys_cli
+
+    keys_cli.add_parser(sub)
     for command in entry_points(group="baton.commands"):  # `baton bench`, from bench/ (see bench/command.py)
         command.load()(sub)
     return parser

@@ -84,7 +84,7 @@ class NodeInfo:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> NodeInfo:
-        return _record(cls, data)
+        return record_from_json(cls, data)
 
 
 @dataclass(slots=True)
@@ -111,10 +111,10 @@ class RouterInfo:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> RouterInfo:
-        return _record(cls, data)
+        return record_from_json(cls, data)
 
 
-def _record(cls, data: bytes | str):
+def record_from_json(cls, data: bytes | str):
     """A record of type `cls` from its JSON; ValueError names what is wrong (not an object, a field unknown
     or missing, a value refused by the record's own checks)."""
     obj = json.loads(data)

@@ -54,6 +54,7 @@ class Admitted:
     resumed: list[int] = field(default_factory=list)  # tokens the client already has (GenerateRequest.resume)
     resumed_chars: int = 0  # and the characters of their text
     model: Any = None  # the models.ServedModel it asked for (set by the router once admitted)
+    key: Any = None  # the caller's common.keys.KeyRecord (with `--auth`)
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int:

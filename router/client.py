@@ -66,6 +66,8 @@ class ResourceExhausted(BatonError): status = grpc.StatusCode.RESOURCE_EXHAUSTED
 class Unavailable(BatonError): status = grpc.StatusCode.UNAVAILABLE              # router or nodes down
 class DeadlineExceeded(BatonError): status = grpc.StatusCode.DEADLINE_EXCEEDED
 class Cancelled(BatonError): status = grpc.StatusCode.CANCELLED
+class Unauthenticated(BatonError): status = grpc.StatusCode.UNAUTHENTICATED      # no key, or not a valid one
+class PermissionDenied(BatonError): status = grpc.StatusCode.PERMISSION_DENIED   # the key may not do that
 
 
 _ERRORS: dict[grpc.StatusCode, type[BatonError]] = {c.status: c for c in BatonError.__subclasses__()}
@@ -239,9 +241,11 @@ class _Client:
     _open: Any  # the channel factory
 
     def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
-                 resumes: int | None = None) -> None:
+                 resumes: int | None = None, api_key: str | None = None) -> None:
         """`target`: a router's host:port, or several (a list, or comma-separated). `resumes`: how many times one
-        stream may move to another router [None: once per other router; 0: never]."""
+        stream may move to another router [None: once per other router; 0: never]. `api_key`: sent with every
+        call (`Authorization: Bearer`), for routers started with `--auth`."""
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         targets = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
         if not targets or not all(targets):
             raise ValueError(f"target: one or more host:port, got {target!r}")
@@ -275,7 +279,7 @@ class BatonClient(_Client):
         whose router fails goes on through another one, if the client has several."""
         stream = _Stream(self, _resumable(_request(prompt, options)), self._deadline(timeout))
         while (stub := stream.stub()) is not None:
-            call = stub.Generate(stream.req, timeout=stream.timeout())
+            call = stub.Generate(stream.req, timeout=stream.timeout(), metadata=self._metadata)
             try:
                 with _errors(call):  # left early (closed, cancelled, failed): the call is cancelled
                     for resp in call:  # to the end of the stream (its status), not just to the Finish
@@ -292,13 +296,14 @@ class BatonClient(_Client):
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """The served models, as baton.v1 ModelInfo messages (id, architecture, max_model_len, ...)."""
         with _errors():
-            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self._deadline(timeout)).models)
+            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self._deadline(timeout),
+                                         metadata=self._metadata).models)
 
     def tokenize(self, text: str, add_special_tokens: bool = True, *, model: str = "",
                  timeout: float | None = None) -> list[int]:
         req = pb.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
         with _errors():
-            return list(self._stub.Tokenize(req, timeout=self._deadline(timeout)).token_ids)
+            return list(self._stub.Tokenize(req, timeout=self._deadline(timeout), metadata=self._metadata).token_ids)
 
     def close(self) -> None:
         for channel in self._channels:
@@ -322,7 +327,7 @@ class AsyncBatonClient(_Client):
         goes on through another one, if the client has several."""
         stream = _Stream(self, _resumable(_request(prompt, options)), self._deadline(timeout))
         while (stub := stream.stub()) is not None:
-            call = stub.Generate(stream.req, timeout=stream.timeout())
+            call = stub.Generate(stream.req, timeout=stream.timeout(), metadata=self._metadata)
             try:
                 with _errors(call):
                     async for resp in call:
@@ -338,14 +343,16 @@ class AsyncBatonClient(_Client):
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         with _errors():
-            resp = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._deadline(timeout))
+            resp = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._deadline(timeout),
+                                         metadata=self._metadata)
         return list(resp.models)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True, *, model: str = "",
                        timeout: float | None = None) -> list[int]:
         req = pb.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
         with _errors():
-            return list((await self._stub.Tokenize(req, timeout=self._deadline(timeout))).token_ids)
+            resp = await self._stub.Tokenize(req, timeout=self._deadline(timeout), metadata=self._metadata)
+        return list(resp.token_ids)
 
     async def close(self) -> None:
         for channel in self._channels:

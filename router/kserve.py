@@ -32,6 +32,7 @@ from .fields import FINISH_REASONS as _FINISH
 from .fields import sampling
 from .admission import UnknownModel
 from .models import ServedModel
+from .auth import credential_from_metadata
 from .server import Refused, RouterServicer
 
 # Raw little-endian element formats of the fixed-size datatypes (BYTES elements are length-prefixed).
@@ -167,8 +168,14 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
         return meta
 
     async def _known(self, name: str, context) -> ServedModel:
+        """The model `name`, if the caller's key (with `--auth`) may use it; else the call is aborted."""
         try:
-            return self.router.models.resolve(name)
+            key = self.router.authenticate(credential_from_metadata(context.invocation_metadata()))
+            model = self.router.models.resolve(name)
+            self.router.authorize(key, model.name)
+            return model
+        except Refused as e:
+            await context.abort(e.code, e.message)
         except UnknownModel as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except InvalidRequest as e:
@@ -185,12 +192,15 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
     async def _responses(self, request: ks.ModelInferRequest, context, stream_text: bool):
         """The request's responses: (text, final, finish) tuples. Raises Refused."""
         start = time.perf_counter()
+        credential = credential_from_metadata(context.invocation_metadata())
         try:
+            self.router.authenticate(credential)  # before the request is read: a caller without a key learns nothing
             req, stream = self._generate_request(request)
-        except InvalidRequest as e:
-            self.router.metrics.requests.labels("", "kserve", "INVALID_ARGUMENT").inc()
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
-        admitted, mode = await self.router.admit(req, context, "kserve")
+        except (InvalidRequest, Refused) as e:
+            refused = e if isinstance(e, Refused) else Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
+            self.router.metrics.requests.labels("", "kserve", refused.code.name).inc()
+            raise refused from None
+        admitted, mode = await self.router.admit(req, context, "kserve", credential)
         texts: list[str] = []
         held: str | None = None  # the last chunk's text, sent once it is known whether it is the last
         generation = self.router.serve(admitted, mode, context, "kserve", start)

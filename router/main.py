@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import aetcd
 
 from baton.common.grpc_server import BATON_SERVICE, Server, run_until_signalled
+from baton.common.keys import read_secret
 from baton.common.loops import every, retrying
 from baton.common.membership import (MembershipWatcher, NodeRegistration, RouterInfo, close_quietly, etcd_client,
                                      read_routers)
@@ -17,6 +18,7 @@ from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
 from .attempt import DEFAULT_MAX_LOCAL_PREFILL_TOKENS, AttemptSettings
+from .auth import KeyStore
 from .kserve import KServeServicer
 from .models import Models, load_model
 from .kv_index import KVIndex
@@ -50,6 +52,8 @@ class RouterConfig:
     log_format: str = "text"  # or "json": one JSON object per line
     routing: str = "kv"  # how nodes are chosen: "kv" (where the prefix lives), "least-loaded" or "round-robin"
     max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS  # see AttemptSettings
+    auth: bool = False  # every public call needs an API key (auth.py)
+    cluster_secret_file: str = ""  # with auth: the secret the keys' HMACs are made with
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -62,6 +66,8 @@ class RouterConfig:
             raise ValueError(f"max_local_prefill_tokens: must be >= 0, got {self.max_local_prefill_tokens}")
         if self.routing not in POLICIES:
             raise ValueError(f"routing: must be one of {', '.join(POLICIES)}, got {self.routing!r}")
+        if self.auth and not self.cluster_secret_file:
+            raise ValueError("cluster_secret_file: --auth needs the cluster's secret (--cluster-secret-file)")
 
 
 async def scrape_targets(membership: MembershipWatcher, etcd: aetcd.Client, cluster: str) -> list[dict]:
@@ -112,7 +118,12 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     models = Models(membership, [given])
     settings = AttemptSettings(cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout, cfg.node_wait,
                                cfg.max_local_prefill_tokens)
-    servicer = RouterServicer(models, picker, settings, metrics)
+    keys = None
+    if cfg.auth:  # the keys as etcd holds them, followed live (a revocation counts at once)
+        secret = read_secret(cfg.cluster_secret_file)
+        keys = await retrying(lambda: KeyStore.start(cfg.etcd, cfg.cluster, secret), (aetcd.ClientError,), 60.0,
+                              "reading the API keys")
+    servicer = RouterServicer(models, picker, settings, metrics, keys)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
                      (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
                       KSERVE_SERVICE)])
@@ -163,6 +174,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         await servicer.close()
         if index is not None:
             await index.close()
+        if keys is not None:
+            await keys.close()
         await membership.close()
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 
+from baton.common.keys import KeyRecord
 from baton.engine import InvalidRequest
 from baton.engine.request import MAX_TOP_LOGPROBS
 from baton.v1 import baton_pb2 as pb
@@ -30,6 +31,7 @@ from .admission import check_text_size
 from .fields import FINISH_REASONS as _FINISH
 from .fields import INT32_MAX, get, integer, sampling
 from .admission import UnknownModel
+from .auth import bearer
 from .chat import parse_messages
 from .models import ServedModel
 from .server import NoDeadline, Refused, RouterServicer
@@ -147,11 +149,16 @@ class OpenAIFront:
         return web.Response(status=200 if ready else 503, text="" if ready else "no live node of a needed role")
 
     async def models(self, request: web.Request) -> web.Response:
+        try:
+            key = self.router.authenticate(bearer(request.headers.get("Authorization")))
+        except Refused as e:
+            error = _refused(e)
+            return web.json_response(_error_body(error), status=error.status)
         aliases = self.router.models.aliases()
         return web.json_response({"object": "list", "data": [
             {"id": m.name, "object": "model", "created": self.created, "owned_by": "baton",
              "max_model_len": m.card.max_model_len, "root": m.name, "parent": None,
-             "aliases": sorted(aliases.get(m.name, ()))} for m in self.router.models.live()]})
+             "aliases": sorted(aliases.get(m.name, ()))} for m in self.router.live_models(key)]})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.router.metrics.exposition()
@@ -167,7 +174,7 @@ class OpenAIFront:
         return await self._guarded(request, self._detokenize)
 
     async def _tokenize(self, request: web.Request, body: dict) -> web.Response:
-        model = self._model(body)
+        model = self._model(body, request["key"])
         special = get(body, "add_special_tokens", (bool,), "a boolean")
         if "messages" in body:
             text = self._render(body, model, bool(get(body, "add_generation_prompt", (bool,), "a boolean") or False))
@@ -181,7 +188,7 @@ class OpenAIFront:
                                   "tokens": ids, "token_strs": None})
 
     async def _detokenize(self, request: web.Request, body: dict) -> web.Response:
-        model = self._model(body)
+        model = self._model(body, request["key"])
         tokens = body.get("tokens")
         vocab = model.card.vocab_size
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and
@@ -198,8 +205,10 @@ class OpenAIFront:
         return await self._guarded(request, lambda r, body: self._generate(r, self._chat_call(r, body)))
 
     async def _guarded(self, request: web.Request, handle) -> web.StreamResponse:
-        """Runs a handler on the request's JSON body; every refusal becomes OpenAI's error object."""
+        """Runs a handler on the request's JSON body, once the caller's key (with `--auth`) is checked: every
+        refusal becomes OpenAI's error object."""
         try:
+            request["key"] = self.router.authenticate(bearer(request.headers.get("Authorization")))
             try:
                 body = await request.json(loads=json.loads)
             except (ValueError, UnicodeDecodeError) as e:
@@ -215,14 +224,17 @@ class OpenAIFront:
             error = e
         return web.json_response(_error_body(error), status=error.status)
 
-    def _model(self, body: dict) -> ServedModel:
+    def _model(self, body: dict, key: KeyRecord | None) -> ServedModel:
+        """The model the body names, if the caller's key may use it."""
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise InvalidRequest("model", "must be a string")
         try:
-            return self.router.models.resolve(name or "")
+            model = self.router.models.resolve(name or "")
         except UnknownModel as e:
             raise HttpError(404, str(e), "model", "model_not_found") from None
+        self.router.authorize(key, model.name)
+        return model
 
     @staticmethod
     def _encode(field: str, text: str, special: bool, model: ServedModel) -> list[int]:
@@ -238,7 +250,7 @@ class OpenAIFront:
 
     def _common(self, request: web.Request, body: dict) -> tuple[str, ServedModel, int, bool, bool]:
         _check_unserved(body)
-        model = self._model(body)
+        model = self._model(body, request["key"])
         n = integer(body, "n", 1, 128) or 1
         stream = bool(get(body, "stream", (bool,), "a boolean"))
         options = get(body, "stream_options", (dict,), "an object") or {}
@@ -293,7 +305,8 @@ class OpenAIFront:
         admitted = []
         for req in call.requests:  # every prompt is checked before anything is answered
             try:
-                admitted.append(await self.router.admit(req, deadline, "openai"))
+                admitted.append(await self.router.admit(req, deadline, "openai",
+                                                        bearer(request.headers.get("Authorization"))))
             except Refused as e:
                 raise _refused(e, call.rename) from None
         # Each prompt's n choices share its prefill (requests are prompt-major, then choice).

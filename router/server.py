@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from baton.common.keys import KeyRecord
 from baton.common.logs import REQUEST_ID
 from baton.engine import FieldError
 from baton.v1 import baton_pb2 as pb
@@ -28,6 +29,7 @@ from baton.v1 import baton_pb2_grpc
 
 from .admission import Admitted, UnknownModel, admit, check_text_size
 from .attempt import AttemptSettings, NodeLost
+from .auth import KeyStore, PermissionDenied, Unauthenticated, credential_from_metadata
 from .attempts import Attempts
 from .choices import SharedPrefill
 from .metrics import RouterMetrics
@@ -63,23 +65,53 @@ class NoDeadline:
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
     def __init__(self, models: Models, picker: Picker, settings: AttemptSettings = AttemptSettings(),
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None, keys: KeyStore | None = None) -> None:
         self.models = models
         self.picker = picker
+        self.keys = keys  # None: no key needed (`--auth` off)
         self.metrics = metrics or RouterMetrics(lambda: picker.membership.nodes())
         self.attempts = Attempts(picker, settings, self.metrics)
         self._rng = random.Random()
 
+    def authenticate(self, credential: str | None) -> KeyRecord | None:
+        """The caller's key record (None without `--auth`); raises Refused (UNAUTHENTICATED)."""
+        if self.keys is None:
+            return None
+        try:
+            return self.keys.authenticate(credential)
+        except Unauthenticated as e:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+
+    def authorize(self, key: KeyRecord | None, model: str) -> None:
+        """Raises Refused (PERMISSION_DENIED) if `key` may not use `model`."""
+        if key is not None:
+            try:
+                self.keys.authorize(key, model)
+            except PermissionDenied as e:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, str(e)) from None
+
+    def live_models(self, key: KeyRecord | None) -> list:
+        """The models a live node serves that `key` may use (all of them without `--auth`)."""
+        return [m for m in self.models.live() if key is None or key.allows(m.name)]
+
     async def ListModels(self, request, context):
         """The models a live node serves (what /v1/models and KServe's metadata list too)."""
+        try:
+            key = self.authenticate(credential_from_metadata(context.invocation_metadata()))
+        except Refused as e:
+            await context.abort(e.code, e.message)
         infos = [pb.ModelInfo(id=c.id, architecture=c.architecture, max_model_len=c.max_model_len,
-                              vocab_size=c.vocab_size, dtype=c.dtype) for c in (m.card for m in self.models.live())]
+                              vocab_size=c.vocab_size, dtype=c.dtype) for c in (m.card for m in self.live_models(key))]
         return pb.ListModelsResponse(models=infos)
 
     async def Tokenize(self, request, context):
         try:
+            key = self.authenticate(credential_from_metadata(context.invocation_metadata()))
             model = self.models.resolve(request.model)
+            self.authorize(key, model.name)
             check_text_size("text", request.text, model.card)  # the bound Generate puts on a prompt
+        except Refused as e:
+            await context.abort(e.code, e.message)
         except UnknownModel as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except FieldError as e:
@@ -94,22 +126,30 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             if metadata_id:
                 request.request_id = metadata_id
         try:
-            req, mode = await self.admit(request, context, "grpc")
+            req, mode = await self.admit(request, context, "grpc",
+                                         credential_from_metadata(context.invocation_metadata()))
             async for response in self.serve(req, mode, context, "grpc", start, request.HasField("resume")):
                 yield response
         except Refused as e:
             await context.abort(e.code, e.message)
 
-    async def admit(self, request: pb.GenerateRequest, deadline, front: str) -> tuple[Admitted, str]:
-        """Validates the request and waits (up to the node wait, within the deadline) for a node to serve it:
-        what every front does before it answers anything. Raises `Refused` (counted as the request's end).
-        `deadline` has `time_remaining()` (a grpc context, or `NoDeadline`)."""
+    async def admit(self, request: pb.GenerateRequest, deadline, front: str,
+                    credential: str | None = None) -> tuple[Admitted, str]:
+        """Checks the caller's key (`credential`, with `--auth`), validates the request and waits (up to the node
+        wait, within the deadline) for a node to serve it: what every front does before it answers anything.
+        Raises `Refused` (counted as the request's end). `deadline` has `time_remaining()` (a grpc context, or
+        `NoDeadline`)."""
         model = None
         try:
+            key = self.authenticate(credential)  # before anything else: a caller without a key learns nothing
             model = self.models.resolve(request.model)
+            self.authorize(key, model.name)
             request.model = model.name  # an alias, or none: the name from here on
             req = admit(request, model.card, model.tokenizer, self._rng)
-            req.model = model
+            if key is not None and key.max_tokens_per_request and req.params.max_tokens > key.max_tokens_per_request:
+                raise FieldError("max_tokens", f"{req.params.max_tokens}, more than the {key.max_tokens_per_request} "
+                                               f"tokens per request that API key {key.name!r} allows")
+            req.model, req.key = model, key
             return req, await self.picker.when_live(lambda: self.picker.mode(model.name),
                                                     self.attempts.node_wait(deadline))
         except FieldError as e:
@@ -118,6 +158,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             refused = Refused(grpc.StatusCode.NOT_FOUND, str(e))
         except NoNode as e:
             refused = Refused(grpc.StatusCode.UNAVAILABLE, str(e))
+        except Refused as e:  # the key
+            refused = e
         # Labelled with the model it named when it is served (bounded), else none.
         self.metrics.requests.labels(model.name if model else "", front, refused.code.name).inc()
         raise refused

@@ -17,7 +17,7 @@ import pytest
 from baton.cluster.etcd_server import free_port
 from baton.router.client import (AsyncBatonClient, BatonClient, BatonError, Cancelled, Completion,
                                   DeadlineExceeded, Delta, Finished, InvalidArgument, NotFound,
-                                  ResourceExhausted, Unavailable)
+                                  PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 
@@ -260,7 +260,8 @@ def test_sync_finish_reasons(server, reason):
     (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument), (grpc.StatusCode.NOT_FOUND, NotFound),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted), (grpc.StatusCode.UNAVAILABLE, Unavailable),
     (grpc.StatusCode.CANCELLED, Cancelled), (grpc.StatusCode.INTERNAL, BatonError),
-    (grpc.StatusCode.PERMISSION_DENIED, BatonError),
+    (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied), (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated),
+    (grpc.StatusCode.DATA_LOSS, BatonError),
 ])
 def test_sync_status_codes_map_to_typed_errors(server, code, error):
     with BatonClient(server[0], timeout=WAIT) as client, pytest.raises(BatonError) as err:

@@ -1,0 +1,237 @@
+"""API keys (issue 26, first part): `baton keys` writes them to a real etcd as HMACs, and routers started with
+`--auth` check them on every front, with clients nobody here wrote for HTTP (the `openai` package) and KServe
+(tritonclient), and Baton's own for baton.v1. A revocation made on one machine reaches every router through its
+etcd watch, with no restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+
+import openai
+import pytest
+
+from cluster_harness import BATON, BatonUp
+from test_routers import Router
+
+from baton.cluster.etcd_server import free_port
+from baton.common.keys import KEY_PATTERN, keys_prefix, write_secret
+from baton.common.membership import close_quietly, etcd_client
+from baton.engine import LLM, SamplingParams
+from baton.router.client import BatonClient, InvalidArgument, PermissionDenied, Unauthenticated
+
+MODEL = "stories260K"
+BOUND = 30.0  # a revocation reaches the routers in ms; this only keeps a broken watch from hanging the test
+
+
+def keys(up: BatonUp, secret, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    command = [BATON, "keys", *args, "--etcd", up.etcd, "--cluster", up.cluster]
+    if args[0] in ("create", "rotate"):
+        command += ["--cluster-secret-file", str(secret)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    return done
+
+
+def new_key(up: BatonUp, secret, name: str, *args: str) -> str:
+    key = keys(up, secret, "create", "--name", name, *args).stdout.strip().splitlines()[-1]
+    assert KEY_PATTERN.fullmatch(key), key
+    return key
+
+
+def etcd_values(up: BatonUp) -> list[bytes]:
+    async def read():
+        client = etcd_client(up.etcd, timeout=5.0)
+        try:
+            return [kv.value for kv in await client.get_prefix(b"/")]
+        finally:
+            await close_quietly(client)
+
+    return asyncio.run(read())
+
+
+def put_raw(up: BatonUp, key: str, value: bytes) -> None:
+    async def write():
+        client = etcd_client(up.etcd, timeout=5.0)
+        try:
+            await client.put(key.encode(), value)
+        finally:
+            await close_quietly(client)
+
+    asyncio.run(write())
+
+
+def grpc_outcome(address: str, key: str | None, **params) -> str:
+    """'ok', or the error class's name, of one generation through baton.v1."""
+    try:
+        with BatonClient(address, timeout=60, api_key=key) as client:
+            client.complete("Once upon a time", max_tokens=params.pop("max_tokens", 4), temperature=0, **params)
+        return "ok"
+    except (Unauthenticated, PermissionDenied, InvalidArgument) as e:
+        return type(e).__name__
+
+
+def until(condition, what: str) -> None:
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {BOUND} s: {what}"
+        time.sleep(0.05)  # polling a router from outside: it signals nothing
+
+
+def triton(address: str, key: str | None) -> dict:
+    """One KServe ModelInfer and a model-metadata call through tritonclient, in a child process (see
+    test_kserve.py for why), with the key as an `authorization` header."""
+    code = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        import tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+        address, model, key = sys.argv[1], sys.argv[2], sys.argv[3]
+        headers = {"authorization": f"Bearer {key}"} if key else None
+        client = triton.InferenceServerClient(address)
+        out = {}
+        t = triton.InferInput("text_input", [1], "BYTES")
+        t.set_data_from_numpy(np.array([b"Once upon a time"], dtype=np.object_))
+        m = triton.InferInput("max_tokens", [1], "INT32")
+        m.set_data_from_numpy(np.array([4], dtype=np.int32))
+        for name, call in (("infer", lambda: client.infer(model, [t, m], headers=headers)),
+                           ("metadata", lambda: client.get_model_metadata(model, headers=headers))):
+            try:
+                call()
+                out[name] = "ok"
+            except InferenceServerException as e:
+                out[name] = e.status()
+        print(json.dumps(out))
+        sys.stdout.flush()
+        import os
+        os._exit(0)
+    """)
+    done = subprocess.run([sys.executable, "-c", code, address, MODEL, key or ""], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cluster(stories_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    secret = folder / "cluster-secret"
+    write_secret(secret)
+    http_port = free_port()
+    with BatonUp(folder, "--model", str(stories_path), "--prefill", "0", "--decode", "0", "--colocated", "1",
+                 "--http-port", str(http_port), "--auth", "--cluster-secret-file", str(secret)) as up:
+        yield up, secret, http_port
+
+
+def test_keys_are_checked_on_every_front_and_etcd_holds_none_of_them(cluster, stories_llm: LLM):
+    up, secret, http_port = cluster
+    [want] = stories_llm.generate(["Once upon a time"], SamplingParams(max_tokens=4, temperature=0))
+    good = new_key(up, secret, "app", "--rpm", "600")
+    elsewhere = new_key(up, secret, "other-team", "--models", "gpt-x")
+    capped = new_key(up, secret, "capped", "--max-tokens-per-request", "3")
+    past = (datetime.now(timezone.utc) - timedelta(days=1)).date().isoformat()
+    expired = new_key(up, secret, "old", "--expires", past)
+    keys(up, secret, "create", "--name", "app", ok=False)  # an active name is rotated, not created again
+    bogus = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")  # well formed, wrong secret
+
+    # etcd holds the keys' HMACs only: no key, nor the secret part of one, appears in any value.
+    values = b"\n".join(etcd_values(up))
+    for key in (good, elsewhere, capped, expired):
+        assert key.encode() not in values and key.rpartition("_")[2].encode() not in values
+    listing = keys(up, secret, "list").stdout
+    assert all(name in listing for name in ("app", "other-team", "capped", "old")) and good not in listing
+    assert "expired" in listing and "rpm=600" in listing and "gpt-x" in listing
+
+    # A malformed record under the prefix authenticates nobody and stops nothing.
+    put_raw(up, keys_prefix(up.cluster) + "0123456789ab", b"{not json")
+
+    # baton.v1 (gRPC metadata)
+    outcomes = {name: grpc_outcome(up.address, key) for name, key in
+                (("none", None), ("garbage", "abc"), ("bogus", bogus), ("expired", expired),
+                 ("elsewhere", elsewhere), ("good", good))}
+    assert outcomes == dict(none="Unauthenticated", garbage="Unauthenticated", bogus="Unauthenticated",
+                            expired="Unauthenticated", elsewhere="PermissionDenied", good="ok")
+    assert grpc_outcome(up.address, capped, max_tokens=4) == "InvalidArgument"
+    assert grpc_outcome(up.address, capped, max_tokens=3) == "ok"
+    with BatonClient(up.address, timeout=60, api_key=good) as client:
+        assert client.complete("Once upon a time", max_tokens=4, temperature=0).token_ids == want.token_ids
+        assert [m.id for m in client.list_models()] == [MODEL]
+        assert client.tokenize("Once upon a time")
+    with BatonClient(up.address, timeout=60, api_key=elsewhere) as client:
+        assert client.list_models() == []  # it may use none of the models served here
+    with BatonClient(up.address, timeout=60) as client, pytest.raises(Unauthenticated):
+        client.list_models()
+
+    # OpenAI HTTP, with the official client
+    base = f"http://127.0.0.1:{http_port}/v1"
+    ok = openai.OpenAI(base_url=base, api_key=good, max_retries=0)
+    done = ok.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0)
+    assert done.choices[0].text == want.text
+    assert [m.id for m in ok.models.list()] == [MODEL]
+    for key, error in (("not-a-key", openai.AuthenticationError), (bogus, openai.AuthenticationError),
+                       (elsewhere, openai.PermissionDeniedError)):
+        client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+        with pytest.raises(error):
+            client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="not-a-key", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError):
+        openai.OpenAI(base_url=base, api_key=capped, max_retries=0).completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=4)
+
+    # KServe v2, with tritonclient
+    assert triton(up.address, None) == {"infer": "StatusCode.UNAUTHENTICATED", "metadata": "StatusCode.UNAUTHENTICATED"}
+    assert triton(up.address, elsewhere) == {"infer": "StatusCode.PERMISSION_DENIED",
+                                            "metadata": "StatusCode.PERMISSION_DENIED"}
+    assert triton(up.address, good) == {"infer": "ok", "metadata": "ok"}
+
+
+def test_a_revocation_reaches_every_router_and_a_rotated_key_keeps_working_through_its_grace(cluster,
+                                                                                            stories_path):
+    up, secret, _ = cluster
+    revoked = new_key(up, secret, "leaving")
+    rotated = new_key(up, secret, "service")
+    with Router(up, stories_path, "--auth", "--cluster-secret-file", str(secret)) as second:
+        for address in (up.address, second):
+            assert grpc_outcome(address, revoked) == "ok" and grpc_outcome(address, rotated) == "ok"
+        keys(up, secret, "revoke", "--name", "leaving")
+        for address in (up.address, second):  # both routers follow the keys in etcd: no restart
+            until(lambda: grpc_outcome(address, revoked) == "Unauthenticated", f"the revocation on {address}")
+
+        # Rotation: a new key with the same settings; the old one works until its grace period ends.
+        fresh = keys(up, secret, "rotate", "--name", "service", "--grace", "3600").stdout.strip().splitlines()[-1]
+        assert KEY_PATTERN.fullmatch(fresh) and fresh != rotated
+        for address in (up.address, second):
+            until(lambda: grpc_outcome(address, fresh) == "ok", f"the rotated key on {address}")
+            assert grpc_outcome(address, rotated) == "ok"
+        keys(up, secret, "rotate", "--name", "service", "--grace", "0")  # the last two end at once
+        for address in (up.address, second):
+            until(lambda: grpc_outcome(address, fresh) == "Unauthenticated", f"the grace's end on {address}")
+            assert grpc_outcome(address, rotated) == "Unauthenticated"
+    listing = keys(up, secret, "list").stdout
+    assert "revoked" in listing and listing.count("service") == 3
+
+
+def test_a_router_with_auth_needs_the_secret_and_keys_commands_refuse_bad_input(cluster, tmp_path):
+    up, secret, _ = cluster
+    done = subprocess.run([BATON, "router", "--etcd", up.etcd, "--auth", "--port", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "cluster_secret_file" in done.stderr
+    # `baton up` makes a secret only for its private etcd: keys in an etcd that outlives it need one that does.
+    done = subprocess.run([BATON, "up", "--etcd", up.etcd, "--auth"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cluster_secret_file" in done.stderr
+    short = tmp_path / "short"
+    short.write_text("too short")
+    done = subprocess.run([BATON, "keys", "create", "--name", "x", "--etcd", up.etcd, "--cluster-secret-file",
+                           str(short)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "at least 32 are needed" in done.stderr
+    for bad in (["--rpm", "-1"], ["--expires", "tomorrow"], ["--models", "a,,b"]):
+        done = subprocess.run([BATON, "keys", "create", "--name", "x", *bad, "--etcd", up.etcd,
+                               "--cluster-secret-file", str(secret)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and bad[0] in done.stderr, done.stderr
+    assert keys(up, secret, "revoke", "--id", "ffffffffffff", ok=False).returncode == 2
