@@ -207,12 +207,13 @@ def _cpu_list(text: str) -> set[int]:
 def _node(args: argparse.Namespace) -> int:
     from baton.cluster.node import NodeConfig, run
 
+    _check_auth(args)
     _start_process(args)
     run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
                    port=args.port, metrics_port=args.metrics_port, advertise_host=args.advertise_host, ttl=args.ttl,
                    threads=args.threads, transfer_timeout=args.transfer_timeout, kv_path=args.kv_path,
                    kv_pull_min_tokens=args.kv_pull_min_tokens, drain_timeout=args.drain_timeout,
-                   served_model_names=tuple(args.served_model_name),
+                   served_model_names=tuple(args.served_model_name), cluster_secret_file=args.cluster_secret_file,
                    log_format=args.log_format, engine=_engine_config(args)))
     return 0
 
@@ -222,7 +223,8 @@ def _check_auth(args: argparse.Namespace) -> None:
 
     # `baton up` with its private etcd makes a secret that goes with it; keys kept in an etcd that outlives the
     # command need a secret that does too.
-    if args.auth and not args.cluster_secret_file and (args.command == "router" or getattr(args, "etcd", "")):
+    private_etcd = args.command == "up" and not args.etcd
+    if getattr(args, "auth", False) and not args.cluster_secret_file and not private_etcd:
         raise FieldError("cluster_secret_file", "--auth needs the cluster's secret (--cluster-secret-file PATH)")
     if args.cluster_secret_file:
         from baton.common.keys import read_secret
@@ -283,6 +285,7 @@ def _up(args: argparse.Namespace) -> int:
     if args.auth:  # the routers need the cluster's secret; one is made for a private etcd's cluster
         secret_file = args.cluster_secret_file or (made := _new_secret_file())
         auth_args = ["--auth", "--cluster-secret-file", secret_file]
+        node_args += ["--cluster-secret-file", secret_file]  # and the nodes answer members only
         print(f"baton: API keys required; the cluster secret is in {secret_file} (create a key with `baton keys "
               f"create --name NAME --etcd URL --cluster-secret-file {secret_file}`)", flush=True)
     first = ModelPool(args.model, tuple(args.served_model_name), args.prefill, args.decode, args.colocated,
@@ -474,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the address other nodes and the router dial (default: --host, or this machine's "
                            "address when --host is a wildcard such as 0.0.0.0)")
     node.add_argument("--cpus", type=_cpu_list, default=None, metavar="N[,N...]", help="pin to these cores")
+    node.add_argument("--cluster-secret-file", default="", metavar="PATH",
+                      help="the cluster's secret: the node's services then answer only callers that hold it (the "
+                           "routers and other nodes given the same file); default: open to any caller")
     _cluster_args(node)
     _served_name_arg(node)
     _engine_args(node)

@@ -18,8 +18,10 @@ import torch
 
 from baton.common.grpc_server import (DECODE_SERVICE, KV_EVENTS_SERVICE, PREFILL_SERVICE, SHUTDOWN_GRACE_S, Server,
                                       run_until_signalled)
+from baton.common.keys import read_secret
 from baton.common.kv_events import KVEventPublisher, KVEventsServicer
 from baton.common.loops import every, retrying
+from baton.common.members import member_token
 from baton.common.membership import NodeInfo, NodeRegistration
 from baton.common.metrics import MetricsServer
 from baton.engine import EngineConfig, LLMEngine
@@ -70,6 +72,9 @@ class NodeConfig:
     # others aliases. Every node of a model registers the same.
     served_model_names: tuple[str, ...] = ()
     log_format: str = "text"  # or "json": one JSON object per line
+    # The cluster's secret: its internal services then answer members only, and it calls others as one
+    # (common/members.py). "": an open cluster.
+    cluster_secret_file: str = ""
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -114,6 +119,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         torch.set_num_threads(cfg.threads)
     serial_torch()  # the engine's thread runs the process's only OpenMP team (engine/omp.py)
     loop = asyncio.get_running_loop()
+    token = member_token(read_secret(cfg.cluster_secret_file)) if cfg.cluster_secret_file else None
     if cfg.engine.share_kv_cache:
         remove_stale_shm()  # what killed nodes on this host left in /dev/shm
     # A tensor-parallel node's other ranks each move their own KV heads (kvtransfer/ranks.py).
@@ -128,7 +134,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             from baton.prefill.server import PrefillServicer
 
             servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
-                                       pull_min_tokens=cfg.kv_pull_min_tokens, model=model_name)
+                                       pull_min_tokens=cfg.kv_pull_min_tokens, model=model_name, member_token=token)
             service = (node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)
         else:
             from baton.decode.server import DecodeServicer
@@ -140,7 +146,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         # Every node's prefix cache, as it changes, to the routers that route by it.
         kv_events = KVEventPublisher(cfg.node_id, async_engine)
         server = Server([service, (node_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(kv_events),
-                                   KV_EVENTS_SERVICE)])
+                                   KV_EVENTS_SERVICE)], member_token=token)
         port = server.bind(cfg.host, cfg.port).rpartition(":")[2]
         address = join_address(cfg.advertise_host, port)
         if cfg.role != "prefill":

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from baton.common import logs
+from baton.common.members import MemberGate
 from baton.v1 import baton_pb2, node_pb2
 
 
@@ -115,9 +116,14 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 class Server:
     """Wraps `grpc.aio.server`: add services, bind, start; `set_serving` flips every service's health."""
 
-    def __init__(self, services: Sequence[tuple[Callable, object, str]]) -> None:
-        # services: (add_XServicer_to_server, servicer, full service name)
-        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[MalformedRequestInterceptor()])
+    def __init__(self, services: Sequence[tuple[Callable, object, str]], member_token: str | None = None) -> None:
+        """services: (add_XServicer_to_server, servicer, full service name). With `member_token`, those services
+        answer only calls that carry it (members.MemberGate: a node's internal services); health and
+        reflection stay open."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+        if member_token:
+            interceptors.insert(0, MemberGate(member_token, [name for _, _, name in services]))
+        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = [name for _, _, name in services]

@@ -82,6 +82,7 @@ class AttemptSettings:
     # Conditional disaggregation: when the decode node holds a prompt's prefix cached and at most this many of
     # its tokens are not, the decode node computes them itself and no prefill node is involved (0: never).
     max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS
+    member_token: str | None = None  # carried by every call to a node of a closed cluster (common/members.py)
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ class Attempts:
         self.picker = picker
         self.settings = settings
         self.metrics = metrics
-        self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()})
+        self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()}, settings.member_token)
         self._releasing: set[asyncio.Future] = set()
 
     def node_wait(self, deadline) -> float:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from baton.common.members import MemberStub
 from baton.common.membership import MembershipWatcher, NodeInfo
 from baton.engine.prefix import block_names
 from baton.v1 import node_pb2, node_pb2_grpc
@@ -71,9 +72,11 @@ class PromptBlocks:
 class KVIndex:
     """Owns the subscriptions and the entries. `on_resync(node_id, cause)`: counts each loss of sync."""
 
-    def __init__(self, membership: MembershipWatcher, on_resync=lambda node_id, cause: None) -> None:
+    def __init__(self, membership: MembershipWatcher, on_resync=lambda node_id, cause: None,
+                 member_token: str | None = None) -> None:
         self.membership = membership
         self._on_resync = on_resync
+        self._member_token = member_token  # a closed cluster's nodes answer calls that carry it
         self._entries: dict[str, NodeCache] = {}
         self._follows: dict[tuple[str, str, int | None], asyncio.Task] = {}  # (node, address, registration)
         self._task: asyncio.Task | None = None
@@ -147,7 +150,8 @@ class KVIndex:
         """One subscription, until it loses sync: why ("gap", "broken", "refused"), or None if the node has no
         KV events service."""
         async with grpc.aio.insecure_channel(node.address) as channel:
-            call = node_pb2_grpc.KVEventsStub(channel).Subscribe(node_pb2.KVEventsRequest())
+            call = MemberStub(node_pb2_grpc.KVEventsStub(channel), self._member_token).Subscribe(
+                node_pb2.KVEventsRequest())
             try:
                 async for batch in call:
                     if batch.snapshot:

@@ -11,6 +11,7 @@ import aetcd
 
 from baton.common.grpc_server import BATON_SERVICE, Server, run_until_signalled
 from baton.common.keys import read_secret
+from baton.common.members import member_token
 from baton.common.loops import every, retrying
 from baton.common.membership import (MembershipWatcher, NodeRegistration, RouterInfo, close_quietly, etcd_client,
                                      read_routers)
@@ -53,7 +54,9 @@ class RouterConfig:
     routing: str = "kv"  # how nodes are chosen: "kv" (where the prefix lives), "least-loaded" or "round-robin"
     max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS  # see AttemptSettings
     auth: bool = False  # every public call needs an API key (auth.py)
-    cluster_secret_file: str = ""  # with auth: the secret the keys' HMACs are made with
+    # The cluster's secret: the keys' HMACs are made with it, and the nodes of a closed cluster answer calls
+    # made with it (common/members.py). "": an open cluster.
+    cluster_secret_file: str = ""
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -105,8 +108,11 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     folder = resolve_model_path(cfg.model)
     membership = await retrying(lambda: MembershipWatcher.start(cfg.etcd, cfg.cluster), (aetcd.ClientError,), 60.0,
                                 "watching the membership")
+    # With the cluster's secret the router calls the nodes as a member (common/members.py).
+    secret = read_secret(cfg.cluster_secret_file) if cfg.cluster_secret_file else None
+    token = member_token(secret) if secret is not None else None
     # KV-aware routing reads the nodes' prefix caches from their KV events (kv_index.py).
-    index = KVIndex(membership, lambda node_id, cause: metrics.kv_resyncs.labels(cause).inc()) \
+    index = KVIndex(membership, lambda node_id, cause: metrics.kv_resyncs.labels(cause).inc(), token) \
         if cfg.routing == "kv" else None
     metrics = RouterMetrics(membership.nodes, index.sizes if index is not None else dict)
     if index is not None:
@@ -117,10 +123,9 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
                        cfg.chat_template)
     models = Models(membership, [given])
     settings = AttemptSettings(cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout, cfg.node_wait,
-                               cfg.max_local_prefill_tokens)
+                               cfg.max_local_prefill_tokens, token)
     keys = None
     if cfg.auth:  # the keys as etcd holds them, followed live (a revocation counts at once)
-        secret = read_secret(cfg.cluster_secret_file)
         keys = await retrying(lambda: KeyStore.start(cfg.etcd, cfg.cluster, secret), (aetcd.ClientError,), 60.0,
                               "reading the API keys")
     servicer = RouterServicer(models, picker, settings, metrics, keys)

