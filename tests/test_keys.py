@@ -126,7 +126,8 @@ def cluster(stories_path, tmp_path_factory):
     secret = folder / "cluster-secret"
     write_secret(secret)
     http_port = free_port()
-    with BatonUp(folder, "--model", str(stories_path), "--prefill", "0", "--decode", "0", "--colocated", "1",
+    # 1P1D: the prefill node's calls to the decode node (the KV transfer's) are a member's too.
+    with BatonUp(folder, "--model", str(stories_path), "--prefill", "1", "--decode", "1",
                  "--http-port", str(http_port), "--auth", "--cluster-secret-file", str(secret)) as up:
         yield up, secret, http_port
 
@@ -234,19 +235,22 @@ def test_a_closed_clusters_nodes_answer_members_only(cluster):
     the member token (grpcurl, straight to the node), answer one with it, and the router, which holds it,
     serves as before; health stays open for probes."""
     up, secret, _ = cluster
-    [node] = up.nodes("colocated")
+    [decode], [prefill] = up.nodes("decode"), up.nodes("prefill")
     token = member_token(read_secret(secret))
-    for method in ("baton.v1.DecodeNode/GetStats", "baton.v1.KVEvents/Subscribe"):
+    for node, method in ((decode, "baton.v1.DecodeNode/GetStats"), (decode, "baton.v1.DecodeNode/Release"),
+                         (prefill, "baton.v1.PrefillNode/GetStats"), (prefill, "baton.v1.KVEvents/Subscribe")):
         refused = grpcurl(node.address, method)
-        assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, refused.stderr
+        assert refused.returncode != 0 and "Unauthenticated" in refused.stderr, (method, refused.stderr)
         wrong = grpcurl(node.address, method, f"{MEMBER_METADATA}: {'0' * 64}")
-        assert wrong.returncode != 0 and "Unauthenticated" in wrong.stderr, wrong.stderr
-    served = grpcurl(node.address, "baton.v1.DecodeNode/GetStats", f"{MEMBER_METADATA}: {token}")
-    assert served.returncode == 0 and '"total_blocks"' in served.stdout, served.stderr
-    health = grpcurl(node.address, "grpc.health.v1.Health/Check")
-    assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+        assert wrong.returncode != 0 and "Unauthenticated" in wrong.stderr, (method, wrong.stderr)
+    for node, method in ((decode, "baton.v1.DecodeNode/GetStats"), (prefill, "baton.v1.PrefillNode/GetStats")):
+        served = grpcurl(node.address, method, f"{MEMBER_METADATA}: {token}")
+        assert served.returncode == 0 and '"total_blocks"' in served.stdout, (method, served.stderr)
+        health = grpcurl(node.address, "grpc.health.v1.Health/Check")
+        assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
     key = new_key(up, secret, "member-check")
-    assert grpc_outcome(up.address, key) == "ok"  # the router calls the node as a member
+    assert grpc_outcome(up.address, key) == "ok"  # the router calls the nodes, and the prefill node the decode node,
+    # as members
 
 
 def test_a_router_with_auth_needs_the_secret_and_keys_commands_refuse_bad_input(cluster, tmp_path):
