@@ -389,7 +389,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     try:
         return run_launch(LaunchConfig(machine=args.machine, etcd=args.etcd, cluster=args.cluster,
-                                       log_dir=args.log_dir))
+                                       log_dir=args.log_dir, cluster_secret_file=args.cluster_secret_file))
     except aetcd.ClientError as e:
         print(f"baton: error: etcd {args.etcd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--etcd", required=True, help="etcd URL, e.g. http://10.0.0.1:2379")
     launch.add_argument("--cluster", required=True, help="the cluster's name (its placement's `cluster`)")
     launch.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
+    launch.add_argument("--cluster-secret-file", default="", metavar="PATH",
+                        help="the cluster's secret on this machine: its nodes answer members only, and its router "
+                             "checks API keys when the placement's options say auth: true")
     launch.set_defaults(run=_launch)
 
     status = sub.add_parser("status", help="the cluster's nodes and their load, from etcd and their metrics")

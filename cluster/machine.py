@@ -61,17 +61,21 @@ class ProcessSpec:
     stop_timeout: float = SHUTDOWN_GRACE_S + KILL_MARGIN_S  # from SIGTERM to SIGKILL
 
 
-def machine_processes(p: Placement, machine: str, etcd_url: str) -> dict[str, ProcessSpec]:
+def machine_processes(p: Placement, machine: str, etcd_url: str, secret_file: str = "") -> dict[str, ProcessSpec]:
     """What `machine` must run under placement `p`, by name. Its processes reach etcd at `etcd_url` (the URL
-    `baton launch` was given: the address that works from this machine)."""
+    `baton launch` was given: the address that works from this machine). `secret_file`: the cluster's secret on
+    this machine (`baton launch --cluster-secret-file`): its nodes then answer members only, its router calls
+    them as one, and checks API keys if the placement asks for `auth`."""
     m = p.machine(machine)
     if m is None:
         return {}
     model = ("--model", p.model.path) if p.model.path else ()
     common = ("--etcd", etcd_url, "--cluster", p.cluster) + model
+    common += ("--cluster-secret-file", secret_file) if secret_file else ()
     out = {}
     if m.router is not None:
-        out[ROUTER] = ProcessSpec(ROUTER, ("router", *common, "--host", m.router.host or m.host,
+        auth = ("--auth",) if p.options.auth else ()  # without a secret file the router refuses, naming it
+        out[ROUTER] = ProcessSpec(ROUTER, ("router", *common, *auth, "--host", m.router.host or m.host,
                                            "--port", str(m.router.port), "--http-port", str(m.router.http_port)))
     o = p.options
     engine = ("--device", p.model.device, "--kernels", p.model.kernels, "--kv-path", o.kv_path,
@@ -197,6 +201,7 @@ class LaunchConfig:
     etcd: str
     cluster: str
     log_dir: str = ""  # "": a fresh temporary folder
+    cluster_secret_file: str = ""  # the cluster's secret on this machine ("": an open cluster)
 
 
 async def follow(cfg: LaunchConfig, supervisor: Supervisor) -> int:
@@ -223,7 +228,7 @@ async def follow(cfg: LaunchConfig, supervisor: Supervisor) -> int:
                          f" (it names {', '.join(m.name for m in placement.machines)})" if placement else "")
                 continue
             seen = True
-            wanted = machine_processes(placement, cfg.machine, cfg.etcd)
+            wanted = machine_processes(placement, cfg.machine, cfg.etcd, cfg.cluster_secret_file)
             plan = reconcile(supervisor.running(), wanted)
             log.info("placement (version %d): %s", version, plan.describe())
             await supervisor.apply(plan, wanted)

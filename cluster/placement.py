@@ -8,7 +8,8 @@ into id lists, and goes through the same checks when it is read back.
     cluster: prod                        # the etcd key prefix (/baton/prod/...) and the nodes' --cluster
     etcd: [http://10.0.0.1:2379]         # where `baton place` writes when it is given no --etcd
     model: {path: /models/llama-8b, dtype: bfloat16, device: cuda}  # path "" or absent: the bundled stories260K
-    options: {num_kv_blocks: 8192, max_num_seqs: 64, kv_path: auto, drain_timeout: 30, enable_prefix_caching: true}
+    options: {num_kv_blocks: 8192, max_num_seqs: 64, kv_path: auto, drain_timeout: 30, enable_prefix_caching: true,
+              auth: false}                 # auth: routers require API keys (baton keys)
     machines:
       - name: a
         host: 0.0.0.0                    # what its nodes and router listen on (they publish this machine's address)
@@ -64,6 +65,7 @@ class NodeOptions:
     kv_path: str = "auto"
     drain_timeout: float = 30.0  # seconds a stopped node waits for its running work before it stops serving
     enable_prefix_caching: bool = True
+    auth: bool = False  # routers require API keys (each `baton launch` then needs --cluster-secret-file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +271,8 @@ def _options(obj: Any) -> NodeOptions:
                           max_num_seqs=e.integer("max_num_seqs", None, 1),
                           kv_path=e.string("kv_path", "auto", choices=KV_PATHS),
                           drain_timeout=e.number("drain_timeout", 30.0, 0.0),
-                          enable_prefix_caching=e.boolean("enable_prefix_caching", True))
+                          enable_prefix_caching=e.boolean("enable_prefix_caching", True),
+                          auth=e.boolean("auth", False))
     e.done()
     return options
 

@@ -163,7 +163,7 @@ def test_good_specs_round_trip_and_defaults_are_filled_in():
     assert d["machines"][0]["gpus"] == list(range(8))  # a count becomes the ids
     assert d["machines"][0]["router"] == {"port": 50051, "host": "", "http_port": 0}
     assert d["options"] == {"num_kv_blocks": None, "max_num_seqs": None, "kv_path": "auto", "drain_timeout": 30.0,
-                            "enable_prefix_caching": True}
+                            "enable_prefix_caching": True, "auth": False}
     assert Placement.from_json(parse(CPU).to_json()) == parse(CPU)
     with pytest.raises(PlacementError, match="^not valid JSON"):
         Placement.from_json(b"{")
@@ -229,6 +229,13 @@ def test_machine_processes_command_lines():
     assert "--model" not in cpu["n1"].args and "CUDA_VISIBLE_DEVICES" not in dict(cpu["n1"].env)  # bundled model
     off = machine_processes(parse(edit(CPU, lambda s: s.update(options={"enable_prefix_caching": False}))), "m1", ETCD)
     assert "--no-enable-prefix-caching" in off["n1"].args
+    # A closed cluster: every process gets the machine's secret file; the router checks keys if `auth` says so.
+    closed = machine_processes(parse(edit(GPU, lambda s: s.update(options={"auth": True}))), "a", ETCD, "/etc/s")
+    for proc in closed.values():
+        assert dict(zip(proc.args[1::2], proc.args[2::2]))["--cluster-secret-file"] == "/etc/s"
+    assert "--auth" in closed["router"].args and "--auth" not in closed["d0"].args
+    assert "--auth" not in machine_processes(parse(GPU), "a", ETCD, "/etc/s")["router"].args
+    assert "--cluster-secret-file" not in procs["router"].args  # an open cluster's
 
 
 def test_changes_say_what_moved():
