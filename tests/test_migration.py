@@ -22,6 +22,7 @@ from baton.router.client import AsyncBatonClient, BatonClient, BatonError, Delta
 
 STREAMS = 64
 TOKENS = 160
+LONG = 460  # as long as stories260K's context (512) allows after the prompts
 
 
 def _params(i: int) -> dict:
@@ -138,10 +139,13 @@ def _assert_whole(results: list, want: list[list[int]], tokens: int) -> None:
 
 def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_path, stories_llm: LLM, tmp_path):
     """64 streams over three decode nodes; the busiest is SIGKILLed once every stream is decoding, and the
-    busier of the two others once every stream has 50 tokens (some of its streams came from the first: they move
-    a second time)."""
+    busier of the two others once every stream has 20 tokens (some of its streams came from the first: they move
+    a second time). The streams are as long as the context allows and the faults come early: a node runs far
+    ahead of its clients (one CI run saw a node finish its 160-token streams before the slowest had 10)."""
+    tokens = LONG
+    params = [{**_params(i), "max_tokens": tokens} for i in range(STREAMS)]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(STREAMS)]
-    undisturbed = stories_llm.generate(prompts, [SamplingParams(**_params(i)) for i in range(STREAMS)])
+    undisturbed = stories_llm.generate(prompts, [SamplingParams(**p) for p in params])
     want, want_text = [o.token_ids for o in undisturbed], [o.text for o in undisturbed]
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "3",
                  "--http-port", str(free_port())) as up:
@@ -156,9 +160,9 @@ def test_streams_survive_two_decode_nodes_killed_one_after_the_other(stories_pat
             victims.append(busiest)
             os.kill(pids[busiest], signal.SIGKILL)
 
-        faults = [(10, kill_the_busiest), (50, kill_the_busiest)]
-        results, _ = _through_faults(up, prompts, [_params(i) for i in range(STREAMS)], faults)
-        _assert_whole(results, want, TOKENS)
+        faults = [(1, kill_the_busiest), (20, kill_the_busiest)]
+        results, _ = _through_faults(up, prompts, params, faults)
+        _assert_whole(results, want, tokens)
         for i, (deltas, finish) in enumerate(results):
             assert "".join(d.text for d in deltas) == want_text[i], f"stream {i}"
             assert finish.finish_reason == "length"
@@ -272,7 +276,7 @@ def test_streams_move_off_a_stopped_decode_node_and_nothing_it_sends_later_reach
                  "--stream-inactivity-timeout", "2", "--http-port", str(free_port())) as up:
         stop = StopBusiest(up, signal.SIGSTOP)
         try:
-            results, _ = _through_faults(up, prompts, params, [(10, stop)])
+            results, _ = _through_faults(up, prompts, params, [(1, stop)])
         finally:
             if stop.victim is not None:
                 os.kill(stop.victim[1], signal.SIGCONT)
@@ -345,17 +349,19 @@ def test_the_picker_keeps_new_requests_off_a_node_that_just_failed_while_there_i
 
 def test_a_decode_node_stopped_with_sigterm_hands_over_what_it_cannot_finish(stories_path, stories_llm: LLM,
                                                                             tmp_path):
-    """SIGTERM: the node leaves etcd and finishes what it can within --drain-timeout (0.3 s here, for streams
+    """SIGTERM: the node leaves etcd and finishes what it can within --drain-timeout (0.05 s here, for streams
     of 460 tokens that take longer: the node may run well ahead of its clients, so the streams are as long as the
-    model's context allows); then each stream it still has ends at its next token, naming the node, and
+    model's context allows and the stop comes once every stream has its first token; one CI run saw the node
+    finish them all within 0.3 s of a stop at 10 tokens); then each stream it still has ends at its next token,
+    naming the node, and
     the router resumes it on the other decode node. The clients see whole streams; the node exits cleanly."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
     params = [{**_params(i), "max_tokens": 460} for i in range(12)]
     want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in params])]
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
-                 "--drain-timeout", "0.3") as up:
+                 "--drain-timeout", "0.05") as up:
         stop = StopBusiest(up, signal.SIGTERM)
-        results, _ = _through_faults(up, prompts, params, [(10, stop)])
+        results, _ = _through_faults(up, prompts, params, [(1, stop)])
         _assert_whole(results, want, 460)
         (name, victim) = stop.victim
         moved = [line for line in (up.log_dir / "router.log").read_text().splitlines()
