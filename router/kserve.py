@@ -192,15 +192,14 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
     async def _responses(self, request: ks.ModelInferRequest, context, stream_text: bool):
         """The request's responses: (text, final, finish) tuples. Raises Refused."""
         start = time.perf_counter()
-        credential = credential_from_metadata(context.invocation_metadata())
+        # Before the request is read: a caller without a key learns nothing.
+        key = self.router.authenticate(credential_from_metadata(context.invocation_metadata()), "kserve")
         try:
-            self.router.authenticate(credential)  # before the request is read: a caller without a key learns nothing
             req, stream = self._generate_request(request)
-        except (InvalidRequest, Refused) as e:
-            refused = e if isinstance(e, Refused) else Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
-            self.router.metrics.requests.labels("", "kserve", refused.code.name).inc()
-            raise refused from None
-        admitted, mode = await self.router.admit(req, context, "kserve", credential)
+        except InvalidRequest as e:
+            self.router.metrics.requests.labels("", "kserve", "INVALID_ARGUMENT").inc()
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
+        admitted, mode = await self.router.admit(req, context, "kserve", key)
         texts: list[str] = []
         held: str | None = None  # the last chunk's text, sent once it is known whether it is the last
         generation = self.router.serve(admitted, mode, context, "kserve", start)

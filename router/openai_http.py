@@ -305,8 +305,7 @@ class OpenAIFront:
         admitted = []
         for req in call.requests:  # every prompt is checked before anything is answered
             try:
-                admitted.append(await self.router.admit(req, deadline, "openai",
-                                                        bearer(request.headers.get("Authorization"))))
+                admitted.append(await self.router.admit(req, deadline, "openai", request["key"]))
             except Refused as e:
                 raise _refused(e, call.rename) from None
         # Each prompt's n choices share its prefill (requests are prompt-major, then choice).

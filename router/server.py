@@ -73,13 +73,16 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         self.attempts = Attempts(picker, settings, self.metrics)
         self._rng = random.Random()
 
-    def authenticate(self, credential: str | None) -> KeyRecord | None:
-        """The caller's key record (None without `--auth`); raises Refused (UNAUTHENTICATED)."""
+    def authenticate(self, credential: str | None, front: str | None = None) -> KeyRecord | None:
+        """The caller's key record (None without `--auth`); raises Refused (UNAUTHENTICATED), counted as a
+        request's end on `front` when one is given (a generation's front; not a listing or a tokenization)."""
         if self.keys is None:
             return None
         try:
             return self.keys.authenticate(credential)
         except Unauthenticated as e:
+            if front is not None:
+                self.metrics.requests.labels("", front, grpc.StatusCode.UNAUTHENTICATED.name).inc()
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
 
     def authorize(self, key: KeyRecord | None, model: str) -> None:
@@ -126,22 +129,21 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             if metadata_id:
                 request.request_id = metadata_id
         try:
-            req, mode = await self.admit(request, context, "grpc",
-                                         credential_from_metadata(context.invocation_metadata()))
+            key = self.authenticate(credential_from_metadata(context.invocation_metadata()), "grpc")
+            req, mode = await self.admit(request, context, "grpc", key)
             async for response in self.serve(req, mode, context, "grpc", start, request.HasField("resume")):
                 yield response
         except Refused as e:
             await context.abort(e.code, e.message)
 
     async def admit(self, request: pb.GenerateRequest, deadline, front: str,
-                    credential: str | None = None) -> tuple[Admitted, str]:
-        """Checks the caller's key (`credential`, with `--auth`), validates the request and waits (up to the node
-        wait, within the deadline) for a node to serve it: what every front does before it answers anything.
-        Raises `Refused` (counted as the request's end). `deadline` has `time_remaining()` (a grpc context, or
-        `NoDeadline`)."""
+                    key: KeyRecord | None = None) -> tuple[Admitted, str]:
+        """Validates the request against what the caller's key allows (`key`: its record, from `authenticate`,
+        which each front calls before it reads the request, with `--auth`) and waits (up to the node wait, within
+        the deadline) for a node to serve it: what every front does before it answers anything. Raises `Refused`
+        (counted as the request's end). `deadline` has `time_remaining()` (a grpc context, or `NoDeadline`)."""
         model = None
         try:
-            key = self.authenticate(credential)  # before anything else: a caller without a key learns nothing
             model = self.models.resolve(request.model)
             self.authorize(key, model.name)
             request.model = model.name  # an alias, or none: the name from here on
@@ -158,7 +160,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             refused = Refused(grpc.StatusCode.NOT_FOUND, str(e))
         except NoNode as e:
             refused = Refused(grpc.StatusCode.UNAVAILABLE, str(e))
-        except Refused as e:  # the key
+        except Refused as e:  # the key may not use the model
             refused = e
         # Labelled with the model it named when it is served (bounded), else none.
         self.metrics.requests.labels(model.name if model else "", front, refused.code.name).inc()
