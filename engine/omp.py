@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 
 import torch
-
-log = logging.getLogger(__name__)
 
 _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t (OpenMP 5.0): a paused runtime starts its threads again when needed
 _RUNTIMES = ("libgomp", "libiomp", "libomp")  # GNU, Intel, LLVM: all three export the standard omp_* API
