@@ -247,7 +247,7 @@ def _router(args: argparse.Namespace) -> int:
                      served_model_name=args.served_model_name[0] if args.served_model_name else "",
                      metrics_port=args.metrics_port, router_id=args.router_id, routing=args.routing,
                      max_local_prefill_tokens=args.max_local_prefill_tokens, auth=args.auth,
-                     cluster_secret_file=args.cluster_secret_file))
+                     cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open))
     return 0
 
 
@@ -285,6 +285,7 @@ def _up(args: argparse.Namespace) -> int:
     if args.auth:  # the routers need the cluster's secret; one is made for a private etcd's cluster
         secret_file = args.cluster_secret_file or (made := _new_secret_file())
         auth_args = ["--auth", "--cluster-secret-file", secret_file]
+        auth_args += ["--limits-fail-open"] if args.limits_fail_open else []
         node_args += ["--cluster-secret-file", secret_file]  # and the nodes answer members only
         print(f"baton: API keys required; the cluster secret is in {secret_file} (create a key with `baton keys "
               f"create --name NAME --etcd URL --cluster-secret-file {secret_file}`)", flush=True)
@@ -331,6 +332,9 @@ def _auth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-secret-file", default="", metavar="PATH",
                         help="the cluster's secret, under which etcd keeps the keys' HMACs (with --auth; `baton up "
                              "--auth` makes one when not given)")
+    parser.add_argument("--limits-fail-open", action="store_true",
+                        help="when etcd cannot be reached to take a key's budget, admit the request and charge it "
+                             "later (the key's limits may then be exceeded); default: refuse it UNAVAILABLE")
 
 
 def _place(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`baton keys`: create, list, revoke and rotate the API keys routers with `--auth` accept (common/keys.py).
+"""`baton keys`: create, list, update, revoke and rotate the API keys routers with `--auth` accept (common/keys.py).
 
 A key is shown once, when it is made: alone on the last line of stdout, for scripts (`key=$(baton keys create
 ... | tail -1)`). etcd keeps only its HMAC under the cluster's secret, so `create` and `rotate` need the secret
@@ -153,7 +153,8 @@ async def _rotate(args: argparse.Namespace) -> int:
             return 2
         template = max(old, key=lambda r: r[0].created)[0]
         key, key_id = new_key()
-        record = replace(template, key_id=key_id, digest=digest(secret, key), created=now)
+        # The new key counts to the same account: its quota and windows go on from the old key's.
+        record = replace(template, key_id=key_id, digest=digest(secret, key), created=now, account=template.ledger_id)
         if not await _put(client, args.cluster, record, 0):
             print("baton: a key with the same id appeared meanwhile; run it again", file=sys.stderr)
             return 1
@@ -171,6 +172,70 @@ async def _rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+_LIMITS = ("rpm", "tpm", "max_concurrency", "max_tokens_per_request", "quota_tokens")
+
+
+async def _update(args: argparse.Namespace) -> int:
+    """Changes the limits, models, priority or weight of every unrevoked key of a name: each router applies
+    the change as its watch delivers it (no restart; streams in flight go on)."""
+    changes = {name: getattr(args, name) for name in (*_LIMITS, "priority", "weight", "models", "expires")
+               if getattr(args, name) is not None}
+    if not changes:
+        print("baton: nothing to change (give --rpm, --tpm, --max-concurrency, ...)", file=sys.stderr)
+        return 2
+    client = etcd_client(args.etcd, RPC_TIMEOUT_S)
+    try:
+        chosen = [(r, rev) for r, rev in await _records(client, args.cluster) if r.name == args.name and not r.revoked]
+        if not chosen:
+            print(f"baton: no unrevoked key named {args.name!r}", file=sys.stderr)
+            return 2
+        for record, revision in chosen:
+            if not await _put(client, args.cluster, replace(record, **changes), revision):
+                print(f"baton: key {record.key_id} changed meanwhile; run it again", file=sys.stderr)
+                return 1
+            print(f"baton: key {record.key_id} ({record.name}) updated: "
+                  + " ".join(f"{k}={v}" for k, v in changes.items()))
+    finally:
+        await close_quietly(client)
+    return 0
+
+
+async def _usage(args: argparse.Namespace) -> int:
+    """Each account's usage as the routers have charged it: tokens against the quota, this minute's requests
+    and tokens, requests in flight (budget the routers hold, taken and not yet charged, in brackets)."""
+    from baton.router.ledger import WINDOW_S, LedgerId, read_usage
+
+    client = etcd_client(args.etcd, RPC_TIMEOUT_S)
+    try:
+        records = await _records(client, args.cluster)
+        minute = int(time.time() // WINDOW_S)
+        rows = [("ACCOUNT", "NAMES", "QUOTA", "THIS MINUTE: REQUESTS", "TOKENS", "HELD FOR IN FLIGHT")]
+        accounts: dict[str, list[KeyRecord]] = {}
+        for r, _ in records:
+            accounts.setdefault(r.ledger_id, []).append(r)
+        for account, keys in sorted(accounts.items()):
+            newest = max(keys, key=lambda r: r.created)
+
+            async def used(resource: str, window: int = 0):
+                prefix = LedgerId(account, resource, window).prefix(args.cluster)
+                return read_usage(await client.get_prefix(prefix), prefix)
+
+            quota, rpm, tpm, conc = (await used("quota"), await used("rpm", minute), await used("tpm", minute),
+                                     await used("concurrency"))
+
+            def cell(u, limit: int) -> str:
+                return f"{u.spent}/{limit or '-'} ({u.held})"
+
+            rows.append((account, ",".join(sorted({r.name for r in keys})), cell(quota, newest.quota_tokens),
+                         cell(rpm, newest.rpm), cell(tpm, newest.tpm), f"{conc.held}/{newest.max_concurrency or '-'}"))
+    finally:
+        await close_quietly(client)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(args.keys_run(args))
@@ -180,7 +245,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    keys = sub.add_parser("keys", help="create, list, revoke and rotate API keys (for routers with --auth)")
+    keys = sub.add_parser("keys", help="create, list, update, revoke and rotate API keys (for routers with "
+                                        "--auth), and show their usage")
     what = keys.add_subparsers(dest="keys_command", required=True)
 
     def common(parser: argparse.ArgumentParser, secret: bool) -> None:
@@ -216,6 +282,23 @@ def add_parser(sub) -> None:
     which.add_argument("--id")
     common(revoke, secret=False)
     revoke.set_defaults(keys_run=_revoke)
+
+    update = what.add_parser("update", help="change the limits, models, priority or weight of the keys of a name "
+                                            "(every router applies it live)")
+    update.add_argument("--name", required=True)
+    update.add_argument("--models", type=_models, default=None, metavar="M1,M2")
+    for flag in ("--rpm", "--tpm", "--max-concurrency", "--max-tokens-per-request", "--quota-tokens"):
+        update.add_argument(flag, type=_count, default=None, metavar="N", help="0: no limit")
+    update.add_argument("--priority", type=int, default=None, metavar="P")
+    update.add_argument("--weight", type=int, default=None, metavar="W")
+    update.add_argument("--expires", type=_when, default=None, metavar="DATE")
+    common(update, secret=False)
+    update.set_defaults(keys_run=_update)
+
+    usage = what.add_parser("usage", help="each account's usage: tokens charged against its quota, this minute's "
+                                          "requests and tokens, requests in flight")
+    common(usage, secret=False)
+    usage.set_defaults(keys_run=_usage)
 
     rotate = what.add_parser("rotate", help="a new key with the same settings; the old stays valid for --grace")
     rotate.add_argument("--name", required=True)

@@ -85,6 +85,9 @@ class KeyRecord:
     expires: float = 0.0
     created: float = 0.0
     revoked: float = 0.0  # when it was revoked (0: it was not)
+    # Whose usage it counts to: the first key's id, kept by the keys that rotate it, so a rotation does not
+    # start its quota afresh. "": the key's own id.
+    account: str = ""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[0-9a-f]{12}", self.key_id):
@@ -99,6 +102,8 @@ class KeyRecord:
                 raise ValueError(f"KeyRecord.{name} must be an integer >= 0, got {value!r}")
         if self.weight < 1:
             raise ValueError(f"KeyRecord.weight must be >= 1, got {self.weight}")
+        if self.account and not re.fullmatch(r"[0-9a-f]{12}", self.account):
+            raise ValueError(f"KeyRecord.account must be a key id (12 hex digits), got {self.account!r}")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise ValueError(f"KeyRecord.priority must be an integer, got {self.priority!r}")
 
@@ -110,6 +115,11 @@ class KeyRecord:
         if self.expires and now >= self.expires:
             return "expired"
         return "active"
+
+    @property
+    def ledger_id(self) -> str:
+        """The id its limits are counted under (router/ledger.py)."""
+        return self.account or self.key_id
 
     def allows(self, model: str) -> bool:
         return not self.models or model in self.models

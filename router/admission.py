@@ -55,6 +55,7 @@ class Admitted:
     resumed_chars: int = 0  # and the characters of their text
     model: Any = None  # the models.ServedModel it asked for (set by the router once admitted)
     key: Any = None  # the caller's common.keys.KeyRecord (with `--auth`)
+    hold: Any = None  # what it reserved against the key's limits (limits.Hold), settled when it ends
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int:

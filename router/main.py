@@ -23,6 +23,8 @@ from .auth import KeyStore
 from .kserve import KServeServicer
 from .models import Models, load_model
 from .kv_index import KVIndex
+from .ledger import LedgerStore
+from .limits import Limiter
 from .metrics import RouterMetrics
 from .picker import Picker
 from .routing import POLICIES, routing
@@ -57,6 +59,7 @@ class RouterConfig:
     # The cluster's secret: the keys' HMACs are made with it, and the nodes of a closed cluster answer calls
     # made with it (common/members.py). "": an open cluster.
     cluster_secret_file: str = ""
+    limits_fail_open: bool = False  # etcd out of reach when a key's budget is needed: admit (else UNAVAILABLE)
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -137,6 +140,11 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     etcd = etcd_client(cfg.etcd, timeout=2.0)  # service discovery's reads of the routers
     try:
         address = server.bind(cfg.host, cfg.port)
+        router_id = cfg.router_id or f"router-{address}"
+        if keys is not None:  # the keys' limits, shared with the other routers through etcd (limits.py)
+            servicer.limiter = Limiter(LedgerStore(cfg.etcd, cfg.cluster, router_id),
+                                       fail_open=cfg.limits_fail_open, on_refusal=metrics.key_refused)
+            servicer.limiter.start()
         # Bound before gRPC serves: a port in use stops the router before it takes requests. Without the
         # OpenAI front, the same server with only /health, /metrics and /sd serves the metrics.
         http_address = ""
@@ -157,7 +165,7 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         await server.set_serving(False)  # before the port opens: nothing may see SERVING without nodes
         await server.start()
         readiness = asyncio.create_task(every(1.0, lambda: follow_readiness(server, picker), "readiness"))
-        info = RouterInfo(cfg.router_id or f"router-{address}", address,
+        info = RouterInfo(router_id, address,
                           http_address if cfg.http_port else "", http_address)
         registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info),
                                       (aetcd.ClientError,), 60.0, "registering the router")
@@ -177,6 +185,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         if http is not None:
             await http.cleanup()
         await servicer.close()
+        if servicer.limiter is not None:
+            await servicer.limiter.close()  # its slices back to the pool at once
         if index is not None:
             await index.close()
         if keys is not None:

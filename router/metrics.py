@@ -140,8 +140,14 @@ class RouterMetrics:
         self.kv_resyncs = Counter("baton_router_kv_index_resyncs", "Times a node's entry in the KV index was "
                                   "rebuilt from a snapshot after losing sync (cause: gap, broken, refused)",
                                   ["cause"], registry=r)
+        self.key_refusals = Counter("baton_router_key_refusals", "Requests refused by their API key's limits, by "
+                                    "key name and reason", ["key", "reason"], registry=r)
         r.register(_LiveNodes(nodes))
         r.register(_IndexedBlocks(indexed))
+
+    def key_refused(self, key, reason: str) -> None:
+        """A request refused by its key's limits (`reason`: "limit", "limits_unavailable")."""
+        self.key_refusals.labels(key.name, reason).inc()
 
     def request(self, model: str, front: str, start: float) -> RequestMetrics:
         return RequestMetrics(self, model, front, start)

@@ -53,9 +53,11 @@ _UNSERVED = {"echo": False, "suffix": None, "best_of": None, "logit_bias": None,
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after  # seconds: sent as a Retry-After header (429, 503)
 
 
 def _refused(e: Refused, rename: dict[str, str] | None = None) -> HttpError:
@@ -64,7 +66,7 @@ def _refused(e: Refused, rename: dict[str, str] | None = None) -> HttpError:
     message = e.message
     if param and e.field and param != e.field and message.startswith(f"{e.field}:"):
         message = f"{param}:{message[len(e.field) + 1:]}"
-    return HttpError(status, message, param, "model_not_found" if status == 404 else None)
+    return HttpError(status, message, param, "model_not_found" if status == 404 else None, e.retry_after)
 
 
 def _error_body(e: HttpError) -> dict:
@@ -222,7 +224,8 @@ class OpenAIFront:
             error = _refused(e)
         except HttpError as e:
             error = e
-        return web.json_response(_error_body(error), status=error.status)
+        headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after is not None else None
+        return web.json_response(_error_body(error), status=error.status, headers=headers)
 
     def _model(self, body: dict, key: KeyRecord | None) -> ServedModel:
         """The model the body names, if the caller's key may use it."""
@@ -303,17 +306,21 @@ class OpenAIFront:
         start = time.perf_counter()
         deadline = NoDeadline()
         admitted = []
-        for req in call.requests:  # every prompt is checked before anything is answered
-            try:
-                admitted.append(await self.router.admit(req, deadline, "openai", request["key"]))
-            except Refused as e:
-                raise _refused(e, call.rename) from None
-        # Each prompt's n choices share its prefill (requests are prompt-major, then choice).
-        streams = [stream for p in range(0, len(admitted), call.n)
-                   for stream in self.router.serve_choices(admitted[p:p + call.n], deadline, "openai", start)]
-        if call.stream:
-            return await self._stream(request, call, streams)
-        return await self._whole(request, call, streams)
+        try:
+            for req in call.requests:  # every prompt is checked before anything is answered
+                try:
+                    admitted.append(await self.router.admit(req, deadline, "openai", request["key"]))
+                except Refused as e:
+                    raise _refused(e, call.rename) from None
+            # Each prompt's n choices share its prefill (requests are prompt-major, then choice).
+            streams = [stream for p in range(0, len(admitted), call.n)
+                       for stream in self.router.serve_choices(admitted[p:p + call.n], deadline, "openai", start)]
+            if call.stream:
+                return await self._stream(request, call, streams)
+            return await self._whole(request, call, streams)
+        finally:  # what a stream that never began (another was refused, the client left) holds against its key
+            for req, _ in admitted:
+                self.router.release(req)
 
     async def _whole(self, request: web.Request, call: _Call, streams: list) -> web.Response:
         choices: list[dict] = []

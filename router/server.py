@@ -29,9 +29,10 @@ from baton.v1 import baton_pb2_grpc
 
 from .admission import Admitted, UnknownModel, admit, check_text_size
 from .attempt import AttemptSettings, NodeLost
-from .auth import KeyStore, PermissionDenied, Unauthenticated, credential_from_metadata
 from .attempts import Attempts
+from .auth import KeyStore, PermissionDenied, Unauthenticated, credential_from_metadata
 from .choices import SharedPrefill
+from .limits import Limiter, LimitsUnavailable, OverLimit, limited
 from .metrics import RouterMetrics
 from .models import Models
 from .picker import NoNode, Picker
@@ -48,11 +49,13 @@ class Refused(Exception):
     """Why a request is not served, or ended early: a gRPC status (each front maps it to its own) and a
     message; `field` names the request field at fault for INVALID_ARGUMENT."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        self.retry_after = retry_after  # seconds after which a refused request may succeed (busy, over a limit)
 
 
 class NoDeadline:
@@ -71,6 +74,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         self.keys = keys  # None: no key needed (`--auth` off)
         self.metrics = metrics or RouterMetrics(lambda: picker.membership.nodes())
         self.attempts = Attempts(picker, settings, self.metrics)
+        self.limiter: Limiter | None = None  # the keys' limits (with `--auth`), set once the router has its id
         self._rng = random.Random()
 
     def authenticate(self, credential: str | None, front: str | None = None) -> KeyRecord | None:
@@ -134,6 +138,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             async for response in self.serve(req, mode, context, "grpc", start, request.HasField("resume")):
                 yield response
         except Refused as e:
+            if e.retry_after is not None:  # gRPC's retry pushback, and the seconds as HTTP says them
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after * 1000))),
+                                               ("retry-after", str(max(1, round(e.retry_after))))))
             await context.abort(e.code, e.message)
 
     async def admit(self, request: pb.GenerateRequest, deadline, front: str,
@@ -152,8 +159,17 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 raise FieldError("max_tokens", f"{req.params.max_tokens}, more than the {key.max_tokens_per_request} "
                                                f"tokens per request that API key {key.name!r} allows")
             req.model, req.key = model, key
-            return req, await self.picker.when_live(lambda: self.picker.mode(model.name),
-                                                    self.attempts.node_wait(deadline))
+            await self._reserve(req)
+            try:
+                return req, await self.picker.when_live(lambda: self.picker.mode(model.name),
+                                                        self.attempts.node_wait(deadline))
+            except BaseException:
+                self.release(req)
+                raise
+        except OverLimit as e:
+            refused = Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after=e.retry_after)
+        except LimitsUnavailable as e:
+            refused = Refused(grpc.StatusCode.UNAVAILABLE, str(e))
         except FieldError as e:
             refused = Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
         except UnknownModel as e:
@@ -165,6 +181,29 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         # Labelled with the model it named when it is served (bounded), else none.
         self.metrics.requests.labels(model.name if model else "", front, refused.code.name).inc()
         raise refused
+
+    async def _reserve(self, req: Admitted) -> None:
+        """Reserves the request's tokens (prompt + max_tokens) and its place against its key's limits."""
+        if self.limiter is None or not limited(req.key):
+            return
+        tokens, before = len(req.prompt_ids) + req.params.max_tokens, None
+        if req.resumed:
+            # The router that lost the stream may have charged it (its Finish then lost): only tokens still to
+            # come are reserved and paid. Else the client pays here for all it has, and waits for what that
+            # router held for it to come back to the pool (its ledger lease expires).
+            before = await self.limiter.charged(req.key, req.request_id)
+            if before is not None:
+                tokens = max(0, req.params.max_tokens - len(req.resumed))
+        wait = 2.0 * self.limiter.store.lease_ttl + 1.0 if req.resumed and before is None else 0.0
+        req.hold = await self.limiter.reserve(req.key, req.request_id, tokens, new_request=before is None,
+                                              wait_s=wait)
+        req.hold.charged_before = before
+
+    def release(self, req: Admitted) -> None:
+        """Frees what an admitted request holds against its key's limits, if it was never served (a front whose
+        other requests were refused, or whose client left before its stream began): nothing is charged."""
+        if req.hold is not None and self.limiter is not None:
+            self.limiter.settle(req.hold, 0, count_request=False)
 
     def serve_choices(self, admitted: list[tuple[Admitted, str]], deadline, front: str,
                       start: float) -> list[AsyncIterator[pb.GenerateResponse]]:
@@ -194,6 +233,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         try:
             async with contextlib.aclosing(source or self.attempts.stream(req, deadline, mode)) as responses:
                 async for response in responses:
+                    if req.hold is not None and response.HasField("finish"):  # charged before the client knows
+                        await self.limiter.settle_written(req.hold, _charge(req, relay))
                     yield relay.see(response)
         except grpc.aio.AioRpcError as e:
             if e.code() in _PASS_THROUGH:
@@ -214,6 +255,18 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                           f"{e.details} (prefill {prefill_node}, decode {decode_node})") from None
         finally:
             relay.track.end(status or ("ok" if relay.finished else "CANCELLED"), len(req.prompt_ids))
+            if req.hold is not None:
+                self.limiter.settle(req.hold, _charge(req, relay))  # cancelled or failed: what it received
 
     async def close(self) -> None:
         await self.attempts.close()
+
+
+def _charge(req: Admitted, relay: Relay) -> int:
+    """The tokens a request is charged: its prompt and the tokens its client has (with a resumed stream's), once
+    it has one; only those relayed here if the router that lost the stream had charged it."""
+    if not relay.completion_tokens:
+        return 0
+    if req.hold.charged_before is not None:
+        return relay.completion_tokens - len(req.resumed)
+    return len(req.prompt_ids) + relay.completion_tokens

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -20,13 +21,16 @@ import pytest
 
 from cluster_harness import BATON, BatonUp
 from test_routers import Router
+from test_stories import PROMPTS
 
 from baton.cluster.etcd_server import free_port
-from baton.common.keys import KEY_PATTERN, keys_prefix, read_secret, write_secret
+from baton.common.keys import KEY_PATTERN, key_id_of, keys_prefix, read_secret, write_secret
 from baton.common.members import MEMBER_METADATA, member_token
 from baton.common.membership import close_quietly, etcd_client
 from baton.engine import LLM, SamplingParams
-from baton.router.client import BatonClient, InvalidArgument, PermissionDenied, Unauthenticated
+from baton.router.client import (AsyncBatonClient, BatonClient, Finished, InvalidArgument, PermissionDenied,
+                                 ResourceExhausted, Unauthenticated)
+from baton.router.ledger import LedgerId
 
 MODEL = "stories260K"
 BOUND = 30.0  # a revocation reaches the routers in ms; this only keeps a broken watch from hanging the test
@@ -271,3 +275,100 @@ def test_a_router_with_auth_needs_the_secret_and_keys_commands_refuse_bad_input(
                                "--cluster-secret-file", str(secret)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and bad[0] in done.stderr, done.stderr
     assert keys(up, secret, "revoke", "--id", "ffffffffffff", ok=False).returncode == 2
+
+
+def ledger(up: BatonUp, key: str, resource: str = "quota") -> dict[str, int]:
+    """A key's ledger as etcd holds it: each router's slice and spent, by name (`slice/<router>`)."""
+    async def read():
+        client = etcd_client(up.etcd, timeout=5.0)
+        try:
+            prefix = LedgerId(key_id_of(key), resource).prefix(up.cluster)
+            return {kv.key[len(prefix):].decode(): int(kv.value) for kv in await client.get_prefix(prefix)
+                    if kv.key != prefix + b"v"}
+        finally:
+            await close_quietly(client)
+
+    return asyncio.run(read())
+
+
+def test_a_token_quota_holds_exactly_across_two_routers_and_one_killed(cluster, stories_path):
+    """200 concurrent streams of one key over two routers, the quota smaller than they ask for; one router is
+    SIGKILLed once its streams have tokens, and its clients resume on the other. What etcd charges is what the
+    clients received (prompt and tokens of every stream that got one), and no more than the quota."""
+    up, secret, _ = cluster
+    quota, count = 5000, 200
+    key = new_key(up, secret, "metered", "--quota-tokens", str(quota))
+    run = secrets.token_hex(4)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    received = [0] * count
+    finished: list = [None] * count
+    refused: list[str] = []
+    at_kill: list[int] = []
+    ended_on_b: set[int] = set()  # what the killed router had finished
+    victim = Router(up, stories_path, "--auth", "--cluster-secret-file", str(secret))
+    with victim as second:
+
+        async def main(router_b: str) -> None:
+            on_b: set[int] = set()  # streams of the second router with tokens, and not finished
+            done_on_b: set[int] = set()
+            ready = asyncio.Event()
+            a = AsyncBatonClient([up.address, router_b], api_key=key, timeout=120)
+            b = AsyncBatonClient([router_b, up.address], api_key=key, timeout=120)
+
+            async def one(i: int) -> None:
+                client = b if i % 2 else a
+                try:
+                    # Lengths differ, so the router has ended streams while others still run when it dies.
+                    async for item in client.generate(prompts[i], max_tokens=8 + i * 13 % 56, temperature=0,
+                                                      request_id=f"{run}-{i}"):
+                        if isinstance(item, Finished):
+                            finished[i] = item
+                        else:
+                            received[i] += len(item.token_ids)
+                        if i % 2:  # the kill comes once the router has ended streams and has more under way
+                            if finished[i]:
+                                on_b.discard(i)
+                                done_on_b.add(i)
+                            else:
+                                on_b.add(i)
+                            if len(done_on_b) >= 3 and len(on_b) >= 3:
+                                ready.set()
+                except ResourceExhausted as e:
+                    assert received[i] == 0, f"stream {i} refused after {received[i]} tokens: {e}"
+                    refused.append(e.details)
+
+            async def kill() -> None:
+                await ready.wait()
+                victim.proc.kill()  # SIGKILL: nothing handed back, nothing written
+                at_kill.extend(received)
+                ended_on_b.update(done_on_b)
+
+            killer = asyncio.ensure_future(kill())
+            try:
+                await asyncio.gather(*(one(i) for i in range(count)))
+            finally:
+                killer.cancel()
+                await a.close()
+                await b.close()
+
+        asyncio.run(main(second))
+        assert victim.proc.poll() is not None, "the second router was never killed"
+    assert refused and all("quota" in r for r in refused), refused[:3]
+    moved = [i for i in range(1, count, 2) if 0 < at_kill[i] < received[i]]
+    assert moved, f"no stream went on through the other router: {at_kill[1::2]} {received[1::2]}"
+    assert ended_on_b
+    delivered = 0
+    for i in range(count):
+        if received[i]:
+            assert finished[i] is not None, f"stream {i} did not finish"
+            assert finished[i].completion_tokens == received[i]
+            delivered += finished[i].prompt_tokens + received[i]
+    # The killed router's slice goes back when its lease expires; the live router's stays while it has use
+    # for it. What both charged is exactly what was delivered.
+    until(lambda: f"slice/router-{second}" not in ledger(up, key), "the killed router's slice to return")
+    parts = ledger(up, key)
+    spent = sum(v for name, v in parts.items() if name.startswith("spent/"))
+    assert spent == delivered <= quota, parts
+    # What the killed router finished it had charged before its clients had their Finish (and some more, whose
+    # Finish the kill lost: the other router, which they resumed on, charged those only for new tokens).
+    assert parts[f"spent/router-{second}"] >= sum(finished[i].prompt_tokens + received[i] for i in ended_on_b)
