@@ -247,8 +247,40 @@ def _router(args: argparse.Namespace) -> int:
                      served_model_name=args.served_model_name[0] if args.served_model_name else "",
                      metrics_port=args.metrics_port, router_id=args.router_id, routing=args.routing,
                      max_local_prefill_tokens=args.max_local_prefill_tokens, auth=args.auth,
-                     cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open))
+                     cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open,
+                     flow=_flow_settings(args)))
     return 0
+
+
+def _flow_settings(args: argparse.Namespace):
+    from baton.engine import FieldError
+    from baton.router.flow import FlowSettings
+
+    try:
+        return FlowSettings(args.queue_policy, args.slots_per_seq, args.max_queued, args.max_queued_tokens,
+                            args.max_queue_wait)
+    except ValueError as e:
+        field, _, message = str(e).partition(": ")
+        raise FieldError(field, message) from None
+
+
+def _flow_args(parser: argparse.ArgumentParser) -> None:
+    from baton.router.flow import POLICIES, FlowSettings
+
+    d = FlowSettings()
+    parser.add_argument("--queue-policy", choices=POLICIES, default=d.policy,
+                        help="the order waiting requests go to the nodes in: fair (a key's priority, then weighted "
+                             "fair queuing across keys) or fifo (default: %(default)s)")
+    parser.add_argument("--slots-per-seq", type=float, default=d.slots_per_seq, metavar="X",
+                        help="requests with the nodes at once, per sequence their batches hold (default: "
+                             "%(default)s); the rest wait in the router's queue")
+    parser.add_argument("--max-queued", type=int, default=d.max_queued, metavar="N",
+                        help="requests waiting per model before the router answers busy (default: %(default)s)")
+    parser.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens, metavar="N",
+                        help="their prompt + max_tokens, per model (default: %(default)s)")
+    parser.add_argument("--max-queue-wait", type=float, default=d.max_queue_wait, metavar="SECONDS",
+                        help="seconds a request waits for a place before the router answers busy (default: "
+                             "%(default)s)")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -281,6 +313,7 @@ def _up(args: argparse.Namespace) -> int:
     node_args += ["--enforce-eager"] if args.enforce_eager else []
     node_args += ["--no-enable-prefix-caching"] if args.enable_prefix_caching is False else []
     _check_auth(args)
+    _flow_settings(args)  # refused here, not by the router it starts
     auth_args, made = [], ""
     if args.auth:  # the routers need the cluster's secret; one is made for a private etcd's cluster
         secret_file = args.cluster_secret_file or (made := _new_secret_file())
@@ -303,7 +336,10 @@ def _up(args: argparse.Namespace) -> int:
                        router_args=["--max-migrations", str(args.max_migrations), "--stream-inactivity-timeout",
                                     str(args.stream_inactivity_timeout), "--node-wait", str(args.node_wait),
                                     "--routing", args.routing, "--max-local-prefill-tokens",
-                                    str(args.max_local_prefill_tokens), "--log-format", args.log_format]
+                                    str(args.max_local_prefill_tokens), "--log-format", args.log_format,
+                                    "--queue-policy", args.queue_policy, "--slots-per-seq", str(args.slots_per_seq),
+                                    "--max-queued", str(args.max_queued), "--max-queued-tokens",
+                                    str(args.max_queued_tokens), "--max-queue-wait", str(args.max_queue_wait)]
                        + auth_args + (["--chat-template", args.chat_template] if args.chat_template else []) + names,
                        http_port=args.http_port, more_models=more, log_dir=args.log_dir)
     try:
@@ -461,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     _log_format_arg(up)
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     _auth_args(up)
+    _flow_args(up)
     up.set_defaults(run=_up)
 
     node = sub.add_parser("node", help="run one node (what `baton up` starts)")
@@ -503,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--router-id", default="", help="its record's name in etcd (default: router-HOST:PORT)")
     _served_name_arg(router)
     _auth_args(router)
+    _flow_args(router)
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
 

@@ -163,6 +163,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             metrics_address=join_address(cfg.advertise_host, metrics.port),
             tensor_parallel_size=cfg.engine.tensor_parallel_size,
             kv_pull_min_tokens=cfg.kv_pull_min_tokens if cfg.role == "prefill" else 0,
+            max_num_seqs=cfg.engine.max_num_seqs,
         )
         registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl),
                                       (aetcd.ClientError,), START_RETRY_S, "registering in etcd")

@@ -56,6 +56,7 @@ class NodeInfo:
     aliases: list[str] = field(default_factory=list)  # other names requests may give the model
     queued_tokens: int = 0  # prompt tokens waiting to be computed on it (KV-aware routing weighs them)
     kv_pull_min_tokens: int = 0  # a prefill node's --kv-pull-min-tokens: it reads back a prefix this long (0: never)
+    max_num_seqs: int = 0  # sequences it batches at once (the router's queue counts its slots); 0: not said
 
     def __post_init__(self) -> None:
         if not isinstance(self.aliases, list) or not all(isinstance(a, str) and a for a in self.aliases):
@@ -69,7 +70,8 @@ class NodeInfo:
             raise ValueError(f"NodeInfo.role must be one of {ROLES}, got {self.role!r}")
         if not self.address:
             raise ValueError("NodeInfo.address must be host:port, got ''")
-        for name in ("capacity", "free_blocks", "running", "waiting", "queued_tokens", "kv_pull_min_tokens"):
+        for name in ("capacity", "free_blocks", "running", "waiting", "queued_tokens", "kv_pull_min_tokens",
+                     "max_num_seqs"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"NodeInfo.{name} must be an int >= 0, got {v!r}")

@@ -56,6 +56,7 @@ class Admitted:
     model: Any = None  # the models.ServedModel it asked for (set by the router once admitted)
     key: Any = None  # the caller's common.keys.KeyRecord (with `--auth`)
     hold: Any = None  # what it reserved against the key's limits (limits.Hold), settled when it ends
+    slot: Any = None  # its place with the nodes (flow.Slot), released when it ends
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int:

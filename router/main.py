@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aetcd
 
@@ -20,6 +20,7 @@ from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
 from .attempt import DEFAULT_MAX_LOCAL_PREFILL_TOKENS, AttemptSettings
 from .auth import KeyStore
+from .flow import FlowSettings
 from .kserve import KServeServicer
 from .models import Models, load_model
 from .kv_index import KVIndex
@@ -60,6 +61,7 @@ class RouterConfig:
     # made with it (common/members.py). "": an open cluster.
     cluster_secret_file: str = ""
     limits_fail_open: bool = False  # etcd out of reach when a key's budget is needed: admit (else UNAVAILABLE)
+    flow: FlowSettings = field(default_factory=FlowSettings)  # the queue before the nodes (flow.py)
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -131,12 +133,13 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     if cfg.auth:  # the keys as etcd holds them, followed live (a revocation counts at once)
         keys = await retrying(lambda: KeyStore.start(cfg.etcd, cfg.cluster, secret), (aetcd.ClientError,), 60.0,
                               "reading the API keys")
-    servicer = RouterServicer(models, picker, settings, metrics, keys)
+    servicer = RouterServicer(models, picker, settings, metrics, keys, cfg.flow)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
                      (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
                       KSERVE_SERVICE)])
     readiness = http = registration = None
     following = asyncio.create_task(every(1.0, models.follow, "models"))
+    placing = asyncio.create_task(every(1.0, lambda: servicer.flow.follow(membership), "queue"))
     etcd = etcd_client(cfg.etcd, timeout=2.0)  # service discovery's reads of the routers
     try:
         address = server.bind(cfg.host, cfg.port)
@@ -177,6 +180,7 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         await server.stop(grace=2.0)
     finally:
         following.cancel()
+        placing.cancel()
         if readiness is not None:
             readiness.cancel()
         if registration is not None:

@@ -76,6 +76,25 @@ class _Series:
         self.sum += value * times
 
 
+class _Queues:
+    """Per model, requests with the nodes and waiting in the router's queue, read when scraped (flow.py owns
+    them)."""
+
+    def __init__(self, queues: Callable[[], dict]) -> None:
+        self._queues = queues
+
+    def collect(self):
+        waiting = GaugeMetricFamily("baton_router_queue_waiting", "Requests waiting for a place with the nodes",
+                                    labels=["model"])
+        placed = GaugeMetricFamily("baton_router_queue_placed", "Requests with the nodes (placed by the queue)",
+                                   labels=["model"])
+        for model, queue in sorted(self._queues().items()):
+            waiting.add_metric([model], queue.waiting)
+            placed.add_metric([model], queue.in_flight)
+        yield waiting
+        yield placed
+
+
 class _ChunkHistogram:
     """A histogram that takes k equal observations at the cost of one (a chunk of k tokens: k gaps, each 1/k of
     its wait), exposed as any Prometheus histogram. prometheus_client's takes two locks per value, and this
@@ -142,8 +161,14 @@ class RouterMetrics:
                                   ["cause"], registry=r)
         self.key_refusals = Counter("baton_router_key_refusals", "Requests refused by their API key's limits, by "
                                     "key name and reason", ["key", "reason"], registry=r)
+        self.busy = Counter("baton_router_busy", "Requests refused busy (RESOURCE_EXHAUSTED, not UNAVAILABLE), by "
+                            "model and reason: queue_full, queue_timeout, shed", ["model", "reason"], registry=r)
         r.register(_LiveNodes(nodes))
         r.register(_IndexedBlocks(indexed))
+
+    def watch_queues(self, queues: Callable[[], dict]) -> None:
+        """Exposes the router's queues (flow.Flow.queues) when scraped."""
+        self.registry.register(_Queues(queues))
 
     def key_refused(self, key, reason: str) -> None:
         """A request refused by its key's limits (`reason`: "limit", "limits_unavailable")."""

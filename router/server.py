@@ -32,6 +32,7 @@ from .attempt import AttemptSettings, NodeLost
 from .attempts import Attempts
 from .auth import KeyStore, PermissionDenied, Unauthenticated, credential_from_metadata
 from .choices import SharedPrefill
+from .flow import Busy, Flow, FlowSettings, Slot
 from .limits import Limiter, LimitsUnavailable, OverLimit, limited
 from .metrics import RouterMetrics
 from .models import Models
@@ -68,11 +69,15 @@ class NoDeadline:
 
 class RouterServicer(baton_pb2_grpc.BatonServicer):
     def __init__(self, models: Models, picker: Picker, settings: AttemptSettings = AttemptSettings(),
-                 metrics: RouterMetrics | None = None, keys: KeyStore | None = None) -> None:
+                 metrics: RouterMetrics | None = None, keys: KeyStore | None = None,
+                 flow: FlowSettings = FlowSettings()) -> None:
         self.models = models
         self.picker = picker
+        self.flow = Flow(flow, lambda model: [n for n in picker.membership.nodes() if n.model == model
+                                              and n.role in ("decode", "colocated")])
         self.keys = keys  # None: no key needed (`--auth` off)
         self.metrics = metrics or RouterMetrics(lambda: picker.membership.nodes())
+        self.metrics.watch_queues(lambda: self.flow.queues)
         self.attempts = Attempts(picker, settings, self.metrics)
         self.limiter: Limiter | None = None  # the keys' limits (with `--auth`), set once the router has its id
         self._rng = random.Random()
@@ -161,11 +166,16 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             req.model, req.key = model, key
             await self._reserve(req)
             try:
-                return req, await self.picker.when_live(lambda: self.picker.mode(model.name),
-                                                        self.attempts.node_wait(deadline))
+                mode = await self.picker.when_live(lambda: self.picker.mode(model.name),
+                                                   self.attempts.node_wait(deadline))
+                req.slot = await self._place(req, deadline)
+                return req, mode
             except BaseException:
                 self.release(req)
                 raise
+        except Busy as e:
+            self.metrics.busy.labels(model.name, e.reason).inc()
+            refused = Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after=e.retry_after)
         except OverLimit as e:
             refused = Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after=e.retry_after)
         except LimitsUnavailable as e:
@@ -199,9 +209,21 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                                               wait_s=wait)
         req.hold.charged_before = before
 
+    async def _place(self, req: Admitted, deadline) -> Slot:
+        """Waits for the request's place with the nodes (flow.py): by its key's priority and weight."""
+        key = req.key
+        left = deadline.time_remaining()
+        wait = self.flow.settings.max_queue_wait if left is None else min(self.flow.settings.max_queue_wait, left)
+        return await self.flow.queue(req.model.name).acquire(
+            key.ledger_id if key is not None else "", key.weight if key is not None else 1,
+            key.priority if key is not None else 0, len(req.prompt_ids) + req.params.max_tokens, max(0.0, wait))
+
     def release(self, req: Admitted) -> None:
-        """Frees what an admitted request holds against its key's limits, if it was never served (a front whose
-        other requests were refused, or whose client left before its stream began): nothing is charged."""
+        """Frees what an admitted request holds (its place with the nodes, its reservation against its key's
+        limits) if it was never served (a front whose other requests were refused, or whose client left before
+        its stream began): nothing is charged."""
+        if req.slot is not None:
+            req.slot.release()
         if req.hold is not None and self.limiter is not None:
             self.limiter.settle(req.hold, 0, count_request=False)
 
@@ -255,6 +277,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                           f"{e.details} (prefill {prefill_node}, decode {decode_node})") from None
         finally:
             relay.track.end(status or ("ok" if relay.finished else "CANCELLED"), len(req.prompt_ids))
+            if req.slot is not None:
+                req.slot.release()
             if req.hold is not None:
                 self.limiter.settle(req.hold, _charge(req, relay))  # cancelled or failed: what it received
 

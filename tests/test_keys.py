@@ -372,3 +372,54 @@ def test_a_token_quota_holds_exactly_across_two_routers_and_one_killed(cluster, 
     # What the killed router finished it had charged before its clients had their Finish (and some more, whose
     # Finish the kill lost: the other router, which they resumed on, charged those only for new tokens).
     assert parts[f"spent/router-{second}"] >= sum(finished[i].prompt_tokens + received[i] for i in ended_on_b)
+
+
+def test_a_flooding_key_does_not_hold_back_another_and_busy_is_not_unavailable(cluster, stories_path):
+    """A router with 3 places (--slots-per-seq: 3 of the decode node's 64 sequences) and a key that floods it
+    with 30 requests: another key's request goes in at the next free place under fair queuing; in arrival order
+    it waits for all of the flood. Told by the order of first tokens, not by time. A request that finds the queue
+    full is refused busy (RESOURCE_EXHAUSTED), not UNAVAILABLE."""
+    up, secret, _ = cluster
+    flood, polite = new_key(up, secret, "flood"), new_key(up, secret, "polite")
+    places = ["--slots-per-seq", str(3 / 64)]
+
+    async def overtaken(router: str) -> int:
+        """How many flood requests had their first token after the polite one was sent and before it had its."""
+        firsts: list[str] = []
+        sent = asyncio.Event()
+        flooding, politely = (AsyncBatonClient(router, api_key=k, timeout=300) for k in (flood, polite))
+
+        async def one(client, name: str, started: asyncio.Event | None = None) -> None:
+            async for item in client.generate("Once upon a time", max_tokens=24, temperature=0):
+                if not isinstance(item, Finished) and item.index == 0:
+                    firsts.append(name)
+                    if started is not None and len(firsts) >= 3:
+                        started.set()
+
+        try:
+            floods = [asyncio.ensure_future(one(flooding, f"flood-{i}", sent)) for i in range(30)]
+            await sent.wait()  # every place taken, the rest of the flood waiting
+            firsts.append("sent")
+            await one(politely, "polite")
+            await asyncio.gather(*floods)
+        finally:
+            await flooding.close()
+            await politely.close()
+        between = firsts[firsts.index("sent") + 1:firsts.index("polite")]
+        return len(between)
+
+    with Router(up, stories_path, "--auth", "--cluster-secret-file", str(secret), *places) as fair:
+        assert asyncio.run(overtaken(fair)) <= 3
+    with Router(up, stories_path, "--auth", "--cluster-secret-file", str(secret), *places,
+                "--queue-policy", "fifo") as fifo:
+        assert asyncio.run(overtaken(fifo)) >= 20
+    with Router(up, stories_path, "--auth", "--cluster-secret-file", str(secret), *places,
+                "--max-queued", "2") as small:
+        async def full() -> list[str]:
+            async with AsyncBatonClient(small, api_key=flood, timeout=300) as client:
+                outcomes = await asyncio.gather(*(client.complete("Once upon a time", max_tokens=24, temperature=0)
+                                                  for _ in range(10)), return_exceptions=True)
+            return [type(o).__name__ for o in outcomes]
+
+        outcomes = asyncio.run(full())
+        assert outcomes.count("Completion") == 5 and outcomes.count("ResourceExhausted") == 5, outcomes
