@@ -572,9 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                         help="redraw every SECONDS (default 2) until Ctrl-C")
     status.set_defaults(run=_status)
-    from baton.cluster import keys_cli
+    from baton.cluster import keys_cli, rules_cli
 
     keys_cli.add_parser(sub)
+    rules_cli.add_parser(sub)
     for command in entry_points(group="baton.commands"):  # `baton bench`, from bench/ (see bench/command.py)
         command.load()(sub)
     return parser

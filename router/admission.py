@@ -57,6 +57,7 @@ class Admitted:
     key: Any = None  # the caller's common.keys.KeyRecord (with `--auth`)
     hold: Any = None  # what it reserved against the key's limits (limits.Hold), settled when it ends
     slot: Any = None  # its place with the nodes (flow.Slot), released when it ends
+    screen: Any = None  # the content rules its output goes through (rules.OutputScreen), if any apply
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int:

@@ -11,7 +11,7 @@ from baton.v1 import baton_pb2 as pb
 INT32_MAX = 2**31 - 1
 # baton.v1 finish reasons as OpenAI names them (both fronts report them so).
 FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "stop",
-                  pb.FINISH_REASON_CANCELLED: "abort"}
+                  pb.FINISH_REASON_CANCELLED: "abort", pb.FINISH_REASON_CONTENT_FILTER: "content_filter"}
 
 
 def get(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:

@@ -29,6 +29,7 @@ from .limits import Limiter
 from .metrics import RouterMetrics
 from .picker import Picker
 from .routing import POLICIES, routing
+from .rules import RuleStore
 from .server import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,10 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     if cfg.auth:  # the keys as etcd holds them, followed live (a revocation counts at once)
         keys = await retrying(lambda: KeyStore.start(cfg.etcd, cfg.cluster, secret), (aetcd.ClientError,), 60.0,
                               "reading the API keys")
-    servicer = RouterServicer(models, picker, settings, metrics, keys, cfg.flow)
+    # Content rules apply with or without keys (global ones), followed live.
+    rules = await retrying(lambda: RuleStore.start(cfg.etcd, cfg.cluster), (aetcd.ClientError,), 60.0,
+                           "reading the content rules")
+    servicer = RouterServicer(models, picker, settings, metrics, keys, cfg.flow, rules)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
                      (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
                       KSERVE_SERVICE)])
@@ -195,6 +199,7 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
             await index.close()
         if keys is not None:
             await keys.close()
+        await rules.close()
         await membership.close()
 
 

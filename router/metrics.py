@@ -163,6 +163,9 @@ class RouterMetrics:
                                     "key name and reason", ["key", "reason"], registry=r)
         self.busy = Counter("baton_router_busy", "Requests refused busy (RESOURCE_EXHAUSTED, not UNAVAILABLE), by "
                             "model and reason: queue_full, queue_timeout, shed", ["model", "reason"], registry=r)
+        self.content_blocked = Counter("baton_router_content_blocked", "Prompts refused and streams ended by a "
+                                       "content rule, by rule and target (prompt, output)", ["rule", "target"],
+                                       registry=r)
         r.register(_LiveNodes(nodes))
         r.register(_IndexedBlocks(indexed))
 

@@ -38,6 +38,7 @@ from .metrics import RouterMetrics
 from .models import Models
 from .picker import NoNode, Picker
 from .relay import Relay
+from .rules import Blocked, ContentFilter
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ class NoDeadline:
 class RouterServicer(baton_pb2_grpc.BatonServicer):
     def __init__(self, models: Models, picker: Picker, settings: AttemptSettings = AttemptSettings(),
                  metrics: RouterMetrics | None = None, keys: KeyStore | None = None,
-                 flow: FlowSettings = FlowSettings()) -> None:
+                 flow: FlowSettings = FlowSettings(), rules: ContentFilter | None = None) -> None:
         self.models = models
+        self.rules = rules  # content rules on prompts and output (None: none)
         self.picker = picker
         self.flow = Flow(flow, lambda model: [n for n in picker.membership.nodes() if n.model == model
                                               and n.role in ("decode", "colocated")])
@@ -164,6 +166,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 raise FieldError("max_tokens", f"{req.params.max_tokens}, more than the {key.max_tokens_per_request} "
                                                f"tokens per request that API key {key.name!r} allows")
             req.model, req.key = model, key
+            if self.rules is not None:
+                self._screen_prompt(request, req)
             await self._reserve(req)
             try:
                 mode = await self.picker.when_live(lambda: self.picker.mode(model.name),
@@ -191,6 +195,17 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         # Labelled with the model it named when it is served (bounded), else none.
         self.metrics.requests.labels(model.name if model else "", front, refused.code.name).inc()
         raise refused
+
+    def _screen_prompt(self, request: pb.GenerateRequest, req: Admitted) -> None:
+        """Raises FieldError (INVALID_ARGUMENT on `prompt`) if a content rule matches the prompt's text; else sets
+        the screen its output goes through (the rules as they are now, for the whole stream)."""
+        text = request.text if request.WhichOneof("prompt") == "text" else req.model.tokenizer.decode(req.prompt_ids)
+        try:
+            self.rules.check_prompt(text, req.key)
+        except Blocked as e:
+            self.metrics.content_blocked.labels(e.rule, "prompt").inc()
+            raise FieldError("prompt", str(e)) from None
+        req.screen = self.rules.screen(req.key)
 
     async def _reserve(self, req: Admitted) -> None:
         """Reserves the request's tokens (prompt + max_tokens) and its place against its key's limits."""
@@ -254,6 +269,8 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                      len(req.resumed))
         try:
             async with contextlib.aclosing(source or self.attempts.stream(req, deadline, mode)) as responses:
+                if req.screen is not None:
+                    responses = self._screened(responses, req)
                 async for response in responses:
                     if req.hold is not None and response.HasField("finish"):  # charged before the client knows
                         await self.limiter.settle_written(req.hold, _charge(req, relay))
@@ -281,6 +298,27 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 req.slot.release()
             if req.hold is not None:
                 self.limiter.settle(req.hold, _charge(req, relay))  # cancelled or failed: what it received
+
+    async def _screened(self, responses: AsyncIterator[pb.GenerateResponse],
+                        req: Admitted) -> AsyncIterator[pb.GenerateResponse]:
+        """`responses` through the request's output screen (rules.py): held back until no rule can match across
+        them, and ended with finish reason CONTENT_FILTER where one does (the stream's nodes are then cancelled,
+        as the caller closes `responses`)."""
+        screen = req.screen
+        async for response in responses:
+            if response.HasField("chunk"):
+                for passed in screen.push(response):
+                    yield passed
+            else:
+                for passed in screen.finish():
+                    yield passed
+                if screen.blocked is None:
+                    yield response
+            if screen.blocked is not None:
+                self.metrics.content_blocked.labels(screen.blocked, "output").inc()
+                log.info("request %s: output blocked by content rule %r", req.request_id, screen.blocked)
+                yield pb.GenerateResponse(finish=pb.Finish(reason=pb.FINISH_REASON_CONTENT_FILTER))
+                return
 
     async def close(self) -> None:
         await self.attempts.close()

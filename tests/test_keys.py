@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from test_routers import Router
 from test_stories import PROMPTS
 
 from baton.cluster.etcd_server import free_port
-from baton.common.keys import KEY_PATTERN, key_id_of, keys_prefix, read_secret, write_secret
+from baton.common.keys import KEY_PATTERN, KeyRecord, key_id_of, keys_prefix, read_secret, write_secret
 from baton.common.members import MEMBER_METADATA, member_token
 from baton.common.membership import close_quietly, etcd_client
+from baton.common.rules import RuleRecord, rules_prefix
 from baton.engine import LLM, SamplingParams
 from baton.router.client import (AsyncBatonClient, BatonClient, Finished, InvalidArgument, PermissionDenied,
                                  ResourceExhausted, Unauthenticated)
@@ -423,3 +425,108 @@ def test_a_flooding_key_does_not_hold_back_another_and_busy_is_not_unavailable(c
 
         outcomes = asyncio.run(full())
         assert outcomes.count("Completion") == 5 and outcomes.count("ResourceExhausted") == 5, outcomes
+
+
+def rules(up: BatonUp, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([BATON, "rules", *args, "--etcd", up.etcd, "--cluster", up.cluster], capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    return done
+
+
+def test_content_rules_refuse_prompts_and_end_streams_before_the_matched_text(cluster, stories_llm: LLM):
+    """A word the model writes, made an output rule for one key: that key's stream ends with finish reason
+    content_filter and none of the word reaches it (baton.v1 and the openai client), while another key still
+    gets the whole text; a prompt rule refuses the prompt, naming the rule. Rules apply live, and go."""
+    up, secret, http_port = cluster
+    prompt = "Once upon a time"
+    whole = stories_llm.generate([prompt], SamplingParams(max_tokens=48, temperature=0))[0].text
+    word = next(w for w in whole.split()[4:] if w.isalpha() and len(w) >= 4)
+    before = whole[:whole.index(word)]
+    screened, other = new_key(up, secret, "screened"), new_key(up, secret, "unscreened")
+    rules(up, "set", "no-word", "--terms", word, "--on", "output", "--keys", "screened")
+    rules(up, "set", "no-forbidden", "--terms", "forbidden fruit", "--on", "prompt")
+    assert "no-word" in rules(up, "list").stdout
+    for bad in (["set", "x", "--regex", "("], ["set", "x", "--terms", "a", "--on", "input"], ["delete", "nope"]):
+        rules(up, *bad, ok=False)
+
+    def complete(key: str, text: str = prompt):
+        with BatonClient(up.address, timeout=60, api_key=key) as client:
+            return client.complete(text, max_tokens=48, temperature=0)
+
+    until(lambda: complete(screened).finished.finish_reason == "content_filter", "the output rule")
+    done = complete(screened)
+    assert word not in done.text and before.startswith(done.text) and len(done.text) >= len(before) - 30, (
+        done.text, before)
+    assert done.finished.completion_tokens == len(done.token_ids)  # charged and counted: what was relayed
+    assert complete(other).text == whole  # the rule is that key's alone
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=screened, max_retries=0)
+    reply = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0)
+    assert reply.choices[0].finish_reason == "content_filter" and word not in reply.choices[0].text
+    streamed = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert word not in "".join(c.choices[0].text for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "content_filter"
+
+    with pytest.raises(InvalidArgument) as refused:
+        complete(other, "Eve ate the Forbidden Fruit.")
+    assert "no-forbidden" in str(refused.value) and refused.value.field == "prompt"
+    with pytest.raises(openai.BadRequestError) as http_refused:
+        oai.completions.create(model=MODEL, prompt="forbidden fruit", max_tokens=4)
+    assert "no-forbidden" in str(http_refused.value)
+
+    rules(up, "delete", "no-word")
+    until(lambda: complete(screened).text == whole, "the rule's deletion")
+    rules(up, "delete", "no-forbidden")
+
+
+def test_streams_in_flight_survive_100_live_changes_of_keys_limits_and_rules(cluster, stories_llm: LLM):
+    """50 streams of one key run while its limits, weight and priority, another key, and the content rules are
+    changed 100 times in etcd: every stream ends as an undisturbed run does, token for token."""
+    up, secret, _ = cluster
+    key = new_key(up, secret, "steady", "--quota-tokens", "10000000", "--tpm", "10000000")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(50)]
+    expected = [o.token_ids for o in stories_llm.generate(prompts, SamplingParams(max_tokens=160, temperature=0))]
+    record_key = f"{keys_prefix(up.cluster)}{key_id_of(key)}".encode()
+
+    async def change(client, i: int) -> None:
+        if i % 3 == 0:
+            kv = await client.get(record_key)
+            record = KeyRecord.from_json(kv.value)
+            await client.put(record_key, replace(record, tpm=10_000_000 + i, max_concurrency=100 + i,
+                                                 weight=1 + i % 4, priority=i % 3 - 1).to_json())
+        elif i % 3 == 1:
+            rule = RuleRecord(f"live-{i % 7}", terms=[f"zzyzx{i}"], on=["prompt", "output"])
+            await client.put(f"{rules_prefix(up.cluster)}{rule.name}".encode(), rule.to_json())
+        else:
+            await client.delete(f"{rules_prefix(up.cluster)}live-{(i - 1) % 7}".encode())
+            await client.put(f"{keys_prefix(up.cluster)}{i:012x}".encode(), KeyRecord(
+                key_id=f"{i:012x}", name=f"passing-{i}", digest="0" * 64).to_json())
+
+    async def main() -> tuple[list, int]:
+        client = etcd_client(up.etcd, timeout=5.0)
+        running = [0]
+        try:
+            async with AsyncBatonClient(up.address, api_key=key, timeout=300) as baton:
+                async def one(prompt: str) -> list[int]:
+                    running[0] += 1
+                    try:
+                        return (await baton.complete(prompt, max_tokens=160, temperature=0)).token_ids
+                    finally:
+                        running[0] -= 1
+
+                streams = [asyncio.ensure_future(one(p)) for p in prompts]
+                await asyncio.sleep(0)  # every stream sent
+                for i in range(100):
+                    await change(client, i)
+                still_running = running[0]
+                return await asyncio.gather(*streams), still_running
+        finally:
+            for kv in await client.get_prefix(rules_prefix(up.cluster).encode()):
+                await client.delete(kv.key)
+            await close_quietly(client)
+
+    outputs, still_running = asyncio.run(main())
+    assert still_running > 0  # the changes came while streams ran
+    for i, (got, want) in enumerate(zip(outputs, expected)):
+        assert got == want, f"stream {i}"
