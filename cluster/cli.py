@@ -248,7 +248,8 @@ def _router(args: argparse.Namespace) -> int:
                      metrics_port=args.metrics_port, router_id=args.router_id, routing=args.routing,
                      max_local_prefill_tokens=args.max_local_prefill_tokens, auth=args.auth,
                      cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open,
-                     flow=_flow_settings(args)))
+                     flow=_flow_settings(args), flag_addresses=args.flag_addresses,
+                     stall_timeout=args.stall_timeout))
     return 0
 
 
@@ -281,6 +282,9 @@ def _flow_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-wait", type=float, default=d.max_queue_wait, metavar="SECONDS",
                         help="seconds a request waits for a place before the router answers busy (default: "
                              "%(default)s)")
+    parser.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a client that reads nothing of its stream for this long has its request cancelled "
+                             "(default: %(default)s)")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -319,6 +323,7 @@ def _up(args: argparse.Namespace) -> int:
         secret_file = args.cluster_secret_file or (made := _new_secret_file())
         auth_args = ["--auth", "--cluster-secret-file", secret_file]
         auth_args += ["--limits-fail-open"] if args.limits_fail_open else []
+        auth_args += ["--flag-addresses", str(args.flag_addresses)]
         node_args += ["--cluster-secret-file", secret_file]  # and the nodes answer members only
         print(f"baton: API keys required; the cluster secret is in {secret_file} (create a key with `baton keys "
               f"create --name NAME --etcd URL --cluster-secret-file {secret_file}`)", flush=True)
@@ -339,7 +344,8 @@ def _up(args: argparse.Namespace) -> int:
                                     str(args.max_local_prefill_tokens), "--log-format", args.log_format,
                                     "--queue-policy", args.queue_policy, "--slots-per-seq", str(args.slots_per_seq),
                                     "--max-queued", str(args.max_queued), "--max-queued-tokens",
-                                    str(args.max_queued_tokens), "--max-queue-wait", str(args.max_queue_wait)]
+                                    str(args.max_queued_tokens), "--max-queue-wait", str(args.max_queue_wait),
+                                    "--stall-timeout", str(args.stall_timeout)]
                        + auth_args + (["--chat-template", args.chat_template] if args.chat_template else []) + names,
                        http_port=args.http_port, more_models=more, log_dir=args.log_dir)
     try:
@@ -368,6 +374,8 @@ def _auth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-secret-file", default="", metavar="PATH",
                         help="the cluster's secret, under which etcd keeps the keys' HMACs (with --auth; `baton up "
                              "--auth` makes one when not given)")
+    parser.add_argument("--flag-addresses", type=int, default=20, metavar="N",
+                        help="flag a key used from more than N client addresses in 10 minutes (metrics, log)")
     parser.add_argument("--limits-fail-open", action="store_true",
                         help="when etcd cannot be reached to take a key's budget, admit the request and charge it "
                              "later (the key's limits may then be exceeded); default: refuse it UNAVAILABLE")

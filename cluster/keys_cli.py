@@ -202,14 +202,20 @@ async def _update(args: argparse.Namespace) -> int:
 
 async def _usage(args: argparse.Namespace) -> int:
     """Each account's usage as the routers have charged it: tokens against the quota, this minute's requests
-    and tokens, requests in flight (budget the routers hold, taken and not yet charged, in brackets)."""
+    and tokens (budget the routers hold, taken and not yet charged, in brackets), requests in flight, and the
+    distinct client addresses that used its keys in the last 10 minutes (FLAGGED past --flag-addresses)."""
+    import json
+
     from baton.router.ledger import WINDOW_S, LedgerId, read_usage
+    from baton.router.usage import WINDOW_S as ADDRESS_WINDOW_S
+    from baton.router.usage import usage_prefix
 
     client = etcd_client(args.etcd, RPC_TIMEOUT_S)
     try:
         records = await _records(client, args.cluster)
         minute = int(time.time() // WINDOW_S)
-        rows = [("ACCOUNT", "NAMES", "QUOTA", "THIS MINUTE: REQUESTS", "TOKENS", "HELD FOR IN FLIGHT")]
+        window = int(time.time() // ADDRESS_WINDOW_S)
+        rows = [("ACCOUNT", "NAMES", "QUOTA", "THIS MINUTE: REQUESTS", "TOKENS", "IN FLIGHT", "ADDRESSES")]
         accounts: dict[str, list[KeyRecord]] = {}
         for r, _ in records:
             accounts.setdefault(r.ledger_id, []).append(r)
@@ -226,8 +232,16 @@ async def _usage(args: argparse.Namespace) -> int:
             def cell(u, limit: int) -> str:
                 return f"{u.spent}/{limit or '-'} ({u.held})"
 
+            seen: set[str] = set()  # the address hashes every router saw this window
+            for kv in await client.get_prefix(f"{usage_prefix(args.cluster)}{account}/{window}/".encode()):
+                try:
+                    seen.update(json.loads(kv.value))
+                except ValueError:
+                    pass
+            addresses = f"{len(seen)}" + (" FLAGGED" if len(seen) > args.flag_addresses else "")
             rows.append((account, ",".join(sorted({r.name for r in keys})), cell(quota, newest.quota_tokens),
-                         cell(rpm, newest.rpm), cell(tpm, newest.tpm), f"{conc.held}/{newest.max_concurrency or '-'}"))
+                         cell(rpm, newest.rpm), cell(tpm, newest.tpm), f"{conc.held}/{newest.max_concurrency or '-'}",
+                         addresses))
     finally:
         await close_quietly(client)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -297,6 +311,8 @@ def add_parser(sub) -> None:
 
     usage = what.add_parser("usage", help="each account's usage: tokens charged against its quota, this minute's "
                                           "requests and tokens, requests in flight")
+    usage.add_argument("--flag-addresses", type=int, default=20, metavar="N",
+                       help="flag an account used from more than N client addresses in 10 minutes (default 20)")
     common(usage, secret=False)
     usage.set_defaults(keys_run=_usage)
 

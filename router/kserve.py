@@ -199,7 +199,7 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
         except InvalidRequest as e:
             self.router.metrics.requests.labels("", "kserve", "INVALID_ARGUMENT").inc()
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
-        admitted, mode = await self.router.admit(req, context, "kserve", key)
+        admitted, mode = await self.router.admit(req, context, "kserve", key, context.peer())
         texts: list[str] = []
         held: str | None = None  # the last chunk's text, sent once it is known whether it is the last
         generation = self.router.serve(admitted, mode, context, "kserve", start)

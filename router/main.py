@@ -63,6 +63,8 @@ class RouterConfig:
     cluster_secret_file: str = ""
     limits_fail_open: bool = False  # etcd out of reach when a key's budget is needed: admit (else UNAVAILABLE)
     flow: FlowSettings = field(default_factory=FlowSettings)  # the queue before the nodes (flow.py)
+    flag_addresses: int = 20  # a key used from more client addresses in 10 minutes is flagged (usage.py)
+    stall_timeout: float = 30.0  # seconds a client may read nothing before its stream is cancelled
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -73,6 +75,8 @@ class RouterConfig:
             raise ValueError(f"node_wait: must be >= 0 seconds, got {self.node_wait}")
         if self.max_local_prefill_tokens < 0:
             raise ValueError(f"max_local_prefill_tokens: must be >= 0, got {self.max_local_prefill_tokens}")
+        if not self.stall_timeout > 0:
+            raise ValueError(f"stall_timeout: must be > 0 seconds, got {self.stall_timeout}")
         if self.routing not in POLICIES:
             raise ValueError(f"routing: must be one of {', '.join(POLICIES)}, got {self.routing!r}")
         if self.auth and not self.cluster_secret_file:
@@ -137,11 +141,12 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     # Content rules apply with or without keys (global ones), followed live.
     rules = await retrying(lambda: RuleStore.start(cfg.etcd, cfg.cluster), (aetcd.ClientError,), 60.0,
                            "reading the content rules")
-    servicer = RouterServicer(models, picker, settings, metrics, keys, cfg.flow, rules)
+    servicer = RouterServicer(models, picker, settings, metrics, keys, cfg.flow, rules, cfg.flag_addresses,
+                              cfg.stall_timeout)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
                      (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
                       KSERVE_SERVICE)])
-    readiness = http = registration = None
+    readiness = http = registration = publishing = None
     following = asyncio.create_task(every(1.0, models.follow, "models"))
     placing = asyncio.create_task(every(1.0, lambda: servicer.flow.follow(membership), "queue"))
     etcd = etcd_client(cfg.etcd, timeout=2.0)  # service discovery's reads of the routers
@@ -176,6 +181,9 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
                           http_address if cfg.http_port else "", http_address)
         registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info),
                                       (aetcd.ClientError,), 60.0, "registering the router")
+        if keys is not None:  # the client addresses each key was used from, for `baton keys usage`
+            publishing = asyncio.create_task(every(5.0, lambda: servicer.usage.publish(etcd, cfg.cluster, router_id),
+                                                   "key usage", transient=(aetcd.ClientError,)))
         log.info("router listening on %s", address)
         if on_ready is not None:
             on_ready(address)
@@ -185,6 +193,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     finally:
         following.cancel()
         placing.cancel()
+        if publishing is not None:
+            publishing.cancel()
         if readiness is not None:
             readiness.cancel()
         if registration is not None:

@@ -95,6 +95,26 @@ class _Queues:
         yield placed
 
 
+class _KeyAddresses:
+    """Per key, distinct client addresses this window and whether it is flagged, read when scraped (usage.py
+    owns them)."""
+
+    def __init__(self, usage) -> None:
+        self._usage = usage
+
+    def collect(self):
+        addresses = GaugeMetricFamily("baton_router_key_client_addresses", "Distinct client addresses that used "
+                                      "the key in the current window (usage.py)", labels=["key"])
+        flagged = GaugeMetricFamily("baton_router_key_flagged", "1 for a key used from more client addresses in "
+                                    "a window than --flag-addresses (resold or leaked)", labels=["key"])
+        marked = self._usage.flagged()
+        for name, n in sorted(self._usage.addresses().items()):
+            addresses.add_metric([name], n)
+            flagged.add_metric([name], 1 if name in marked else 0)
+        yield addresses
+        yield flagged
+
+
 class _ChunkHistogram:
     """A histogram that takes k equal observations at the cost of one (a chunk of k tokens: k gaps, each 1/k of
     its wait), exposed as any Prometheus histogram. prometheus_client's takes two locks per value, and this
@@ -163,11 +183,21 @@ class RouterMetrics:
                                     "key name and reason", ["key", "reason"], registry=r)
         self.busy = Counter("baton_router_busy", "Requests refused busy (RESOURCE_EXHAUSTED, not UNAVAILABLE), by "
                             "model and reason: queue_full, queue_timeout, shed", ["model", "reason"], registry=r)
+        self.key_requests = Counter("baton_router_key_requests", "Requests of each API key, by outcome (ok, or the "
+                                    "gRPC status name)", ["key", "status"], registry=r)
+        self.key_tokens = Counter("baton_router_key_tokens", "Tokens of each API key's requests: prompt, and "
+                                  "completion tokens relayed", ["key", "kind"], registry=r)
+        self.stalled = Counter("baton_router_stalled_streams", "Streams cancelled because their client read nothing "
+                               "for the stall timeout, by front", ["front"], registry=r)
         self.content_blocked = Counter("baton_router_content_blocked", "Prompts refused and streams ended by a "
                                        "content rule, by rule and target (prompt, output)", ["rule", "target"],
                                        registry=r)
         r.register(_LiveNodes(nodes))
         r.register(_IndexedBlocks(indexed))
+
+    def watch_key_usage(self, usage) -> None:
+        """Exposes the keys' address counts (usage.KeyUsage) when scraped."""
+        self.registry.register(_KeyAddresses(usage))
 
     def watch_queues(self, queues: Callable[[], dict]) -> None:
         """Exposes the router's queues (flow.Flow.queues) when scraped."""

@@ -34,7 +34,7 @@ from .admission import UnknownModel
 from .auth import bearer
 from .chat import parse_messages
 from .models import ServedModel
-from .server import NoDeadline, Refused, RouterServicer
+from .server import NoDeadline, Refused, RouterServicer, Stalled
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,8 @@ class OpenAIFront:
         try:
             for req in call.requests:  # every prompt is checked before anything is answered
                 try:
-                    admitted.append(await self.router.admit(req, deadline, "openai", request["key"]))
+                    admitted.append(await self.router.admit(req, deadline, "openai", request["key"],
+                                                            request.remote or ""))
                 except Refused as e:
                     raise _refused(e, call.rename) from None
             # Each prompt's n choices share its prefill (requests are prompt-major, then choice).
@@ -357,6 +358,21 @@ class OpenAIFront:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "x-request-id": request["request_id"]})
         await response.prepare(request)
+
+        async def write(data: bytes) -> None:  # Stalled if the client has read nothing for the stall timeout
+            await self.router.deliver(response.write(data), "openai")
+
+        try:
+            await self._events(call, streams, write)
+        except Stalled:  # the streams are closed (their requests cancelled); the connection goes with them
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    async def _events(self, call: _Call, streams: list, write) -> None:
+        """The server-sent events of a streamed call, through `write`."""
         kind = "chat.completion.chunk" if call.chat else "text_completion"
         head = f'{{"id":{json.dumps(call.id)},"object":"{kind}","created":{call.created},' \
                f'"model":{json.dumps(call.model)},"choices":['
@@ -368,41 +384,41 @@ class OpenAIFront:
         try:
             if call.chat:
                 for index in range(len(streams)):  # the role comes first, as OpenAI sends it
-                    await response.write(event({"index": index, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}))
-            async for index, message in _merged(streams):
-                if message.HasField("chunk"):
-                    chunk = message.chunk
-                    if not chunk.text and not call.logprobs:
-                        continue
-                    logprobs = None
-                    if call.logprobs:
-                        logprobs = (self._chat_logprobs if call.chat else self._completion_logprobs)(
-                            call, list(chunk.token_ids), list(chunk.logprobs), list(chunk.top_logprobs))
-                    if call.chat:
-                        choice = {"index": index, "delta": {"content": chunk.text}, "logprobs": logprobs,
-                                  "finish_reason": None}
+                    await write(event({"index": index, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}))
+            # Closed however this ends (a write that stalls): the streams' requests are cancelled at once.
+            async with contextlib.aclosing(_merged(streams)) as merged:
+                async for index, message in merged:
+                    if message.HasField("chunk"):
+                        chunk = message.chunk
+                        if not chunk.text and not call.logprobs:
+                            continue
+                        logprobs = None
+                        if call.logprobs:
+                            logprobs = (self._chat_logprobs if call.chat else self._completion_logprobs)(
+                                call, list(chunk.token_ids), list(chunk.logprobs), list(chunk.top_logprobs))
+                        if call.chat:
+                            choice = {"index": index, "delta": {"content": chunk.text}, "logprobs": logprobs,
+                                      "finish_reason": None}
+                        else:
+                            choice = {"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": None}
+                        await write(event(choice))
                     else:
-                        choice = {"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": None}
-                    await response.write(event(choice))
-                else:
-                    finish = message.finish
-                    usage["completion_tokens"] += finish.usage.completion_tokens
-                    if index % call.n == 0:
-                        usage["prompt_tokens"] += finish.usage.prompt_tokens
-                    choice = {"index": index, "logprobs": None, "finish_reason": _FINISH.get(finish.reason)}
-                    choice.update({"delta": {}} if call.chat else {"text": ""})
-                    await response.write(event(choice))
+                        finish = message.finish
+                        usage["completion_tokens"] += finish.usage.completion_tokens
+                        if index % call.n == 0:
+                            usage["prompt_tokens"] += finish.usage.prompt_tokens
+                        choice = {"index": index, "logprobs": None, "finish_reason": _FINISH.get(finish.reason)}
+                        choice.update({"delta": {}} if call.chat else {"text": ""})
+                        await write(event(choice))
             if call.include_usage:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                await response.write(b"data: " + json.dumps({"id": call.id, "object": kind, "created": call.created,
-                                                             "model": call.model, "choices": [],
-                                                             "usage": usage}).encode() + b"\n\n")
+                await write(b"data: " + json.dumps({"id": call.id, "object": kind, "created": call.created,
+                                                    "model": call.model, "choices": [],
+                                                    "usage": usage}).encode() + b"\n\n")
         except Refused as e:  # after the stream began: an error event, as vLLM sends it
-            await response.write(b"data: " + json.dumps(_error_body(_refused(e, call.rename))).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+            await write(b"data: " + json.dumps(_error_body(_refused(e, call.rename))).encode() + b"\n\n")
+        await write(b"data: [DONE]\n\n")
 
     @staticmethod
     def _token_text(call: _Call, token: int) -> str:

@@ -13,11 +13,12 @@ A request's life in the router:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
@@ -39,6 +40,7 @@ from .models import Models
 from .picker import NoNode, Picker
 from .relay import Relay
 from .rules import Blocked, ContentFilter
+from .usage import KeyUsage
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ class Refused(Exception):
         self.retry_after = retry_after  # seconds after which a refused request may succeed (busy, over a limit)
 
 
+class Stalled(Exception):
+    """A client that stopped reading its stream (`RouterServicer.deliver`)."""
+
+
 class NoDeadline:
     """What fronts without deadlines (OpenAI's HTTP API) pass where a grpc context gives `time_remaining()`."""
 
@@ -71,15 +77,18 @@ class NoDeadline:
 class RouterServicer(baton_pb2_grpc.BatonServicer):
     def __init__(self, models: Models, picker: Picker, settings: AttemptSettings = AttemptSettings(),
                  metrics: RouterMetrics | None = None, keys: KeyStore | None = None,
-                 flow: FlowSettings = FlowSettings(), rules: ContentFilter | None = None) -> None:
+                 flow: FlowSettings = FlowSettings(), rules: ContentFilter | None = None,
+                 flag_addresses: int = 20, stall_timeout: float = 30.0) -> None:
         self.models = models
         self.rules = rules  # content rules on prompts and output (None: none)
+        self.stall_timeout = stall_timeout  # seconds a write to a client may wait (`deliver`)
         self.picker = picker
         self.flow = Flow(flow, lambda model: [n for n in picker.membership.nodes() if n.model == model
                                               and n.role in ("decode", "colocated")])
         self.keys = keys  # None: no key needed (`--auth` off)
         self.metrics = metrics or RouterMetrics(lambda: picker.membership.nodes())
         self.metrics.watch_queues(lambda: self.flow.queues)
+        self.usage = KeyUsage(self.metrics, flag_addresses=flag_addresses)
         self.attempts = Attempts(picker, settings, self.metrics)
         self.limiter: Limiter | None = None  # the keys' limits (with `--auth`), set once the router has its id
         self._rng = random.Random()
@@ -141,21 +150,38 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                 request.request_id = metadata_id
         try:
             key = self.authenticate(credential_from_metadata(context.invocation_metadata()), "grpc")
-            req, mode = await self.admit(request, context, "grpc", key)
-            async for response in self.serve(req, mode, context, "grpc", start, request.HasField("resume")):
-                yield response
+            req, mode = await self.admit(request, context, "grpc", key, context.peer())
+            responses = self.serve(req, mode, context, "grpc", start, request.HasField("resume"))
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    await self.deliver(context.write(response), "grpc")
+        except Stalled as e:  # its request is cancelled on every node (the stream above is closed)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except Refused as e:
             if e.retry_after is not None:  # gRPC's retry pushback, and the seconds as HTTP says them
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after * 1000))),
                                                ("retry-after", str(max(1, round(e.retry_after))))))
             await context.abort(e.code, e.message)
 
-    async def admit(self, request: pb.GenerateRequest, deadline, front: str,
-                    key: KeyRecord | None = None) -> tuple[Admitted, str]:
+    async def deliver(self, write: Awaitable[object], front: str) -> None:
+        """One write of a response to a client (`context.write(...)`, `response.write(...)`): Stalled if it takes
+        longer than the stall timeout. A write waits while the client's flow-control window (gRPC) or the
+        socket's buffers (HTTP) are full, so a client that stops reading holds at most those bytes, and this
+        long; then its request is cancelled and its KV blocks freed."""
+        try:
+            await asyncio.wait_for(write, self.stall_timeout)
+        except TimeoutError:
+            self.metrics.stalled.labels(front).inc()
+            raise Stalled(f"the client read nothing for {self.stall_timeout:g} s: its request is cancelled") from None
+
+    async def admit(self, request: pb.GenerateRequest, deadline, front: str, key: KeyRecord | None = None,
+                    peer: str = "") -> tuple[Admitted, str]:
         """Validates the request against what the caller's key allows (`key`: its record, from `authenticate`,
         which each front calls before it reads the request, with `--auth`) and waits (up to the node wait, within
         the deadline) for a node to serve it: what every front does before it answers anything. Raises `Refused`
-        (counted as the request's end). `deadline` has `time_remaining()` (a grpc context, or `NoDeadline`)."""
+        (counted as the request's end). `deadline` has `time_remaining()` (a grpc context, or `NoDeadline`);
+        `peer`: the client's address (gRPC peer, or HTTP remote), counted per key (usage.py)."""
+        self.usage.seen(key, peer)
         model = None
         try:
             model = self.models.resolve(request.model)
@@ -194,6 +220,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             refused = e
         # Labelled with the model it named when it is served (bounded), else none.
         self.metrics.requests.labels(model.name if model else "", front, refused.code.name).inc()
+        self.usage.ended(key, refused.code.name, 0, 0)
         raise refused
 
     def _screen_prompt(self, request: pb.GenerateRequest, req: Admitted) -> None:
@@ -293,7 +320,10 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             raise Refused(grpc.StatusCode.UNAVAILABLE,
                           f"{e.details} (prefill {prefill_node}, decode {decode_node})") from None
         finally:
-            relay.track.end(status or ("ok" if relay.finished else "CANCELLED"), len(req.prompt_ids))
+            status = status or ("ok" if relay.finished else "CANCELLED")
+            relay.track.end(status, len(req.prompt_ids))
+            self.usage.ended(req.key, status, len(req.prompt_ids) if relay.completion_tokens else 0,
+                             relay.completion_tokens - len(req.resumed))
             if req.slot is not None:
                 req.slot.release()
             if req.hold is not None:

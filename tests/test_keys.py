@@ -6,17 +6,21 @@ etcd watch, with no restart."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import re
 import secrets
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 
@@ -27,12 +31,14 @@ from test_stories import PROMPTS
 from baton.cluster.etcd_server import free_port
 from baton.common.keys import KEY_PATTERN, KeyRecord, key_id_of, keys_prefix, read_secret, write_secret
 from baton.common.members import MEMBER_METADATA, member_token
-from baton.common.membership import close_quietly, etcd_client
+from baton.common.membership import close_quietly, etcd_client, read_routers
 from baton.common.rules import RuleRecord, rules_prefix
 from baton.engine import LLM, SamplingParams
 from baton.router.client import (AsyncBatonClient, BatonClient, Finished, InvalidArgument, PermissionDenied,
                                  ResourceExhausted, Unauthenticated)
 from baton.router.ledger import LedgerId
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
 
 MODEL = "stories260K"
 BOUND = 30.0  # a revocation reaches the routers in ms; this only keeps a broken watch from hanging the test
@@ -530,3 +536,118 @@ def test_streams_in_flight_survive_100_live_changes_of_keys_limits_and_rules(clu
     assert still_running > 0  # the changes came while streams ran
     for i, (got, want) in enumerate(zip(outputs, expected)):
         assert got == want, f"stream {i}"
+
+
+def test_usage_per_key_and_a_key_used_from_many_addresses_is_flagged(cluster):
+    """One key used from 25 client addresses (127.0.0.x: all this machine's, each its own source address) and
+    another from one: the router's metrics count each key's requests, tokens and addresses and flag the first
+    (more than 20); `baton keys usage` counts the addresses every router saw and what etcd charged."""
+    up, secret, http_port = cluster
+    shared = new_key(up, secret, "resold", "--quota-tokens", "100000")
+    single = new_key(up, secret, "single")
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0})
+
+    def post(key: str, source: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60, source_address=(source, 0))
+        try:
+            conn.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {key}",
+                                                           "Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    assert all(post(shared, f"127.0.0.{i}") == 200 for i in range(2, 27))
+    assert post(single, "127.0.0.1") == 200
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30).read().decode()
+    assert 'baton_router_key_client_addresses{key="resold"} 25.0' in metrics
+    assert 'baton_router_key_flagged{key="resold"} 1.0' in metrics
+    assert 'baton_router_key_flagged{key="single"} 0.0' in metrics
+    assert 'baton_router_key_requests_total{key="resold",status="ok"} 25.0' in metrics
+    assert re.search(r'baton_router_key_tokens_total\{key="resold",kind="completion"\} 75\.0', metrics)
+
+    def usage_row() -> list[str]:
+        out = keys(up, secret, "usage").stdout
+        return next((line.split() for line in out.splitlines() if "resold" in line), [])
+
+    until(lambda: "FLAGGED" in usage_row(), "the addresses in `baton keys usage`")  # published every 5 s
+    row = usage_row()
+    assert row[row.index("FLAGGED") - 1] == "25"
+    quota = next(cell for cell in row if cell.endswith("/100000"))
+    assert int(quota.split("/")[0]) == sum(ledger(up, shared).get(n, 0) for n in ledger(up, shared)
+                                           if n.startswith("spent/")) > 0
+
+
+def test_clients_that_stop_reading_are_cut_after_the_stall_timeout_and_hold_little(cluster, stories_path):
+    """200 streams whose clients read nothing (a 1 KiB flow-control window, never read): the router's writes
+    wait, and after its stall timeout (1 s here) each request is cancelled, its KV blocks freed on the node;
+    the router's memory grows by little while they stall; a client that reads is served as ever."""
+    up, secret, _ = cluster
+    key = new_key(up, secret, "stalling")
+    [decode] = up.nodes("decode")
+    member = ((MEMBER_METADATA, member_token(read_secret(secret))),)
+    total = None
+
+    def node_idle() -> bool:
+        nonlocal total
+        with grpc.insecure_channel(decode.address) as channel:
+            s = node_pb2_grpc.DecodeNodeStub(channel).GetStats(node_pb2.GetStatsRequest(), timeout=10,
+                                                              metadata=member)
+        total = total or s.total_blocks
+        return (s.free_blocks, s.running, s.waiting, s.reserved) == (total, 0, 0, 0)
+
+    router = Router(up, stories_path, "--auth", "--cluster-secret-file", str(secret), "--stall-timeout", "1")
+    with router as address:
+        until(node_idle, "the node idle before")
+        before = rss_mib(router.proc.pid)
+
+        async def stall() -> float:
+            options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+            async with grpc.aio.insecure_channel(address, options=options) as channel:
+                stub = baton_pb2_grpc.BatonStub(channel)
+                sampling = pb.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True, logprobs=True,
+                                             top_logprobs=5)
+                calls = [stub.Generate(pb.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], sampling=sampling),
+                                       timeout=300, metadata=(("authorization", f"Bearer {key}"),))
+                         for i in range(200)]
+                for call in calls:
+                    await call.initial_metadata()
+                await asyncio.to_thread(until, lambda: stalled(up, router) >= 200, "200 streams cut")
+                grown = rss_mib(router.proc.pid) - before
+                codes = []
+                for call in calls:
+                    try:
+                        async for _ in call:
+                            pass
+                    except grpc.aio.AioRpcError as e:
+                        codes.append(e.code())
+                assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 200, set(codes)
+                return grown
+
+        grown = asyncio.run(stall())
+        assert grown < 64, f"the router grew by {grown:.0f} MiB with 200 stalled clients"
+        until(node_idle, "every block freed on the node")
+        assert grpc_outcome(address, key) == "ok"
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def stalled(up: BatonUp, router: Router) -> int:
+    """The router's count of streams cut for a stalled client (its metrics, from its etcd record's address)."""
+    async def address() -> str:
+        client = etcd_client(up.etcd, timeout=5.0)
+        try:
+            return next(r.metrics_address for r in await read_routers(client, up.cluster)
+                        if r.address.endswith(f":{router.port}"))
+        finally:
+            await close_quietly(client)
+
+    text = urllib.request.urlopen(f"http://{asyncio.run(address())}/metrics", timeout=30).read().decode()
+    match = re.search(r'baton_router_stalled_streams_total\{front="grpc"\} ([0-9.]+)', text)
+    return int(float(match.group(1))) if match else 0
