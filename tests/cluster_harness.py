@@ -112,10 +112,11 @@ class BatonUp:
 
         return asyncio.run(read())
 
-    def stats(self, node: NodeInfo) -> node_pb2.NodeStats:
+    def stats(self, node: NodeInfo, metadata=None) -> node_pb2.NodeStats:
+        """The node's stats (`metadata`: the member token, for a closed cluster's node)."""
         with grpc.insecure_channel(node.address) as channel:
             stub = (node_pb2_grpc.PrefillNodeStub if node.role == "prefill" else node_pb2_grpc.DecodeNodeStub)(channel)
-            return stub.GetStats(node_pb2.GetStatsRequest(), timeout=10)
+            return stub.GetStats(node_pb2.GetStatsRequest(), timeout=10, metadata=metadata)
 
     def departure(self, action, gone, within: float, what: str) -> float:
         """Runs `action()` (in a thread) while one membership watcher, started before it, follows the cluster;
