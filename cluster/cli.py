@@ -236,20 +236,32 @@ def _check_auth(args: argparse.Namespace) -> None:
 
 
 def _router(args: argparse.Namespace) -> int:
+    from baton.common.tls import TlsFiles
+    from baton.engine import FieldError
     from baton.router.main import RouterConfig, run
 
     _check_auth(args)
+    try:  # refused here, naming the option, before the process starts anything
+        cfg = RouterConfig(
+            etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
+            max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations,
+            inactivity_timeout=args.stream_inactivity_timeout, node_wait=args.node_wait, http_port=args.http_port,
+            chat_template=args.chat_template, log_format=args.log_format,
+            served_model_name=args.served_model_name[0] if args.served_model_name else "",
+            metrics_port=args.metrics_port, router_id=args.router_id, routing=args.routing,
+            max_local_prefill_tokens=args.max_local_prefill_tokens, auth=args.auth,
+            cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open,
+            flow=_flow_settings(args), flag_addresses=args.flag_addresses, stall_timeout=args.stall_timeout,
+            tls_cert=args.tls_cert, tls_key=args.tls_key)
+        if cfg.tls_cert:
+            TlsFiles(cfg.tls_cert, cfg.tls_key)
+    except FieldError:
+        raise
+    except ValueError as e:
+        field, _, message = str(e).partition(": ")
+        raise FieldError(field, message) from None
     _start_process(args)
-    run(RouterConfig(etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
-                     max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations,
-                     inactivity_timeout=args.stream_inactivity_timeout, node_wait=args.node_wait,
-                     http_port=args.http_port, chat_template=args.chat_template, log_format=args.log_format,
-                     served_model_name=args.served_model_name[0] if args.served_model_name else "",
-                     metrics_port=args.metrics_port, router_id=args.router_id, routing=args.routing,
-                     max_local_prefill_tokens=args.max_local_prefill_tokens, auth=args.auth,
-                     cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open,
-                     flow=_flow_settings(args), flag_addresses=args.flag_addresses,
-                     stall_timeout=args.stall_timeout))
+    run(cfg)
     return 0
 
 
@@ -549,6 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     _served_name_arg(router)
     _auth_args(router)
     _flow_args(router)
+    router.add_argument("--tls-cert", default="", metavar="PEM",
+                        help="with --tls-key: the public gRPC fronts and the OpenAI HTTP front answer TLS only "
+                             "(the certificate chain, the server's first)")
+    router.add_argument("--tls-key", default="", metavar="PEM", help="the certificate's private key")
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
 

@@ -133,8 +133,10 @@ class Server:
         self.names = names
         self.port = 0
 
-    def bind(self, host: str, port: int) -> str:
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+    def bind(self, host: str, port: int, tls=None) -> str:
+        """Listens on (host, port), with TLS when `tls` (common.tls.TlsFiles) is given."""
+        self.port = self.grpc.add_secure_port(f"{host}:{port}", tls.server_credentials()) if tls is not None \
+            else self.grpc.add_insecure_port(f"{host}:{port}")
         if not self.port:
             raise OSError(f"cannot listen on {host}:{port}")
         return f"{host}:{self.port}"

@@ -38,6 +38,7 @@ from typing import Any, Self, TypedDict, Unpack
 
 import grpc
 
+from baton.common.tls import client_credentials
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc
 
@@ -241,17 +242,18 @@ class _Client:
     _open: Any  # the channel factory
 
     def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
-                 resumes: int | None = None, api_key: str | None = None) -> None:
+                 resumes: int | None = None, api_key: str | None = None, tls: bool | str = False) -> None:
         """`target`: a router's host:port, or several (a list, or comma-separated). `resumes`: how many times one
         stream may move to another router [None: once per other router; 0: never]. `api_key`: sent with every
-        call (`Authorization: Bearer`), for routers started with `--auth`."""
+        call (`Authorization: Bearer`), for routers started with `--auth`. `tls`: for routers started with
+        `--tls-cert`: True trusts the system's roots, a path the issuers in that PEM file."""
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         targets = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
         if not targets or not all(targets):
             raise ValueError(f"target: one or more host:port, got {target!r}")
         self.timeout = timeout
         self.resumes = len(targets) - 1 if resumes is None else resumes
-        self._channels = [self._open(t) for t in targets]
+        self._channels = [self._open(t, client_credentials(tls)) if tls else self._open(t) for t in targets]
         self._stubs = [baton_pb2_grpc.BatonStub(c) for c in self._channels]
         self._current = 0  # the router calls go to, until one fails
 
@@ -268,9 +270,10 @@ class _Client:
 
 
 class BatonClient(_Client):
-    """Blocking client over grpc.insecure_channel; use it in a `with` block or close() it. `timeout` is
-    every call's deadline in seconds (None: none), unless the call passes its own."""
-    _open = staticmethod(grpc.insecure_channel)
+    """Blocking client over a grpc channel; use it in a `with` block or close() it. `timeout` is every call's
+    deadline in seconds (None: none), unless the call passes its own."""
+    _open = staticmethod(lambda target, credentials=None: grpc.secure_channel(target, credentials)
+                         if credentials is not None else grpc.insecure_channel(target))
 
     def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
                  **options: Unpack[GenerateOptions]) -> Iterator[Delta | Finished]:
@@ -317,8 +320,9 @@ class BatonClient(_Client):
 
 
 class AsyncBatonClient(_Client):
-    """asyncio client over grpc.aio.insecure_channel: BatonClient's calls, awaited; `async with` it."""
-    _open = staticmethod(grpc.aio.insecure_channel)
+    """asyncio client over a grpc.aio channel: BatonClient's calls, awaited; `async with` it."""
+    _open = staticmethod(lambda target, credentials=None: grpc.aio.secure_channel(target, credentials)
+                         if credentials is not None else grpc.aio.insecure_channel(target))
 
     async def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
                        **options: Unpack[GenerateOptions]) -> AsyncIterator[Delta | Finished]:

