@@ -211,11 +211,13 @@ async def _flood(address: str, flooder: str, polite: str, flood: int, rounds: in
         stub = baton_pb2_grpc.BatonStub(channel)
         stop = asyncio.Event()
 
-        async def flooding() -> None:
-            while not stop.is_set():
-                await _stream(stub, flooder, 50)
+        async def flooding(i: int) -> None:
+            n = 0
+            while not stop.is_set():  # lengths 25-75: places free one by one, not in waves
+                await _stream(stub, flooder, 25 + (i * 17 + n * 29) % 51)
+                n += 1
 
-        floods = [asyncio.ensure_future(flooding()) for _ in range(flood)]
+        floods = [asyncio.ensure_future(flooding(i)) for i in range(flood)]
         await asyncio.sleep(0.5 if flood else 0)  # the flood fills the places and the queue
         ttfts, tokens, t0 = [], 0, time.perf_counter()
         for _ in range(rounds):
