@@ -208,14 +208,40 @@ def _node(args: argparse.Namespace) -> int:
     from baton.cluster.node import NodeConfig, run
 
     _check_auth(args)
+    _check_mtls(args)
     _start_process(args)
     run(NodeConfig(role=args.role, etcd=args.etcd, cluster=args.cluster, node_id=args.node_id, host=args.host,
                    port=args.port, metrics_port=args.metrics_port, advertise_host=args.advertise_host, ttl=args.ttl,
                    threads=args.threads, transfer_timeout=args.transfer_timeout, kv_path=args.kv_path,
                    kv_pull_min_tokens=args.kv_pull_min_tokens, drain_timeout=args.drain_timeout,
                    served_model_names=tuple(args.served_model_name), cluster_secret_file=args.cluster_secret_file,
-                   log_format=args.log_format, engine=_engine_config(args)))
+                   log_format=args.log_format, engine=_engine_config(args), mtls_cert=args.mtls_cert,
+                   mtls_key=args.mtls_key, mtls_ca=args.mtls_ca))
     return 0
+
+
+def _check_mtls(args: argparse.Namespace) -> None:
+    from baton.common.tls import MemberTls
+    from baton.engine import FieldError
+
+    given = [bool(args.mtls_cert), bool(args.mtls_key), bool(args.mtls_ca)]
+    if any(given):
+        if not all(given):
+            raise FieldError("mtls_cert", "give --mtls-cert, --mtls-key and --mtls-ca together, or none")
+        try:
+            MemberTls(args.mtls_cert, args.mtls_key, args.mtls_ca)
+        except ValueError as e:
+            field, _, message = str(e).partition(": ")
+            raise FieldError(field, message) from None
+
+
+def _mtls_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mtls-cert", default="", metavar="PEM",
+                        help="mutual TLS between the cluster's members: this process's certificate (naming the "
+                             "addresses nodes register), with --mtls-key and --mtls-ca; nodes then answer members "
+                             "only, over TLS")
+    parser.add_argument("--mtls-key", default="", metavar="PEM", help="the member certificate's private key")
+    parser.add_argument("--mtls-ca", default="", metavar="PEM", help="the CA that signs the members' certificates")
 
 
 def _check_auth(args: argparse.Namespace) -> None:
@@ -241,6 +267,7 @@ def _router(args: argparse.Namespace) -> int:
     from baton.router.main import RouterConfig, run
 
     _check_auth(args)
+    _check_mtls(args)
     try:  # refused here, naming the option, before the process starts anything
         cfg = RouterConfig(
             etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
@@ -252,7 +279,8 @@ def _router(args: argparse.Namespace) -> int:
             max_local_prefill_tokens=args.max_local_prefill_tokens, auth=args.auth,
             cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open,
             flow=_flow_settings(args), flag_addresses=args.flag_addresses, stall_timeout=args.stall_timeout,
-            tls_cert=args.tls_cert, tls_key=args.tls_key)
+            tls_cert=args.tls_cert, tls_key=args.tls_key, mtls_cert=args.mtls_cert, mtls_key=args.mtls_key,
+            mtls_ca=args.mtls_ca)
         if cfg.tls_cert:
             TlsFiles(cfg.tls_cert, cfg.tls_key)
     except FieldError:
@@ -329,6 +357,7 @@ def _up(args: argparse.Namespace) -> int:
     node_args += ["--enforce-eager"] if args.enforce_eager else []
     node_args += ["--no-enable-prefix-caching"] if args.enable_prefix_caching is False else []
     _check_auth(args)
+    _check_mtls(args)
     _flow_settings(args)  # refused here, not by the router it starts
     auth_args, made = [], ""
     if args.auth:  # the routers need the cluster's secret; one is made for a private etcd's cluster
@@ -339,6 +368,10 @@ def _up(args: argparse.Namespace) -> int:
         node_args += ["--cluster-secret-file", secret_file]  # and the nodes answer members only
         print(f"baton: API keys required; the cluster secret is in {secret_file} (create a key with `baton keys "
               f"create --name NAME --etcd URL --cluster-secret-file {secret_file}`)", flush=True)
+    if args.mtls_cert:  # the router and every node are members, over mutual TLS
+        mtls = ["--mtls-cert", args.mtls_cert, "--mtls-key", args.mtls_key, "--mtls-ca", args.mtls_ca]
+        auth_args += mtls
+        node_args += mtls
     first = ModelPool(args.model, tuple(args.served_model_name), args.prefill, args.decode, args.colocated,
                       args.prefill_tp, args.decode_tp, args.tp)
     more: list[ModelPool] = []
@@ -518,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
     _auth_args(up)
     _flow_args(up)
+    _mtls_args(up)
     up.set_defaults(run=_up)
 
     node = sub.add_parser("node", help="run one node (what `baton up` starts)")
@@ -541,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--cluster-secret-file", default="", metavar="PATH",
                       help="the cluster's secret: the node's services then answer only callers that hold it (the "
                            "routers and other nodes given the same file); default: open to any caller")
+    _mtls_args(node)
     _cluster_args(node)
     _served_name_arg(node)
     _engine_args(node)
@@ -561,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     _served_name_arg(router)
     _auth_args(router)
     _flow_args(router)
+    _mtls_args(router)
     router.add_argument("--tls-cert", default="", metavar="PEM",
                         help="with --tls-key: the public gRPC fronts and the OpenAI HTTP front answer TLS only "
                              "(the certificate chain, the server's first)")

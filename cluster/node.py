@@ -22,6 +22,7 @@ from baton.common.keys import read_secret
 from baton.common.kv_events import KVEventPublisher, KVEventsServicer
 from baton.common.loops import every, retrying
 from baton.common.members import member_token
+from baton.common.tls import MemberTls
 from baton.common.membership import NodeInfo, NodeRegistration
 from baton.common.metrics import MetricsServer
 from baton.engine import EngineConfig, LLMEngine
@@ -75,6 +76,10 @@ class NodeConfig:
     # The cluster's secret: its internal services then answer members only, and it calls others as one
     # (common/members.py). "": an open cluster.
     cluster_secret_file: str = ""
+    # Mutual TLS between members (common/tls.py): this node's certificate and key, and the cluster's CA.
+    mtls_cert: str = ""
+    mtls_key: str = ""
+    mtls_ca: str = ""
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -90,6 +95,8 @@ class NodeConfig:
             raise ValueError(f"drain_timeout: must be a number of seconds >= 0, got {self.drain_timeout!r}")
         if not (isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535):
             raise ValueError(f"metrics_port: must be a port number (0: any free port), got {self.metrics_port!r}")
+        if len({bool(self.mtls_cert), bool(self.mtls_key), bool(self.mtls_ca)}) > 1:
+            raise ValueError("mtls_cert: give --mtls-cert, --mtls-key and --mtls-ca together, or none")
         if self.kv_path not in KV_PATHS:
             raise ValueError(f"kv_path: must be one of {KV_PATHS}, got {self.kv_path!r}")
         if not (isinstance(self.kv_pull_min_tokens, int) and self.kv_pull_min_tokens >= 0):
@@ -120,6 +127,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     serial_torch()  # the engine's thread runs the process's only OpenMP team (engine/omp.py)
     loop = asyncio.get_running_loop()
     token = member_token(read_secret(cfg.cluster_secret_file)) if cfg.cluster_secret_file else None
+    mtls = MemberTls(cfg.mtls_cert, cfg.mtls_key, cfg.mtls_ca) if cfg.mtls_cert else None
     if cfg.engine.share_kv_cache:
         remove_stale_shm()  # what killed nodes on this host left in /dev/shm
     # A tensor-parallel node's other ranks each move their own KV heads (kvtransfer/ranks.py).
@@ -134,7 +142,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             from baton.prefill.server import PrefillServicer
 
             servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
-                                       pull_min_tokens=cfg.kv_pull_min_tokens, model=model_name, member_token=token)
+                                       pull_min_tokens=cfg.kv_pull_min_tokens, model=model_name, member_token=token,
+                                       member_credentials=mtls.channel_credentials() if mtls else None)
             service = (node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)
         else:
             from baton.decode.server import DecodeServicer
@@ -147,7 +156,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         kv_events = KVEventPublisher(cfg.node_id, async_engine)
         server = Server([service, (node_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(kv_events),
                                    KV_EVENTS_SERVICE)], member_token=token)
-        port = server.bind(cfg.host, cfg.port).rpartition(":")[2]
+        port = server.bind(cfg.host, cfg.port, mtls).rpartition(":")[2]  # members only, with mutual TLS
         address = join_address(cfg.advertise_host, port)
         if cfg.role != "prefill":
             servicer.advertise(address)

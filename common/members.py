@@ -24,6 +24,13 @@ def member_token(secret: bytes) -> str:
     return hmac.new(secret, _LABEL, hashlib.sha256).hexdigest()
 
 
+def node_channel(address: str, options=(), credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """A channel to a node: over mutual TLS with `credentials` (common/tls.py, MemberTls), else plaintext."""
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=options)
+    return grpc.aio.insecure_channel(address, options=options)
+
+
 def member_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     """The metadata an internal call carries (None: none, for an open cluster)."""
     return ((MEMBER_METADATA, token),) if token else None

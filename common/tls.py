@@ -37,6 +37,33 @@ class TlsFiles:
         return context
 
 
+@dataclass(frozen=True, slots=True)
+class MemberTls:
+    """Mutual TLS between a cluster's members (`--mtls-cert`, `--mtls-key`, `--mtls-ca`): a node's internal
+    services answer only callers that present a certificate the cluster's CA signed, and routers and nodes call
+    nodes with theirs. Nodes are dialled at the addresses they register, so a member certificate names them
+    (subjectAltName: their IP addresses or host names)."""
+
+    cert: str
+    key: str
+    ca: str
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "ca"):
+            path = Path(getattr(self, name))
+            if not path.is_file():
+                raise ValueError(f"mtls_{name}: no such file: {path}")
+        TlsFiles(self.cert, self.key)  # the key matches its certificate
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+                                           root_certificates=Path(self.ca).read_bytes(), require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(Path(self.ca).read_bytes(), Path(self.key).read_bytes(),
+                                            Path(self.cert).read_bytes())
+
+
 def client_credentials(tls: bool | str) -> grpc.ChannelCredentials:
     """What a client trusts: `True` for the system's roots, a path for a PEM file of the issuers to trust."""
     return grpc.ssl_channel_credentials(Path(tls).read_bytes() if isinstance(tls, str) else None)

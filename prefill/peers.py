@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from baton.common.members import MemberStub
+from baton.common.members import MemberStub, node_channel
 from baton.common.messages import NODE_CHANNEL_OPTIONS
 from baton.kvtransfer.channel import LANES_PER_PAIR, KVTransferError, PairChannels, TransferThreads
 from baton.kvtransfer.shared import SharedPool, open_shared
@@ -62,8 +62,9 @@ class DecodePeer:
 class DecodePeers:
     def __init__(self, channels: PairChannels, threads: TransferThreads, idle_seconds: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, lanes: int = LANES_PER_PAIR,
-                 member_token: str | None = None) -> None:
-        """`member_token`: carried by every call to a decode node, in a closed cluster (common/members.py)."""
+                 member_token: str | None = None, credentials=None) -> None:
+        """`member_token`: carried by every call to a decode node, in a closed cluster (common/members.py);
+        `credentials`: its calls go over mutual TLS with them (common/tls.py)."""
         if not 0 < lanes <= LANES_PER_PAIR:
             raise ValueError(f"lanes: must be in [1, {LANES_PER_PAIR}], got {lanes}")
         self.channels = channels
@@ -71,6 +72,7 @@ class DecodePeers:
         self.idle_seconds = idle_seconds
         self.lanes = lanes
         self.member_token = member_token
+        self.credentials = credentials
         self._clock = clock
         self._peers: dict[str, DecodePeer] = {}
         self._closing: set[asyncio.Task] = set()
@@ -138,7 +140,7 @@ class DecodePeers:
             self._forget(peer)  # restarted elsewhere under the same id
             peer = None
         if peer is None:
-            channel = grpc.aio.insecure_channel(address, options=NODE_CHANNEL_OPTIONS)
+            channel = node_channel(address, NODE_CHANNEL_OPTIONS, self.credentials)
             stub = MemberStub(node_pb2_grpc.DecodeNodeStub(channel), self.member_token)
             peer = self._peers[node_id] = DecodePeer(node_id, address, store_address, channel, stub, self._clock())
         peer.active += 1

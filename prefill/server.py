@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
     def __init__(self, node_id: str, engine: AsyncEngine, transfer_timeout: float = 30.0,
                  peer_idle_seconds: float = 60.0, kv_path: str = "auto", model: str = "",
-                 pull_min_tokens: int = DEFAULT_PULL_MIN_TOKENS, member_token: str | None = None) -> None:
+                 pull_min_tokens: int = DEFAULT_PULL_MIN_TOKENS, member_token: str | None = None,
+                 member_credentials=None) -> None:
         self.node_id = node_id
         self.engine = engine
         self.spec = engine.kv_spec
@@ -63,7 +64,8 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         self.device_id = device_id(self.spec.device)
         self.channels = PairChannels(node_id, self.spec.device)
         self.threads = TransferThreads("kv-send", thread_setup=serial_torch)
-        self.peers = DecodePeers(self.channels, self.threads, peer_idle_seconds, member_token=member_token)
+        self.peers = DecodePeers(self.channels, self.threads, peer_idle_seconds, member_token=member_token,
+                                 credentials=member_credentials)
         self.transfer_timeout = transfer_timeout
         tp = self.spec.tensor_parallel_size
         self.shards = [shard(engine.model_config, tp, r) for r in range(tp)]

@@ -83,6 +83,7 @@ class AttemptSettings:
     # its tokens are not, the decode node computes them itself and no prefill node is involved (0: never).
     max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS
     member_token: str | None = None  # carried by every call to a node of a closed cluster (common/members.py)
+    member_credentials: Any = None  # grpc.ChannelCredentials: calls to nodes over mutual TLS (common/tls.py)
 
 
 @dataclass(slots=True)

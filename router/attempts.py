@@ -35,7 +35,8 @@ class Attempts:
         self.picker = picker
         self.settings = settings
         self.metrics = metrics
-        self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()}, settings.member_token)
+        self.stubs = NodeStubs(lambda: {n.address for n in picker.membership.nodes()}, settings.member_token,
+                               settings.member_credentials)
         self._releasing: set[asyncio.Future] = set()
 
     def node_wait(self, deadline) -> float:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from baton.common.members import MemberStub
+from baton.common.members import MemberStub, node_channel
 from baton.common.membership import MembershipWatcher, NodeInfo
 from baton.engine.prefix import block_names
 from baton.v1 import node_pb2, node_pb2_grpc
@@ -73,10 +73,11 @@ class KVIndex:
     """Owns the subscriptions and the entries. `on_resync(node_id, cause)`: counts each loss of sync."""
 
     def __init__(self, membership: MembershipWatcher, on_resync=lambda node_id, cause: None,
-                 member_token: str | None = None) -> None:
+                 member_token: str | None = None, credentials=None) -> None:
         self.membership = membership
         self._on_resync = on_resync
         self._member_token = member_token  # a closed cluster's nodes answer calls that carry it
+        self._credentials = credentials  # grpc.ChannelCredentials: to nodes over mutual TLS
         self._entries: dict[str, NodeCache] = {}
         self._follows: dict[tuple[str, str, int | None], asyncio.Task] = {}  # (node, address, registration)
         self._task: asyncio.Task | None = None
@@ -149,7 +150,7 @@ class KVIndex:
     async def _subscribe(self, node: NodeInfo) -> str | None:
         """One subscription, until it loses sync: why ("gap", "broken", "refused"), or None if the node has no
         KV events service."""
-        async with grpc.aio.insecure_channel(node.address) as channel:
+        async with node_channel(node.address, (), self._credentials) as channel:
             call = MemberStub(node_pb2_grpc.KVEventsStub(channel), self._member_token).Subscribe(
                 node_pb2.KVEventsRequest())
             try:

@@ -13,7 +13,7 @@ from baton.common.grpc_server import BATON_SERVICE, Server, run_until_signalled
 from baton.common.keys import read_secret
 from baton.common.members import member_token
 from baton.common.loops import every, retrying
-from baton.common.tls import TlsFiles
+from baton.common.tls import MemberTls, TlsFiles
 from baton.common.membership import (MembershipWatcher, NodeRegistration, RouterInfo, close_quietly, etcd_client,
                                      read_routers)
 from baton.engine.checkpoint import resolve_model_path, served_name
@@ -68,6 +68,10 @@ class RouterConfig:
     stall_timeout: float = 30.0  # seconds a client may read nothing before its stream is cancelled
     tls_cert: str = ""  # with tls_key: the public fronts (gRPC and OpenAI HTTP) answer TLS only
     tls_key: str = ""
+    # Mutual TLS to the nodes (common/tls.py): this router's member certificate and key, and the cluster's CA.
+    mtls_cert: str = ""
+    mtls_key: str = ""
+    mtls_ca: str = ""
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -78,6 +82,8 @@ class RouterConfig:
             raise ValueError(f"node_wait: must be >= 0 seconds, got {self.node_wait}")
         if self.max_local_prefill_tokens < 0:
             raise ValueError(f"max_local_prefill_tokens: must be >= 0, got {self.max_local_prefill_tokens}")
+        if len({bool(self.mtls_cert), bool(self.mtls_key), bool(self.mtls_ca)}) > 1:
+            raise ValueError("mtls_cert: give --mtls-cert, --mtls-key and --mtls-ca together, or none")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert: give both --tls-cert and --tls-key, or neither")
         if not self.stall_timeout > 0:
@@ -126,9 +132,10 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     # With the cluster's secret the router calls the nodes as a member (common/members.py).
     secret = read_secret(cfg.cluster_secret_file) if cfg.cluster_secret_file else None
     token = member_token(secret) if secret is not None else None
+    credentials = MemberTls(cfg.mtls_cert, cfg.mtls_key, cfg.mtls_ca).channel_credentials() if cfg.mtls_cert else None
     # KV-aware routing reads the nodes' prefix caches from their KV events (kv_index.py).
-    index = KVIndex(membership, lambda node_id, cause: metrics.kv_resyncs.labels(cause).inc(), token) \
-        if cfg.routing == "kv" else None
+    index = KVIndex(membership, lambda node_id, cause: metrics.kv_resyncs.labels(cause).inc(), token,
+                    credentials) if cfg.routing == "kv" else None
     metrics = RouterMetrics(membership.nodes, index.sizes if index is not None else dict)
     if index is not None:
         index.start()
@@ -138,7 +145,7 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
                        cfg.chat_template)
     models = Models(membership, [given])
     settings = AttemptSettings(cfg.lease_ms, cfg.max_migrations, cfg.inactivity_timeout, cfg.node_wait,
-                               cfg.max_local_prefill_tokens, token)
+                               cfg.max_local_prefill_tokens, token, credentials)
     keys = None
     if cfg.auth:  # the keys as etcd holds them, followed live (a revocation counts at once)
         keys = await retrying(lambda: KeyStore.start(cfg.etcd, cfg.cluster, secret), (aetcd.ClientError,), 60.0,

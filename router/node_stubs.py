@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from baton.common.members import MemberStub
+from baton.common.members import MemberStub, node_channel
 from baton.common.messages import NODE_CHANNEL_OPTIONS
 from baton.v1 import node_pb2_grpc
 
@@ -33,9 +33,11 @@ class NodeStubs:
     ends, never before: a draining node finishes its streams however long they take, and nodes that come and go
     leak nothing."""
 
-    def __init__(self, live: Callable[[], set[str]], member_token: str | None = None) -> None:
+    def __init__(self, live: Callable[[], set[str]], member_token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self._live = live
         self._member_token = member_token  # a closed cluster's nodes answer calls that carry it
+        self._credentials = credentials  # and, with mutual TLS, over channels that present a member certificate
         self._nodes: dict[str, NodeChannel] = {}
         self._closing: set[asyncio.Task] = set()
 
@@ -49,7 +51,7 @@ class NodeStubs:
             node = None
         if node is None:
             self._prune()
-            channel = grpc.aio.insecure_channel(address, options=NODE_CHANNEL_OPTIONS)
+            channel = node_channel(address, NODE_CHANNEL_OPTIONS, self._credentials)
             decode = MemberStub(node_pb2_grpc.DecodeNodeStub(channel), self._member_token)
             prefill = MemberStub(node_pb2_grpc.PrefillNodeStub(channel), self._member_token)
             node = self._nodes[address] = NodeChannel(channel, decode, prefill, NodeStreams(decode))
