@@ -280,7 +280,8 @@ def _router(args: argparse.Namespace) -> int:
             cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open,
             flow=_flow_settings(args), flag_addresses=args.flag_addresses, stall_timeout=args.stall_timeout,
             tls_cert=args.tls_cert, tls_key=args.tls_key, mtls_cert=args.mtls_cert, mtls_key=args.mtls_key,
-            mtls_ca=args.mtls_ca)
+            mtls_ca=args.mtls_ca, moderation_url=args.moderation_url, moderation_fail_open=args.moderation_fail_open,
+            moderation_timeout=args.moderation_timeout)
         if cfg.tls_cert:
             TlsFiles(cfg.tls_cert, cfg.tls_key)
     except FieldError:
@@ -601,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --tls-key: the public gRPC fronts and the OpenAI HTTP front answer TLS only "
                              "(the certificate chain, the server's first)")
     router.add_argument("--tls-key", default="", metavar="PEM", help="the certificate's private key")
+    router.add_argument("--moderation-url", default="", metavar="URL",
+                        help="screen every prompt with this moderation service (OpenAI's moderation API shape: "
+                             "POST {\"input\": text}); flagged prompts are refused")
+    router.add_argument("--moderation-fail-open", action="store_true",
+                        help="when the moderation service cannot answer, admit the prompt unscreened (default: "
+                             "refuse it UNAVAILABLE)")
+    router.add_argument("--moderation-timeout", type=float, default=2.0, metavar="SECONDS")
     _cluster_args(router, port=50051)
     router.set_defaults(run=_router)
 

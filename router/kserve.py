@@ -33,7 +33,7 @@ from .fields import sampling
 from .admission import UnknownModel
 from .models import ServedModel
 from .auth import credential_from_metadata
-from .server import Refused, RouterServicer
+from .server import Refused, RouterServicer, Stalled
 
 # Raw little-endian element formats of the fixed-size datatypes (BYTES elements are length-prefixed).
 _RAW = {"BOOL": "?", "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "UINT8": "B", "UINT16": "H",
@@ -141,6 +141,9 @@ def _text_response(request: ks.ModelInferRequest, text: str, final: bool | None,
     return response
 
 
+_STREAM_BUFFER = 64  # responses of a ModelStreamInfer call waiting for its client
+
+
 class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, router: RouterServicer) -> None:
         self.router = router
@@ -232,18 +235,21 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request of the stream runs as it comes, concurrently with the others; their responses are
-        interleaved as they are produced. The call ending (the client cancels or leaves) cancels them all."""
-        out: asyncio.Queue = asyncio.Queue()
+        interleaved as they are produced. The call ending (the client cancels or leaves) cancels them all, and
+        so does a client that reads nothing for the stall timeout: the responses wait in a bounded queue, so the
+        requests wait with them rather than piling up here."""
+        out: asyncio.Queue = asyncio.Queue(maxsize=_STREAM_BUFFER)
         tasks: set[asyncio.Task] = set()
         done = object()
 
         async def one(request: ks.ModelInferRequest) -> None:
             try:
-                async for text, final, finish in self._responses(request, context, stream_text=True):
-                    out.put_nowait(ks.ModelStreamInferResponse(
-                        infer_response=_text_response(request, text, final, finish)))
+                async with contextlib.aclosing(self._responses(request, context, stream_text=True)) as responses:
+                    async for text, final, finish in responses:
+                        await out.put(ks.ModelStreamInferResponse(
+                            infer_response=_text_response(request, text, final, finish)))
             except Refused as e:
-                out.put_nowait(ks.ModelStreamInferResponse(
+                await out.put(ks.ModelStreamInferResponse(
                     error_message=e.message, infer_response=ks.ModelInferResponse(
                         model_name=request.model_name, model_version=request.model_version, id=request.id)))
 
@@ -253,13 +259,15 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*list(tasks), return_exceptions=True)
-            out.put_nowait(done)
+            await out.put(done)
 
         reader = asyncio.ensure_future(read())
         try:
             while (item := await out.get()) is not done:
-                yield item
+                await self.router.deliver(context.write(item), "kserve")
             await reader
+        except Stalled as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         finally:
             reader.cancel()
             for task in list(tasks):

@@ -30,6 +30,7 @@ from .limits import Limiter
 from .metrics import RouterMetrics
 from .picker import Picker
 from .routing import POLICIES, routing
+from .moderation import Filters, HttpModeration
 from .rules import RuleStore
 from .server import RouterServicer
 
@@ -68,6 +69,9 @@ class RouterConfig:
     stall_timeout: float = 30.0  # seconds a client may read nothing before its stream is cancelled
     tls_cert: str = ""  # with tls_key: the public fronts (gRPC and OpenAI HTTP) answer TLS only
     tls_key: str = ""
+    moderation_url: str = ""  # an external moderation service for prompts (moderation.py); "": none
+    moderation_fail_open: bool = False  # it cannot answer: admit the prompt unscreened (else UNAVAILABLE)
+    moderation_timeout: float = 2.0
     # Mutual TLS to the nodes (common/tls.py): this router's member certificate and key, and the cluster's CA.
     mtls_cert: str = ""
     mtls_key: str = ""
@@ -86,6 +90,8 @@ class RouterConfig:
             raise ValueError("mtls_cert: give --mtls-cert, --mtls-key and --mtls-ca together, or none")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert: give both --tls-cert and --tls-key, or neither")
+        if not self.moderation_timeout > 0:
+            raise ValueError(f"moderation_timeout: must be > 0 seconds, got {self.moderation_timeout}")
         if not self.stall_timeout > 0:
             raise ValueError(f"stall_timeout: must be > 0 seconds, got {self.stall_timeout}")
         if self.routing not in POLICIES:
@@ -153,7 +159,10 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     # Content rules apply with or without keys (global ones), followed live.
     rules = await retrying(lambda: RuleStore.start(cfg.etcd, cfg.cluster), (aetcd.ClientError,), 60.0,
                            "reading the content rules")
-    servicer = RouterServicer(models, picker, settings, metrics, keys, cfg.flow, rules, cfg.flag_addresses,
+    moderation = HttpModeration(cfg.moderation_url, fail_open=cfg.moderation_fail_open,
+                                timeout=cfg.moderation_timeout) if cfg.moderation_url else None
+    filters = Filters([rules, moderation]) if moderation is not None else rules
+    servicer = RouterServicer(models, picker, settings, metrics, keys, cfg.flow, filters, cfg.flag_addresses,
                               cfg.stall_timeout)
     server = Server([(baton_pb2_grpc.add_BatonServicer_to_server, servicer, BATON_SERVICE),
                      (kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(servicer),
@@ -225,6 +234,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         if keys is not None:
             await keys.close()
         await rules.close()
+        if moderation is not None:
+            await moderation.close()
         await membership.close()
 
 

@@ -31,11 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class Blocked(Exception):
-    """A prompt a content rule matched."""
+    """A prompt a content rule matched (INVALID_ARGUMENT)."""
 
-    def __init__(self, rule: str) -> None:
-        super().__init__(f"blocked by content rule {rule!r}")
+    def __init__(self, rule: str, detail: str = "") -> None:
+        super().__init__(f"blocked by content rule {rule!r}" + (f" ({detail})" if detail else ""))
         self.rule = rule
+
+
+class FilterUnavailable(Exception):
+    """A filter that cannot decide now, and fails closed (UNAVAILABLE)."""
 
 
 class OutputScreen:
@@ -103,8 +107,8 @@ class OutputScreen:
 
 
 class ContentFilter(Protocol):
-    def check_prompt(self, text: str, key: KeyRecord | None) -> None:
-        """Raises Blocked if `text` may not be a prompt for `key`."""
+    async def check_prompt(self, text: str, key: KeyRecord | None) -> None:
+        """Raises Blocked if `text` may not be a prompt for `key`, FilterUnavailable if it cannot tell now."""
 
     def screen(self, key: KeyRecord | None) -> OutputScreen | None:
         """A screen for one stream's output (None: nothing to screen)."""
@@ -128,7 +132,7 @@ class RuleStore(PrefixFollower):
         name = key.name if key is not None else None
         return [r.name for r in self._records.values() if r.applies(target, name)]
 
-    def check_prompt(self, text: str, key: KeyRecord | None) -> None:
+    async def check_prompt(self, text: str, key: KeyRecord | None) -> None:
         for name in self._applying("prompt", key):
             if self._compiled[name][0].search(text):
                 raise Blocked(name)

@@ -39,7 +39,7 @@ from .metrics import RouterMetrics
 from .models import Models
 from .picker import NoNode, Picker
 from .relay import Relay
-from .rules import Blocked, ContentFilter
+from .rules import Blocked, ContentFilter, FilterUnavailable
 from .usage import KeyUsage
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
                                                f"tokens per request that API key {key.name!r} allows")
             req.model, req.key = model, key
             if self.rules is not None:
-                self._screen_prompt(request, req)
+                await self._screen_prompt(request, req)
             await self._reserve(req)
             try:
                 mode = await self.picker.when_live(lambda: self.picker.mode(model.name),
@@ -208,7 +208,7 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
             refused = Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after=e.retry_after)
         except OverLimit as e:
             refused = Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after=e.retry_after)
-        except LimitsUnavailable as e:
+        except (LimitsUnavailable, FilterUnavailable) as e:
             refused = Refused(grpc.StatusCode.UNAVAILABLE, str(e))
         except FieldError as e:
             refused = Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
@@ -223,12 +223,12 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
         self.usage.ended(key, refused.code.name, 0, 0)
         raise refused
 
-    def _screen_prompt(self, request: pb.GenerateRequest, req: Admitted) -> None:
+    async def _screen_prompt(self, request: pb.GenerateRequest, req: Admitted) -> None:
         """Raises FieldError (INVALID_ARGUMENT on `prompt`) if a content rule matches the prompt's text; else sets
         the screen its output goes through (the rules as they are now, for the whole stream)."""
         text = request.text if request.WhichOneof("prompt") == "text" else req.model.tokenizer.decode(req.prompt_ids)
         try:
-            self.rules.check_prompt(text, req.key)
+            await self.rules.check_prompt(text, req.key)
         except Blocked as e:
             self.metrics.content_blocked.labels(e.rule, "prompt").inc()
             raise FieldError("prompt", str(e)) from None

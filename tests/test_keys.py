@@ -35,10 +35,11 @@ from baton.common.membership import close_quietly, etcd_client, read_routers
 from baton.common.rules import RuleRecord, rules_prefix
 from baton.engine import LLM, SamplingParams
 from baton.router.client import (AsyncBatonClient, BatonClient, Finished, InvalidArgument, PermissionDenied,
-                                 ResourceExhausted, Unauthenticated)
+                                 ResourceExhausted, Unauthenticated, Unavailable)
 from baton.router.ledger import LedgerId
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc, node_pb2, node_pb2_grpc
+from baton.v1 import kserve_pb2 as ks
 
 MODEL = "stories260K"
 BOUND = 30.0  # a revocation reaches the routers in ms; this only keeps a broken watch from hanging the test
@@ -633,6 +634,30 @@ def test_clients_that_stop_reading_are_cut_after_the_stall_timeout_and_hold_litt
         until(node_idle, "every block freed on the node")
         assert grpc_outcome(address, key) == "ok"
 
+        async def stall_kserve() -> None:
+            # KServe's streaming call: 20 streamed requests on one call that is never read.
+            options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+            async with grpc.aio.insecure_channel(address, options=options) as channel:
+                method = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                               ks.ModelInferRequest.SerializeToString,
+                                               ks.ModelStreamInferResponse.FromString)
+                requests = []
+                for i in range(20):
+                    r = ks.ModelInferRequest(model_name=MODEL, id=f"k{i}")
+                    r.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+                        PROMPTS[i % len(PROMPTS)].encode())
+                    r.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(400)
+                    r.parameters["stream"].bool_param = True
+                    r.parameters["ignore_eos"].bool_param = True
+                    requests.append(r)
+                call = method(iter(requests), metadata=(("authorization", f"Bearer {key}"),), timeout=300)
+                await call.initial_metadata()
+                await asyncio.to_thread(until, lambda: stalled(up, router, "kserve") >= 1, "the KServe call cut")
+                call.cancel()
+
+        asyncio.run(stall_kserve())
+        until(node_idle, "every block freed on the node after the KServe call")
+
 
 def rss_mib(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
@@ -641,7 +666,7 @@ def rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def stalled(up: BatonUp, router: Router) -> int:
+def stalled(up: BatonUp, router: Router, front: str = "grpc") -> int:
     """The router's count of streams cut for a stalled client (its metrics, from its etcd record's address)."""
     async def address() -> str:
         client = etcd_client(up.etcd, timeout=5.0)
@@ -652,7 +677,7 @@ def stalled(up: BatonUp, router: Router) -> int:
             await close_quietly(client)
 
     text = urllib.request.urlopen(f"http://{asyncio.run(address())}/metrics", timeout=30).read().decode()
-    match = re.search(r'baton_router_stalled_streams_total\{front="grpc"\} ([0-9.]+)', text)
+    match = re.search(r'baton_router_stalled_streams_total\{front="%s"\} ([0-9.]+)' % front, text)
     return int(float(match.group(1))) if match else 0
 
 
@@ -685,3 +710,74 @@ def test_tls_on_the_public_fronts(cluster, stories_path, tmp_path):
     done = subprocess.run([BATON, "router", "--etcd", up.etcd, "--tls-cert", str(cert), "--tls-key", str(other)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "tls_cert" in done.stderr, done.stderr
+
+
+class Moderation:
+    """A moderation service in OpenAI's shape (a real HTTP server on a thread of this process): flags a prompt
+    that says "dragon"; answers 500 while `broken`. `seen`: the inputs it was sent."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.broken = False
+        self.seen: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
+                outer.seen.append(text)
+                if outer.broken:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                flagged = "dragon" in text.lower()
+                body = json.dumps({"results": [{"flagged": flagged, "categories": {"violence": flagged,
+                                                                                   "hate": False}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/moderations"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_external_moderation_service_screens_prompts_with_its_fail_policy(cluster, stories_path):
+    up, secret, _ = cluster
+    key = new_key(up, secret, "moderated")
+    moderation = Moderation()
+    try:
+        def outcome(address: str, prompt: str) -> str:
+            try:
+                with BatonClient(address, timeout=60, api_key=key) as client:
+                    client.complete(prompt, max_tokens=3, temperature=0)
+                return "ok"
+            except (InvalidArgument, Unavailable) as e:
+                return f"{type(e).__name__}: {e.details}"
+
+        base = ["--auth", "--cluster-secret-file", str(secret), "--moderation-url", moderation.url]
+        with Router(up, stories_path, *base) as closed:
+            assert outcome(closed, "Once upon a time") == "ok"
+            refused = outcome(closed, "Once upon a time a Dragon came")
+            assert refused.startswith("InvalidArgument") and "moderation" in refused and "violence" in refused
+            assert "Once upon a time a Dragon came" in moderation.seen
+            moderation.broken = True
+            assert outcome(closed, "Once upon a time").startswith("Unavailable: the moderation service")
+        with Router(up, stories_path, *base, "--moderation-fail-open") as open_:
+            assert outcome(open_, "Once upon a time") == "ok"  # unscreened while the service is down
+            moderation.broken = False
+            assert outcome(open_, "A dragon").startswith("InvalidArgument")
+    finally:
+        moderation.close()
