@@ -235,6 +235,31 @@ def _check_mtls(args: argparse.Namespace) -> None:
             raise FieldError(field, message) from None
 
 
+def _tls_args(parser: argparse.ArgumentParser, ca: bool = False) -> None:
+    parser.add_argument("--tls-cert", default="", metavar="PEM",
+                        help="with --tls-key: the router's public gRPC fronts and OpenAI HTTP front answer TLS "
+                             "only (the certificate chain, the server's first)")
+    parser.add_argument("--tls-key", default="", metavar="PEM", help="the certificate's private key")
+    if ca:
+        parser.add_argument("--tls-ca", default="", metavar="PEM",
+                            help="the issuer `baton up` trusts to check its router is up (default: the certificate "
+                                 "itself, as for a self-signed one)")
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    from baton.common.tls import TlsFiles
+    from baton.engine import FieldError
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise FieldError("tls_cert", "give both --tls-cert and --tls-key, or neither")
+    if args.tls_cert:
+        try:
+            TlsFiles(args.tls_cert, args.tls_key)
+        except ValueError as e:
+            field, _, message = str(e).partition(": ")
+            raise FieldError(field, message) from None
+
+
 def _mtls_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mtls-cert", default="", metavar="PEM",
                         help="mutual TLS between the cluster's members: this process's certificate (naming the "
@@ -359,6 +384,7 @@ def _up(args: argparse.Namespace) -> int:
     node_args += ["--no-enable-prefix-caching"] if args.enable_prefix_caching is False else []
     _check_auth(args)
     _check_mtls(args)
+    _check_tls(args)
     _flow_settings(args)  # refused here, not by the router it starts
     auth_args, made = [], ""
     if args.auth:  # the routers need the cluster's secret; one is made for a private etcd's cluster
@@ -369,6 +395,8 @@ def _up(args: argparse.Namespace) -> int:
         node_args += ["--cluster-secret-file", secret_file]  # and the nodes answer members only
         print(f"baton: API keys required; the cluster secret is in {secret_file} (create a key with `baton keys "
               f"create --name NAME --etcd URL --cluster-secret-file {secret_file}`)", flush=True)
+    if args.tls_cert:  # the router's public fronts over TLS; this command trusts --tls-ca, or the certificate
+        auth_args += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
     if args.mtls_cert:  # the router and every node are members, over mutual TLS
         mtls = ["--mtls-cert", args.mtls_cert, "--mtls-key", args.mtls_key, "--mtls-ca", args.mtls_ca]
         auth_args += mtls
@@ -393,7 +421,8 @@ def _up(args: argparse.Namespace) -> int:
                                     str(args.max_queued_tokens), "--max-queue-wait", str(args.max_queue_wait),
                                     "--stall-timeout", str(args.stall_timeout)]
                        + auth_args + (["--chat-template", args.chat_template] if args.chat_template else []) + names,
-                       http_port=args.http_port, more_models=more, log_dir=args.log_dir)
+                       http_port=args.http_port, more_models=more, log_dir=args.log_dir,
+                       tls_trust=(args.tls_ca or args.tls_cert) if args.tls_cert else "")
     try:
         return run_up(spec)
     finally:
@@ -553,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     _auth_args(up)
     _flow_args(up)
     _mtls_args(up)
+    _tls_args(up, ca=True)
     up.set_defaults(run=_up)
 
     node = sub.add_parser("node", help="run one node (what `baton up` starts)")
@@ -598,10 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     _auth_args(router)
     _flow_args(router)
     _mtls_args(router)
-    router.add_argument("--tls-cert", default="", metavar="PEM",
-                        help="with --tls-key: the public gRPC fronts and the OpenAI HTTP front answer TLS only "
-                             "(the certificate chain, the server's first)")
-    router.add_argument("--tls-key", default="", metavar="PEM", help="the certificate's private key")
+    _tls_args(router)
     router.add_argument("--moderation-url", default="", metavar="URL",
                         help="screen every prompt with this moderation service (OpenAI's moderation API shape: "
                              "POST {\"input\": text}); flagged prompts are refused")

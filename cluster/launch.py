@@ -114,6 +114,7 @@ class ClusterSpec:
     role_args: dict[str, list[str]] = field(default_factory=dict)  # more options for one role's nodes
     router_args: list[str] = field(default_factory=list)  # extra `baton router` options
     http_port: int = 0  # the router's OpenAI-compatible HTTP front (0: none)
+    tls_trust: str = ""  # the router serves TLS (router_args has its certificate): a PEM of the issuers to trust
     log_dir: str = ""
     start_timeout: float = 180.0
     # More models, each with its own nodes (`baton up --config`); their node ids start with the model's name.
@@ -227,9 +228,16 @@ class LocalCluster:
         finally:
             await watcher.close()
 
+    def _channel(self, aio: bool = False):
+        """A channel to the router this cluster started (over TLS when it serves TLS)."""
+        if self.spec.tls_trust:
+            credentials = grpc.ssl_channel_credentials(Path(self.spec.tls_trust).read_bytes())
+            return (grpc.aio.secure_channel if aio else grpc.secure_channel)(self.address, credentials)
+        return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(self.address)
+
     def _wait_router_serving(self) -> None:
         deadline = time.monotonic() + self.spec.start_timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self._channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 self._check_alive()
@@ -247,7 +255,7 @@ class LocalCluster:
         deadline = time.monotonic() + self.spec.start_timeout
         watcher = await MembershipWatcher.start(self.etcd_url, self.cluster)
         try:
-            async with grpc.aio.insecure_channel(self.address) as channel:
+            async with self._channel(aio=True) as channel:
                 stub = baton_pb2_grpc.BatonStub(channel)
                 while True:
                     registered = {n.model for n in watcher.nodes()}
@@ -308,7 +316,8 @@ def run_up(spec: ClusterSpec) -> int:
             with lock:
                 starting = False
             if spec.http_port:  # first: what reads these lines has both once it sees the router's
-                print(f"baton: OpenAI-compatible HTTP on http://{spec.host}:{spec.http_port}/v1", flush=True)
+                scheme = "https" if spec.tls_trust else "http"
+                print(f"baton: OpenAI-compatible HTTP on {scheme}://{spec.host}:{spec.http_port}/v1", flush=True)
             print(f"baton: router listening on {cluster.address} (cluster {cluster.cluster}, "
                   f"etcd {cluster.etcd_url}, logs in {cluster.log_dir})", flush=True)
             stop.wait()

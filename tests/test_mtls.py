@@ -1,7 +1,8 @@
 """Mutual TLS between a cluster's members (`--mtls-cert/--mtls-key/--mtls-ca`, common/tls.py): a 1P1D cluster
 whose router calls its nodes, and whose prefill node calls its decode node, over TLS with certificates a
-test CA signed. Generations run as ever; a node refuses a plaintext caller, a TLS caller without a member
-certificate, and (grpcurl, with the certificate) a caller without the member token."""
+test CA signed, its router's public front over TLS too (`baton up --tls-cert/--tls-key/--tls-ca`).
+Generations run as ever; a node refuses a plaintext caller, a TLS caller without a member certificate, and
+(grpcurl, with the certificate) a caller without the member token."""
 
 from __future__ import annotations
 
@@ -52,10 +53,14 @@ def test_members_call_each_other_over_mutual_tls_and_outsiders_get_nothing(stori
     prompt = "Once upon a time"
     want = stories_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
     mtls = ["--mtls-cert", str(cert), "--mtls-key", str(key), "--mtls-ca", str(ca)]
+    # The router's public fronts over TLS too (`baton up` checks its router with --tls-ca).
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "1", "--auth",
-                 "--cluster-secret-file", str(secret), *mtls) as up:
+                 "--cluster-secret-file", str(secret), *mtls, *tls) as up:
         api_key = new_key(up, secret, "mtls")
-        with BatonClient(up.address, timeout=60, api_key=api_key) as client:
+        with BatonClient(up.address, timeout=2, api_key=api_key) as plain, pytest.raises(Exception):
+            plain.complete(prompt, max_tokens=2)
+        with BatonClient(up.address, timeout=60, api_key=api_key, tls=str(ca)) as client:
             for _ in range(2):  # the second finds its prefix on the decode node (KV events, over mTLS too)
                 done = client.complete(prompt, max_tokens=12, temperature=0)
                 assert done.token_ids == want and done.finished.prefill_node and done.finished.decode_node
