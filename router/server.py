@@ -2,13 +2,17 @@
 (baton.v1 here, OpenAI HTTP in `openai_http`, KServe v2 in `kserve`).
 
 A request's life in the router:
-  admit      validate every field, tokenize, give the request a cluster-unique id, and wait (up to the node
-             wait) for a live node to serve it (`admit`)
+  admit      the caller's key (`auth`, each front, before it reads the request); validate every field,
+             tokenize, give the request a cluster-unique id; screen its prompt (`rules`, `moderation`);
+             reserve against its key's limits (`limits`); wait (up to the node wait) for a live node, then
+             for a place with the nodes (`flow`: priorities, fair queuing across keys) (`admit`)
   serve      its stream from the nodes (`attempts.Attempts.stream`: pick, Reserve, Prefill, Continue,
              release, and a move to other nodes when one fails under it; `attempt.Attempt` is one try),
-             each response rewritten for the client (`relay.Relay`); n > 1 choices of one prompt share its
-             prefill (`choices.SharedPrefill`)
-  end        counted once, with the status it ended with; a failure is answered as `Refused`
+             through its output screen (`rules.OutputScreen`), each response rewritten for the client
+             (`relay.Relay`) and written within the stall timeout (`deliver`); n > 1 choices of one prompt
+             share its prefill (`choices.SharedPrefill`)
+  end        charged to its key for what its client received (before its Finish), its place freed, counted
+             once with the status it ended with; a failure is answered as `Refused`
 """
 
 from __future__ import annotations
