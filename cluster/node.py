@@ -8,6 +8,7 @@ Prometheus metrics over HTTP (`metrics`), at the address it publishes in etcd be
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import uuid
@@ -131,7 +132,9 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     if cfg.engine.share_kv_cache:
         remove_stale_shm()  # what killed nodes on this host left in /dev/shm
     # A tensor-parallel node's other ranks each move their own KV heads (kvtransfer/ranks.py).
-    async_engine = await AsyncEngine.start(lambda: LLMEngine(cfg.engine, rank_kv=serve_rank), loop)
+    # The other ranks' rendezvous keys are named with the member token too (kvtransfer/channel.py, pair_prefix).
+    rank_kv = functools.partial(serve_rank, secret=token or "")
+    async_engine = await AsyncEngine.start(lambda: LLMEngine(cfg.engine, rank_kv=rank_kv), loop)
     engine = async_engine.engine
     store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host) if cfg.role != "prefill" else None
     servicer, metrics, tasks = None, None, []
@@ -149,7 +152,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             from baton.decode.server import DecodeServicer
 
             servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout,
-                                      publish_share=cfg.kv_path != "pair", model=model_name)
+                                      publish_share=cfg.kv_path != "pair", model=model_name,
+                                      rendezvous_secret=token or "")
             service = (node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)
             tasks.append(asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry")))
         # Every node's prefix cache, as it changes, to the routers that route by it.

@@ -45,14 +45,14 @@ MAX_CHOICES = 128  # choices of one prompt in one Continue (OpenAI's n; the rout
 class DecodeServicer(node_pb2_grpc.DecodeNodeServicer):
     def __init__(self, node_id: str, role: str, engine: AsyncEngine, store: KVStoreHost | None,
                  transfer_timeout: float = 30.0, peer_idle_seconds: float = 60.0, publish_share: bool = True,
-                 model: str = "") -> None:
+                 model: str = "", rendezvous_secret: str = "") -> None:
         self.node_id = node_id
         self.role = role
         self.engine = engine
         self.store = store
         spec = engine.kv_spec
         # gloo for a CPU pool, NCCL for a CUDA one: the channel follows the KV cache's device.
-        self.channels = PairChannels(node_id, spec.device, local_store=store)
+        self.channels = PairChannels(node_id, spec.device, local_store=store, secret=rendezvous_secret)
         self.threads = TransferThreads("kv-recv", thread_setup=serial_torch)
         self.transfer_timeout = transfer_timeout
         self.peer_idle_seconds = peer_idle_seconds

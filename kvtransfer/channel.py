@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import hmac
 import socket
 import threading
 import time
@@ -79,8 +81,15 @@ def join_address(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def pair_prefix(prefill_id: str, decode_id: str, generation: int | str, lane: int | str = 0) -> str:
-    return f"kv/{prefill_id}/{decode_id}/{generation}/{lane}"
+def pair_prefix(prefill_id: str, decode_id: str, generation: int | str, lane: int | str = 0,
+                secret: str = "") -> str:
+    """Where a pair group rendezvouses in the decode node's store. With the cluster's member secret (a closed
+    cluster) the pair's part is an HMAC of it: the store has no authentication of its own, and a caller that
+    can reach its port but holds no secret cannot tell which keys to read or forge."""
+    pair = f"{prefill_id}/{decode_id}/{generation}"
+    if secret:
+        pair = hmac.new(secret.encode(), pair.encode(), hashlib.sha256).hexdigest()[:32]
+    return f"kv/{pair}/{lane}"
 
 
 def check_lane(lane: int) -> int:
@@ -194,8 +203,10 @@ class PairChannels:
     """
 
     def __init__(self, node_id: str, device: str | torch.device = "cpu", *,
-                 local_store: KVStoreHost | None = None, gloo_hostname: str | None = None) -> None:
+                 local_store: KVStoreHost | None = None, gloo_hostname: str | None = None, secret: str = "") -> None:
+        """`secret`: the cluster's member token, which names the rendezvous keys (`pair_prefix`)."""
         self.node_id = node_id
+        self._secret = secret
         self.device = torch.device(device)
         self._gloo_hostname = gloo_hostname
         self._gloo_device = None  # one gloo device (listener + I/O thread) for all of this node's groups
@@ -266,7 +277,7 @@ class PairChannels:
         try:
             store = self._store(store_key, timeout)
             prefill_id, decode_id = (self.node_id, peer_id) if rank == PREFILL_RANK else (peer_id, self.node_id)
-            prefixed = dist.PrefixStore(pair_prefix(prefill_id, decode_id, generation, lane), store)
+            prefixed = dist.PrefixStore(pair_prefix(prefill_id, decode_id, generation, lane, self._secret), store)
             if rank == PREFILL_RANK:
                 prefixed.set(_JOINING, b"1")
             else:
@@ -406,7 +417,7 @@ class PairChannels:
             return
         for generation in sorted(generations):
             for lane in range(LANES_PER_PAIR):
-                prefix = pair_prefix(peer_id, self.node_id, generation, lane)
+                prefix = pair_prefix(peer_id, self.node_id, generation, lane, self._secret)
                 for key in (*_RENDEZVOUS_KEYS, _JOINING):
                     try:
                         store.delete_key(f"{prefix}/{key}")

@@ -115,9 +115,10 @@ class RankWork:
     senders once it has any."""
 
     def __init__(self, pools: Sequence[torch.Tensor], device: torch.device | str,
-                 channels: PairChannels | None = None, staging: Staging | None = None) -> None:
+                 channels: PairChannels | None = None, staging: Staging | None = None, secret: str = "") -> None:
         self.pools = pools
         self.device = torch.device(device)
+        self._secret = secret  # the cluster's member token, for the channels this rank makes (`pair_prefix`)
         self._channels = channels
         self._staging = staging
         self.senders: RouteSenders | None = None if channels is None else RouteSenders(channels, pools, staging)
@@ -174,7 +175,7 @@ class RankWork:
     def _for(self, me: str) -> PairChannels:
         with self._lock:
             if self._channels is None:
-                self._channels = PairChannels(me, self.device)
+                self._channels = PairChannels(me, self.device, secret=self._secret)
                 self.senders = RouteSenders(self._channels, self.pools, self._staging)
             return self._channels
 
@@ -188,15 +189,16 @@ class RankWork:
             self.senders.layer_done(layer, pool, prompts)
 
 
-def serve_rank(kv) -> tuple[RankWork, bytes]:
+def serve_rank(kv, secret: str = "") -> tuple[RankWork, bytes]:
     """A worker rank's part in its node's KV transfers, started in the rank's own process by its engine
     (`engine.LLMEngine(rank_kv=serve_rank)`). `kv`: the rank's end of its pipe to rank 0, its KV pools, their
     storage, its /dev/shm file and its device (`engine.tp_runtime.WorkerKV`). Returns the rank's KV sink and its
-    storage described for mapping by a process on the same device (b"" if it cannot be)."""
+    storage described for mapping by a process on the same device (b"" if it cannot be). `secret`: the cluster's
+    member token (`functools.partial(serve_rank, secret=...)`), which names the rendezvous keys."""
     description = b""
     if kv.shm_path or kv.device.type == "cuda":  # a pool another process on this device can map
         description = encode(share(kv.storage, kv.shm_path))
-    work = RankWork(kv.pools, kv.device, staging=Staging(staging_bytes(kv.pools, kv.transfer_tokens)))
+    work = RankWork(kv.pools, kv.device, staging=Staging(staging_bytes(kv.pools, kv.transfer_tokens)), secret=secret)
     RankAgent(kv.conn, work, thread_setup=kv.thread_setup)
     return work, description
 

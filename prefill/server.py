@@ -62,7 +62,7 @@ class PrefillServicer(node_pb2_grpc.PrefillNodeServicer):
         # storage on this node's device (kvtransfer/shared.py).
         self.kv_path = kv_path
         self.device_id = device_id(self.spec.device)
-        self.channels = PairChannels(node_id, self.spec.device)
+        self.channels = PairChannels(node_id, self.spec.device, secret=member_token or "")
         self.threads = TransferThreads("kv-send", thread_setup=serial_torch)
         self.peers = DecodePeers(self.channels, self.threads, peer_idle_seconds, member_token=member_token,
                                  credentials=member_credentials)

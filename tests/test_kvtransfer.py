@@ -762,3 +762,27 @@ def test_staging_bytes_follow_from_the_pool_and_the_step():
     pools = [torch.zeros(8, 2, 16, 2, 64) for _ in range(6)]  # 6 layers, blocks of 16 tokens, 16 KiB each
     assert staging_bytes(pools, 4096) == 2 * 6 * 256 * 16 * 1024
     assert staging_bytes(pools, 17) == 2 * 6 * 2 * 16 * 1024
+
+
+def test_a_closed_clusters_rendezvous_keys_are_named_by_its_secret():
+    """With the member secret, a pair's rendezvous keys in the decode node's store are an HMAC of it: the plain
+    names (what a caller without the secret would read or forge) are not there, and a prefill side with
+    another secret never meets the decode side."""
+    with KVStoreHost("127.0.0.1", 0) as store:
+        decode = PairChannels("d", local_store=store, secret="s" * 64)
+        member, outsider = PairChannels("p", secret="s" * 64), PairChannels("p", secret="x" * 64)
+        with ThreadPoolExecutor(2) as pool:
+            theirs = pool.submit(member.get, "d", 1, store.address, PREFILL_RANK, 30.0)
+            mine = pool.submit(decode.get, "p", 1, store.address, DECODE_RANK, 30.0)
+            assert mine.result() is not None and theirs.result() is not None
+        assert not store.store.check([f"{pair_prefix('p', 'd', 1, 0)}/{_RENDEZVOUS_KEYS[0]}"])
+        assert store.store.check([f"{pair_prefix('p', 'd', 1, 0, 's' * 64)}/{_RENDEZVOUS_KEYS[0]}"])
+        with ThreadPoolExecutor(2) as pool:
+            theirs = pool.submit(outsider.get, "d", 2, store.address, PREFILL_RANK, 1.0)
+            mine = pool.submit(decode.get, "p", 2, store.address, DECODE_RANK, 1.0)
+            with pytest.raises(KVTransferError):
+                mine.result()
+            with pytest.raises(KVTransferError):
+                theirs.result()
+        for channels in (decode, member, outsider):
+            channels.close()

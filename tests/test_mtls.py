@@ -55,8 +55,9 @@ def test_members_call_each_other_over_mutual_tls_and_outsiders_get_nothing(stori
     mtls = ["--mtls-cert", str(cert), "--mtls-key", str(key), "--mtls-ca", str(ca)]
     # The router's public fronts over TLS too (`baton up` checks its router with --tls-ca).
     tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
-    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "1", "--auth",
-                 "--cluster-secret-file", str(secret), *mtls, *tls) as up:
+    # Two ranks on each node: the second ranks' KV channels rendezvous under the member secret too.
+    with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "1", "--prefill-tp", "2",
+                 "--decode-tp", "2", "--auth", "--cluster-secret-file", str(secret), *mtls, *tls) as up:
         api_key = new_key(up, secret, "mtls")
         with BatonClient(up.address, timeout=2, api_key=api_key) as plain, pytest.raises(Exception):
             plain.complete(prompt, max_tokens=2)
