@@ -114,7 +114,9 @@ class _StandIn(node_pb2_grpc.DecodeNodeServicer):
             reader.cancel()
 
 
-def _node(etcd: str, cluster: str, port: int, step: float, model: str, folder: str, ready) -> None:
+def _node(etcd: str, cluster: str, port: int, step: float, model: str, folder: str, ready, seqs: int = 0) -> None:
+    """The stand-in node's process: registered as a colocated node of `model` (`seqs`: the batch size it says it
+    has, 0 for none: the router's queue then puts no bound on it)."""
     from baton.common.membership import NodeInfo, NodeRegistration
 
     async def main() -> None:
@@ -125,7 +127,7 @@ def _node(etcd: str, cluster: str, port: int, step: float, model: str, folder: s
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         info = NodeInfo(node_id="stand-in", role="colocated", model=model, address=f"127.0.0.1:{port}",
-                        capacity=1 << 20, free_blocks=1 << 20, model_path=folder)
+                        capacity=1 << 20, free_blocks=1 << 20, model_path=folder, max_num_seqs=seqs)
         registration = await NodeRegistration.register(etcd, cluster, info)
         ready.set()
         try:

@@ -36,7 +36,7 @@ import uvloop
 
 from baton.bench.engine_throughput import machine
 from baton.bench.relay_floor import free_port, write_rows
-from baton.bench.router_ceiling import _Clock, _StandIn
+from baton.bench.router_ceiling import _node
 from baton.bench.router_overhead import cpu_seconds
 from baton.cluster.etcd_server import EtcdServer
 from baton.common.keys import KeyRecord, digest, keys_prefix, new_key, write_secret
@@ -44,30 +44,7 @@ from baton.common.membership import close_quietly, etcd_client
 from baton.common.rules import RuleRecord, rules_prefix
 from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.v1 import baton_pb2 as pb
-from baton.v1 import baton_pb2_grpc, node_pb2_grpc
-
-
-def _node(etcd: str, cluster: str, port: int, step: float, model: str, folder: str, seqs: int, ready) -> None:
-    from baton.common.membership import NodeInfo, NodeRegistration
-
-    async def main() -> None:
-        clock = _Clock(step)
-        ticking = asyncio.ensure_future(clock.run())
-        server = grpc.aio.server()
-        node_pb2_grpc.add_DecodeNodeServicer_to_server(_StandIn(clock), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        info = NodeInfo(node_id="stand-in", role="colocated", model=model, address=f"127.0.0.1:{port}",
-                        capacity=1 << 20, free_blocks=1 << 20, model_path=folder, max_num_seqs=seqs)
-        registration = await NodeRegistration.register(etcd, cluster, info)
-        ready.set()
-        try:
-            await server.wait_for_termination()
-        finally:
-            ticking.cancel()
-            await registration.close()
-
-    uvloop.run(main())
+from baton.v1 import baton_pb2_grpc
 
 
 class Setup:
@@ -83,7 +60,7 @@ class Setup:
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
         self.node = ctx.Process(target=_node, args=(etcd, self.cluster, free_port(), step_ms / 1e3, self.model,
-                                                    str(folder), seqs, ready), daemon=True)
+                                                    str(folder), ready, seqs), daemon=True)
         self.node.start()
         if not ready.wait(60):
             raise RuntimeError("the stand-in node did not start")
