@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from baton.common.keys import KeyRecord, digest, keys_prefix, new_key, read_secret
 from baton.common.membership import close_quietly, etcd_client
 
+from baton.cluster.status import table
+
 RPC_TIMEOUT_S = 5.0
 DEFAULT_GRACE_S = 3600.0
 
@@ -115,9 +117,7 @@ async def _list(args: argparse.Namespace) -> int:
         limits += [f"weight={r.weight}"] if r.weight != 1 else []
         rows.append((r.key_id, r.name, r.state(now), ",".join(r.models) or "*", " ".join(limits) or "-",
                      _stamp(r.created), _stamp(r.expires)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\n".join(table(rows[0], rows[1:], left=len(rows[0]))))
     return 0
 
 
@@ -244,9 +244,7 @@ async def _usage(args: argparse.Namespace) -> int:
                          addresses))
     finally:
         await close_quietly(client)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\n".join(table(rows[0], rows[1:], left=len(rows[0]))))
     return 0
 
 

@@ -13,6 +13,8 @@ import sys
 from baton.common.membership import close_quietly, etcd_client
 from baton.common.rules import TARGETS, RuleRecord, rules_prefix
 
+from baton.cluster.status import table
+
 RPC_TIMEOUT_S = 5.0
 
 
@@ -58,9 +60,7 @@ async def _list(args: argparse.Namespace) -> int:
             continue
         pattern = f"/{r.regex}/" if r.regex else "terms: " + ", ".join(r.terms)
         rows.append((r.name, ",".join(r.on), ",".join(r.keys) or "*", str(r.span()), pattern))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\n".join(table(rows[0], rows[1:], left=len(rows[0]))))
     return 0
 
 

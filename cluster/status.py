@@ -103,17 +103,18 @@ def render(nodes: list[tuple[str, NodeInfo]], loads: list[Load | None],
     for cluster in dict.fromkeys(c for c, _ in [*nodes, *routers]):
         rows = [_row(info, load) for (c, info), load in zip(nodes, loads) if c == cluster]
         out.append(f"cluster {cluster}: {len(rows)} node{'s' * (len(rows) != 1)}")
-        out += _table(COLUMNS, rows, left=4)  # names left-aligned, figures right-aligned
+        out += table(COLUMNS, rows, left=4)  # names left-aligned, figures right-aligned
         memory = router_memory if router_memory is not None else [None] * len(routers)
         mine = [(r.router_id, r.address, r.http_address or "-", r.metrics_address or "-", mib(m))
                 for (c, r), m in zip(routers, memory) if c == cluster]
         if mine:
-            out += ["", *_table(ROUTER_COLUMNS, mine, left=4)]
+            out += ["", *table(ROUTER_COLUMNS, mine, left=4)]
         out.append("")
     return "\n".join(out)
 
 
-def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> list[str]:
+def table(columns: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> list[str]:
+    """Lines of a text table: the first `left` columns left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
     return ["  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
             for r in [columns, *rows]]
