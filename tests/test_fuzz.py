@@ -19,10 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster_harness import BatonUp
-from test_keys import new_key
+from test_keys import closed_cluster, new_key
 
-from baton.cluster.etcd_server import free_port
-from baton.common.keys import read_secret, write_secret
+from baton.common.keys import read_secret
 from baton.common.members import MEMBER_METADATA, member_token
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import kserve_pb2 as ks
@@ -37,12 +36,7 @@ BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.
 
 @pytest.fixture(scope="module")
 def cluster(stories_path, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fuzz")
-    secret = folder / "cluster-secret"
-    write_secret(secret)
-    http_port = free_port()
-    with BatonUp(folder, "--model", str(stories_path), "--prefill", "1", "--decode", "1", "--http-port",
-                 str(http_port), "--auth", "--cluster-secret-file", str(secret)) as up:
+    with closed_cluster(stories_path, tmp_path_factory.mktemp("fuzz")) as (up, secret, http_port):
         key = new_key(up, secret, "fuzzer")
         with grpc.insecure_channel(up.address) as channel:
             yield up, secret, http_port, key, channel

@@ -6,6 +6,7 @@ etcd watch, with no restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import re
@@ -133,16 +134,22 @@ def triton(address: str, key: str | None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def cluster(stories_path, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("keys")
+@contextlib.contextmanager
+def closed_cluster(stories_path, folder: Path):
+    """A 1P1D `baton up --auth` cluster with its own secret and an OpenAI front: (up, secret file, HTTP port).
+    The prefill node's calls to the decode node (the KV transfer's) are a member's too."""
     secret = folder / "cluster-secret"
     write_secret(secret)
     http_port = free_port()
-    # 1P1D: the prefill node's calls to the decode node (the KV transfer's) are a member's too.
     with BatonUp(folder, "--model", str(stories_path), "--prefill", "1", "--decode", "1",
                  "--http-port", str(http_port), "--auth", "--cluster-secret-file", str(secret)) as up:
         yield up, secret, http_port
+
+
+@pytest.fixture(scope="module")
+def cluster(stories_path, tmp_path_factory):
+    with closed_cluster(stories_path, tmp_path_factory.mktemp("keys")) as found:
+        yield found
 
 
 def test_keys_are_checked_on_every_front_and_etcd_holds_none_of_them(cluster, stories_llm: LLM):
