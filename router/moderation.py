@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import aiohttp
 
@@ -27,11 +28,11 @@ class HttpModeration:
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
-    async def check_prompt(self, text: str, key: KeyRecord | None) -> None:
+    async def check_prompt(self, text: Callable[[], str], key: KeyRecord | None) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         try:
-            async with self._session.post(self.url, json={"input": text}) as response:
+            async with self._session.post(self.url, json={"input": text()}) as response:
                 response.raise_for_status()
                 body = await response.json(content_type=None)
             result = body["results"][0]
@@ -63,7 +64,7 @@ class Filters:
     def __init__(self, filters: list) -> None:
         self.filters = filters
 
-    async def check_prompt(self, text: str, key: KeyRecord | None) -> None:
+    async def check_prompt(self, text: Callable[[], str], key: KeyRecord | None) -> None:
         for f in self.filters:
             await f.check_prompt(text, key)
 

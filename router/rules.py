@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import aetcd
@@ -107,8 +108,9 @@ class OutputScreen:
 
 
 class ContentFilter(Protocol):
-    async def check_prompt(self, text: str, key: KeyRecord | None) -> None:
-        """Raises Blocked if `text` may not be a prompt for `key`, FilterUnavailable if it cannot tell now."""
+    async def check_prompt(self, text: Callable[[], str], key: KeyRecord | None) -> None:
+        """Raises Blocked if the prompt (its text: `text()`, called only if needed) may not be one for `key`,
+        FilterUnavailable if it cannot tell now."""
 
     def screen(self, key: KeyRecord | None) -> OutputScreen | None:
         """A screen for one stream's output (None: nothing to screen)."""
@@ -132,9 +134,9 @@ class RuleStore(PrefixFollower):
         name = key.name if key is not None else None
         return [r.name for r in self._records.values() if r.applies(target, name)]
 
-    async def check_prompt(self, text: str, key: KeyRecord | None) -> None:
+    async def check_prompt(self, text: Callable[[], str], key: KeyRecord | None) -> None:
         for name in self._applying("prompt", key):
-            if self._compiled[name][0].search(text):
+            if self._compiled[name][0].search(text()):
                 raise Blocked(name)
 
     def screen(self, key: KeyRecord | None) -> OutputScreen | None:

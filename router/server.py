@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -230,7 +231,9 @@ class RouterServicer(baton_pb2_grpc.BatonServicer):
     async def _screen_prompt(self, request: pb.GenerateRequest, req: Admitted) -> None:
         """Raises FieldError (INVALID_ARGUMENT on `prompt`) if a content rule matches the prompt's text; else sets
         the screen its output goes through (the rules as they are now, for the whole stream)."""
-        text = request.text if request.WhichOneof("prompt") == "text" else req.model.tokenizer.decode(req.prompt_ids)
+        # A token-id prompt is decoded only if a filter looks at its text (most requests meet no prompt rule).
+        text = (lambda: request.text) if request.WhichOneof("prompt") == "text" else \
+            functools.cache(lambda: req.model.tokenizer.decode(req.prompt_ids))
         try:
             await self.rules.check_prompt(text, req.key)
         except Blocked as e:
