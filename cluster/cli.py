@@ -508,11 +508,16 @@ def _place(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     import aetcd
 
-    from baton.cluster.machine import LaunchConfig, run_launch
+    from baton.cluster.machine import LaunchConfig, MachineFiles, run_launch
 
+    _check_auth(args)  # each file is checked here, naming its flag; the placement says which the cluster uses
+    _check_tls(args)
+    _check_mtls(args)
+    files = MachineFiles(secret=args.cluster_secret_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         mtls_cert=args.mtls_cert, mtls_key=args.mtls_key, mtls_ca=args.mtls_ca)
     try:
         return run_launch(LaunchConfig(machine=args.machine, etcd=args.etcd, cluster=args.cluster,
-                                       log_dir=args.log_dir, cluster_secret_file=args.cluster_secret_file))
+                                       log_dir=args.log_dir, files=files))
     except aetcd.ClientError as e:
         print(f"baton: error: etcd {args.etcd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -658,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--cluster-secret-file", default="", metavar="PATH",
                         help="the cluster's secret on this machine: its nodes answer members only, and its router "
                              "checks API keys when the placement's options say auth: true")
+    _tls_args(launch)  # used when the placement's options say tls: true (mtls: true for the --mtls-* files)
+    _mtls_args(launch)
     launch.set_defaults(run=_launch)
 
     status = sub.add_parser("status", help="the cluster's nodes and their load, from etcd and their metrics")

@@ -61,23 +61,46 @@ class ProcessSpec:
     stop_timeout: float = SHUTDOWN_GRACE_S + KILL_MARGIN_S  # from SIGTERM to SIGKILL
 
 
-def machine_processes(p: Placement, machine: str, etcd_url: str, secret_file: str = "") -> dict[str, ProcessSpec]:
+@dataclass(frozen=True, slots=True)
+class MachineFiles:
+    """This machine's copies of the cluster's secrets, as `baton launch` was given them ("": not given). The
+    placement says which the cluster uses (options auth, tls, mtls); each machine has its own paths."""
+    secret: str = ""  # --cluster-secret-file: nodes answer members only; routers call them as one
+    tls_cert: str = ""  # --tls-cert/--tls-key: the router's public fronts (options.tls)
+    tls_key: str = ""
+    mtls_cert: str = ""  # --mtls-cert/--mtls-key/--mtls-ca: members over mutual TLS (options.mtls)
+    mtls_key: str = ""
+    mtls_ca: str = ""
+
+
+def machine_processes(p: Placement, machine: str, etcd_url: str,
+                      files: MachineFiles = MachineFiles()) -> dict[str, ProcessSpec]:
     """What `machine` must run under placement `p`, by name. Its processes reach etcd at `etcd_url` (the URL
-    `baton launch` was given: the address that works from this machine). `secret_file`: the cluster's secret on
-    this machine (`baton launch --cluster-secret-file`): its nodes then answer members only, its router calls
-    them as one, and checks API keys if the placement asks for `auth`."""
+    `baton launch` was given: the address that works from this machine). A placement that asks for a secret
+    this machine was not given raises PlacementError naming the option and the flag: starting its processes
+    without would open a closed cluster, or leave them unable to reach it."""
     m = p.machine(machine)
     if m is None:
         return {}
+    o = p.options
+    wants = [("auth", o.auth, files.secret, "--cluster-secret-file"),
+             ("tls", o.tls and m.router is not None, files.tls_cert, "--tls-cert and --tls-key"),
+             ("mtls", o.mtls, files.mtls_cert, "--mtls-cert, --mtls-key and --mtls-ca")]
+    for option, wanted, given, flags in wants:
+        if wanted and not given:
+            raise PlacementError(f"options.{option}", f"the placement asks for {option}: start `baton launch "
+                                                      f"--machine {machine}` with {flags}")
     model = ("--model", p.model.path) if p.model.path else ()
     common = ("--etcd", etcd_url, "--cluster", p.cluster) + model
-    common += ("--cluster-secret-file", secret_file) if secret_file else ()
+    common += ("--cluster-secret-file", files.secret) if files.secret else ()
+    common += ("--mtls-cert", files.mtls_cert, "--mtls-key", files.mtls_key, "--mtls-ca", files.mtls_ca) \
+        if o.mtls else ()
     out = {}
     if m.router is not None:
-        auth = ("--auth",) if p.options.auth else ()  # without a secret file the router refuses, naming it
-        out[ROUTER] = ProcessSpec(ROUTER, ("router", *common, *auth, "--host", m.router.host or m.host,
+        public = ("--auth",) if o.auth else ()
+        public += ("--tls-cert", files.tls_cert, "--tls-key", files.tls_key) if o.tls else ()
+        out[ROUTER] = ProcessSpec(ROUTER, ("router", *common, *public, "--host", m.router.host or m.host,
                                            "--port", str(m.router.port), "--http-port", str(m.router.http_port)))
-    o = p.options
     engine = ("--device", p.model.device, "--kernels", p.model.kernels, "--kv-path", o.kv_path,
               "--drain-timeout", str(o.drain_timeout))
     engine += ("--dtype", p.model.dtype) if p.model.dtype else ()
@@ -201,7 +224,7 @@ class LaunchConfig:
     etcd: str
     cluster: str
     log_dir: str = ""  # "": a fresh temporary folder
-    cluster_secret_file: str = ""  # the cluster's secret on this machine ("": an open cluster)
+    files: MachineFiles = MachineFiles()  # the cluster's secrets on this machine
 
 
 async def follow(cfg: LaunchConfig, supervisor: Supervisor) -> int:
@@ -228,7 +251,11 @@ async def follow(cfg: LaunchConfig, supervisor: Supervisor) -> int:
                          f" (it names {', '.join(m.name for m in placement.machines)})" if placement else "")
                 continue
             seen = True
-            wanted = machine_processes(placement, cfg.machine, cfg.etcd, cfg.cluster_secret_file)
+            try:
+                wanted = machine_processes(placement, cfg.machine, cfg.etcd, cfg.files)
+            except PlacementError as e:  # this machine lacks a secret the cluster now uses: keep what runs
+                log.error("cannot apply placement version %d: %s", version, e)
+                continue
             plan = reconcile(supervisor.running(), wanted)
             log.info("placement (version %d): %s", version, plan.describe())
             await supervisor.apply(plan, wanted)

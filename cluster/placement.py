@@ -9,7 +9,9 @@ into id lists, and goes through the same checks when it is read back.
     etcd: [http://10.0.0.1:2379]         # where `baton place` writes when it is given no --etcd
     model: {path: /models/llama-8b, dtype: bfloat16, device: cuda}  # path "" or absent: the bundled stories260K
     options: {num_kv_blocks: 8192, max_num_seqs: 64, kv_path: auto, drain_timeout: 30, enable_prefix_caching: true,
-              auth: false}                 # auth: routers require API keys (baton keys)
+              auth: false,                 # routers require API keys (baton keys)
+              tls: false,                  # routers' public fronts answer TLS only
+              mtls: false}                 # members call each other over mutual TLS
     machines:
       - name: a
         host: 0.0.0.0                    # what its nodes and router listen on (they publish this machine's address)
@@ -66,6 +68,8 @@ class NodeOptions:
     drain_timeout: float = 30.0  # seconds a stopped node waits for its running work before it stops serving
     enable_prefix_caching: bool = True
     auth: bool = False  # routers require API keys (each `baton launch` then needs --cluster-secret-file)
+    tls: bool = False  # routers answer TLS only (each `baton launch` that runs one needs --tls-cert/--tls-key)
+    mtls: bool = False  # members over mutual TLS (each `baton launch` needs --mtls-cert/--mtls-key/--mtls-ca)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +276,8 @@ def _options(obj: Any) -> NodeOptions:
                           kv_path=e.string("kv_path", "auto", choices=KV_PATHS),
                           drain_timeout=e.number("drain_timeout", 30.0, 0.0),
                           enable_prefix_caching=e.boolean("enable_prefix_caching", True),
-                          auth=e.boolean("auth", False))
+                          auth=e.boolean("auth", False), tls=e.boolean("tls", False),
+                          mtls=e.boolean("mtls", False))
     e.done()
     return options
 

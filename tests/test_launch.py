@@ -38,11 +38,11 @@ class Launch:
     """`baton launch --machine NAME` as its own process; on exit, whatever is left of the cluster is killed
     (and remembered in `leftovers`, so the test can assert that launch cleaned up alone)."""
 
-    def __init__(self, machine: str, etcd: str, cluster: str, tmp: Path) -> None:
+    def __init__(self, machine: str, etcd: str, cluster: str, tmp: Path, *flags: str) -> None:
         self.machine, self.cluster, self.out = machine, cluster, tmp / f"launch-{machine}.out"
         with open(self.out, "w") as out:
             self.proc = subprocess.Popen([BATON, "launch", "--machine", machine, "--etcd", etcd, "--cluster", cluster,
-                                          "--log-dir", str(tmp / machine)],
+                                          "--log-dir", str(tmp / machine), *flags],
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def output(self) -> str:
@@ -112,9 +112,9 @@ def wait_for_output(launch: Launch, text: str, timeout: float) -> None:
         time.sleep(0.05)  # polling its log: the process says nothing otherwise
 
 
-def wait_serving(address: str, timeout: float) -> None:
+def wait_serving(address: str, timeout: float, credentials: grpc.ChannelCredentials | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -6,18 +6,23 @@ Generations run as ever; a node refuses a plaintext caller, a TLS caller without
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from cluster_harness import BATON, BatonUp
 from test_keys import new_key
+from test_launch import Launch, cluster, place, wait_for_output, wait_serving  # noqa: F401 (cluster: a fixture)
 
 from baton.common.keys import read_secret, write_secret
 from baton.common.members import MEMBER_METADATA, member_token
+from baton.common.tls import client_credentials
+from baton.cluster.etcd_server import free_port
 from baton.engine import LLM, SamplingParams
 from baton.router.client import BatonClient
 
@@ -81,3 +86,48 @@ def test_members_call_each_other_over_mutual_tls_and_outsiders_get_nothing(stori
     done = subprocess.run([BATON, "up", "--mtls-cert", str(cert), "--mtls-key", str(key)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "mtls_cert" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_launch_runs_a_closed_placement(cluster, stories_path, stories_llm: LLM, tmp_path):  # noqa: F811
+    """A placement whose options say auth, tls and mtls: `baton launch` given this machine's copies of the
+    secret and certificates starts a 1P1D cluster that serves a keyed TLS client token-exact, its members over
+    mutual TLS. A launch without the member certificates starts nothing and says which flags it lacks."""
+    etcd, name, launches = cluster
+    cert, key, ca = make_ca_and_member(tmp_path)
+    secret = tmp_path / "cluster-secret"
+    write_secret(secret)
+    port = free_port()
+    place(tmp_path, etcd.url, {
+        "cluster": name, "model": {"path": str(stories_path)},
+        "options": {"auth": True, "tls": True, "mtls": True, "num_kv_blocks": 64},
+        "machines": [{"name": "m", "host": "127.0.0.1", "router": {"port": port},
+                      "nodes": [{"name": "p", "role": "prefill"}, {"name": "d", "role": "decode"}]}]})
+    bare = Launch("m", etcd.url, name, tmp_path, "--cluster-secret-file", str(secret), "--tls-cert", str(cert),
+                  "--tls-key", str(key))
+    launches.append(bare)
+    wait_for_output(bare, "options.mtls: the placement asks for mtls", 60)
+    bare.kill()
+    assert bare.proc.returncode == 0 and not list((tmp_path / "m").glob("*.log")), bare.output()
+
+    launches.append(Launch("m", etcd.url, name, tmp_path, "--cluster-secret-file", str(secret), "--tls-cert",
+                           str(cert), "--tls-key", str(key), "--mtls-cert", str(cert), "--mtls-key", str(key),
+                           "--mtls-ca", str(ca)))
+    prompt = "Once upon a time"
+    want = stories_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+    address = f"127.0.0.1:{port}"
+    wait_serving(address, 120, client_credentials(str(ca)))
+    api_key = new_key(types.SimpleNamespace(etcd=etcd.url, cluster=name), secret, "launched")
+    with BatonClient(address, timeout=60, api_key=api_key, tls=str(ca)) as client:
+        done = client.complete(prompt, max_tokens=12, temperature=0)
+    assert done.token_ids == want and (done.finished.prefill_node, done.finished.decode_node) == ("p", "d")
+    logs = {p.stem: p.read_text() for p in (tmp_path / "m").glob("*.log")}
+    assert set(logs) == {"router", "p", "d"}, logs
+    # The nodes are members over mutual TLS: a caller with the member token but without TLS gets nothing.
+    address = re.search(r"d serving on (\S+)", logs["d"]).group(1)
+    token = f"{MEMBER_METADATA}: {member_token(read_secret(secret))}"
+    plain = grpcurl(address, "baton.v1.DecodeNode/GetStats", "-plaintext", "-H", token)
+    assert plain.returncode != 0, plain.stdout
+    member = grpcurl(address, "baton.v1.DecodeNode/GetStats", "-cacert", str(ca), "-cert", str(cert), "-key",
+                     str(key), "-H", token)
+    assert member.returncode == 0 and '"total_blocks": 64' in member.stdout, member.stderr

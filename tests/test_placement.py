@@ -4,15 +4,16 @@ launcher's reconcile as a pure function, and `baton place` / `--history` / `--re
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from baton.cluster import placement_store
-from baton.cluster.cli import main
+from baton.cluster.cli import build_parser, main
 from baton.cluster.etcd_server import EtcdServer
-from baton.cluster.machine import Plan, machine_processes, reconcile
+from baton.cluster.machine import MachineFiles, Plan, machine_processes, reconcile
 from baton.cluster.placement import Placement, PlacementError, check_model, load, parse
 from baton.cluster.placement_store import changes
 
@@ -163,7 +164,8 @@ def test_good_specs_round_trip_and_defaults_are_filled_in():
     assert d["machines"][0]["gpus"] == list(range(8))  # a count becomes the ids
     assert d["machines"][0]["router"] == {"port": 50051, "host": "", "http_port": 0}
     assert d["options"] == {"num_kv_blocks": None, "max_num_seqs": None, "kv_path": "auto", "drain_timeout": 30.0,
-                            "enable_prefix_caching": True, "auth": False}
+                            "enable_prefix_caching": True, "auth": False, "tls": False,
+                            "mtls": False}
     assert Placement.from_json(parse(CPU).to_json()) == parse(CPU)
     with pytest.raises(PlacementError, match="^not valid JSON"):
         Placement.from_json(b"{")
@@ -230,12 +232,42 @@ def test_machine_processes_command_lines():
     off = machine_processes(parse(edit(CPU, lambda s: s.update(options={"enable_prefix_caching": False}))), "m1", ETCD)
     assert "--no-enable-prefix-caching" in off["n1"].args
     # A closed cluster: every process gets the machine's secret file; the router checks keys if `auth` says so.
-    closed = machine_processes(parse(edit(GPU, lambda s: s.update(options={"auth": True}))), "a", ETCD, "/etc/s")
+    closed = machine_processes(parse(edit(GPU, lambda s: s.update(options={"auth": True}))), "a", ETCD,
+                               MachineFiles(secret="/etc/s"))
     for proc in closed.values():
         assert dict(zip(proc.args[1::2], proc.args[2::2]))["--cluster-secret-file"] == "/etc/s"
     assert "--auth" in closed["router"].args and "--auth" not in closed["d0"].args
-    assert "--auth" not in machine_processes(parse(GPU), "a", ETCD, "/etc/s")["router"].args
+    assert "--auth" not in machine_processes(parse(GPU), "a", ETCD, MachineFiles(secret="/etc/s"))["router"].args
     assert "--cluster-secret-file" not in procs["router"].args  # an open cluster's
+
+
+def test_machine_processes_tls_and_mutual_tls():
+    """The placement says which secrets the cluster uses, each machine's launch where its copies are: the router
+    gets its public certificate, every process the member ones; a machine without what the placement asks for
+    is refused, naming the option and the flags; every command line parses with Baton's own parser."""
+    files = MachineFiles(secret="/s", tls_cert="/t.pem", tls_key="/t.key", mtls_cert="/m.pem", mtls_key="/m.key",
+                         mtls_ca="/ca.pem")
+    closed = edit(GPU, lambda s: s.update(options={"auth": True, "tls": True, "mtls": True}))
+    procs = machine_processes(parse(closed), "a", ETCD, files)
+    parser = build_parser()
+    for name, proc in procs.items():
+        args = vars(parser.parse_args(proc.args))
+        assert (args["mtls_cert"], args["mtls_key"], args["mtls_ca"]) == ("/m.pem", "/m.key", "/ca.pem"), name
+        assert args["cluster_secret_file"] == "/s"
+        assert (args.get("tls_cert"), args.get("tls_key")) == (("/t.pem", "/t.key") if name == "router" else
+                                                               (None, None)), name
+    # Given files the placement does not ask for are not used (members must agree on mutual TLS).
+    open_procs = machine_processes(parse(GPU), "a", ETCD, files)
+    assert not any("--mtls-cert" in p.args or "--tls-cert" in p.args for p in open_procs.values())
+    for option, field, flag in [("auth", "secret", "--cluster-secret-file"), ("tls", "tls_cert", "--tls-cert"),
+                                ("mtls", "mtls_cert", "--mtls-cert")]:
+        lacking = dataclasses.replace(files, **{field: ""})
+        with pytest.raises(PlacementError, match=f"options.{option}: .*{flag}"):
+            machine_processes(parse(closed), "a", ETCD, lacking)
+    # A machine without a router needs no public certificate.
+    no_router = edit(closed, lambda s: (s["machines"][0].pop("router"),
+                                        s["machines"].append({"name": "r", "router": {}})))
+    assert "router" not in machine_processes(parse(no_router), "a", ETCD, dataclasses.replace(files, tls_cert=""))
 
 
 def test_changes_say_what_moved():
