@@ -216,7 +216,7 @@ def _node(args: argparse.Namespace) -> int:
                    kv_pull_min_tokens=args.kv_pull_min_tokens, drain_timeout=args.drain_timeout,
                    served_model_names=tuple(args.served_model_name), cluster_secret_file=args.cluster_secret_file,
                    log_format=args.log_format, engine=_engine_config(args), mtls_cert=args.mtls_cert,
-                   mtls_key=args.mtls_key, mtls_ca=args.mtls_ca))
+                   mtls_key=args.mtls_key, mtls_ca=args.mtls_ca, follow_placement=args.follow_placement))
     return 0
 
 
@@ -593,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="run one node (what `baton up` starts)")
     node.add_argument("--role", choices=["prefill", "decode", "colocated"], required=True)
     node.add_argument("--node-id", default="")
+    node.add_argument("--follow-placement", action="store_true",
+                      help="change role in place when the cluster's placement gives this node (--node-id, its name "
+                           "there) another (how `baton launch` starts nodes)")
     node.add_argument("--ttl", type=float, default=3.0, help="membership lease in seconds")
     node.add_argument("--threads", type=int, default=0)
     node.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV transfer may take")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -59,6 +60,16 @@ class ProcessSpec:
     args: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     stop_timeout: float = SHUTDOWN_GRACE_S + KILL_MARGIN_S  # from SIGTERM to SIGKILL
+    # A node that follows the placement (--follow-placement): the role it starts in. It changes role in place
+    # when the placement gives it another, so a change of this alone restarts nothing.
+    role: str = ""
+
+    def command(self) -> tuple[str, ...]:
+        return self.args + (("--role", self.role) if self.role else ())
+
+    def settings(self) -> ProcessSpec:
+        """What a change of restarts the process: everything but the role it follows by itself."""
+        return dataclasses.replace(self, role="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +119,19 @@ def machine_processes(p: Placement, machine: str, etcd_url: str,
     engine += ("--max-num-seqs", str(o.max_num_seqs)) if o.max_num_seqs else ()
     engine += ("--advertise-host", m.advertise_host) if m.advertise_host else ()
     engine += () if o.enable_prefix_caching else ("--no-enable-prefix-caching",)
+    in_place = o.role_change == "in_place"
     for n in m.nodes:
-        args = ("node", "--role", n.role, "--node-id", n.name, "--tp", str(n.tp), "--host", m.host,
-                "--port", str(n.port), *common, *engine)
+        role = ("--follow-placement",) if in_place else ("--role", n.role)
+        args = ("node", *role, "--node-id", n.name, "--tp", str(n.tp), "--host", m.host, "--port", str(n.port),
+                *common, *engine)
         env: tuple[tuple[str, str], ...] = ()
         if n.threads:
             args += ("--threads", str(n.threads))
             env += (("OMP_NUM_THREADS", str(n.threads)),)
         if p.model.device == "cuda":
             env += (("CUDA_VISIBLE_DEVICES", ",".join(map(str, n.gpus))),)
-        out[n.name] = ProcessSpec(n.name, args, env, o.drain_timeout + SHUTDOWN_GRACE_S + KILL_MARGIN_S)
+        out[n.name] = ProcessSpec(n.name, args, env, o.drain_timeout + SHUTDOWN_GRACE_S + KILL_MARGIN_S,
+                                  role=n.role if in_place else "")
     return out
 
 
@@ -126,21 +140,26 @@ class Plan:
     stop: tuple[str, ...] = ()  # running, no longer wanted
     restart: tuple[str, ...] = ()  # running with other settings: stopped (drained), then started again
     start: tuple[str, ...] = ()  # wanted, not running
+    rerole: tuple[str, ...] = ()  # running, only its role changed: it changes role in place by itself
 
     def __bool__(self) -> bool:
-        return bool(self.stop or self.restart or self.start)
+        return bool(self.stop or self.restart or self.start or self.rerole)
 
     def describe(self) -> str:
         parts = [(verb, names) for verb, names in (("stop", self.stop), ("restart", self.restart),
-                                                   ("start", self.start)) if names]
+                                                   ("start", self.start), ("change role in place", self.rerole))
+                 if names]
         return "; ".join(f"{verb} {', '.join(names)}" for verb, names in parts) or "nothing to do"
 
 
 def reconcile(running: Mapping[str, ProcessSpec], wanted: Mapping[str, ProcessSpec]) -> Plan:
     """What turns `running` into `wanted` (both by name). Pure: no I/O, no clock."""
+    kept = [n for n in running if n in wanted]
     return Plan(stop=tuple(sorted(n for n in running if n not in wanted)),
-                restart=tuple(sorted(n for n in running if n in wanted and running[n] != wanted[n])),
-                start=tuple(sorted(n for n in wanted if n not in running)))
+                restart=tuple(sorted(n for n in kept if running[n].settings() != wanted[n].settings())),
+                start=tuple(sorted(n for n in wanted if n not in running)),
+                rerole=tuple(sorted(n for n in kept if running[n].settings() == wanted[n].settings()
+                                    and running[n].role != wanted[n].role)))
 
 
 # -- the processes -----------------------------------------------------------------------------------------
@@ -163,13 +182,15 @@ class Supervisor:
         return {name: c.spec for name, c in self.children.items() if not c.exited.done()}
 
     async def apply(self, plan: Plan, wanted: Mapping[str, ProcessSpec]) -> None:
+        for name in plan.rerole:  # the node follows the placement itself; a later restart starts it so
+            self.children[name].spec = wanted[name]
         await self.stop(plan.stop + plan.restart)
         for name in plan.restart + plan.start:
             self.start(wanted[name])
 
     def start(self, spec: ProcessSpec) -> None:
         loop = asyncio.get_running_loop()
-        cmd = [sys.executable, "-m", "baton.cluster.cli", *spec.args, "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", "baton.cluster.cli", *spec.command(), "--parent-pid", str(os.getpid())]
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **dict(spec.env)}
         with open(self.log_dir / f"{spec.name}.log", "ab") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())

@@ -11,12 +11,14 @@ import asyncio
 import functools
 import logging
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
 import aetcd
 import torch
 
+from baton.cluster.roles import RoleSlot, follow_role
 from baton.common.grpc_server import (DECODE_SERVICE, KV_EVENTS_SERVICE, PREFILL_SERVICE, SHUTDOWN_GRACE_S, Server,
                                       run_until_signalled)
 from baton.common.keys import read_secret
@@ -81,6 +83,9 @@ class NodeConfig:
     mtls_cert: str = ""
     mtls_key: str = ""
     mtls_ca: str = ""
+    # Follow the cluster's placement (`baton launch` starts its nodes so): the node changes role in place when
+    # the placement gives it another.
+    follow_placement: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -102,8 +107,8 @@ class NodeConfig:
             raise ValueError(f"kv_path: must be one of {KV_PATHS}, got {self.kv_path!r}")
         if not (isinstance(self.kv_pull_min_tokens, int) and self.kv_pull_min_tokens >= 0):
             raise ValueError(f"kv_pull_min_tokens: must be >= 0 (0: never pull), got {self.kv_pull_min_tokens!r}")
-        if self.kv_path == "shared" and self.role != "prefill":
-            self.engine.share_kv_cache = True
+        if self.kv_path == "shared" and (self.role != "prefill" or self.follow_placement):
+            self.engine.share_kv_cache = True  # a node that may become a decode node shares its cache from the start
 
 
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
@@ -122,64 +127,40 @@ def advertised_host(host: str) -> str:
 
 
 async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
-    """Runs the node until `stop` is set; leaves etcd, the port and every thread clean behind it."""
+    """Runs the node until `stop` is set; leaves etcd, the port and every thread clean behind it. With
+    `follow_placement`, it changes role in place whenever the placement gives it another (`Roles.change`)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     serial_torch()  # the engine's thread runs the process's only OpenMP team (engine/omp.py)
     loop = asyncio.get_running_loop()
-    token = member_token(read_secret(cfg.cluster_secret_file)) if cfg.cluster_secret_file else None
-    mtls = MemberTls(cfg.mtls_cert, cfg.mtls_key, cfg.mtls_ca) if cfg.mtls_cert else None
     if cfg.engine.share_kv_cache:
         remove_stale_shm()  # what killed nodes on this host left in /dev/shm
+    token = member_token(read_secret(cfg.cluster_secret_file)) if cfg.cluster_secret_file else None
     # A tensor-parallel node's other ranks each move their own KV heads (kvtransfer/ranks.py).
     # The other ranks' rendezvous keys are named with the member token too (kvtransfer/channel.py, pair_prefix).
     rank_kv = functools.partial(serve_rank, secret=token or "")
     async_engine = await AsyncEngine.start(lambda: LLMEngine(cfg.engine, rank_kv=rank_kv), loop)
     engine = async_engine.engine
-    store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host) if cfg.role != "prefill" else None
-    servicer, metrics, tasks = None, None, []
-    folder = resolve_model_path(cfg.engine.model)
-    model_name = cfg.served_model_names[0] if cfg.served_model_names else served_name(folder)
+    roles = Roles(cfg, async_engine, token)
+    # Every node's prefix cache, as it changes, to the routers that route by it (whatever its role).
+    kv_events = KVEventPublisher(cfg.node_id, async_engine)
+    server = Server([(node_pb2_grpc.add_PrefillNodeServicer_to_server, roles.slots["prefill"], PREFILL_SERVICE),
+                     (node_pb2_grpc.add_DecodeNodeServicer_to_server, roles.slots["decode"], DECODE_SERVICE),
+                     (node_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(kv_events),
+                      KV_EVENTS_SERVICE)], member_token=token)
+    tasks: list[asyncio.Task] = []
+    metrics = None
     try:
-        if cfg.role == "prefill":
-            from baton.prefill.server import PrefillServicer
-
-            servicer = PrefillServicer(cfg.node_id, async_engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
-                                       pull_min_tokens=cfg.kv_pull_min_tokens, model=model_name, member_token=token,
-                                       member_credentials=mtls.channel_credentials() if mtls else None)
-            service = (node_pb2_grpc.add_PrefillNodeServicer_to_server, servicer, PREFILL_SERVICE)
-        else:
-            from baton.decode.server import DecodeServicer
-
-            servicer = DecodeServicer(cfg.node_id, cfg.role, async_engine, store, cfg.transfer_timeout,
-                                      publish_share=cfg.kv_path != "pair", model=model_name,
-                                      rendezvous_secret=token or "")
-            service = (node_pb2_grpc.add_DecodeNodeServicer_to_server, servicer, DECODE_SERVICE)
-            tasks.append(asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry")))
-        # Every node's prefix cache, as it changes, to the routers that route by it.
-        kv_events = KVEventPublisher(cfg.node_id, async_engine)
-        server = Server([service, (node_pb2_grpc.add_KVEventsServicer_to_server, KVEventsServicer(kv_events),
-                                   KV_EVENTS_SERVICE)], member_token=token)
-        port = server.bind(cfg.host, cfg.port, mtls).rpartition(":")[2]  # members only, with mutual TLS
-        address = join_address(cfg.advertise_host, port)
-        if cfg.role != "prefill":
-            servicer.advertise(address)
+        port = server.bind(cfg.host, cfg.port, roles.mtls).rpartition(":")[2]  # members only, with mutual TLS
+        roles.address = join_address(cfg.advertise_host, port)
+        servicer = roles.open(cfg.role)
         # Bound before gRPC serves: a metrics port in use stops the node before it takes a request.
         metrics = await MetricsServer.start(servicer.metrics, servicer.stats, cfg.host, cfg.metrics_port)
+        roles.metrics = metrics
         await server.start()
         await server.set_serving(True)
-        stats = await servicer.stats()
-        info = NodeInfo(
-            node_id=cfg.node_id, role=cfg.role, model=model_name, aliases=list(cfg.served_model_names[1:]),
-            model_path=str(folder.resolve()), address=address,
-            capacity=stats.total_blocks, free_blocks=stats.free_blocks, running=0, waiting=0,
-            metrics_address=join_address(cfg.advertise_host, metrics.port),
-            tensor_parallel_size=cfg.engine.tensor_parallel_size,
-            kv_pull_min_tokens=cfg.kv_pull_min_tokens if cfg.role == "prefill" else 0,
-            max_num_seqs=cfg.engine.max_num_seqs,
-        )
-        registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl),
-                                      (aetcd.ClientError,), START_RETRY_S, "registering in etcd")
+        await roles.health(server)
+        await roles.register()
         if cfg.engine.tensor_parallel_size > 1:
             async def watch_ranks() -> None:
                 # A dead rank leaves the engine unable to step: the whole node goes, at once.
@@ -188,22 +169,16 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
                     stop.set()
 
             tasks.append(asyncio.create_task(every(0.2, watch_ranks, "rank watch")))
-        reporter = LoadReporter(servicer, registration)
-        reporting = asyncio.create_task(every(cfg.load_report_seconds, reporter.report, "load report",
-                                              transient=(aetcd.ClientError,)))
-        tasks.append(reporting)
-        log.info("%s serving on %s", cfg.node_id, address)
+        if cfg.follow_placement:
+            follow = functools.partial(follow_role, cfg.etcd, cfg.cluster, cfg.node_id, roles.want, START_RETRY_S)
+            tasks.append(asyncio.create_task(every(1.0, follow, "following the placement",
+                                                   transient=(aetcd.ClientError,))))
+        log.info("%s serving on %s", cfg.node_id, roles.address)
         try:
-            await stop.wait()
+            while await roles.next_change(stop):
+                await roles.change(server)
         finally:
-            reporting.cancel()  # before the registration it reports to goes
-            await registration.close()  # leave the membership first: the router stops sending at once
-            deadline = loop.time() + cfg.drain_timeout
-            if stop.is_set():  # a stop, not a failure on the way here: finish what this node holds
-                if not await drain(servicer, cfg.node_id, deadline) and hasattr(servicer, "hand_over"):
-                    servicer.hand_over()  # the streams still here go on elsewhere (the router moves them)
-            if hasattr(servicer, "close_streams"):
-                servicer.close_streams()  # routers' Streams calls end with their last stream
+            deadline = await roles.leave(stopping=stop.is_set())
             kv_events.close()  # the routers' subscriptions end: the node leaves their indexes
             # New calls are refused from here on; calls still open (a prefill's last acknowledgement, a
             # stream's last message) get what is left of the drain time, and at least the 2 s they always had.
@@ -213,12 +188,167 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
             task.cancel()
         if metrics is not None:  # before the engine goes: a scrape reads it
             await metrics.close()
-        if servicer is not None:
-            await servicer.close()
+        await roles.close()
         await async_engine.close()
         await asyncio.to_thread(engine.close)  # a tensor-parallel engine's other ranks
-        if store is not None:
-            store.close()
+
+
+class Roles:
+    """The role a node has now, and what it holds for it: its servicer (and, as a decode or colocated node, its
+    KV rendezvous store), its registration in etcd and the task that reports its load there. One owner for
+    that state; `serve` owns what outlives a role (the engine, the gRPC and metrics servers, KV events)."""
+
+    def __init__(self, cfg: NodeConfig, engine: AsyncEngine, token: str | None) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.token = token
+        self.mtls = MemberTls(cfg.mtls_cert, cfg.mtls_key, cfg.mtls_ca) if cfg.mtls_cert else None
+        folder = resolve_model_path(cfg.engine.model)
+        self.model_path = str(folder.resolve())
+        self.model_name = cfg.served_model_names[0] if cfg.served_model_names else served_name(folder)
+        from baton.decode.server import DecodeServicer
+        from baton.prefill.server import PrefillServicer
+
+        self.slots = {"prefill": RoleSlot(node_pb2_grpc.PrefillNodeServicer, PrefillServicer, PREFILL_SERVICE),
+                      "decode": RoleSlot(node_pb2_grpc.DecodeNodeServicer, DecodeServicer, DECODE_SERVICE)}
+        self.address = ""  # this node's gRPC address, once bound
+        self.metrics: MetricsServer | None = None
+        self.role = ""
+        self.servicer = None
+        self.store: KVStoreHost | None = None
+        self.registration: NodeRegistration | None = None
+        self.reporting: asyncio.Task | None = None  # the load report to etcd, while registered
+        self.housekeeping: asyncio.Task | None = None  # a decode role's lease expiry: it runs through the drain
+        self.wanted = cfg.role
+        self._changed = asyncio.Event()
+
+    def _slot(self, role: str) -> RoleSlot:
+        return self.slots["prefill" if role == "prefill" else "decode"]
+
+    def open(self, role: str):
+        """Builds the servicer of `role` and puts it behind its slot (not registered yet)."""
+        cfg = self.cfg
+        if role == "prefill":
+            from baton.prefill.server import PrefillServicer
+
+            servicer = PrefillServicer(cfg.node_id, self.engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
+                                       pull_min_tokens=cfg.kv_pull_min_tokens, model=self.model_name,
+                                       member_token=self.token,
+                                       member_credentials=self.mtls.channel_credentials() if self.mtls else None)
+        else:
+            from baton.decode.server import DecodeServicer
+
+            # A store of its own for each time the node takes a decode role: prefill nodes see a new store
+            # address and open new pair channels, as after a restart (prefill/peers.py).
+            self.store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host)
+            servicer = DecodeServicer(cfg.node_id, role, self.engine, self.store, cfg.transfer_timeout,
+                                      publish_share=cfg.kv_path != "pair", model=self.model_name,
+                                      rendezvous_secret=self.token or "")
+            servicer.advertise(self.address)
+            self.housekeeping = asyncio.create_task(every(0.1, servicer.housekeeping, "lease expiry"))
+        self.role, self.servicer = role, servicer
+        self._slot(role).fill(servicer)
+        if self.metrics is not None:
+            self.metrics.metrics, self.metrics.read_state = servicer.metrics, servicer.stats
+        return servicer
+
+    async def health(self, server: Server) -> None:
+        """Each internal service reports SERVING only while the node has its role."""
+        for slot in self.slots.values():
+            await server.set_service_serving(slot.name, slot.servicer is not None)
+
+    async def register(self) -> None:
+        cfg, role = self.cfg, self.role
+        stats = await self.servicer.stats()
+        info = NodeInfo(
+            node_id=cfg.node_id, role=role, model=self.model_name, aliases=list(cfg.served_model_names[1:]),
+            model_path=self.model_path, address=self.address,
+            capacity=stats.total_blocks, free_blocks=stats.free_blocks, running=0, waiting=0,
+            metrics_address=join_address(cfg.advertise_host, self.metrics.port),
+            tensor_parallel_size=cfg.engine.tensor_parallel_size,
+            kv_pull_min_tokens=cfg.kv_pull_min_tokens if role == "prefill" else 0,
+            max_num_seqs=cfg.engine.max_num_seqs,
+        )
+        self.registration = await retrying(
+            lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info, ttl=cfg.ttl), (aetcd.ClientError,),
+            START_RETRY_S, "registering in etcd")
+        reporter = LoadReporter(self.servicer, self.registration)
+        self.reporting = asyncio.create_task(every(cfg.load_report_seconds, reporter.report, "load report",
+                                                   transient=(aetcd.ClientError,)))
+
+    def want(self, role: str) -> None:
+        """The role the placement gives this node now (follow_role)."""
+        if role != self.wanted:
+            self.wanted = role
+            self._changed.set()
+
+    async def next_change(self, stop: asyncio.Event) -> bool:
+        """Waits for a role to change to, or for `stop`: says whether a change came first."""
+        while not stop.is_set():
+            if self.wanted != self.role:
+                if self.wanted == "prefill" and self.cfg.engine.enable_chunked_prefill:
+                    log.error("%s: cannot become a prefill node: it runs with chunked prefill", self.cfg.node_id)
+                else:
+                    return True
+            self._changed.clear()
+            stopping = asyncio.ensure_future(stop.wait())
+            changed = asyncio.ensure_future(self._changed.wait())
+            try:
+                await asyncio.wait({stopping, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                changed.cancel()
+        return False
+
+    async def change(self, server: Server) -> None:
+        """Changes role in place: leaves the membership, finishes or hands over what the old role holds (as on
+        SIGTERM), closes its servicer once its calls end, then serves and registers in the new role. The
+        weights, the KV cache (and its prefix cache) and the servers stay."""
+        old, new, start = self.role, self.wanted, time.monotonic()
+        log.info("%s: changing role %s -> %s", self.cfg.node_id, old, new)
+        deadline = await self.leave(stopping=True)
+        await self._slot(old).empty(max(2.0, deadline - asyncio.get_running_loop().time()))
+        await self._close_role()
+        self.open(new)
+        await self.health(server)
+        await self.register()
+        log.info("%s: changed role %s -> %s in %.2f s", self.cfg.node_id, old, new, time.monotonic() - start)
+
+    async def leave(self, stopping: bool) -> float:
+        """Leaves the membership (routers stop sending at once); when `stopping`, serves what the role holds
+        until the drain timeout, then hands the streams still running over. Returns the drain's deadline."""
+        loop = asyncio.get_running_loop()
+        if self.reporting is not None:  # before the registration it reports to goes
+            self.reporting.cancel()
+            self.reporting = None
+        if self.registration is not None:
+            await self.registration.close()
+            self.registration = None
+        deadline = loop.time() + self.cfg.drain_timeout
+        servicer = self.servicer
+        if servicer is None:
+            return deadline
+        if stopping and not await drain(servicer, self.cfg.node_id, deadline) and hasattr(servicer, "hand_over"):
+            servicer.hand_over()  # the streams still here go on elsewhere (the router moves them)
+        if hasattr(servicer, "close_streams"):
+            servicer.close_streams()  # routers' Streams calls end with their last stream
+        return deadline
+
+    async def _close_role(self) -> None:
+        if self.housekeeping is not None:
+            self.housekeeping.cancel()
+            self.housekeeping = None
+        if self.servicer is not None:
+            await self.servicer.close()
+            self.servicer = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    async def close(self) -> None:
+        if self.reporting is not None:
+            self.reporting.cancel()
+        await self._close_role()
 
 
 async def drain(servicer, node_id: str, deadline: float) -> bool:

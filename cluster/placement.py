@@ -11,7 +11,8 @@ into id lists, and goes through the same checks when it is read back.
     options: {num_kv_blocks: 8192, max_num_seqs: 64, kv_path: auto, drain_timeout: 30, enable_prefix_caching: true,
               auth: false,                 # routers require API keys (baton keys)
               tls: false,                  # routers' public fronts answer TLS only
-              mtls: false}                 # members call each other over mutual TLS
+              mtls: false,                 # members call each other over mutual TLS
+              role_change: in_place}       # or restart: a node whose role changes is drained and started again
     machines:
       - name: a
         host: 0.0.0.0                    # what its nodes and router listen on (they publish this machine's address)
@@ -38,6 +39,7 @@ DEVICES = ("cpu", "cuda")  # on cuda, a node's ranks take its GPUs in order (see
 DTYPES = ("float32", "bfloat16", "float16")
 KERNELS = ("auto", "torch", "triton")
 KV_PATHS = ("auto", "pair", "shared")
+ROLE_CHANGES = ("in_place", "restart")
 ROUTER = "router"  # a machine's router process; no node may take the name
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # etcd key parts and log file names
 
@@ -70,6 +72,9 @@ class NodeOptions:
     auth: bool = False  # routers require API keys (each `baton launch` then needs --cluster-secret-file)
     tls: bool = False  # routers answer TLS only (each `baton launch` that runs one needs --tls-cert/--tls-key)
     mtls: bool = False  # members over mutual TLS (each `baton launch` needs --mtls-cert/--mtls-key/--mtls-ca)
+    # A node whose role alone changes: "in_place" keeps its process, weights and KV cache (cluster/roles.py);
+    # "restart" drains it and starts it again in the new role.
+    role_change: str = "in_place"
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +282,8 @@ def _options(obj: Any) -> NodeOptions:
                           drain_timeout=e.number("drain_timeout", 30.0, 0.0),
                           enable_prefix_caching=e.boolean("enable_prefix_caching", True),
                           auth=e.boolean("auth", False), tls=e.boolean("tls", False),
-                          mtls=e.boolean("mtls", False))
+                          mtls=e.boolean("mtls", False),
+                          role_change=e.string("role_change", "in_place", choices=ROLE_CHANGES))
     e.done()
     return options
 

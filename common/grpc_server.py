@@ -149,6 +149,11 @@ class Server:
         for name in [""] + self.names:
             await self.health.set(name, status)
 
+    async def set_service_serving(self, name: str, serving: bool) -> None:
+        """One service's health (a node's internal service while it has, or has not, that role)."""
+        await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if serving
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self, grace: float) -> None:
         await self.set_serving(False)
         await self.grpc.stop(grace)

@@ -165,7 +165,7 @@ def test_good_specs_round_trip_and_defaults_are_filled_in():
     assert d["machines"][0]["router"] == {"port": 50051, "host": "", "http_port": 0}
     assert d["options"] == {"num_kv_blocks": None, "max_num_seqs": None, "kv_path": "auto", "drain_timeout": 30.0,
                             "enable_prefix_caching": True, "auth": False, "tls": False,
-                            "mtls": False}
+                            "mtls": False, "role_change": "in_place"}
     assert Placement.from_json(parse(CPU).to_json()) == parse(CPU)
     with pytest.raises(PlacementError, match="^not valid JSON"):
         Placement.from_json(b"{")
@@ -191,10 +191,16 @@ def test_reconcile_first_placement_starts_everything():
     assert reconcile({k: v for k, v in wanted.items() if k != "n1"}, wanted) == Plan(start=("n1",))
 
 
-def test_reconcile_a_role_change_restarts_only_that_node():
+def test_reconcile_a_role_change_is_made_in_place_or_by_a_restart():
     new = edit(CPU, lambda s: node(s, 0, 1).update(role="decode"))
-    assert plan(CPU, new, "m1") == Plan(restart=("n2",))
+    assert plan(CPU, new, "m1") == Plan(rerole=("n2",))  # the node follows the placement itself
     assert plan(CPU, new, "m2") == Plan()
+    restart = lambda spec: edit(spec, lambda s: s.update(options={"role_change": "restart"}))  # noqa: E731
+    assert plan(restart(CPU), restart(new), "m1") == Plan(restart=("n2",))
+    # A role change with another setting: a restart, which starts it in its new role.
+    both = edit(new, lambda s: node(s, 0, 1).update(threads=1))
+    assert plan(CPU, both, "m1") == Plan(restart=("n2",))
+    assert machine_processes(parse(both), "m1", ETCD)["n2"].command()[-2:] == ("--role", "decode")
 
 
 def test_reconcile_added_removed_and_moved_nodes():
@@ -218,11 +224,12 @@ def test_reconcile_settings_in_the_command_line_restart():
 def test_machine_processes_command_lines():
     procs = machine_processes(parse(GPU), "a", ETCD)
     d0 = procs["d0"]
-    assert d0.args[:9] == ("node", "--role", "decode", "--node-id", "d0", "--tp", "4", "--host", "0.0.0.0")
+    assert d0.args[:8] == ("node", "--follow-placement", "--node-id", "d0", "--tp", "4", "--host", "0.0.0.0")
+    assert d0.role == "decode" and d0.command()[-2:] == ("--role", "decode")  # the role it starts in
     assert dict(d0.env) == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
-    args = dict(zip(d0.args[1::2], d0.args[2::2]))
-    assert args["--etcd"] == ETCD and args["--cluster"] == "g1" and args["--model"] == "/nowhere/llama"
-    assert args["--device"] == "cuda" and args["--dtype"] == "bfloat16" and args["--drain-timeout"] == "30.0"
+    args = build_parser().parse_args(d0.command())  # what the node process will read
+    assert (args.etcd, args.cluster, args.model, args.follow_placement) == (ETCD, "g1", "/nowhere/llama", True)
+    assert (args.device, args.dtype, args.drain_timeout, args.role) == ("cuda", "bfloat16", 30.0, "decode")
     assert d0.stop_timeout > 30.0  # SIGKILL only after the node's own drain and shutdown grace
     assert procs["router"].args == ("router", "--etcd", ETCD, "--cluster", "g1", "--model", "/nowhere/llama",
                                     "--host", "0.0.0.0", "--port", "50051", "--http-port", "0")
@@ -235,7 +242,7 @@ def test_machine_processes_command_lines():
     closed = machine_processes(parse(edit(GPU, lambda s: s.update(options={"auth": True}))), "a", ETCD,
                                MachineFiles(secret="/etc/s"))
     for proc in closed.values():
-        assert dict(zip(proc.args[1::2], proc.args[2::2]))["--cluster-secret-file"] == "/etc/s"
+        assert build_parser().parse_args(proc.command()).cluster_secret_file == "/etc/s"
     assert "--auth" in closed["router"].args and "--auth" not in closed["d0"].args
     assert "--auth" not in machine_processes(parse(GPU), "a", ETCD, MachineFiles(secret="/etc/s"))["router"].args
     assert "--cluster-secret-file" not in procs["router"].args  # an open cluster's
@@ -251,7 +258,7 @@ def test_machine_processes_tls_and_mutual_tls():
     procs = machine_processes(parse(closed), "a", ETCD, files)
     parser = build_parser()
     for name, proc in procs.items():
-        args = vars(parser.parse_args(proc.args))
+        args = vars(parser.parse_args(proc.command()))
         assert (args["mtls_cert"], args["mtls_key"], args["mtls_ca"]) == ("/m.pem", "/m.key", "/ca.pem"), name
         assert args["cluster_secret_file"] == "/s"
         assert (args.get("tls_cert"), args.get("tls_key")) == (("/t.pem", "/t.key") if name == "router" else
