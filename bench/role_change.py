@@ -4,9 +4,10 @@ One `baton launch` on one real etcd runs a router and three nodes of the 51M Lla
 decode) from a placement. Each round, `baton place` moves p1 from prefill to decode, then back, and the bench
 times each change from the moment the placement is written to the first request served by p1 in its new role
 (a 1-token request whose Finish names p1 as its decode, or prefill, node; requests are sent one after another
-until one does). The two ways alternate round by round, each on a launch of its own (placement option
-`role_change: in_place | restart`), so the machine's noise falls on both alike; the cluster is idle but for
-the probes. It prints the medians per way and direction, and restart's over in-place.
+until one does, through a router that routes round-robin). The two ways alternate round by round, each on a
+launch of its own (placement option `role_change: in_place | restart`), so the machine's noise falls on both
+alike; the cluster is idle but for the probes. It prints the medians per way and direction, and restart's
+over in-place.
 
     python bench/role_change.py [--rounds 3] [--model DIR] [--json PATH]
 """
@@ -26,11 +27,11 @@ import time
 import uuid
 from pathlib import Path
 
-import yaml
-
 from baton.bench.engine_throughput import machine, write_checkpoint
 from baton.bench.runner import git_commit
+from baton.cluster import placement_store
 from baton.cluster.etcd_server import EtcdServer, free_port
+from baton.cluster.placement import parse
 from baton.common.membership import MembershipWatcher
 from baton.router.client import AsyncBatonClient
 
@@ -44,23 +45,27 @@ class Cluster:
         self.etcd, self.model, self.way = etcd, model, way
         self.name = f"roles-{way}-{uuid.uuid4().hex[:6]}"
         self.port = free_port()
-        self.spec_path = logs / f"{self.name}.yaml"
         self.spec = {
             "cluster": self.name, "model": {"path": str(model)},
             "options": {"role_change": way, "num_kv_blocks": 256, "drain_timeout": 30},
-            "machines": [{"name": "m", "host": "127.0.0.1", "router": {"port": self.port},
+            # Round-robin: a probe reaches p1 within two tries once it serves (kv routing would keep sending
+            # the probes to whichever node cached them).
+            "machines": [{"name": "m", "host": "127.0.0.1", "router": {"port": self.port, "routing": "round-robin"},
                           "nodes": [{"name": "p0", "role": "prefill", "threads": 1},
                                     {"name": "p1", "role": "prefill", "threads": 1},
                                     {"name": "d0", "role": "decode", "threads": 1}]}]}
-        self.place()
-        self.launch = subprocess.Popen(
-            [sys.executable, "-m", "baton.cluster.cli", "launch", "--machine", "m", "--etcd", etcd, "--cluster",
-             self.name, "--log-dir", str(logs / self.name)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.logs = logs / self.name
+        self.launch: subprocess.Popen | None = None
 
-    def place(self) -> None:
-        self.spec_path.write_text(yaml.safe_dump(self.spec))
-        subprocess.run([sys.executable, "-m", "baton.cluster.cli", "place", str(self.spec_path), "--etcd", self.etcd],
-                       check=True, stdout=subprocess.DEVNULL)
+    async def start(self) -> None:
+        await self.place()
+        self.launch = subprocess.Popen(
+            [sys.executable, "-m", "baton.cluster.cli", "launch", "--machine", "m", "--etcd", self.etcd, "--cluster",
+             self.name, "--log-dir", str(self.logs)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    async def place(self) -> None:
+        """What `baton place` does, in this process (its own start-up would count in every change)."""
+        await placement_store.place(self.etcd, parse(self.spec))
 
     async def ready(self, watcher: MembershipWatcher, roles: dict[str, str]) -> None:
         await watcher.wait_for(lambda: {n.node_id: n.role for n in watcher.nodes()} == roles, 600)
@@ -69,7 +74,7 @@ class Cluster:
         """p1 to `role`: seconds from the placement write to the first request it served in that role."""
         self.spec["machines"][0]["nodes"][1]["role"] = role
         start = time.perf_counter()
-        await asyncio.to_thread(self.place)
+        await self.place()
         address = f"127.0.0.1:{self.port}"
         async with AsyncBatonClient(address, timeout=30) as client:
             while True:
@@ -83,6 +88,8 @@ class Cluster:
                     return time.perf_counter() - start
 
     def close(self) -> None:
+        if self.launch is None:
+            return
         self.launch.send_signal(signal.SIGTERM)
         try:
             self.launch.wait(90)
@@ -98,6 +105,7 @@ async def run(etcd: str, model: Path, rounds: int, logs: Path) -> dict[str, dict
             cluster = Cluster(etcd, model, way, logs)
             watcher = await MembershipWatcher.start(etcd, cluster.name)
             try:
+                await cluster.start()
                 await cluster.ready(watcher, {"p0": "prefill", "p1": "prefill", "d0": "decode"})
                 times[way]["prefill->decode"].append(await cluster.flip("decode"))
                 times[way]["decode->prefill"].append(await cluster.flip("prefill"))

@@ -17,7 +17,7 @@ into id lists, and goes through the same checks when it is read back.
       - name: a
         host: 0.0.0.0                    # what its nodes and router listen on (they publish this machine's address)
         gpus: 8                          # a count (ids 0..7) or a list of ids
-        router: {port: 50051}
+        router: {port: 50051}          # also http_port (its OpenAI front; 0: none), routing (kv, least-loaded, ...)
         nodes:
           - {name: prefill-0, role: prefill, gpus: [0, 1], tp: 2}   # port 0 (the default): a free one
 """
@@ -40,6 +40,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 KERNELS = ("auto", "torch", "triton")
 KV_PATHS = ("auto", "pair", "shared")
 ROLE_CHANGES = ("in_place", "restart")
+ROUTING = ("kv", "least-loaded", "round-robin")  # router/routing.py's POLICIES, repeated: no router import here
 ROUTER = "router"  # a machine's router process; no node may take the name
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # etcd key parts and log file names
 
@@ -82,6 +83,7 @@ class RouterSpec:
     port: int = 50051
     host: str = ""  # "": the machine's host
     http_port: int = 0  # the OpenAI-compatible HTTP front (0: none)
+    routing: str = "kv"  # the router's policy (router/routing.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +298,8 @@ def _machine(obj: Any, where: str) -> MachineSpec:
     if (r := e.get("router")) is not None:
         r = _Entry(r, f"{e.where}.router")
         router = RouterSpec(port=r.integer("port", 50051, 1, 65535), host=r.string("host"),
-                            http_port=r.integer("http_port", 0, 0, 65535))
+                            http_port=r.integer("http_port", 0, 0, 65535),
+                            routing=r.string("routing", "kv", choices=ROUTING))
         r.done()
     spec = MachineSpec(name=name, host=e.string("host", "0.0.0.0"), advertise_host=e.string("advertise_host"),
                        gpus=e.gpu_ids("gpus", allow_count=True), router=router,

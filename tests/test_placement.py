@@ -162,7 +162,7 @@ def test_good_specs_round_trip_and_defaults_are_filled_in():
     assert Placement.from_json(spec.to_json()) == spec
     d = spec.to_dict()
     assert d["machines"][0]["gpus"] == list(range(8))  # a count becomes the ids
-    assert d["machines"][0]["router"] == {"port": 50051, "host": "", "http_port": 0}
+    assert d["machines"][0]["router"] == {"port": 50051, "host": "", "http_port": 0, "routing": "kv"}
     assert d["options"] == {"num_kv_blocks": None, "max_num_seqs": None, "kv_path": "auto", "drain_timeout": 30.0,
                             "enable_prefix_caching": True, "auth": False, "tls": False,
                             "mtls": False, "role_change": "in_place"}
@@ -234,6 +234,9 @@ def test_machine_processes_command_lines():
     assert procs["router"].args == ("router", "--etcd", ETCD, "--cluster", "g1", "--model", "/nowhere/llama",
                                     "--host", "0.0.0.0", "--port", "50051", "--http-port", "0")
     assert "--no-enable-prefix-caching" not in d0.args  # on by default
+    rr = machine_processes(parse(edit(GPU, lambda s: s["machines"][0]["router"].update(routing="round-robin"))), "a",
+                           ETCD)["router"]
+    assert build_parser().parse_args(rr.command()).routing == "round-robin"
     cpu = machine_processes(parse(CPU), "m1", ETCD)
     assert "--model" not in cpu["n1"].args and "CUDA_VISIBLE_DEVICES" not in dict(cpu["n1"].env)  # bundled model
     off = machine_processes(parse(edit(CPU, lambda s: s.update(options={"enable_prefix_caching": False}))), "m1", ETCD)
