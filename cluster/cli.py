@@ -523,6 +523,41 @@ def _launch(args: argparse.Namespace) -> int:
         return 1
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from baton.engine import FieldError
+
+    try:
+        from baton.common.profile import Grid, parse_ints
+
+        fractions = tuple(float(f) for f in args.cached_fractions.split(",") if f.strip())
+        if not fractions or not all(0 <= f < 1 for f in fractions):
+            raise ValueError(f"cached_fractions: must be comma-separated fractions in [0, 1), got "
+                             f"{args.cached_fractions!r}")
+        if args.repeats < 1:
+            raise ValueError(f"repeats: must be >= 1, got {args.repeats}")
+        grid = Grid(parse_ints(args.prompt_lens, "prompt_lens"), fractions, parse_ints(args.batches, "batches"),
+                    parse_ints(args.contexts, "contexts"), args.repeats)
+    except ValueError as e:
+        field, _, message = str(e).partition(": ")
+        raise FieldError(field, message) from None
+    import torch
+
+    from baton.engine.profiling import profile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = _engine_config(args)
+    done = profile(config, grid, progress=lambda text: print(f"  {text}", flush=True))
+    done.save(args.output)
+    a, b, c = done.prefill_fit
+    d, e, f = done.decode_fit
+    print(f"baton: profile of {done.model} ({done.device}, {done.dtype}, tp {done.tp}) written to {args.output}\n"
+          f"  prefill step = {a * 1e3:.3f} ms + {b * 1e6:.3f} us x new tokens + {c * 1e9:.3f} ns x new x "
+          f"(cached + new)\n"
+          f"  decode step  = {d * 1e3:.3f} ms + {e * 1e6:.3f} us x batch + {f * 1e9:.3f} ns x batch x context")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from baton.cluster.status import run_status
 
@@ -669,6 +704,20 @@ def build_parser() -> argparse.ArgumentParser:
     _tls_args(launch)  # used when the placement's options say tls: true (mtls: true for the --mtls-* files)
     _mtls_args(launch)
     launch.set_defaults(run=_launch)
+
+    profile = sub.add_parser("profile", help="measure one node's step costs (prefill, decode) into a profile file "
+                                             "for the planner and the simulator")
+    _engine_args(profile)
+    profile.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    profile.add_argument("--output", default="profile.yaml", metavar="FILE", help="default: profile.yaml")
+    profile.add_argument("--prompt-lens", default="16,64,256,1024", metavar="N,N,...",
+                         help="prompt lengths measured (those the model's context allows)")
+    profile.add_argument("--cached-fractions", default="0,0.5", metavar="F,F,...",
+                         help="of each prompt, the part found in the prefix cache (whole blocks)")
+    profile.add_argument("--batches", default="1,4,16,64", metavar="N,N,...", help="decode batch sizes measured")
+    profile.add_argument("--contexts", default="128,1024", metavar="N,N,...", help="decode context lengths measured")
+    profile.add_argument("--repeats", type=int, default=5, help="prompts per prefill point (decode: 4x as many steps)")
+    profile.set_defaults(run=_profile)
 
     status = sub.add_parser("status", help="the cluster's nodes and their load, from etcd and their metrics")
     status.add_argument("--etcd", required=True,
