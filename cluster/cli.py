@@ -558,6 +558,70 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import math
+
+    from baton.cluster.simulator import SimConfig, read_trace, simulate, summarize
+    from baton.common.profile import Profile, ProfileError
+    from baton.engine import FieldError
+
+    try:
+        profile = Profile.load(args.profile)
+    except ProfileError as e:
+        raise FieldError("profile", str(e)) from None
+    counts = {"prefill": 0, "decode": 0, "colocated": 0}
+    if args.placement:
+        from baton.cluster.placement import PlacementError, load
+
+        try:
+            for _, node in load(args.placement).nodes().values():
+                counts[node.role] += 1
+        except (OSError, PlacementError) as e:
+            raise FieldError("placement", str(e)) from None
+    else:
+        for part in args.nodes.split(","):
+            role, _, n = part.partition("=")
+            if role.strip() not in counts or not n.strip().isdigit():
+                raise FieldError("nodes", f"must be ROLE=N,... with roles prefill, decode, colocated; got {part!r}")
+            counts[role.strip()] = int(n)
+    slo = {"ttft": math.inf, "tpot": math.inf}
+    for part in filter(None, args.slo.split(",")):
+        name, _, ms = part.partition("=")
+        try:
+            value = float(ms)
+        except ValueError:
+            value = -1.0
+        if name.strip() not in slo or not value > 0:
+            raise FieldError("slo", f"must be ttft=MS,tpot=MS with MS > 0; got {part!r}")
+        slo[name.strip()] = value / 1e3
+    if args.bandwidth <= 0:
+        raise FieldError("bandwidth", f"must be > 0 bytes per second, got {args.bandwidth}")
+    try:
+        requests = read_trace(args.workload)
+        config = SimConfig(prefill=counts["prefill"], decode=counts["decode"], colocated=counts["colocated"],
+                           bandwidth=args.bandwidth)
+        summary = summarize(simulate(profile, config, requests), slo["ttft"], slo["tpot"])
+    except OSError as e:
+        raise FieldError("workload", str(e)) from None
+    except ValueError as e:
+        field, _, message = str(e).partition(": ")
+        raise FieldError(field, message) from None
+    shape = ", ".join(f"{n} {role}" for role, n in counts.items() if n)
+    print(f"baton: simulated {summary.requests} requests on {shape} ({profile.model}, {profile.device}, "
+          f"tp {profile.tp})\n"
+          f"  TTFT p50 {summary.ttft_p50 * 1e3:.1f} ms, p99 {summary.ttft_p99 * 1e3:.1f} ms; "
+          f"TPOT p50 {summary.tpot_p50 * 1e3:.2f} ms, p99 {summary.tpot_p99 * 1e3:.2f} ms\n"
+          f"  served {summary.served}/{summary.requests} in {summary.duration:.1f} s; goodput "
+          f"{summary.goodput:.2f} req/s ({summary.attained:.1%} within the SLO); "
+          f"{summary.output_tokens_per_s:.0f} output tokens/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dataclasses.asdict(summary) | {"nodes": counts}, f, indent=1)
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from baton.cluster.status import run_status
 
@@ -718,6 +782,20 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--contexts", default="128,1024", metavar="N,N,...", help="decode context lengths measured")
     profile.add_argument("--repeats", type=int, default=5, help="prompts per prefill point (decode: 4x as many steps)")
     profile.set_defaults(run=_profile)
+
+    simulate = sub.add_parser("simulate", help="predict a placement's TTFT, TPOT and goodput for a workload trace "
+                                               "from a node profile (no model runs)")
+    simulate.add_argument("--profile", required=True, metavar="FILE", help="a node profile (baton profile)")
+    simulate.add_argument("--workload", required=True, metavar="FILE",
+                          help='a trace: JSON lines of {"t": s, "prompt": tokens, "output": tokens}')
+    nodes = simulate.add_mutually_exclusive_group(required=True)
+    nodes.add_argument("--placement", metavar="FILE", help="a placement spec: its nodes' roles are counted")
+    nodes.add_argument("--nodes", metavar="ROLE=N,...", help="e.g. prefill=2,decode=1 or colocated=2")
+    simulate.add_argument("--bandwidth", type=float, default=1e9, metavar="BYTES/S",
+                          help="one KV transfer's bandwidth (default 1e9)")
+    simulate.add_argument("--slo", default="", metavar="ttft=MS,tpot=MS", help="what goodput counts")
+    simulate.add_argument("--json", default="", metavar="FILE", help="also write the summary here")
+    simulate.set_defaults(run=_simulate)
 
     status = sub.add_parser("status", help="the cluster's nodes and their load, from etcd and their metrics")
     status.add_argument("--etcd", required=True,
