@@ -1,0 +1,182 @@
+"""The SLO planner's decisions: how many of a model's nodes should prefill and how many decode, for the load it
+predicts, from a node profile (common/profile.py). Pure: no I/O, no clock; `planner_run.py` feeds it what the
+routers measured and applies what it decides, and the simulator (cluster/simulator.py) drives it the same way.
+
+Each interval it is given what the routers saw (requests, prompt and output tokens, median TTFT and TPOT):
+  predict   the next interval's request rate (a linear trend over the last three intervals, never below the
+            last one's half) and mean lengths (the last interval's);
+  size      prefill: a prompt's service time s (profile x correction); an M/D/1 queue keeps TTFT = s (1 + rho /
+            (2 (1 - rho))) within the SLO up to utilisation rho*, so the nodes needed are rate x s / rho*;
+            decode: a step of B sequences takes d + B g (g: per-sequence cost at the mean context), and Little's
+            law puts rate x output x step sequences in decode: TPOT holds with rate x output x g / (1 - d /
+            TPOT) nodes (and enough KV blocks for them);
+  correct   the profile's predictions are scaled by what was observed against what they predicted for the
+            split that ran (exponentially averaged, clipped to [0.5, 4]);
+  split     the nodes it has go to prefill and decode in proportion to their needs, each need met first when
+            the total allows;
+  damp      a new split is applied only when proposed `confirm` intervals running and at least `cooldown`
+            intervals after the last change (hysteresis); every decision carries its inputs and reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from baton.common.profile import Profile
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    ttft: float  # seconds
+    tpot: float  # seconds per output token
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One interval of the routers' figures."""
+    seconds: float
+    requests: int
+    prompt_tokens: int
+    output_tokens: int
+    ttft_p50: float = math.nan  # seconds; nan: no request ended in the interval
+    tpot_p50: float = math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    rate: float  # requests per second
+    prompt: float  # mean tokens
+    output: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    prefill: int
+    decode: int
+    apply: bool  # a change to make now
+    reason: str
+    load: Load  # the prediction it sized for
+    needs: tuple[float, float]  # prefill and decode nodes the prediction needs (fractional)
+    correction: tuple[float, float]  # TTFT and TPOT: observed over the profile's prediction
+
+    def inputs(self) -> str:
+        return (f"predicted {self.load.rate:.2f} req/s, prompt {self.load.prompt:.0f}, output {self.load.output:.0f} "
+                f"tokens; needs {self.needs[0]:.2f}P {self.needs[1]:.2f}D; correction ttft x{self.correction[0]:.2f} "
+                f"tpot x{self.correction[1]:.2f}")
+
+
+@dataclass(slots=True)
+class Planner:
+    profile: Profile
+    slo: Slo
+    confirm: int = 2  # intervals a new split must be proposed in a row
+    cooldown: int = 3  # intervals after a change before the next
+    smoothing: float = 0.5  # weight of the newest correction
+    history: list[Load] = field(default_factory=list)
+    correction: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    proposed: tuple[int, int] | None = None
+    proposed_for: int = 0
+    since_change: int = 1_000_000
+
+    # -- the cost model --------------------------------------------------------------------------------------
+    def prefill_service_s(self, load: Load) -> float:
+        return self.profile.prefill_s(max(1, round(load.prompt))) * self.correction[0]
+
+    def decode_costs(self, load: Load) -> tuple[float, float]:
+        """(d, g): a decode step's fixed cost and its cost per sequence at the load's mean context."""
+        d, e, f = self.profile.decode_fit
+        context = load.prompt + load.output / 2
+        return d * self.correction[1], (e + f * context) * self.correction[1]
+
+    def predicted(self, load: Load, prefill: int, decode: int) -> tuple[float, float]:
+        """TTFT and TPOT the model gives `load` on a split (inf where a role is overloaded)."""
+        s = self.prefill_service_s(load)
+        rho = load.rate * s / max(prefill, 1)
+        ttft = s * (1 + rho / (2 * (1 - rho))) if rho < 1 else math.inf
+        d, g = self.decode_costs(load)
+        per_node = load.rate * load.output * g / max(decode, 1)
+        tpot = d / (1 - per_node) if per_node < 1 else math.inf
+        return ttft, tpot
+
+    def needs(self, load: Load) -> tuple[float, float]:
+        if load.rate <= 0:
+            return 0.0, 0.0
+        s = self.prefill_service_s(load)
+        x = self.slo.ttft / s - 1
+        prefill = load.rate * s / (2 * x / (1 + 2 * x)) if x > 0 else math.inf
+        d, g = self.decode_costs(load)
+        decode = load.rate * load.output * g / (1 - d / self.slo.tpot) if self.slo.tpot > d else math.inf
+        # KV blocks: every sequence in decode holds its prompt and output.
+        blocks = -(-int(load.prompt + load.output) // self.profile.block_size)
+        per_node = max(1, min(self.profile.max_num_seqs, self.profile.num_kv_blocks // max(blocks, 1)))
+        in_decode = load.rate * load.output * (d + g)  # Little's law at the lightest step
+        return prefill, max(decode, in_decode / per_node)
+
+    # -- one interval --------------------------------------------------------------------------------------
+    def observe(self, obs: Observation, current: tuple[int, int]) -> None:
+        if obs.seconds <= 0:
+            return
+        load = Load(obs.requests / obs.seconds, obs.prompt_tokens / obs.requests if obs.requests else 0.0,
+                    obs.output_tokens / obs.requests if obs.requests else 0.0)
+        if obs.requests and all(current):
+            ttft, tpot = self.predicted(load, *current)
+            for i, (seen, model) in enumerate(((obs.ttft_p50, ttft), (obs.tpot_p50, tpot))):
+                if math.isfinite(seen) and math.isfinite(model) and model > 0:
+                    ratio = min(4.0, max(0.5, seen / model * self.correction[i]))
+                    self.correction[i] += self.smoothing * (ratio - self.correction[i])
+        self.history = (self.history + [load])[-3:]
+
+    def predict(self) -> Load:
+        if not self.history:
+            return Load(0.0, 0.0, 0.0)
+        last = self.history[-1]
+        rates = [h.rate for h in self.history]
+        trend = (rates[-1] - rates[0]) / (len(rates) - 1) if len(rates) > 1 else 0.0
+        return Load(max(last.rate + trend, last.rate / 2), last.prompt, last.output)
+
+    def decide(self, obs: Observation, current: tuple[int, int]) -> Decision:
+        """The split for the next interval, given the one that ran (`current`, prefill and decode nodes)."""
+        self.observe(obs, current)
+        self.since_change += 1
+        load = self.predict()
+        need_p, need_d = self.needs(load)
+        total = sum(current)
+        target = split(total, need_p, need_d) if load.rate > 0 else current
+        correction = (self.correction[0], self.correction[1])
+        if target == current:
+            self.proposed, self.proposed_for = None, 0
+            return Decision(*current, False, "the split that runs fits the prediction", load, (need_p, need_d),
+                            correction)
+        if target != self.proposed:
+            self.proposed, self.proposed_for = target, 0
+        self.proposed_for += 1
+        why = f"{current[0]}P{current[1]}D -> {target[0]}P{target[1]}D"
+        if self.proposed_for < self.confirm:
+            return Decision(*current, False, f"{why} proposed ({self.proposed_for}/{self.confirm})", load,
+                            (need_p, need_d), correction)
+        if self.since_change < self.cooldown:
+            return Decision(*current, False, f"{why} waits for the cool-down ({self.since_change}/{self.cooldown} "
+                            "intervals since the last change)", load, (need_p, need_d), correction)
+        self.since_change, self.proposed, self.proposed_for = 0, None, 0
+        side = "prefill" if target[0] > current[0] else "decode"
+        return Decision(*target, True, f"{why}: {side} needs more nodes for the SLO", load, (need_p, need_d),
+                        correction)
+
+
+def split(total: int, need_p: float, need_d: float) -> tuple[int, int]:
+    """`total` nodes (>= 2) into prefill and decode: each need met when the total allows, the spare (or the
+    shortfall) shared in proportion to the needs; each role keeps at least one node."""
+    if total < 2:
+        raise ValueError(f"nodes: a disaggregated model needs at least 2, got {total}")
+    if math.isinf(need_p) or math.isinf(need_d):
+        p = total - 1 if math.isinf(need_p) and not math.isinf(need_d) else 1 if math.isinf(need_d) and \
+            not math.isinf(need_p) else total // 2
+        return p, total - p
+    p_min, d_min = max(1, math.ceil(need_p - 1e-9)), max(1, math.ceil(need_d - 1e-9))
+    if p_min + d_min <= total:
+        spare = total - p_min - d_min
+        extra = round(spare * need_p / (need_p + need_d)) if need_p + need_d > 0 else spare // 2
+        return p_min + extra, total - p_min - extra
+    p = min(total - 1, max(1, round(total * need_p / (need_p + need_d))))
+    return p, total - p
