@@ -13,9 +13,10 @@ Each interval it is given what the routers saw (requests, prompt and output toke
   correct   the profile's predictions are scaled by what was observed against what they predicted for the
             split that ran (exponentially averaged, clipped to [0.5, 4]);
   split     the nodes it has go to prefill and decode in proportion to their needs, each need met first when
-            the total allows;
+            the total allows; or, given `max_nodes`, each role gets its need plus `headroom` (up to that many);
   damp      a new split is applied only when proposed `confirm` intervals running and at least `cooldown`
-            intervals after the last change (hysteresis); every decision carries its inputs and reason.
+            intervals after the last change (hysteresis), but nodes added are added at once; every decision
+            carries its inputs and reason.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class Planner:
     confirm: int = 2  # intervals a new split must be proposed in a row
     cooldown: int = 3  # intervals after a change before the next
     smoothing: float = 0.5  # weight of the newest correction
+    max_nodes: int = 0  # > 0: the planner also adds and removes nodes, up to this many (0: it splits what runs)
+    headroom: float = 0.2  # adding nodes: each role's need is met with this much to spare
     history: list[Load] = field(default_factory=list)
     correction: list[float] = field(default_factory=lambda: [1.0, 1.0])
     proposed: tuple[int, int] | None = None
@@ -141,9 +144,13 @@ class Planner:
         self.since_change += 1
         load = self.predict()
         need_p, need_d = self.needs(load)
-        total = sum(current)
-        target = split(total, need_p, need_d) if load.rate > 0 else current
+        target = self.target(current, need_p, need_d) if load.rate > 0 else current
         correction = (self.correction[0], self.correction[1])
+        if self.max_nodes and target != current and target[0] >= current[0] and target[1] >= current[1]:
+            # Adding nodes cannot wait: the SLO is at stake now. Removing them (below) is damped.
+            self.since_change, self.proposed, self.proposed_for = 0, None, 0
+            return Decision(*target, True, f"{current[0]}P{current[1]}D -> {target[0]}P{target[1]}D: more nodes "
+                            "for the predicted load", load, (need_p, need_d), correction)
         if target == current:
             self.proposed, self.proposed_for = None, 0
             return Decision(*current, False, "the split that runs fits the prediction", load, (need_p, need_d),
@@ -159,9 +166,20 @@ class Planner:
             return Decision(*current, False, f"{why} waits for the cool-down ({self.since_change}/{self.cooldown} "
                             "intervals since the last change)", load, (need_p, need_d), correction)
         self.since_change, self.proposed, self.proposed_for = 0, None, 0
-        side = "prefill" if target[0] > current[0] else "decode"
-        return Decision(*target, True, f"{why}: {side} needs more nodes for the SLO", load, (need_p, need_d),
-                        correction)
+        if sum(target) < sum(current):
+            reason = "fewer nodes hold the SLO"
+        else:
+            reason = f"{'prefill' if target[0] > current[0] else 'decode'} needs more nodes for the SLO"
+        return Decision(*target, True, f"{why}: {reason}", load, (need_p, need_d), correction)
+
+    def target(self, current: tuple[int, int], need_p: float, need_d: float) -> tuple[int, int]:
+        if not self.max_nodes:
+            return split(sum(current), need_p, need_d)
+        if math.isinf(need_p) or math.isinf(need_d):
+            return split(self.max_nodes, need_p, need_d)
+        p = max(1, math.ceil(need_p * (1 + self.headroom) - 1e-9))
+        d = max(1, math.ceil(need_d * (1 + self.headroom) - 1e-9))
+        return (p, d) if p + d <= self.max_nodes else split(self.max_nodes, need_p, need_d)
 
 
 def split(total: int, need_p: float, need_d: float) -> tuple[int, int]:

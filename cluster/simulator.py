@@ -31,6 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from baton.cluster.planner import Decision, Observation, Planner
 from baton.common.profile import Profile
 
 
@@ -97,6 +98,8 @@ class _Decoder:
         self.joining: list[_Seq] = []  # K/V arrived: join at the next step boundary
         self.prompts: deque[_Seq] = deque()  # colocated: prompts to compute
         self.busy_until = 0.0  # the end of the step (or run of steps) under way
+        self.draining = False  # leaving: the router sends it nothing new; it goes once it holds nothing
+        self.started, self.ended = 0.0, math.nan
         self.run_start = 0.0
         self.run_steps = 0  # steps planned in the run under way (0: idle or a single step)
         self.version = 0  # invalidates the events of a run cut short
@@ -111,6 +114,8 @@ class _Prefiller:
         self.cache: OrderedDict[str, int] = OrderedDict()  # prefix -> tokens, least recently used first
         self.cache_tokens = 0
         self.capacity = profile.num_kv_blocks * profile.block_size
+        self.draining = False
+        self.started, self.ended = 0.0, math.nan
 
     def held(self, r: Request) -> int:
         return self.cache.get(r.prefix, 0) if r.prefix else 0
@@ -141,26 +146,90 @@ class Simulation:
         self._order = itertools.count()
         self.waiting: deque[Outcome] = deque()  # the router's queue
         self.outcomes: list[Outcome] = []
+        # The planner, when one drives the run: what the routers would have measured in the interval.
+        self.planner: Planner | None = None
+        self.decisions: list[tuple[float, Decision]] = []
+        self._seen = (0, 0, 0)  # requests, prompt tokens, output tokens arrived
+        self._ttfts: list[float] = []
+        self._tpots: list[float] = []
 
     # -- the event queue ---------------------------------------------------------------------------------------
     def _at(self, time: float, action: Callable[..., None], *args) -> None:
         heapq.heappush(self.events, (time, next(self._order), action, args))
 
-    def run(self, requests: Iterable[Request]) -> list[Outcome]:
+    def run(self, requests: Iterable[Request], planner: Planner | None = None, interval: float = 60.0,
+            start_s: float = 0.55) -> list[Outcome]:
+        """Serves `requests`; with a `planner`, asks it every `interval` seconds for the prefill/decode split
+        and applies it: a node added serves `start_s` after the decision (0.55 s: a role changed in place on
+        the 2-core VM, bench/role_change.py; a new process takes its start and weight load), a node removed
+        takes nothing new and goes once it holds nothing."""
+        last = 0.0
         for r in requests:
             outcome = Outcome(r)
             self.outcomes.append(outcome)
             self._at(r.arrival, self._arrive, outcome)
+            last = max(last, r.arrival)
+        if planner is not None:
+            self.planner = planner
+            for k in range(1, int(last // interval) + 1):
+                self._at(k * interval, self._plan, interval, start_s)
         while self.events:
             self.now, _, action, args = heapq.heappop(self.events)
             action(*args)
         return self.outcomes
+
+    # -- the planner -----------------------------------------------------------------------------------------
+    def live(self) -> tuple[int, int]:
+        return (sum(not p.draining for p in self.prefillers), sum(not d.draining for d in self.decoders))
+
+    def node_seconds(self) -> float:
+        end = self.now
+        return sum((end if math.isnan(n.ended) else n.ended) - n.started for n in self.prefillers + self.decoders)
+
+    def _plan(self, interval: float, start_s: float) -> None:
+        (requests, prompt, output), ttfts, tpots = self._seen, self._ttfts, self._tpots
+        self._seen, self._ttfts, self._tpots = (0, 0, 0), [], []
+        observed = Observation(interval, requests, prompt, output, percentile(ttfts, 50), percentile(tpots, 50))
+        decision = self.planner.decide(observed, self.live())
+        self.decisions.append((self.now, decision))
+        if decision.apply:
+            self.resize(decision.prefill, decision.decode, start_s)
+
+    def resize(self, prefill: int, decode: int, start_s: float) -> None:
+        """Brings the live (not draining) nodes of each role to the counts given."""
+        have_p, have_d = self.live()
+        for node in sorted((p for p in self.prefillers if not p.draining), key=lambda p: p.queued_tokens)[
+                :max(0, have_p - prefill)]:
+            node.draining = True
+            if not node.busy and not node.queue:
+                node.ended = self.now
+        for node in sorted((d for d in self.decoders if not d.draining), key=lambda d: d.held)[
+                :max(0, have_d - decode)]:
+            node.draining = True
+            if not node.held:
+                node.ended = self.now
+        for _ in range(prefill - have_p):
+            node = _Prefiller(len(self.prefillers), self.profile)
+            node.started, node.draining = self.now, True  # counted from now; serving from start_s on
+            self.prefillers.append(node)
+            self._at(self.now + start_s, self._serve, node)
+        for _ in range(decode - have_d):
+            node = _Decoder(len(self.decoders), self.profile, False)
+            node.started, node.draining = self.now, True
+            self.decoders.append(node)
+            self._at(self.now + start_s, self._serve, node)
+
+    def _serve(self, node: _Prefiller | _Decoder) -> None:
+        node.draining = False
+        self._admit()
 
     # -- the router ----------------------------------------------------------------------------------------------
     def _blocks(self, r: Request) -> int:
         return -(-(r.prompt + r.output) // self.profile.block_size)
 
     def _arrive(self, outcome: Outcome) -> None:
+        r = outcome.request
+        self._seen = (self._seen[0] + 1, self._seen[1] + r.prompt, self._seen[2] + r.output)
         self.waiting.append(outcome)
         self._admit()
 
@@ -168,7 +237,7 @@ class Simulation:
         while self.waiting:
             outcome = self.waiting[0]
             need = self._blocks(outcome.request)
-            room = [d for d in self.decoders if d.held < self.places and d.free_blocks >= need]
+            room = [d for d in self.decoders if not d.draining and d.held < self.places and d.free_blocks >= need]
             if not room:
                 if need > self.profile.num_kv_blocks:  # could never fit: ends at once, unserved
                     self.waiting.popleft()
@@ -193,7 +262,7 @@ class Simulation:
         def work(p: _Prefiller) -> tuple[int, int]:
             return p.queued_tokens + r.prompt - p.held(r), p.index
 
-        node = min(self.prefillers, key=work)
+        node = min((p for p in self.prefillers if not p.draining), key=work)
         node.queue.append((seq, decoder))
         node.queued_tokens += r.prompt - node.held(r)
         seq.outcome.prefill_node = node.index
@@ -212,6 +281,8 @@ class Simulation:
             batch.append((seq, decoder, cached))
         if not batch:
             node.busy = False
+            if node.draining:
+                node.ended = self.now
             return
         node.busy = True
         seconds = self.profile.prefill_batch_s([(s.outcome.request.prompt - c, c) for s, _, c in batch])
@@ -222,6 +293,7 @@ class Simulation:
             r = seq.outcome.request
             node.remember(r)
             seq.outcome.first_token = self.now
+            self._ttfts.append(self.now - r.arrival)
             moved = (r.prompt - cached) * self.profile.kv_bytes_per_token
             arrives = max(self.now, started + moved / self.config.bandwidth) + self.config.transfer_latency
             if seq.left <= 0:
@@ -285,6 +357,7 @@ class Simulation:
         self._advance(node, 1, self.now)
         for seq in batch:
             seq.outcome.first_token = self.now
+            self._ttfts.append(self.now - seq.outcome.request.arrival)
             seq.outcome.prefill_node = node.index
             if seq.left <= 0:
                 self._end(seq, node, self.now)
@@ -334,6 +407,10 @@ class Simulation:
         seq.outcome.end = when
         node.held -= 1
         node.free_blocks += seq.blocks
+        if node.draining and not node.held:
+            node.ended = when
+        if self.planner is not None and seq.outcome.request.output > 1:
+            self._tpots.append(seq.outcome.tpot)
         self._at(when, self._admit)
 
 

@@ -145,3 +145,34 @@ def test_baton_simulate_reads_files_and_refuses_bad_ones(tmp_path):
     done = subprocess.run([*base[:-1], str(tmp_path / "bad.jsonl"), "--nodes", "colocated=1"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "bad.jsonl:2: prompt" in done.stderr, done.stderr
+
+
+def test_the_planner_moves_nodes_to_the_role_the_load_shifts_to():
+    """A load that turns from chat (short prompts, long answers) to long prompts: the planner, given 4 nodes,
+    gives decode the most of them, then prefill once the prompts grow; given up to 8 from 1P1D, it adds nodes as
+    the prompts grow and removes them after, keeping most requests within the SLO on fewer node-seconds than 4
+    nodes all along."""
+    from baton.cluster.planner import Planner, Slo
+    from baton.cluster.simulator import Simulation
+
+    p = profile()
+    rng, t, requests = random.Random(7), 0.0, []
+    while t < 600:
+        t += rng.expovariate(20.0)
+        long = t >= 300
+        requests.append(Request(t, rng.randint(1500, 2500) if long else rng.randint(50, 150),
+                                rng.randint(10, 30) if long else rng.randint(150, 250)))
+    slo = Slo(ttft=0.4, tpot=0.03)
+    fixed = Simulation(p, SimConfig(prefill=2, decode=2))
+    fixed.run(requests, Planner(p, slo), interval=30.0)
+    splits = [(round(at), d.prefill, d.decode) for at, d in fixed.decisions if d.apply]
+    chat, prompts = [x for x in splits if x[0] < 300], [x for x in splits if x[0] > 300]
+    assert chat and all(d > pf for _, pf, d in chat), splits  # chat: decode-bound
+    assert prompts and prompts[-1][1:] == (3, 1), splits  # long prompts: prefill-bound
+    start = summarize(simulate(p, SimConfig(prefill=1, decode=1), requests), slo.ttft, slo.tpot)
+    elastic = Simulation(p, SimConfig(prefill=1, decode=1))
+    s = summarize(elastic.run(requests, Planner(p, slo, max_nodes=8), interval=10.0), slo.ttft, slo.tpot)
+    # From 1P1D (half the requests within the SLO, left alone), with fewer node-seconds than 4 nodes throughout.
+    assert s.attained > 0.9 > 0.6 > start.attained and elastic.node_seconds() < 4 * 600, (s, start)
+    reasons = [d.reason for _, d in elastic.decisions if d.apply]
+    assert any("more nodes" in r for r in reasons) and any("fewer nodes" in r for r in reasons), reasons
