@@ -622,6 +622,40 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _planner(args: argparse.Namespace) -> int:
+    from baton.cluster.planner import Planner, Slo
+    from baton.common.profile import Profile, ProfileError
+    from baton.engine import FieldError
+
+    slo: dict[str, float] = {}
+    for part in args.slo.split(","):
+        name, _, ms = part.partition("=")
+        name = {"itl": "tpot"}.get(name.strip(), name.strip())
+        try:
+            value = float(ms)
+        except ValueError:
+            value = -1.0
+        if name not in ("ttft", "tpot") or not value > 0:
+            raise FieldError("slo", f"must be ttft=MS,tpot=MS with MS > 0; got {part!r}")
+        slo[name] = value / 1e3
+    if set(slo) != {"ttft", "tpot"}:
+        raise FieldError("slo", "give both ttft=MS and tpot=MS")
+    for name in ("interval", "correction_weight"):
+        if not getattr(args, name) >= (0 if name == "correction_weight" else 0.1):
+            raise FieldError(name, f"out of range: {getattr(args, name)}")
+    if args.confirm < 1 or args.cooldown < 0:
+        raise FieldError("confirm" if args.confirm < 1 else "cooldown", "must be >= 1 (confirm), >= 0 (cooldown)")
+    try:
+        profile = Profile.load(args.profile)
+    except ProfileError as e:
+        raise FieldError("profile", str(e)) from None
+    planner = Planner(profile, Slo(**slo), confirm=args.confirm, cooldown=args.cooldown,
+                      smoothing=args.correction_weight)
+    from baton.cluster.planner_run import run_planner
+
+    return run_planner(args.etcd, args.cluster, planner, args.interval, args.dry_run, args.metrics_port)
+
+
 def _status(args: argparse.Namespace) -> int:
     from baton.cluster.status import run_status
 
@@ -796,6 +830,24 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--slo", default="", metavar="ttft=MS,tpot=MS", help="what goodput counts")
     simulate.add_argument("--json", default="", metavar="FILE", help="also write the summary here")
     simulate.set_defaults(run=_simulate)
+
+    planner = sub.add_parser("planner", help="hold TTFT and TPOT SLOs by changing the placement's prefill/decode "
+                                             "split as the load shifts (nodes change role in place)")
+    planner.add_argument("--etcd", required=True, help="etcd URL")
+    planner.add_argument("--cluster", required=True, help="the cluster's name (its placement's)")
+    planner.add_argument("--slo", required=True, metavar="ttft=MS,tpot=MS", help="the SLOs to hold (itl= for tpot=)")
+    planner.add_argument("--profile", required=True, metavar="FILE", help="the nodes' profile (baton profile)")
+    planner.add_argument("--interval", type=float, default=30.0, metavar="S", help="seconds between decisions")
+    planner.add_argument("--confirm", type=int, default=2, metavar="N",
+                         help="intervals a new split must be proposed in a row before it is applied")
+    planner.add_argument("--cooldown", type=int, default=3, metavar="N", help="intervals between two changes")
+    planner.add_argument("--correction-weight", type=float, default=0.5, metavar="W",
+                         help="weight of each interval's observed/predicted ratio in the profile's correction (0: "
+                              "trust the profile)")
+    planner.add_argument("--dry-run", action="store_true", help="print the decisions; change nothing")
+    planner.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                         help="serve the planner's Prometheus metrics on this port (0: none)")
+    planner.set_defaults(run=_planner)
 
     status = sub.add_parser("status", help="the cluster's nodes and their load, from etcd and their metrics")
     status.add_argument("--etcd", required=True,

@@ -49,6 +49,7 @@ class HistoryRecord:
     action: str  # "place" or "remove"
     by: str  # user@host of the writer
     changes: tuple[str, ...]
+    reason: str = ""  # why (the planner says what it saw and decided)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
@@ -57,10 +58,11 @@ class HistoryRecord:
     def from_json(cls, data: bytes) -> HistoryRecord:
         obj = json.loads(data)
         return cls(seq=int(obj["seq"]), time=str(obj["time"]), action=str(obj["action"]), by=str(obj["by"]),
-                   changes=tuple(obj["changes"]))
+                   changes=tuple(obj["changes"]), reason=str(obj.get("reason", "")))
 
     def lines(self) -> list[str]:
-        return [f"{self.seq:>4}  {self.time}  {self.action} by {self.by}"] + [f"      {c}" for c in self.changes]
+        return [f"{self.seq:>4}  {self.time}  {self.action} by {self.by}"] + [f"      {c}" for c in self.changes] + \
+            ([f"      why: {self.reason}"] if self.reason else [])
 
 
 def who() -> str:
@@ -71,9 +73,16 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-async def place(etcd_url: str, placement: Placement, by: str = "") -> HistoryRecord:
-    """Stores `placement` as its cluster's and records the change."""
-    return await _write(etcd_url, placement.cluster, placement, by or who())
+class PlacementChanged(RuntimeError):
+    """The placement is no longer the one a change was computed from (`place(..., based_on=...)`)."""
+
+
+async def place(etcd_url: str, placement: Placement, by: str = "", reason: str = "",
+                based_on: Placement | None = None) -> HistoryRecord:
+    """Stores `placement` as its cluster's and records the change (and `reason`, when given). With `based_on`,
+    only if the stored placement is still that one (PlacementChanged otherwise): a change computed from a
+    placement never overwrites another made meanwhile."""
+    return await _write(etcd_url, placement.cluster, placement, by or who(), reason, based_on)
 
 
 async def remove(etcd_url: str, cluster: str, by: str = "") -> HistoryRecord | None:
@@ -99,7 +108,8 @@ async def history(etcd_url: str, cluster: str) -> list[HistoryRecord]:
         await close_quietly(client)
 
 
-async def _write(etcd_url: str, cluster: str, new: Placement | None, by: str) -> HistoryRecord | None:
+async def _write(etcd_url: str, cluster: str, new: Placement | None, by: str, reason: str = "",
+                 based_on: Placement | None = None) -> HistoryRecord | None:
     key = placement_key(cluster)
     client = etcd_client(etcd_url, RPC_TIMEOUT_S)
     tx = client.transactions
@@ -109,12 +119,14 @@ async def _write(etcd_url: str, cluster: str, new: Placement | None, by: str) ->
             if current is None and new is None:
                 return None
             old = _readable(current.value) if current is not None else None
+            if based_on is not None and old != based_on:
+                raise PlacementChanged(f"the placement of {cluster} changed since it was read")
             taken = await client.get_prefix(history_prefix(cluster), keys_only=True)
             seq = 1 + max((int(kv.key.rpartition(b"/")[2]) for kv in taken), default=0)
             note = [] if current is None or old is not None else ["(the placement replaced could not be read)"]
             record = HistoryRecord(seq=seq, time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                    action="place" if new is not None else "remove", by=by,
-                                   changes=tuple(note + changes(old, new)))
+                                   changes=tuple(note + changes(old, new)), reason=reason)
             record_key = history_prefix(cluster) + f"{seq:08d}".encode()
             unchanged = tx.mod(key) == current.mod_revision if current is not None else tx.version(key) == 0
             write = tx.put(key, new.to_json()) if new is not None else tx.delete(key)
