@@ -52,6 +52,11 @@ class SimConfig:
     bandwidth: float = 1e9  # bytes per second of one KV transfer
     transfer_latency: float = 0.001  # seconds a transfer adds past its last byte (reservation, acknowledgement)
     step_tokens: int = 4096  # a prefill step's token budget
+    # What the offline profile does not see, calibrated on a live cluster (bench/sim_accuracy.py): seconds from
+    # admission to the prompt reaching its node (the router's work, the decode node's reservation, the RPCs),
+    # and seconds each decode step adds to stream its tokens to the routers.
+    dispatch_s: float = 0.0
+    step_overhead_s: float = 0.0
     slots_per_seq: int = 2  # the router's places per max_num_seqs (router/flow.py)
 
 
@@ -249,11 +254,17 @@ class Simulation:
             node.free_blocks -= need
             outcome.admitted, outcome.decode_node = self.now, node.index
             seq = _Seq(outcome, need)
-            if node.colocated:
-                node.prompts.append(seq)
-                self._kick(node)
+            if self.config.dispatch_s:
+                self._at(self.now + self.config.dispatch_s, self._dispatch, seq, node)
             else:
-                self._to_prefill(seq, node)
+                self._dispatch(seq, node)
+
+    def _dispatch(self, seq: _Seq, node: _Decoder) -> None:
+        if node.colocated:
+            node.prompts.append(seq)
+            self._kick(node)
+        else:
+            self._to_prefill(seq, node)
 
     # -- prefill nodes ---------------------------------------------------------------------------------------
     def _to_prefill(self, seq: _Seq, decoder: _Decoder) -> None:
@@ -340,7 +351,8 @@ class Simulation:
                 tokens += seq.outcome.request.prompt
                 batch.append(seq)
             d, e, f = self.profile.decode_fit
-            decode = e * len(node.running) + f * sum(s.context for s in node.running) if node.running else 0.0
+            decode = e * len(node.running) + f * sum(s.context for s in node.running) + self.config.step_overhead_s \
+                if node.running else 0.0
             seconds = self.profile.prefill_batch_s([(s.outcome.request.prompt, 0) for s in batch]) + decode
             node.run_start, node.run_steps, node.busy_until = self.now, 0, self.now + seconds
             self._at(node.busy_until, self._mixed_done, node, batch, node.version)
@@ -376,7 +388,7 @@ class Simulation:
         sequence's context grows by one a step, so sum over i < k of d + e*B + f*(S + B*i)."""
         d, e, f = self.profile.decode_fit
         b, s = len(node.running), sum(seq.context for seq in node.running)
-        return k * (d + e * b) + f * (k * s + b * k * (k - 1) / 2)
+        return k * (d + self.config.step_overhead_s + e * b) + f * (k * s + b * k * (k - 1) / 2)
 
     def _steps_by(self, node: _Decoder, time: float) -> int:
         """Steps of the run under way finished by `time`."""
