@@ -8,7 +8,7 @@ planner run starts at the split sized for the first phase (the best static one f
 changing role in place. Per run and phase it prints the share of requests within the SLO and the goodput, the
 role changes made, and requests lost (failed): the planner must lose none.
 
-    python bench/planner_live.py [--phase-seconds 60] [--rate 3] [--slo ttft=800,tpot=60] [--json PATH]
+    python bench/planner_live.py [--phase-seconds 60] [--rate 3] [--slo ttft=1000,tpot=20] [--json PATH]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase-seconds", type=float, default=60.0)
     ap.add_argument("--rate", type=float, default=3.0)
-    ap.add_argument("--slo", default="ttft=800,tpot=60", help="ms")
+    ap.add_argument("--slo", default="ttft=1000,tpot=20", help="ms")
     ap.add_argument("--interval", type=float, default=5.0, help="the planner's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
@@ -119,13 +119,15 @@ def main() -> int:
         runs = {"static 1P3D": ((1, 3), None), "static 2P2D": ((2, 2), None), "static 3P1D": ((3, 1), None)}
         for label, (split, extra) in runs.items():
             result = asyncio.run(one_run(etcd.url, model, split, trace, logs, extra, args.seed))
-            results[label] = {"phases": phase_figures(result["records"], trace, args.phase_seconds, slo)}
-            print(label, results[label], flush=True)
+            results[label] = {"phases": phase_figures(result["records"], trace, args.phase_seconds, slo),
+                              "records": result["records"]}
+            print(label, results[label]["phases"], flush=True)
         first = max((label for label in runs), key=lambda label: results[label]["phases"][0]["attained"])
         result = asyncio.run(one_run(etcd.url, model, runs[first][0], trace, logs, planner_args, args.seed))
         results["planner"] = {"phases": phase_figures(result["records"], trace, args.phase_seconds, slo),
-                              "starts_as": first, "changes": result["changes"], "reasons": result["reasons"]}
-        print("planner", results["planner"], flush=True)
+                              "starts_as": first, "changes": result["changes"], "reasons": result["reasons"],
+                              "records": result["records"]}
+        print("planner", results["planner"]["phases"], results["planner"]["changes"], flush=True)
     print(f"machine: {machine('4 nodes, 1 torch thread each, + router and client, on 2 cores')}")
     print(f"trace: {len(trace)} requests, Poisson {args.rate}/s, {args.phase_seconds:g} s per phase; SLO {args.slo} "
           f"ms; planner every {args.interval:g} s, starting as {first}")

@@ -11,12 +11,14 @@ Each interval it is given what the routers saw (requests, prompt and output toke
             law puts rate x output x step sequences in decode: TPOT holds with rate x output x g / (1 - d /
             TPOT) nodes (and enough KV blocks for them);
   correct   the profile's predictions are scaled by what was observed against what they predicted for the
-            split that ran (exponentially averaged, clipped to [0.5, 4]);
+            split that ran (exponentially averaged, clipped to [0.5, 2], and only in a steady state);
   split     the nodes it has go to prefill and decode in proportion to their needs, each need met first when
             the total allows; or, given `max_nodes`, each role gets its need plus `headroom` (up to that many);
-  damp      a new split is applied only when proposed `confirm` intervals running and at least `cooldown`
-            intervals after the last change (hysteresis), but nodes added are added at once; every decision
-            carries its inputs and reason.
+  damp      a new split is applied only when proposed `confirm` intervals running (the same way for each role;
+            removing nodes, the most cautious of the proposals) and at least `cooldown` intervals after the last
+            change (hysteresis), but nodes added are added at once; every decision carries its inputs and reason.
+  backlog   prompt tokens left waiting (an unforeseen shift) add the prefill nodes that compute them within
+            the TTFT SLO.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Observation:
     output_tokens: int
     ttft_p50: float = math.nan  # seconds; nan: no request ended in the interval
     tpot_p50: float = math.nan
+    queued_tokens: int = 0  # prompt tokens waiting to be computed at the interval's end (nodes' reports)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,19 +105,24 @@ class Planner:
         tpot = d / (1 - per_node) if per_node < 1 else math.inf
         return ttft, tpot
 
-    def needs(self, load: Load) -> tuple[float, float]:
+    def needs(self, load: Load, backlog: int = 0) -> tuple[float, float]:
+        """Nodes `load` needs; prefill also enough to compute a `backlog` of prompt tokens within the TTFT SLO
+        (a shift the prediction did not see coming leaves one: it must go, not only stop growing)."""
         if load.rate <= 0:
             return 0.0, 0.0
         s = self.prefill_service_s(load)
         x = self.slo.ttft / s - 1
         prefill = load.rate * s / (2 * x / (1 + 2 * x)) if x > 0 else math.inf
+        prefill += backlog * (s / max(load.prompt, 1)) / self.slo.ttft
         d, g = self.decode_costs(load)
         decode = load.rate * load.output * g / (1 - d / self.slo.tpot) if self.slo.tpot > d else math.inf
-        # KV blocks: every sequence in decode holds its prompt and output.
+        # KV blocks: a request holds its prompt's and output's on its decode node from admission (the router
+        # reserves them before the prompt is computed) to its end: at most its prefill plus its output at the
+        # TPOT the sizing allows (Little's law).
         blocks = -(-int(load.prompt + load.output) // self.profile.block_size)
         per_node = max(1, min(self.profile.max_num_seqs, self.profile.num_kv_blocks // max(blocks, 1)))
-        in_decode = load.rate * load.output * (d + g)  # Little's law at the lightest step
-        return prefill, max(decode, in_decode / per_node)
+        holding = load.rate * (s + load.output * self.slo.tpot)
+        return prefill, max(decode, holding / per_node)
 
     # -- one interval --------------------------------------------------------------------------------------
     def observe(self, obs: Observation, current: tuple[int, int]) -> None:
@@ -122,11 +130,15 @@ class Planner:
             return
         load = Load(obs.requests / obs.seconds, obs.prompt_tokens / obs.requests if obs.requests else 0.0,
                     obs.output_tokens / obs.requests if obs.requests else 0.0)
-        if obs.requests and all(current):
+        # Only in a steady state: not right after a change, nor over a backlog (more prompt tokens waiting than
+        # arrive in one TTFT SLO): what the interval saw then was queueing the model does not describe, not
+        # the profile's error, and correcting the profile by it would feed the backlog back into the sizing.
+        steady = self.since_change > 0 and obs.queued_tokens <= load.rate * load.prompt * self.slo.ttft
+        if obs.requests and all(current) and steady:
             ttft, tpot = self.predicted(load, *current)
             for i, (seen, model) in enumerate(((obs.ttft_p50, ttft), (obs.tpot_p50, tpot))):
                 if math.isfinite(seen) and math.isfinite(model) and model > 0:
-                    ratio = min(4.0, max(0.5, seen / model * self.correction[i]))
+                    ratio = min(2.0, max(0.5, seen / model * self.correction[i]))
                     self.correction[i] += self.smoothing * (ratio - self.correction[i])
         self.history = (self.history + [load])[-3:]
 
@@ -143,7 +155,7 @@ class Planner:
         self.observe(obs, current)
         self.since_change += 1
         load = self.predict()
-        need_p, need_d = self.needs(load)
+        need_p, need_d = self.needs(load, obs.queued_tokens)
         target = self.target(current, need_p, need_d) if load.rate > 0 else current
         correction = (self.correction[0], self.correction[1])
         if self.max_nodes and target != current and target[0] >= current[0] and target[1] >= current[1]:
@@ -155,8 +167,11 @@ class Planner:
             self.proposed, self.proposed_for = None, 0
             return Decision(*current, False, "the split that runs fits the prediction", load, (need_p, need_d),
                             correction)
-        if target != self.proposed:
+        if self.proposed is None or _direction(current, target) != _direction(current, self.proposed):
             self.proposed, self.proposed_for = target, 0
+        else:  # the same way again: the more cautious of the two (the most nodes of each role)
+            target = self.proposed = (max(target[0], self.proposed[0]), max(target[1], self.proposed[1])) \
+                if sum(target) < sum(current) else target
         self.proposed_for += 1
         why = f"{current[0]}P{current[1]}D -> {target[0]}P{target[1]}D"
         if self.proposed_for < self.confirm:
@@ -183,8 +198,8 @@ class Planner:
 
 
 def split(total: int, need_p: float, need_d: float) -> tuple[int, int]:
-    """`total` nodes (>= 2) into prefill and decode: each need met when the total allows, the spare (or the
-    shortfall) shared in proportion to the needs; each role keeps at least one node."""
+    """`total` nodes (>= 2) into prefill and decode: each need met when the total allows, the spare shared in
+    proportion to the needs; short of both, the smaller need met first; each role keeps at least one node."""
     if total < 2:
         raise ValueError(f"nodes: a disaggregated model needs at least 2, got {total}")
     if math.isinf(need_p) or math.isinf(need_d):
@@ -196,5 +211,16 @@ def split(total: int, need_p: float, need_d: float) -> tuple[int, int]:
         spare = total - p_min - d_min
         extra = round(spare * need_p / (need_p + need_d)) if need_p + need_d > 0 else spare // 2
         return p_min + extra, total - p_min - extra
-    p = min(total - 1, max(1, round(total * need_p / (need_p + need_d))))
+    # Short of both: the smaller need is met (up to half the nodes), the rest go to the larger. Starving the
+    # small side instead (a proportional cut) would stall the large one behind it: a prefill surge with one
+    # decode node left waits on that node's KV blocks.
+    if d_min <= p_min:
+        d = min(d_min, total // 2)
+        return total - d, d
+    p = min(p_min, total // 2)
     return p, total - p
+
+
+def _direction(current: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """Which way each role moves: proposals that agree on it confirm each other."""
+    return ((target[0] > current[0]) - (target[0] < current[0]), (target[1] > current[1]) - (target[1] < current[1]))

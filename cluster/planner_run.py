@@ -192,6 +192,8 @@ class PlannerRun:
         if min(current) < 1:
             log.info("the placement has %dP%dD: the planner splits prefill and decode nodes only", *current)
             return None
+        # Prompt tokens waiting on the prefill nodes, as they last reported them.
+        observed = dataclasses.replace(observed, queued_tokens=sum(n.queued_tokens for n in watcher.nodes("prefill")))
         decision = self.planner.decide(observed, current)
         self.metrics.record(decision)
         log.info("%s requests in %.0f s, ttft p50 %.3f s, tpot p50 %.4f s: %s (%s)", observed.requests, seconds,

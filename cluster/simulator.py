@@ -194,7 +194,9 @@ class Simulation:
     def _plan(self, interval: float, start_s: float) -> None:
         (requests, prompt, output), ttfts, tpots = self._seen, self._ttfts, self._tpots
         self._seen, self._ttfts, self._tpots = (0, 0, 0), [], []
-        observed = Observation(interval, requests, prompt, output, percentile(ttfts, 50), percentile(tpots, 50))
+        queued = sum(p.queued_tokens for p in self.prefillers) + sum(o.request.prompt for o in self.waiting)
+        observed = Observation(interval, requests, prompt, output, percentile(ttfts, 50), percentile(tpots, 50),
+                               queued)
         decision = self.planner.decide(observed, self.live())
         self.decisions.append((self.now, decision))
         if decision.apply:

@@ -36,7 +36,8 @@ def test_needs_grow_with_the_load_and_follow_its_shape():
 def test_split_meets_each_need_first_then_shares_the_rest():
     assert split(8, 2.2, 3.1) == (3, 5)  # needs 3 + 4, one spare: to decode (the larger need)
     assert split(8, 0.1, 0.1) == (4, 4)
-    assert split(4, 6.0, 2.0) == (3, 1)  # short of both: in proportion, each role keeps one
+    assert split(4, 6.0, 2.0) == (2, 2)  # short of both: the smaller need met, the rest to the larger
+    assert split(10, 30.0, 8.0) == (5, 5) and split(10, 2.0, 30.0) == (2, 8)  # the smaller: up to half
     assert split(3, math.inf, 1.0) == (2, 1) and split(3, 1.0, math.inf) == (1, 2)
     with pytest.raises(ValueError, match="nodes"):
         split(1, 1.0, 1.0)
@@ -77,7 +78,7 @@ def test_observed_latencies_correct_the_profile():
     assert p.correction[0] == pytest.approx(1.5) and p.correction[1] == pytest.approx(1.0)  # half-way to 2x
     for _ in range(20):
         p.decide(obs(5.0, 300, 100, ttft_p50=100 * ttft, tpot_p50=tpot / 100), (1, 1))
-    assert p.correction == [pytest.approx(4.0), pytest.approx(0.5)]  # clipped
+    assert p.correction == [pytest.approx(2.0), pytest.approx(0.5)]  # clipped
 
 
 def test_the_prediction_follows_a_trend_but_never_halves():
