@@ -8,8 +8,8 @@ bandwidth, plus each sequence's K/V; per-sequence compute at 50% of peak. A prof
 (`baton profile --device cuda`) replaces it when one is at hand.
 
 Trace: a day compressed into `--day` seconds: the request rate follows a daily cycle with a 10x swing (night
-trough to afternoon peak), and the traffic shifts from chat (short prompts, long answers) in the first half to
-long prompts (documents, short answers) in the second. Node start: `--start` seconds (a role changed in place
+trough to a peak at noon), and the traffic shifts from chat (short prompts, long answers) in the morning to
+long prompts (documents, short answers) in the afternoon, the mix turning over two "hours" around noon. Node start: `--start` seconds (a role changed in place
 is 0.55 s on the CPU here; a new GPU process loads its weights in tens of seconds).
 
 Judged: the planner (elastic, up to --max-nodes) against the best static split that also holds the SLO for at
@@ -59,7 +59,8 @@ def day_trace(peak: float, day: float, seed: int) -> list[Request]:
             return out
         if rng.random() > 0.1 + 0.9 * (1 - math.cos(2 * math.pi * t / day)) / 2:
             continue
-        if t < day / 2:  # chat
+        # The mix turns from chat to long prompts over two "hours" around noon.
+        if rng.random() >= min(1.0, max(0.0, (t - day * 11 / 24) / (day / 12))):  # chat
             out.append(Request(t, rng.randint(200, 1200), rng.randint(150, 500)))
         else:  # long prompts
             out.append(Request(t, rng.randint(4000, 12000), rng.randint(50, 200)))
