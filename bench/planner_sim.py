@@ -9,13 +9,15 @@ bandwidth, plus each sequence's K/V; per-sequence compute at 50% of peak. A prof
 
 Trace: a day compressed into `--day` seconds: the request rate follows a daily cycle with a 10x swing (night
 trough to a peak at noon), and the traffic shifts from chat (short prompts, long answers) in the morning to
-long prompts (documents, short answers) in the afternoon, the mix turning over two "hours" around noon. Node start: `--start` seconds (a role changed in place
-is 0.55 s on the CPU here; a new GPU process loads its weights in tens of seconds).
+long prompts (documents, short answers) in the afternoon, the mix turning over two "hours" around noon. Node
+start: `--start` seconds (a role changed in place is 0.55 s on the CPU here; a new GPU process loads its weights
+in tens of seconds).
 
 Judged: the planner (elastic, up to --max-nodes) against the best static split that also holds the SLO for at
 least 99% of requests (the fewest nodes, then the split, searched): SLO attainment and node-hours.
 
-    python bench/planner_sim.py [--peak 300] [--day 1440] [--max-nodes 100] [--slo ttft=1000,tpot=50]
+    python bench/planner_sim.py [--peak 100] [--day 1440] [--max-nodes 100] [--slo ttft=1000,tpot=50]
+                                [--skip-static] [--json PATH]
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def static_best(profile: Profile, trace: list[Request], slo: Slo, max_nodes: int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--peak", type=float, default=300.0, help="requests per second at the daily peak")
+    ap.add_argument("--peak", type=float, default=100.0, help="requests per second at the daily peak")
     ap.add_argument("--day", type=float, default=1440.0, help="seconds the day is compressed into")
     ap.add_argument("--max-nodes", type=int, default=100)
     ap.add_argument("--slo", default="ttft=1000,tpot=50", help="ms")
@@ -107,6 +109,8 @@ def main() -> int:
     ap.add_argument("--start", type=float, default=0.55, help="seconds before a node added serves")
     ap.add_argument("--bandwidth", type=float, default=25e9, help="a KV transfer's bytes/s (NVLink/IB class)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-static", action="store_true", help="the planner alone (the static search simulates "
+                                                                  "the day some twenty times)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     slo_ms = {k: float(v) for k, v in (part.split("=") for part in args.slo.split(","))}
@@ -121,14 +125,16 @@ def main() -> int:
     node_hours = sim.node_seconds() / 3600
     changes = sum(d.apply for _, d in sim.decisions)
     peak_nodes = max((d.prefill + d.decode for _, d in sim.decisions), default=2)
-    best = static_best(profile, trace, slo, args.max_nodes, args.bandwidth)
+    best = None if args.skip_static else static_best(profile, trace, slo, args.max_nodes, args.bandwidth)
     print(f"profile: {profile.model} on {profile.machine}; trace: {len(trace)} requests over a {args.day:g} s day "
           f"(peak {args.peak:g} req/s, 10x swing; chat, then long prompts); SLO {args.slo} ms")
     print(f"planner: {planned.attained:.2%} within the SLO, {node_hours:.2f} node-hours, {changes} changes, "
           f"at most {peak_nodes} nodes (simulated in {planner_s:.1f} s)")
     result = {"requests": len(trace), "planner": {"attained": planned.attained, "node_hours": node_hours,
                                                   "changes": changes, "peak_nodes": peak_nodes, "sim_s": planner_s}}
-    if best is None:
+    if args.skip_static:
+        pass
+    elif best is None:
         print(f"no static split of up to {args.max_nodes} nodes holds the SLO for 99% of requests")
     else:
         (p, d), share = best
