@@ -32,7 +32,7 @@ from pathlib import Path
 
 from baton.cluster.planner import Planner, Slo
 from baton.cluster.simulator import Request, SimConfig, Simulation, simulate, summarize
-from baton.common.profile import DecodePoint, PrefillPoint, Profile
+from baton.engine.profile import DecodePoint, PrefillPoint, Profile
 
 TFLOPS, HBM, MEMORY = 989e12, 3.35e12, 80e9  # H100 SXM datasheet: dense bf16, HBM3 bytes/s, bytes
 PARAMS, LAYERS, HIDDEN, KV_HEADS, HEAD_DIM = 8.03e9, 32, 4096, 8, 128  # Llama-3.1-8B

@@ -33,7 +33,7 @@ from baton.bench.runner import git_commit
 from baton.bench.workload import Request as Sent
 from baton.cluster.launch import ClusterSpec
 from baton.cluster.simulator import Request, SimConfig, simulate, summarize
-from baton.common.profile import Profile
+from baton.engine.profile import Profile
 from baton.router.client import AsyncBatonClient
 
 TOPOLOGIES = {"1P1D": (1, 1, 0), "2P1D": (2, 1, 0), "1P2D": (1, 2, 0), "2 colocated": (0, 0, 2)}

@@ -527,7 +527,7 @@ def _profile(args: argparse.Namespace) -> int:
     from baton.engine import FieldError
 
     try:
-        from baton.common.profile import Grid, parse_ints
+        from baton.engine.profile import Grid, parse_ints
 
         fractions = tuple(float(f) for f in args.cached_fractions.split(",") if f.strip())
         if not fractions or not all(0 <= f < 1 for f in fractions):
@@ -564,7 +564,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import math
 
     from baton.cluster.simulator import SimConfig, read_trace, simulate, summarize
-    from baton.common.profile import Profile, ProfileError
+    from baton.engine.profile import Profile, ProfileError
     from baton.engine import FieldError
 
     try:
@@ -624,7 +624,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _planner(args: argparse.Namespace) -> int:
     from baton.cluster.planner import Planner, Slo
-    from baton.common.profile import Profile, ProfileError
+    from baton.engine.profile import Profile, ProfileError
     from baton.engine import FieldError
 
     slo: dict[str, float] = {}

@@ -1,5 +1,5 @@
 """The SLO planner's decisions: how many of a model's nodes should prefill and how many decode, for the load it
-predicts, from a node profile (common/profile.py). Pure: no I/O, no clock; `planner_run.py` feeds it what the
+predicts, from a node profile (engine/profile.py). Pure: no I/O, no clock; `planner_run.py` feeds it what the
 routers measured and applies what it decides, and the simulator (cluster/simulator.py) drives it the same way.
 
 Each interval it is given what the routers saw (requests, prompt and output tokens, median TTFT and TPOT):
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from baton.common.profile import Profile
+from baton.engine.profile import Profile
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 """A discrete-event model of a Baton cluster (`baton simulate`): what TTFT, TPOT and goodput a placement gives
-a workload trace, from a node profile (common/profile.py), without running a model.
+a workload trace, from a node profile (engine/profile.py), without running a model.
 
 What it models, as Baton does it:
   router   admits a request when a decode (or colocated) node has room for it: a place among its
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from baton.cluster.planner import Decision, Observation, Planner
-from baton.common.profile import Profile
+from baton.engine.profile import Profile
 
 
 @dataclass(frozen=True, slots=True)

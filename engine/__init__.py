@@ -1,7 +1,8 @@
 """Baton's model runtime, shared by prefill and decode nodes.
 
 The names below load on first use (PEP 562): a router imports this package's torch-free modules (`errors`,
-`request`, `checkpoint`, `tokenizer`, `detokenizer`, `stops`, `output`) and must not load torch by doing so."""
+`request`, `checkpoint`, `tokenizer`, `detokenizer`, `stops`, `output`; the planner `profile`) and must not load
+torch by doing so."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`baton profile`: measures what one node's engine costs per step, and fits the cost models of
-common/profile.py to it.
+engine/profile.py to it.
 
 Prefill: one prompt of `tokens` new tokens after `cached` cached ones, computed in one step (the cached part
 computed first, so that the prefix cache holds it); the step's median over `repeats` prompts of fresh tokens.
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from baton.common.profile import DecodePoint, Grid, PrefillPoint, Profile, least_squares
+from baton.engine.profile import DecodePoint, Grid, PrefillPoint, Profile, least_squares
 from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.engine.config import EngineConfig, step_tokens
 from baton.engine.engine import LLMEngine

@@ -1,4 +1,4 @@
-"""`baton profile` (engine/profiling.py) and its file (common/profile.py): the command measures the bundled
+"""`baton profile` (engine/profiling.py) and its file (engine/profile.py): the command measures the bundled
 model on the engine a node runs and writes a profile the planner and the simulator read back; the fit never
 has a negative term; a broken file is refused naming its field; bad options get status 2 naming theirs."""
 
@@ -11,7 +11,7 @@ import yaml
 
 from cluster_harness import BATON
 
-from baton.common.profile import Profile, ProfileError, least_squares
+from baton.engine.profile import Profile, ProfileError, least_squares
 
 
 def test_baton_profile_writes_a_profile_the_planner_reads(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 from cluster_harness import BATON
 
 from baton.cluster.simulator import Request, SimConfig, read_trace, simulate, summarize, write_trace
-from baton.common.profile import DecodePoint, PrefillPoint, Profile
+from baton.engine.profile import DecodePoint, PrefillPoint, Profile
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

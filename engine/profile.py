@@ -101,7 +101,7 @@ class Profile:
         return {"version": VERSION, **d}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text("# baton profile (common/profile.py): seconds per step, measured and fitted\n"
+        Path(path).write_text("# baton profile (engine/profile.py): seconds per step, measured and fitted\n"
                               + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
