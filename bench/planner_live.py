@@ -32,6 +32,7 @@ from baton.bench.sim_accuracy import profile_model, replay
 from baton.cluster import placement_store
 from baton.cluster.etcd_server import EtcdServer, free_port
 from baton.cluster.placement import parse
+from baton.cluster.planner import Slo
 from baton.cluster.simulator import Request
 from baton.common.membership import MembershipWatcher
 
@@ -86,12 +87,12 @@ async def one_run(etcd: str, model: Path, split: tuple[int, int], trace: list[Re
             "reasons": [h.reason for h in history if h.by == "planner"]}
 
 
-def phase_figures(records: list[dict], trace: list[Request], seconds: float, slo: dict) -> list[dict]:
+def phase_figures(records: list[dict], trace: list[Request], seconds: float, slo: Slo) -> list[dict]:
     out = []
     for k, (phase, *_) in enumerate(PHASES):
         mine = [r for r, q in zip(records, trace) if k * seconds <= q.arrival < (k + 1) * seconds]
-        good = [r for r in mine if r["error"] is None and r["ttft"] <= slo["ttft"] and
-                (math.isnan(r["tpot"]) or r["tpot"] <= slo["tpot"])]
+        good = [r for r in mine if r["error"] is None and r["ttft"] <= slo.ttft and
+                (math.isnan(r["tpot"]) or r["tpot"] <= slo.tpot)]
         out.append({"phase": phase, "requests": len(mine), "attained": len(good) / len(mine) if mine else math.nan,
                     "goodput": len(good) / seconds, "failed": sum(r["error"] is not None for r in mine)})
     return out
@@ -107,7 +108,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    slo = {k: float(v) / 1e3 for k, v in (part.split("=") for part in args.slo.split(","))}
+    slo = Slo.parse(args.slo)
     model = cached_model()
     trace = make_trace(args.rate, args.phase_seconds, args.seed)
     results = {}

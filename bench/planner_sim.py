@@ -113,8 +113,7 @@ def main() -> int:
                                                                   "the day some twenty times)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    slo_ms = {k: float(v) for k, v in (part.split("=") for part in args.slo.split(","))}
-    slo = Slo(slo_ms["ttft"] / 1e3, slo_ms["tpot"] / 1e3)
+    slo = Slo.parse(args.slo)
     profile = h100_llama8b()
     trace = day_trace(args.peak, args.day, args.seed)
     started = time.perf_counter()

@@ -32,6 +32,7 @@ from baton.bench.memory_soak import cached_model
 from baton.bench.runner import git_commit
 from baton.bench.workload import Request as Sent
 from baton.cluster.launch import ClusterSpec
+from baton.cluster.planner import Slo
 from baton.cluster.simulator import Request, SimConfig, simulate, summarize
 from baton.engine.profile import Profile
 from baton.router.client import AsyncBatonClient
@@ -111,8 +112,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    slo = {k: float(v) / 1e3 for k, v in (part.split("=") for part in args.slo.split(","))}
-    tight = {k: float(v) / 1e3 for k, v in (part.split("=") for part in args.tight_slo.split(","))}
+    slo, tight = Slo.parse(args.slo), Slo.parse(args.tight_slo)
     model = cached_model()
     trace = make_trace(args.requests, args.rate, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,16 +132,16 @@ def main() -> int:
             overheads = calibration
             print(f"calibration on idle 1P1D: dispatch {overheads[0] * 1e3:.1f} ms, step overhead "
                   f"{overheads[1] * 1e3:.2f} ms", flush=True)
-        real = measured_summary(records, trace, slo["ttft"], slo["tpot"])
-        real["goodput_tight"] = measured_summary(records, trace, tight["ttft"], tight["tpot"])["goodput"]
+        real = measured_summary(records, trace, slo.ttft, slo.tpot)
+        real["goodput_tight"] = measured_summary(records, trace, tight.ttft, tight.tpot)["goodput"]
         rows[name] = {"measured": real}
         for kind, (dispatch, step) in (("profile only", (0.0, 0.0)), ("calibrated", overheads)):
             config = SimConfig(prefill=p, decode=d, colocated=c, bandwidth=args.bandwidth, dispatch_s=dispatch,
                                step_overhead_s=step)
             outcomes = simulate(profile, config, trace)
-            sim = summarize(outcomes, slo["ttft"], slo["tpot"])
+            sim = summarize(outcomes, slo.ttft, slo.tpot)
             predicted = {"ttft_p50": sim.ttft_p50, "tpot_p50": sim.tpot_p50, "goodput": sim.goodput,
-                         "goodput_tight": summarize(outcomes, tight["ttft"], tight["tpot"]).goodput}
+                         "goodput_tight": summarize(outcomes, tight.ttft, tight.tpot).goodput}
             rows[name][kind] = {"predicted": predicted, "error": {k: predicted[k] / real[k] - 1 if real[k] else math.nan
                                                                   for k in predicted}}
         print(f"{name}: measured {real}, predicted {rows[name]}", flush=True)

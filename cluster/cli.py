@@ -558,19 +558,34 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    import math
-
-    from baton.cluster.simulator import SimConfig, read_trace, simulate, summarize
-    from baton.engine.profile import Profile, ProfileError
+def _slo(text: str, complete: bool):
+    from baton.cluster.planner import Slo
     from baton.engine import FieldError
 
     try:
-        profile = Profile.load(args.profile)
+        return Slo.parse(text, complete)
+    except ValueError as e:
+        raise FieldError("slo", str(e).removeprefix("slo: ")) from None
+
+
+def _profile_file(path: str):
+    from baton.engine import FieldError
+    from baton.engine.profile import Profile, ProfileError
+
+    try:
+        return Profile.load(path)
     except ProfileError as e:
         raise FieldError("profile", str(e)) from None
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from baton.cluster.simulator import SimConfig, read_trace, simulate, summarize
+    from baton.engine import FieldError
+
+    profile = _profile_file(args.profile)
     counts = {"prefill": 0, "decode": 0, "colocated": 0}
     if args.placement:
         from baton.cluster.placement import PlacementError, load
@@ -586,23 +601,14 @@ def _simulate(args: argparse.Namespace) -> int:
             if role.strip() not in counts or not n.strip().isdigit():
                 raise FieldError("nodes", f"must be ROLE=N,... with roles prefill, decode, colocated; got {part!r}")
             counts[role.strip()] = int(n)
-    slo = {"ttft": math.inf, "tpot": math.inf}
-    for part in filter(None, args.slo.split(",")):
-        name, _, ms = part.partition("=")
-        try:
-            value = float(ms)
-        except ValueError:
-            value = -1.0
-        if name.strip() not in slo or not value > 0:
-            raise FieldError("slo", f"must be ttft=MS,tpot=MS with MS > 0; got {part!r}")
-        slo[name.strip()] = value / 1e3
+    slo = _slo(args.slo, complete=False)
     if args.bandwidth <= 0:
         raise FieldError("bandwidth", f"must be > 0 bytes per second, got {args.bandwidth}")
     try:
         requests = read_trace(args.workload)
         config = SimConfig(prefill=counts["prefill"], decode=counts["decode"], colocated=counts["colocated"],
                            bandwidth=args.bandwidth)
-        summary = summarize(simulate(profile, config, requests), slo["ttft"], slo["tpot"])
+        summary = summarize(simulate(profile, config, requests), slo.ttft, slo.tpot)
     except OSError as e:
         raise FieldError("workload", str(e)) from None
     except ValueError as e:
@@ -623,33 +629,16 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _planner(args: argparse.Namespace) -> int:
-    from baton.cluster.planner import Planner, Slo
-    from baton.engine.profile import Profile, ProfileError
+    from baton.cluster.planner import Planner
     from baton.engine import FieldError
 
-    slo: dict[str, float] = {}
-    for part in args.slo.split(","):
-        name, _, ms = part.partition("=")
-        name = {"itl": "tpot"}.get(name.strip(), name.strip())
-        try:
-            value = float(ms)
-        except ValueError:
-            value = -1.0
-        if name not in ("ttft", "tpot") or not value > 0:
-            raise FieldError("slo", f"must be ttft=MS,tpot=MS with MS > 0; got {part!r}")
-        slo[name] = value / 1e3
-    if set(slo) != {"ttft", "tpot"}:
-        raise FieldError("slo", "give both ttft=MS and tpot=MS")
+    slo = _slo(args.slo, complete=True)
     for name in ("interval", "correction_weight"):
         if not getattr(args, name) >= (0 if name == "correction_weight" else 0.1):
             raise FieldError(name, f"out of range: {getattr(args, name)}")
     if args.confirm < 1 or args.cooldown < 0:
         raise FieldError("confirm" if args.confirm < 1 else "cooldown", "must be >= 1 (confirm), >= 0 (cooldown)")
-    try:
-        profile = Profile.load(args.profile)
-    except ProfileError as e:
-        raise FieldError("profile", str(e)) from None
-    planner = Planner(profile, Slo(**slo), confirm=args.confirm, cooldown=args.cooldown,
+    planner = Planner(_profile_file(args.profile), slo, confirm=args.confirm, cooldown=args.cooldown,
                       smoothing=args.correction_weight)
     from baton.cluster.planner_run import run_planner
 

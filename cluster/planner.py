@@ -34,6 +34,27 @@ class Slo:
     ttft: float  # seconds
     tpot: float  # seconds per output token
 
+    @classmethod
+    def parse(cls, text: str, complete: bool = True) -> Slo:
+        """`ttft=MS,tpot=MS` (`itl=` for `tpot=`); with `complete` both are needed, else one left out is no
+        bound (inf). ValueError naming `slo` otherwise."""
+        bounds = {"ttft": math.inf, "tpot": math.inf}
+        given = set()
+        for part in filter(None, text.split(",")):
+            name, _, ms = part.partition("=")
+            name = {"itl": "tpot"}.get(name.strip(), name.strip())
+            try:
+                value = float(ms)
+            except ValueError:
+                value = -1.0
+            if name not in bounds or not value > 0:
+                raise ValueError(f"slo: must be ttft=MS,tpot=MS with MS > 0; got {part!r}")
+            bounds[name] = value / 1e3
+            given.add(name)
+        if complete and given != set(bounds):
+            raise ValueError("slo: give both ttft=MS and tpot=MS")
+        return cls(**bounds)
+
 
 @dataclass(frozen=True, slots=True)
 class Observation:
