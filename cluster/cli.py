@@ -638,8 +638,13 @@ def _planner(args: argparse.Namespace) -> int:
             raise FieldError(name, f"out of range: {getattr(args, name)}")
     if args.confirm < 1 or args.cooldown < 0:
         raise FieldError("confirm" if args.confirm < 1 else "cooldown", "must be >= 1 (confirm), >= 0 (cooldown)")
+    if args.max_nodes < 0 or args.max_nodes == 1:
+        raise FieldError("max_nodes", f"must be 0 (change roles only) or >= 2 (a prefill and a decode node); got "
+                                      f"{args.max_nodes}")
+    if not 0 <= args.headroom <= 10:
+        raise FieldError("headroom", f"must be from 0 to 10; got {args.headroom}")
     planner = Planner(_profile_file(args.profile), slo, confirm=args.confirm, cooldown=args.cooldown,
-                      smoothing=args.correction_weight)
+                      smoothing=args.correction_weight, max_nodes=args.max_nodes, headroom=args.headroom)
     from baton.cluster.planner_run import run_planner
 
     return run_planner(args.etcd, args.cluster, planner, args.interval, args.dry_run, args.metrics_port)
@@ -833,6 +838,11 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--correction-weight", type=float, default=0.5, metavar="W",
                          help="weight of each interval's observed/predicted ratio in the profile's correction (0: "
                               "trust the profile)")
+    planner.add_argument("--max-nodes", type=int, default=0, metavar="N",
+                         help="also add nodes where machines have room (free GPUs, a machine's max_nodes) and "
+                              "remove them, up to N in all (0: only change the roles of the nodes placed)")
+    planner.add_argument("--headroom", type=float, default=0.2, metavar="F",
+                         help="with --max-nodes: each role gets its predicted need plus this fraction")
     planner.add_argument("--dry-run", action="store_true", help="print the decisions; change nothing")
     planner.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                          help="serve the planner's Prometheus metrics on this port (0: none)")

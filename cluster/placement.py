@@ -17,6 +17,7 @@ into id lists, and goes through the same checks when it is read back.
       - name: a
         host: 0.0.0.0                    # what its nodes and router listen on (they publish this machine's address)
         gpus: 8                          # a count (ids 0..7) or a list of ids
+        max_nodes: 4                     # optional: the planner may add nodes up to this many (and free GPUs)
         router: {port: 50051}          # also http_port (its OpenAI front; 0: none), routing (kv, least-loaded, ...)
         nodes:
           - {name: prefill-0, role: prefill, gpus: [0, 1], tp: 2}   # port 0 (the default): a free one
@@ -104,6 +105,9 @@ class MachineSpec:
     gpus: tuple[int, ...] = ()
     router: RouterSpec | None = None
     nodes: tuple[NodeSpec, ...] = ()
+    # The most nodes this machine may run: `baton planner --max-nodes` adds nodes up to it (and, on cuda, up to
+    # its free GPUs). 0: on cuda its GPUs are the bound; on cpu it runs the nodes it lists and no more.
+    max_nodes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +307,12 @@ def _machine(obj: Any, where: str) -> MachineSpec:
         r.done()
     spec = MachineSpec(name=name, host=e.string("host", "0.0.0.0"), advertise_host=e.string("advertise_host"),
                        gpus=e.gpu_ids("gpus", allow_count=True), router=router,
-                       nodes=tuple(_node(n, f"{where}.nodes[{i}]") for i, n in enumerate(e.items("nodes"))))
+                       nodes=tuple(_node(n, f"{where}.nodes[{i}]") for i, n in enumerate(e.items("nodes"))),
+                       max_nodes=e.integer("max_nodes", 0, 0))
     if not spec.host:
         raise e.error("host", "must not be empty (0.0.0.0: every interface)")
+    if spec.max_nodes and len(spec.nodes) > spec.max_nodes:
+        raise e.error("max_nodes", f"{spec.max_nodes}, but the machine lists {len(spec.nodes)} nodes")
     e.done()
     return spec
 

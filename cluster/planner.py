@@ -13,7 +13,8 @@ Each interval it is given what the routers saw (requests, prompt and output toke
   correct   the profile's predictions are scaled by what was observed against what they predicted for the
             split that ran (exponentially averaged, clipped to [0.5, 2], and only in a steady state);
   split     the nodes it has go to prefill and decode in proportion to their needs, each need met first when
-            the total allows; or, given `max_nodes`, each role gets its need plus `headroom` (up to that many);
+            the total allows; or, given `max_nodes`, each role gets its need plus `headroom` (up to that many
+            and the `room` the machines have);
   damp      a new split is applied only when proposed `confirm` intervals running (the same way for each role;
             removing nodes, the most cautious of the proposals) and at least `cooldown` intervals after the last
             change (hysteresis), but nodes added are added at once; every decision carries its inputs and reason.
@@ -171,13 +172,14 @@ class Planner:
         trend = (rates[-1] - rates[0]) / (len(rates) - 1) if len(rates) > 1 else 0.0
         return Load(max(last.rate + trend, last.rate / 2), last.prompt, last.output)
 
-    def decide(self, obs: Observation, current: tuple[int, int]) -> Decision:
-        """The split for the next interval, given the one that ran (`current`, prefill and decode nodes)."""
+    def decide(self, obs: Observation, current: tuple[int, int], room: int | None = None) -> Decision:
+        """The split for the next interval, given the one that ran (`current`, prefill and decode nodes); with
+        `max_nodes`, `room` caps the nodes too (what the machines can hold; None: no cap but `max_nodes`)."""
         self.observe(obs, current)
         self.since_change += 1
         load = self.predict()
         need_p, need_d = self.needs(load, obs.queued_tokens)
-        target = self.target(current, need_p, need_d) if load.rate > 0 else current
+        target = self.target(current, need_p, need_d, room) if load.rate > 0 else current
         correction = (self.correction[0], self.correction[1])
         if self.max_nodes and target != current and target[0] >= current[0] and target[1] >= current[1]:
             # Adding nodes cannot wait: the SLO is at stake now. Removing them (below) is damped.
@@ -208,14 +210,16 @@ class Planner:
             reason = f"{'prefill' if target[0] > current[0] else 'decode'} needs more nodes for the SLO"
         return Decision(*target, True, f"{why}: {reason}", load, (need_p, need_d), correction)
 
-    def target(self, current: tuple[int, int], need_p: float, need_d: float) -> tuple[int, int]:
+    def target(self, current: tuple[int, int], need_p: float, need_d: float, room: int | None = None
+               ) -> tuple[int, int]:
         if not self.max_nodes:
             return split(sum(current), need_p, need_d)
+        most = max(2, min(self.max_nodes, room) if room is not None else self.max_nodes)
         if math.isinf(need_p) or math.isinf(need_d):
-            return split(self.max_nodes, need_p, need_d)
+            return split(most, need_p, need_d)
         p = max(1, math.ceil(need_p * (1 + self.headroom) - 1e-9))
         d = max(1, math.ceil(need_d * (1 + self.headroom) - 1e-9))
-        return (p, d) if p + d <= self.max_nodes else split(self.max_nodes, need_p, need_d)
+        return (p, d) if p + d <= most else split(most, need_p, need_d)
 
 
 def split(total: int, need_p: float, need_d: float) -> tuple[int, int]:

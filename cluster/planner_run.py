@@ -3,9 +3,10 @@
 Every interval it scrapes each router's metrics (their addresses are in etcd): requests ended, prompt and
 output tokens, and the TTFT and TPOT histograms, as differences from the previous scrape (a router that
 restarted counts from zero again). The planner gets those figures and the split the placement runs (its
-prefill and decode nodes), and when it decides on another split, the placement is changed: the nodes that
-change role are those with the fewest requests running (their membership records say), and they change role in
-place (`baton launch` starts nodes that follow the placement). The placement is written only if nobody changed
+prefill and decode nodes), and when it decides on another split, the placement is changed (cluster/resize.py):
+nodes change role first, in place (`baton launch` starts nodes that follow the placement), those with the fewest
+requests running (their membership records say) first; with `--max-nodes`, nodes are also added where machines
+have room and removed (drained) when fewer hold the SLO. The placement is written only if nobody changed
 it since it was read, with the decision's reason and inputs in its history (`baton place --history`).
 `--dry-run` prints the decisions and changes nothing. The planner's own figures are Prometheus metrics
 (`--metrics-port`).
@@ -25,8 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from prometheus_client.parser import text_string_to_metric_families
 
 from baton.cluster import placement_store
-from baton.cluster.placement import NodeSpec, Placement
 from baton.cluster.planner import Decision, Observation, Planner
+from baton.cluster.resize import resize, room
 from baton.common.membership import MembershipWatcher, close_quietly, etcd_client, read_routers
 
 log = logging.getLogger("planner")
@@ -109,19 +110,9 @@ def fetch(address: str) -> str | None:
         return None
 
 
-def change_roles(placement: Placement, model_nodes: list[NodeSpec], prefill: int, running: dict[str, int]
-                 ) -> Placement:
-    """`placement` with `prefill` of `model_nodes` prefill nodes and the rest decode nodes: the fewest nodes
-    change role, those with the fewest requests running first."""
-    now = sum(n.role == "prefill" for n in model_nodes)
-    moving_from = "decode" if prefill > now else "prefill"
-    candidates = sorted((n for n in model_nodes if n.role == moving_from), key=lambda n: (running.get(n.name, 0),
-                                                                                         n.name))
-    flip = {n.name for n in candidates[:abs(prefill - now)]}
-    to = "prefill" if moving_from == "decode" else "decode"
-    machines = tuple(dataclasses.replace(m, nodes=tuple(dataclasses.replace(n, role=to) if n.name in flip else n
-                                                        for n in m.nodes)) for m in placement.machines)
-    return dataclasses.replace(placement, machines=machines)
+def served_model(watcher: MembershipWatcher) -> str:
+    """The model the cluster's nodes serve (a placement has one)."""
+    return next((n.model for n in watcher.nodes()), "")
 
 
 class PlannerMetrics:
@@ -187,20 +178,19 @@ class PlannerRun:
             return None
         nodes = [n for _, n in placement.nodes().values() if n.role in ("prefill", "decode")]
         current = (sum(n.role == "prefill" for n in nodes), sum(n.role == "decode" for n in nodes))
-        model = next((n.model for n in watcher.nodes()), "")
-        observed = await self.observe(model, seconds)
+        observed = await self.observe(served_model(watcher), seconds)
         if min(current) < 1:
             log.info("the placement has %dP%dD: the planner splits prefill and decode nodes only", *current)
             return None
         # Prompt tokens waiting on the prefill nodes, as they last reported them.
         observed = dataclasses.replace(observed, queued_tokens=sum(n.queued_tokens for n in watcher.nodes("prefill")))
-        decision = self.planner.decide(observed, current)
+        decision = self.planner.decide(observed, current, room(placement, nodes) if self.planner.max_nodes else None)
         self.metrics.record(decision)
         log.info("%s requests in %.0f s, ttft p50 %.3f s, tpot p50 %.4f s: %s (%s)", observed.requests, seconds,
                  observed.ttft_p50, observed.tpot_p50, decision.reason, decision.inputs())
         if decision.apply and not self.dry_run:
             running = {n.node_id: n.running for n in watcher.nodes()}
-            changed = change_roles(placement, nodes, decision.prefill, running)
+            changed = resize(placement, nodes, decision.prefill, decision.decode, running)
             try:
                 record = await placement_store.place(self.etcd, changed, by="planner", reason=f"{decision.reason}; "
                                                      f"{decision.inputs()}", based_on=placement)
@@ -215,7 +205,7 @@ class PlannerRun:
         watcher = await MembershipWatcher.start(self.etcd, self.cluster)
         try:
             loop = asyncio.get_running_loop()
-            await self.observe(next((n.model for n in watcher.nodes()), ""), self.interval)  # the baseline
+            await self.observe(served_model(watcher), self.interval)  # the baseline
             last = loop.time()
             while True:
                 try:

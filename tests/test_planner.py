@@ -89,3 +89,23 @@ def test_the_prediction_follows_a_trend_but_never_halves():
     for rate in (30.0, 2.0, 1.0):
         p.observe(obs(rate, 100, 100), (1, 1))
     assert p.predict().rate == pytest.approx(0.5)
+
+
+def test_elastic_adds_at_once_within_the_room_and_removes_after_confirmation():
+    p = planner(max_nodes=20, confirm=2, cooldown=0)
+    heavy = obs(200.0, 200, 200)
+    need_p, need_d = p.needs(Load(200.0, 200, 200))
+    assert need_p + need_d > 5
+    grown = p.decide(heavy, (1, 1))
+    assert grown.apply and "more nodes" in grown.reason
+    assert grown.prefill >= need_p * 1.2 and grown.decode >= need_d * 1.2 and grown.prefill + grown.decode <= 20
+    # The machines hold 4 nodes in all: the split of 4 that meets the smaller need first.
+    capped = planner(max_nodes=20).decide(heavy, (1, 1), room=4)
+    assert (capped.prefill, capped.decode, capped.apply) == (2, 2, True)
+    # Light load: fewer nodes, but only once proposed twice running.
+    light = obs(1.0, 200, 200)
+    first = p.decide(light, (grown.prefill, grown.decode))
+    assert not first.apply and "proposed (1/2)" in first.reason
+    second = p.decide(light, (grown.prefill, grown.decode))
+    assert second.apply and "fewer nodes hold the SLO" in second.reason
+    assert second.prefill + second.decode < grown.prefill + grown.decode

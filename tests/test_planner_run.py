@@ -1,9 +1,11 @@
 """`baton planner` on a live cluster: a real etcd, a `baton launch` of a router and three nodes (two prefill, one
-decode) of the bundled model, and the planner process reading the router's metrics. Its profile (made up:
-decode steps cost 10 ms per sequence, prompts nearly nothing) says a stream of answers needs more decode
-nodes: in a dry run it only says so; for real it moves a prefill node to decode in the placement, with its
-reason in the history, and the node changes role in place while the requests go on, token-exact; its metrics
-serve what the Grafana dashboard's planner panels query."""
+decode) of the bundled model on a machine that may run four, and the planner process reading the router's
+metrics. Its profile (made up: decode steps cost 200 ms per sequence, prompts nearly nothing) says a stream of
+answers needs more decode nodes than there are: in a dry run, which only re-roles, it says 2P1D -> 1P2D and
+changes nothing; for real, with `--max-nodes`, it moves a prefill node to decode and adds a decode node where
+the machine has room (2P1D -> 1P3D), with its reason in the history: the node changes role in place, `baton
+launch` starts the new one, and the requests go on, token-exact; its metrics serve what the Grafana
+dashboard's planner panels query."""
 
 from __future__ import annotations
 
@@ -64,13 +66,13 @@ def stop(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
-def test_the_planner_moves_a_node_to_decode_when_answers_need_it(cluster, stories_path, stories_llm,  # noqa: F811
-                                                                  tmp_path):
+def test_the_planner_moves_and_adds_decode_nodes_when_answers_need_them(cluster, stories_path,  # noqa: F811
+                                                                        stories_llm, tmp_path):
     etcd, name, launches = cluster
-    made_up(prefill_fit=(0.001, 0.0, 0.0), decode_fit=(0.005, 0.01, 0.0)).save(tmp_path / "profile.yaml")
+    made_up(prefill_fit=(0.001, 0.0, 0.0), decode_fit=(0.005, 0.2, 0.0)).save(tmp_path / "profile.yaml")
     port = free_port()
     spec = {"cluster": name, "model": {"path": str(stories_path)}, "options": {"num_kv_blocks": 512},
-            "machines": [{"name": "m", "host": "127.0.0.1", "router": {"port": port},
+            "machines": [{"name": "m", "host": "127.0.0.1", "router": {"port": port}, "max_nodes": 4,
                           "nodes": [{"name": "a", "role": "prefill"}, {"name": "b", "role": "prefill"},
                                     {"name": "c", "role": "decode"}]}]}
     place(tmp_path, etcd.url, spec)
@@ -108,16 +110,19 @@ def test_the_planner_moves_a_node_to_decode_when_answers_need_it(cluster, storie
             assert [r.action for r in await history(etcd.url, name)] == ["place"]  # a dry run changes nothing
 
             metrics_port = free_port()
-            real = planner(etcd.url, name, tmp_path, "--metrics-port", str(metrics_port))
+            real = planner(etcd.url, name, tmp_path, "--metrics-port", str(metrics_port), "--max-nodes", "8")
+            deadline = time.monotonic() + 120  # a planner that never acts fails the asserts below, not hangs
             try:
-                answers = await load(lambda: sorted(roles().values()) == ["decode", "decode", "prefill"]
-                                     and len(roles()) == 3 or real.poll() is not None)
+                answers = await load(lambda: sorted(roles().values()) == ["decode", "decode", "decode", "prefill"]
+                                     or real.poll() is not None or time.monotonic() > deadline)
                 served = await asyncio.to_thread(planner_series, metrics_port)
             finally:
                 code = stop(real)
             assert dashboard_planner_series() <= served, sorted(dashboard_planner_series() - served)
             said = (tmp_path / "planner.out").read_text()
-            assert code == 0 and re.search(r"placed \(history #2\): [ab]: prefill -> decode", said), said
+            assert code == 0 and re.search(r"2P1D -> 1P3D: decode needs more nodes", said), said
+            assert re.search(r"placed \(history #2\): [ab]: prefill -> decode; added decode-0 \(decode on m, tp 1\)",
+                             said), said
             assert answers and all(a.token_ids == want.token_ids for a in answers)
         finally:
             await watcher.close()
@@ -127,8 +132,8 @@ def test_the_planner_moves_a_node_to_decode_when_answers_need_it(cluster, storie
     assert [r.by for r in records] == [records[0].by, "planner"]
     assert "decode needs more nodes" in records[1].reason and "predicted" in records[1].reason
     placed = asyncio.run(read(etcd.url, name))
-    assert sorted(n.role for _, n in placed.nodes().values()) == ["decode", "decode", "prefill"]
-    moved = next(n.name for _, n in placed.nodes().values() if n.name != "c" and n.role == "decode")
+    assert sorted(n.role for _, n in placed.nodes().values()) == ["decode", "decode", "decode", "prefill"]
+    moved = next(n.name for _, n in placed.nodes().values() if n.name in "ab" and n.role == "decode")
     log = (tmp_path / "m" / f"{moved}.log").read_text()
     assert f"{moved}: changed role prefill -> decode" in log, log[-2000:]
 
@@ -155,3 +160,13 @@ def test_scrapes_subtract_and_medians_interpolate():
     assert (since.requests, since.prompt, since.ttft[0.5]) == (6, 600, 6)
     assert now.minus(Scrape(50, 0, 0)) is now  # the router restarted: its counters began again
     assert median({}) != median({})  # nan: nothing observed
+
+
+def test_bad_planner_flags_are_refused_naming_the_field(tmp_path):
+    made_up().save(tmp_path / "profile.yaml")
+    for flags, field in ((["--max-nodes", "1"], "max_nodes"), (["--headroom", "-1"], "headroom"),
+                         (["--confirm", "0"], "confirm")):
+        proc = subprocess.run([BATON, "planner", "--etcd", "http://127.0.0.1:1", "--cluster", "c", "--slo",
+                               "ttft=500,tpot=50", "--profile", str(tmp_path / "profile.yaml"), *flags],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"baton: error: {field}:"), (flags, proc.stderr)
