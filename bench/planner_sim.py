@@ -17,7 +17,7 @@ Judged: the planner (elastic, up to --max-nodes) against the best static split t
 least 99% of requests (the fewest nodes, then the split, searched): SLO attainment and node-hours.
 
     python bench/planner_sim.py [--peak 100] [--day 1440] [--max-nodes 100] [--slo ttft=1000,tpot=50]
-                                [--skip-static] [--json PATH]
+                                [--thin K] [--skip-static] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from baton.cluster.planner import Planner, Slo
-from baton.cluster.simulator import Request, SimConfig, Simulation, simulate, summarize
+from baton.cluster.planner import Load, Planner, Slo
+from baton.cluster.simulator import Request, SimConfig, Simulation, simulate, summarize, thin
 from baton.engine.profile import DecodePoint, PrefillPoint, Profile
 
 TFLOPS, HBM, MEMORY = 989e12, 3.35e12, 80e9  # H100 SXM datasheet: dense bf16, HBM3 bytes/s, bytes
@@ -51,21 +52,33 @@ def h100_llama8b() -> Profile:
                    decode=(DecodePoint(1, 1024, d + e + f * 1024),), prefill_fit=(a, b, c), decode_fit=(d, e, f))
 
 
-def day_trace(peak: float, day: float, seed: int) -> list[Request]:
+def day_trace(peak: float, day: float, seed: int) -> Iterator[Request]:
     """Rate(t) = peak x (0.1 + 0.9 x (1 - cos(2 pi t / day)) / 2): a 10x swing, the peak mid-day. Thinned
-    from a Poisson process at the peak rate."""
-    rng, t, out = random.Random(seed), 0.0, []
+    from a Poisson process at the peak rate; generated as it is read (a real day holds tens of millions)."""
+    rng, t = random.Random(seed), 0.0
     while True:
         t += rng.expovariate(peak)
         if t >= day:
-            return out
+            return
         if rng.random() > 0.1 + 0.9 * (1 - math.cos(2 * math.pi * t / day)) / 2:
             continue
         # The mix turns from chat to long prompts over two "hours" around noon.
         if rng.random() >= min(1.0, max(0.0, (t - day * 11 / 24) / (day / 12))):  # chat
-            out.append(Request(t, rng.randint(200, 1200), rng.randint(150, 500)))
+            yield Request(t, rng.randint(200, 1200), rng.randint(150, 500))
         else:  # long prompts
-            out.append(Request(t, rng.randint(4000, 12000), rng.randint(50, 200)))
+            yield Request(t, rng.randint(4000, 12000), rng.randint(50, 200))
+
+
+def first_split(planner: Planner, trace: list[Request], interval: float) -> tuple[int, int]:
+    """The split the planner gives the first interval's load: the cluster at midnight, as a day's run left it
+    (starting from 1P1D instead would put the first interval's misses on a start-up no cluster goes through
+    each day)."""
+    first = [r for r in trace if r.arrival < interval]
+    if not first:
+        return 1, 1
+    load = Load(len(first) / interval, sum(r.prompt for r in first) / len(first),
+                sum(r.output for r in first) / len(first))
+    return planner.target((1, 1), *planner.needs(load))
 
 
 def static_best(profile: Profile, trace: list[Request], slo: Slo, max_nodes: int, bandwidth: float
@@ -104,39 +117,48 @@ def main() -> int:
     ap.add_argument("--peak", type=float, default=100.0, help="requests per second at the daily peak")
     ap.add_argument("--day", type=float, default=1440.0, help="seconds the day is compressed into")
     ap.add_argument("--max-nodes", type=int, default=100)
+    ap.add_argument("--headroom", type=float, default=0.2, help="the planner's (baton planner --headroom)")
     ap.add_argument("--slo", default="ttft=1000,tpot=50", help="ms")
     ap.add_argument("--interval", type=float, default=10.0, help="the planner's, seconds")
     ap.add_argument("--start", type=float, default=0.55, help="seconds before a node added serves")
     ap.add_argument("--bandwidth", type=float, default=25e9, help="a KV transfer's bytes/s (NVLink/IB class)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--thin", type=int, default=1, metavar="K",
+                    help="simulate 1/K of the nodes (the planner's --max-nodes / K) on a random 1/K of the requests; "
+                         "node-hours are scaled back by K (a day of a thousand nodes in minutes)")
     ap.add_argument("--skip-static", action="store_true", help="the planner alone (the static search simulates "
                                                                   "the day some twenty times)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     slo = Slo.parse(args.slo)
     profile = h100_llama8b()
-    trace = day_trace(args.peak, args.day, args.seed)
+    k = args.thin  # 1/k of the requests on 1/k of the nodes; node counts and hours are scaled back by k
+    trace = thin(day_trace(args.peak, args.day, args.seed), k, seed=args.seed + 1)  # its own draws
     started = time.perf_counter()
-    sim = Simulation(profile, SimConfig(prefill=1, decode=1, bandwidth=args.bandwidth))
-    planned = summarize(sim.run(trace, Planner(profile, slo, max_nodes=args.max_nodes), args.interval, args.start),
-                        slo.ttft, slo.tpot)
+    planner = Planner(profile, slo, max_nodes=args.max_nodes // k, headroom=args.headroom)
+    sim = Simulation(profile, SimConfig(*first_split(planner, trace, args.interval), bandwidth=args.bandwidth))
+    planned = summarize(sim.run(trace, planner, args.interval, args.start), slo.ttft, slo.tpot)
     planner_s = time.perf_counter() - started
-    node_hours = sim.node_seconds() / 3600
+    node_hours = sim.node_seconds() / 3600 * k
     changes = sum(d.apply for _, d in sim.decisions)
-    peak_nodes = max((d.prefill + d.decode for _, d in sim.decisions), default=2)
-    best = None if args.skip_static else static_best(profile, trace, slo, args.max_nodes, args.bandwidth)
-    print(f"profile: {profile.model} on {profile.machine}; trace: {len(trace)} requests over a {args.day:g} s day "
+    peak_nodes = max((d.prefill + d.decode for _, d in sim.decisions), default=2) * k
+    best = None if args.skip_static else static_best(profile, trace, slo, args.max_nodes // k, args.bandwidth)
+    size = f"{len(trace)} requests" if k == 1 else f"~{len(trace) * k} requests ({len(trace)} simulated)"
+    print(f"profile: {profile.model} on {profile.machine}; trace: {size} over a {args.day:g} s day "
           f"(peak {args.peak:g} req/s, 10x swing; chat, then long prompts); SLO {args.slo} ms")
+    sampled = f", 1/{k} of it simulated on 1/{k} of the nodes" if k > 1 else ""
     print(f"planner: {planned.attained:.2%} within the SLO, {node_hours:.2f} node-hours, {changes} changes, "
-          f"at most {peak_nodes} nodes (simulated in {planner_s:.1f} s)")
-    result = {"requests": len(trace), "planner": {"attained": planned.attained, "node_hours": node_hours,
-                                                  "changes": changes, "peak_nodes": peak_nodes, "sim_s": planner_s}}
+          f"at most {peak_nodes} nodes (simulated in {planner_s:.1f} s{sampled})")
+    result = {"requests": len(trace) * k, "simulated_requests": len(trace), "thin": k,
+              "planner": {"attained": planned.attained, "node_hours": node_hours, "changes": changes,
+                          "peak_nodes": peak_nodes, "sim_s": planner_s}}
     if args.skip_static:
         pass
     elif best is None:
         print(f"no static split of up to {args.max_nodes} nodes holds the SLO for 99% of requests")
     else:
         (p, d), share = best
+        p, d = p * k, d * k
         static_hours = (p + d) * (max(r.arrival for r in trace)) / 3600
         print(f"best static split holding 99%: {p}P{d}D, {share:.2%} within the SLO, {static_hours:.2f} node-hours "
               f"(planner / static: {node_hours / static_hours:.2f})")

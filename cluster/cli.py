@@ -582,7 +582,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from baton.cluster.simulator import SimConfig, read_trace, simulate, summarize
+    from baton.cluster.simulator import SimConfig, read_trace, simulate, summarize, thin
     from baton.engine import FieldError
 
     profile = _profile_file(args.profile)
@@ -604,17 +604,27 @@ def _simulate(args: argparse.Namespace) -> int:
     slo = _slo(args.slo, complete=False)
     if args.bandwidth <= 0:
         raise FieldError("bandwidth", f"must be > 0 bytes per second, got {args.bandwidth}")
+    k = args.thin
+    if k < 1:
+        raise FieldError("thin", f"must be >= 1, got {k}")
     try:
-        requests = read_trace(args.workload)
-        config = SimConfig(prefill=counts["prefill"], decode=counts["decode"], colocated=counts["colocated"],
-                           bandwidth=args.bandwidth)
+        requests = thin(read_trace(args.workload), k)
+        simulated = {role: max(1, round(n / k)) if n else 0 for role, n in counts.items()}
+        config = SimConfig(prefill=simulated["prefill"], decode=simulated["decode"],
+                           colocated=simulated["colocated"], bandwidth=args.bandwidth)
         summary = summarize(simulate(profile, config, requests), slo.ttft, slo.tpot)
+        if k > 1:  # what the whole cluster serves: k times what its sample did
+            summary = dataclasses.replace(summary, requests=summary.requests * k, served=summary.served * k,
+                                          goodput=summary.goodput * k,
+                                          output_tokens_per_s=summary.output_tokens_per_s * k)
     except OSError as e:
         raise FieldError("workload", str(e)) from None
     except ValueError as e:
         field, _, message = str(e).partition(": ")
         raise FieldError(field, message) from None
     shape = ", ".join(f"{n} {role}" for role, n in counts.items() if n)
+    if k > 1:
+        shape += f" (as {', '.join(f'{n} {role}' for role, n in simulated.items() if n)} on 1/{k} of the requests)"
     print(f"baton: simulated {summary.requests} requests on {shape} ({profile.model}, {profile.device}, "
           f"tp {profile.tp})\n"
           f"  TTFT p50 {summary.ttft_p50 * 1e3:.1f} ms, p99 {summary.ttft_p99 * 1e3:.1f} ms; "
@@ -822,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--bandwidth", type=float, default=1e9, metavar="BYTES/S",
                           help="one KV transfer's bandwidth (default 1e9)")
     simulate.add_argument("--slo", default="", metavar="ttft=MS,tpot=MS", help="what goodput counts")
+    simulate.add_argument("--thin", type=int, default=1, metavar="K",
+                          help="a large cluster: simulate 1/K of each role's nodes on a random 1/K of the requests "
+                               "(rates are scaled back by K)")
     simulate.add_argument("--json", default="", metavar="FILE", help="also write the summary here")
     simulate.set_defaults(run=_simulate)
 

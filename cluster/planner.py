@@ -167,10 +167,12 @@ class Planner:
     def predict(self) -> Load:
         if not self.history:
             return Load(0.0, 0.0, 0.0)
-        last = self.history[-1]
-        rates = [h.rate for h in self.history]
-        trend = (rates[-1] - rates[0]) / (len(rates) - 1) if len(rates) > 1 else 0.0
-        return Load(max(last.rate + trend, last.rate / 2), last.prompt, last.output)
+        def ahead(values: list[float]) -> float:  # one interval on along the trend, never below half the last
+            trend = (values[-1] - values[0]) / (len(values) - 1) if len(values) > 1 else 0.0
+            return max(values[-1] + trend, values[-1] / 2)
+
+        h = self.history
+        return Load(ahead([x.rate for x in h]), ahead([x.prompt for x in h]), ahead([x.output for x in h]))
 
     def decide(self, obs: Observation, current: tuple[int, int], room: int | None = None) -> Decision:
         """The split for the next interval, given the one that ran (`current`, prefill and decode nodes); with
@@ -181,10 +183,12 @@ class Planner:
         need_p, need_d = self.needs(load, obs.queued_tokens)
         target = self.target(current, need_p, need_d, room) if load.rate > 0 else current
         correction = (self.correction[0], self.correction[1])
-        if self.max_nodes and target != current and target[0] >= current[0] and target[1] >= current[1]:
-            # Adding nodes cannot wait: the SLO is at stake now. Removing them (below) is damped.
+        grow = (max(target[0], current[0]), max(target[1], current[1]))
+        if self.max_nodes and grow != current and sum(grow) <= self._most(room):
+            # Adding nodes cannot wait: the SLO is at stake now. Removing them (the other role's too, when the
+            # target has fewer there) is damped, below, in a later interval.
             self.since_change, self.proposed, self.proposed_for = 0, None, 0
-            return Decision(*target, True, f"{current[0]}P{current[1]}D -> {target[0]}P{target[1]}D: more nodes "
+            return Decision(*grow, True, f"{current[0]}P{current[1]}D -> {grow[0]}P{grow[1]}D: more nodes "
                             "for the predicted load", load, (need_p, need_d), correction)
         if target == current:
             self.proposed, self.proposed_for = None, 0
@@ -214,12 +218,16 @@ class Planner:
                ) -> tuple[int, int]:
         if not self.max_nodes:
             return split(sum(current), need_p, need_d)
-        most = max(2, min(self.max_nodes, room) if room is not None else self.max_nodes)
+        most = self._most(room)
         if math.isinf(need_p) or math.isinf(need_d):
             return split(most, need_p, need_d)
         p = max(1, math.ceil(need_p * (1 + self.headroom) - 1e-9))
         d = max(1, math.ceil(need_d * (1 + self.headroom) - 1e-9))
         return (p, d) if p + d <= most else split(most, need_p, need_d)
+
+
+    def _most(self, room: int | None) -> int:
+        return max(2, min(self.max_nodes, room) if room is not None else self.max_nodes)
 
 
 def split(total: int, need_p: float, need_d: float) -> tuple[int, int]:

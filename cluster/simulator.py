@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ class _Decoder:
         self.free_blocks = profile.num_kv_blocks
         self.held = 0  # requests admitted here and not ended
         self.running: list[_Seq] = []
+        self.context = 0  # the running sequences' context tokens, summed (kept, not recounted: a hot path)
         self.joining: list[_Seq] = []  # K/V arrived: join at the next step boundary
         self.prompts: deque[_Seq] = deque()  # colocated: prompts to compute
         self.busy_until = 0.0  # the end of the step (or run of steps) under way
@@ -125,16 +127,21 @@ class _Prefiller:
     def held(self, r: Request) -> int:
         return self.cache.get(r.prefix, 0) if r.prefix else 0
 
-    def remember(self, r: Request) -> None:
+    def remember(self, r: Request) -> list[str]:
+        """Caches the request's prefix; returns the prefixes evicted for it."""
         if not r.prefix or r.prefix_len <= 0:
-            return
+            return []
         if r.prefix in self.cache:
             self.cache.move_to_end(r.prefix)
-            return
+            return []
         self.cache[r.prefix] = r.prefix_len
         self.cache_tokens += r.prefix_len
+        evicted = []
         while self.cache_tokens > self.capacity and self.cache:
-            self.cache_tokens -= self.cache.popitem(last=False)[1]
+            prefix, tokens = self.cache.popitem(last=False)
+            self.cache_tokens -= tokens
+            evicted.append(prefix)
+        return evicted
 
 
 class Simulation:
@@ -143,9 +150,14 @@ class Simulation:
             raise ValueError("nodes: need prefill and decode nodes together, or colocated ones")
         self.profile, self.config = profile, config
         self.prefillers = [_Prefiller(i, profile) for i in range(config.prefill)]
+        # Indexes for picking a prefill node in O(log n), not O(n) (a thousand nodes): a heap of (queued tokens,
+        # index), an entry stale once its node's figure changed or it drains; and which nodes cache a prefix.
+        self._least: list[tuple[int, int]] = [(0, p.index) for p in self.prefillers]
+        self._holders: dict[str, set[int]] = {}
         self.decoders = [_Decoder(i, profile, False) for i in range(config.decode)] + \
             [_Decoder(config.decode + i, profile, True) for i in range(config.colocated)]
         self.places = profile.max_num_seqs * config.slots_per_seq
+        self._emptiest: list[tuple[int, int, int]] = [(0, -d.free_blocks, d.index) for d in self.decoders]  # likewise
         self.now = 0.0
         self.events: list = []
         self._order = itertools.count()
@@ -168,12 +180,12 @@ class Simulation:
         and applies it: a node added serves `start_s` after the decision (0.55 s: a role changed in place on
         the 2-core VM, bench/role_change.py; a new process takes its start and weight load), a node removed
         takes nothing new and goes once it holds nothing."""
-        last = 0.0
-        for r in requests:
-            outcome = Outcome(r)
-            self.outcomes.append(outcome)
-            self._at(r.arrival, self._arrive, outcome)
-            last = max(last, r.arrival)
+        requests = sorted(requests, key=lambda r: r.arrival)
+        last = requests[-1].arrival if requests else 0.0
+        first = len(self.outcomes)
+        self.outcomes += [Outcome(r) for r in requests]
+        if requests:  # arrivals are queued one at a time (a day holds millions: the heap stays small)
+            self._at(requests[0].arrival, self._arrive, first)
         if planner is not None:
             self.planner = planner
             for k in range(1, int(last // interval) + 1):
@@ -228,13 +240,20 @@ class Simulation:
 
     def _serve(self, node: _Prefiller | _Decoder) -> None:
         node.draining = False
+        if isinstance(node, _Prefiller):
+            heapq.heappush(self._least, (node.queued_tokens, node.index))
+        else:
+            heapq.heappush(self._emptiest, (node.held, -node.free_blocks, node.index))
         self._admit()
 
     # -- the router ----------------------------------------------------------------------------------------------
     def _blocks(self, r: Request) -> int:
         return -(-(r.prompt + r.output) // self.profile.block_size)
 
-    def _arrive(self, outcome: Outcome) -> None:
+    def _arrive(self, i: int) -> None:
+        outcome = self.outcomes[i]
+        if i + 1 < len(self.outcomes):
+            self._at(self.outcomes[i + 1].request.arrival, self._arrive, i + 1)
         r = outcome.request
         self._seen = (self._seen[0] + 1, self._seen[1] + r.prompt, self._seen[2] + r.output)
         self.waiting.append(outcome)
@@ -244,22 +263,38 @@ class Simulation:
         while self.waiting:
             outcome = self.waiting[0]
             need = self._blocks(outcome.request)
-            room = [d for d in self.decoders if not d.draining and d.held < self.places and d.free_blocks >= need]
-            if not room:
+            node = self._decoder_for(need)
+            if node is None:
                 if need > self.profile.num_kv_blocks:  # could never fit: ends at once, unserved
                     self.waiting.popleft()
                     continue
                 return
             self.waiting.popleft()
-            node = min(room, key=lambda d: (d.held, -d.free_blocks, d.index))
             node.held += 1
             node.free_blocks -= need
+            heapq.heappush(self._emptiest, (node.held, -node.free_blocks, node.index))
             outcome.admitted, outcome.decode_node = self.now, node.index
             seq = _Seq(outcome, need)
             if self.config.dispatch_s:
                 self._at(self.now + self.config.dispatch_s, self._dispatch, seq, node)
             else:
                 self._dispatch(seq, node)
+
+    def _decoder_for(self, need: int) -> _Decoder | None:
+        """The least loaded node with a place and `need` free blocks: (held, -free blocks, index) least."""
+        while self._emptiest:
+            held, free, i = self._emptiest[0]
+            node = self.decoders[i]
+            if node.draining or (node.held, -node.free_blocks) != (held, free):
+                heapq.heappop(self._emptiest)
+                continue
+            if held >= self.places:
+                return None  # the least held has no place: nor has any other
+            if node.free_blocks >= need:
+                return node
+            break  # short of blocks, where a busier node may have more: look at them all
+        room = [d for d in self.decoders if not d.draining and d.held < self.places and d.free_blocks >= need]
+        return min(room, key=lambda d: (d.held, -d.free_blocks, d.index)) if room else None
 
     def _dispatch(self, seq: _Seq, node: _Decoder) -> None:
         if node.colocated:
@@ -272,15 +307,30 @@ class Simulation:
     def _to_prefill(self, seq: _Seq, decoder: _Decoder) -> None:
         r = seq.outcome.request
 
-        def work(p: _Prefiller) -> tuple[int, int]:
-            return p.queued_tokens + r.prompt - p.held(r), p.index
-
-        node = min((p for p in self.prefillers if not p.draining), key=work)
+        node = self._prefiller_for(r)
         node.queue.append((seq, decoder))
         node.queued_tokens += r.prompt - node.held(r)
+        heapq.heappush(self._least, (node.queued_tokens, node.index))
         seq.outcome.prefill_node = node.index
         if not node.busy:
             self._prefill_step(node)
+
+    def _prefiller_for(self, r: Request) -> _Prefiller:
+        """The node with the least work to do before `r` is computed (queued tokens, plus r's less what its cache
+        holds; the lowest index on a tie): the least queued node's, or a node's that caches r's prefix."""
+        def work(p: _Prefiller) -> tuple[int, int]:
+            return p.queued_tokens + r.prompt - p.held(r), p.index
+
+        holders = (self.prefillers[i] for i in self._holders.get(r.prefix, ())) if r.prefix else ()
+        return min([self._least_queued(), *(p for p in holders if not p.draining)], key=work)
+
+    def _least_queued(self) -> _Prefiller:
+        while True:
+            queued, i = self._least[0]
+            node = self.prefillers[i]
+            if not node.draining and node.queued_tokens == queued:
+                return node
+            heapq.heappop(self._least)
 
     def _prefill_step(self, node: _Prefiller) -> None:
         batch, tokens = [], 0
@@ -292,6 +342,8 @@ class Simulation:
             node.queued_tokens -= r.prompt - node.held(r)
             tokens += r.prompt
             batch.append((seq, decoder, cached))
+        if batch and not node.draining:
+            heapq.heappush(self._least, (node.queued_tokens, node.index))
         if not batch:
             node.busy = False
             if node.draining:
@@ -304,7 +356,10 @@ class Simulation:
     def _prefill_done(self, node: _Prefiller, batch: list, started: float) -> None:
         for seq, decoder, cached in batch:
             r = seq.outcome.request
-            node.remember(r)
+            if r.prefix and r.prefix_len > 0:
+                self._holders.setdefault(r.prefix, set()).add(node.index)
+            for prefix in node.remember(r):
+                self._holders[prefix].discard(node.index)
             seq.outcome.first_token = self.now
             self._ttfts.append(self.now - r.arrival)
             moved = (r.prompt - cached) * self.profile.kv_bytes_per_token
@@ -342,8 +397,10 @@ class Simulation:
     def _step(self, node: _Decoder) -> None:
         """Starts the node's next step, or run of steps, at `now`."""
         room = self.profile.max_num_seqs - len(node.running)  # the engine's batch bound; the rest wait
-        node.running += node.joining[:room]
-        node.joining = node.joining[room:]
+        if node.joining[:room]:
+            node.running += node.joining[:room]
+            node.context += sum(s.context for s in node.joining[:room])
+            node.joining = node.joining[room:]
         node.version += 1
         if node.colocated and node.prompts:  # a prefill step, decoding the running sequences with it
             batch, tokens = [], 0
@@ -353,8 +410,7 @@ class Simulation:
                 tokens += seq.outcome.request.prompt
                 batch.append(seq)
             d, e, f = self.profile.decode_fit
-            decode = e * len(node.running) + f * sum(s.context for s in node.running) + self.config.step_overhead_s \
-                if node.running else 0.0
+            decode = e * len(node.running) + f * node.context + self.config.step_overhead_s if node.running else 0.0
             seconds = self.profile.prefill_batch_s([(s.outcome.request.prompt, 0) for s in batch]) + decode
             node.run_start, node.run_steps, node.busy_until = self.now, 0, self.now + seconds
             self._at(node.busy_until, self._mixed_done, node, batch, node.version)
@@ -389,7 +445,7 @@ class Simulation:
         """Seconds of the node's next `k` decode steps from the run's start: the batch is fixed and each
         sequence's context grows by one a step, so sum over i < k of d + e*B + f*(S + B*i)."""
         d, e, f = self.profile.decode_fit
-        b, s = len(node.running), sum(seq.context for seq in node.running)
+        b, s = len(node.running), node.context
         return k * (d + self.config.step_overhead_s + e * b) + f * (k * s + b * k * (k - 1) / 2)
 
     def _steps_by(self, node: _Decoder, time: float) -> int:
@@ -407,7 +463,7 @@ class Simulation:
         """The running sequences' `k` steps are done: ends those that finished (at their last step's end:
         `end`, or the run's k-th step's)."""
         end = end if end is not None else node.run_start + self._run_time(node, k)
-        still = []
+        still, context = [], 0
         for seq in node.running:
             seq.left -= k
             seq.context += k
@@ -415,12 +471,15 @@ class Simulation:
                 self._end(seq, node, end)
             else:
                 still.append(seq)
-        node.running = still
+                context += seq.context
+        node.running, node.context = still, context
 
     def _end(self, seq: _Seq, node: _Decoder, when: float) -> None:
         seq.outcome.end = when
         node.held -= 1
         node.free_blocks += seq.blocks
+        if not node.draining:
+            heapq.heappush(self._emptiest, (node.held, -node.free_blocks, node.index))
         if node.draining and not node.held:
             node.ended = when
         if self.planner is not None and seq.outcome.request.output > 1:
@@ -467,6 +526,17 @@ def summarize(outcomes: list[Outcome], ttft_slo: float = math.inf, tpot_slo: flo
 
 def simulate(profile: Profile, config: SimConfig, requests: Iterable[Request]) -> list[Outcome]:
     return Simulation(profile, config).run(requests)
+
+
+def thin(requests: Iterable[Request], k: int, seed: int = 0) -> list[Request]:
+    """A random 1/k of `requests`, each kept with probability 1/k (a Poisson arrival process stays Poisson, at
+    1/k the rate). 1/k of the nodes serving it stand for the whole cluster when nodes are many and the router
+    spreads the load: each node sees about the same stream either way (bench/planner_sim.py measures the
+    difference). A day of a thousand nodes then runs in 1/k of the time and memory."""
+    if k < 1:
+        raise ValueError(f"thin: must be >= 1, got {k}")
+    rng = random.Random(seed)
+    return [r for r in requests if k == 1 or rng.random() * k < 1]
 
 
 # -- files ------------------------------------------------------------------------------------------------------

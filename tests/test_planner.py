@@ -109,3 +109,18 @@ def test_elastic_adds_at_once_within_the_room_and_removes_after_confirmation():
     second = p.decide(light, (grown.prefill, grown.decode))
     assert second.apply and "fewer nodes hold the SLO" in second.reason
     assert second.prefill + second.decode < grown.prefill + grown.decode
+
+
+def test_a_role_that_needs_more_nodes_gets_them_at_once_and_the_other_keeps_its_own_for_now():
+    """A shift to long prompts: prefill needs many more nodes, decode fewer. The prefill nodes are added in the
+    same interval (waiting for confirmation would leave the prompts queueing); decode nodes go only once
+    proposed twice running."""
+    p = planner(max_nodes=40, confirm=2, cooldown=0)
+    current = (1, 6)
+    shifted = obs(20.0, 4000, 20)
+    need_p, need_d = p.needs(Load(20.0, 4000, 20))
+    assert need_p > 2 and need_d * 1.2 < 5
+    now = p.decide(shifted, current)
+    assert now.apply and now.prefill > 2 and now.decode == 6 and "more nodes" in now.reason
+    later = [p.decide(shifted, (now.prefill, now.decode)) for _ in range(2)]
+    assert [d.apply for d in later] == [False, True] and later[1].decode < 6 and later[1].prefill == now.prefill

@@ -15,7 +15,8 @@ import pytest
 
 from cluster_harness import BATON
 
-from baton.cluster.simulator import Request, SimConfig, read_trace, simulate, summarize, write_trace
+from baton.cluster.planner import Planner, Slo
+from baton.cluster.simulator import Request, SimConfig, Simulation, read_trace, simulate, summarize, thin, write_trace
 from baton.engine.profile import DecodePoint, PrefillPoint, Profile
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -117,6 +118,44 @@ def test_a_cached_prefix_is_not_computed_again():
     assert two.ttft == pytest.approx(p.prefill_s(300 - 256, 256)) and two.ttft < one.ttft
 
 
+class Scanning(Simulation):
+    """Picks nodes by looking at every one, as the indexes' definition says."""
+
+    def _prefiller_for(self, r: Request):
+        return min((p for p in self.prefillers if not p.draining),
+                   key=lambda p: (p.queued_tokens + r.prompt - p.held(r), p.index))
+
+    def _decoder_for(self, need: int):
+        room = [d for d in self.decoders if not d.draining and d.held < self.places and d.free_blocks >= need]
+        return min(room, key=lambda d: (d.held, -d.free_blocks, d.index)) if room else None
+
+
+def test_the_node_indexes_pick_what_a_scan_of_every_node_picks():
+    """Many nodes, shared prefixes (more than a node's cache holds), KV blocks short (the least held node often
+    lacks them) and a planner that adds and drains nodes: the same outcomes as picking by a scan of every node."""
+    rng = random.Random(7)
+    requests = [Request(r.arrival, r.prompt + 64, r.output, f"p{rng.randrange(40)}", 64) if rng.random() < 0.5
+                else r for r in trace(3000, 150.0, seed=5)]
+    p = profile(num_kv_blocks=200)
+    runs = []
+    for kind in (Simulation, Scanning):
+        sim = kind(p, SimConfig(prefill=5, decode=4))
+        outcomes = sim.run(requests, Planner(p, Slo(0.2, 0.02), max_nodes=14, confirm=1, cooldown=0), 2.0, 0.5)
+        runs.append([(o.first_token, o.end, o.prefill_node, o.decode_node, o.cached) for o in outcomes])
+        assert sum(d.apply for _, d in sim.decisions) >= 3  # the planner resized the cluster
+    assert runs[0] == runs[1]
+    assert sum(c > 0 for *_, c in runs[0]) > 100  # prefixes were found in caches
+
+
+def test_thinning_keeps_a_random_share():
+    requests = trace(20_000, 100.0, seed=2)
+    assert thin(requests, 1) == requests
+    kept = thin(requests, 10, seed=3)
+    assert 1_800 < len(kept) < 2_200 and set(kept) <= set(requests) and kept == thin(requests, 10, seed=3)
+    with pytest.raises(ValueError, match="thin"):
+        thin(requests, 0)
+
+
 def test_colocated_nodes_decode_while_they_compute_prompts():
     p = profile()
     requests = trace(200, 20.0, seed=3)
@@ -136,10 +175,15 @@ def test_baton_simulate_reads_files_and_refuses_bad_ones(tmp_path):
     assert done.returncode == 0 and "on 2 prefill, 1 decode" in done.stdout, done.stdout + done.stderr
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["requests"] == summary["served"] == 300 and summary["nodes"]["prefill"] == 2
+    thinned = subprocess.run(base + ["--nodes", "prefill=20,decode=10", "--thin", "10"], capture_output=True,
+                             text=True, timeout=60)
+    assert thinned.returncode == 0 and "(as 2 prefill, 1 decode on 1/10 of the requests)" in thinned.stdout, \
+        thinned.stdout + thinned.stderr
     (tmp_path / "bad.jsonl").write_text('{"t": 0, "prompt": 5, "output": 3}\n{"t": 1, "prompt": 0, "output": 3}\n')
     for args, field in [(["--nodes", "prefill=2,decoder=1"], "nodes"), (["--nodes", "decode=1", "--slo", "ttft=x"],
                                                                           "slo"),
-                        (["--nodes", "prefill=1"], "nodes: need prefill and decode")]:
+                        (["--nodes", "prefill=1"], "nodes: need prefill and decode"),
+                        (["--nodes", "colocated=2", "--thin", "0"], "thin")]:
         done = subprocess.run(base + args, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and field in done.stderr, (args, done.stderr)
     done = subprocess.run([*base[:-1], str(tmp_path / "bad.jsonl"), "--nodes", "colocated=1"], capture_output=True,
@@ -152,9 +196,6 @@ def test_the_planner_moves_nodes_to_the_role_the_load_shifts_to():
     gives decode the most of them, then prefill once the prompts grow; given up to 8 from 1P1D, it adds nodes as
     the prompts grow and removes them after, keeping most requests within the SLO on fewer node-seconds than 4
     nodes all along."""
-    from baton.cluster.planner import Planner, Slo
-    from baton.cluster.simulator import Simulation
-
     p = profile()
     rng, t, requests = random.Random(7), 0.0, []
     while t < 600:
