@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import signal
 import subprocess
@@ -61,8 +62,8 @@ async def one_run(etcd: str, model: Path, split: tuple[int, int], trace: list[Re
             "machines": [{"name": "m", "host": "127.0.0.1", "router": {"port": port}, "nodes": nodes}]}
     await placement_store.place(etcd, parse(spec))
     launch = subprocess.Popen([sys.executable, "-m", "baton.cluster.cli", "launch", "--machine", "m", "--etcd", etcd,
-                               "--cluster", name, "--log-dir", str(logs / name)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)
+                               "--cluster", name, "--log-dir", str(logs / name), "--parent-pid", str(os.getpid())],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     planner = None
     watcher = await MembershipWatcher.start(etcd, name)
     try:

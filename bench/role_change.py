@@ -61,7 +61,8 @@ class Cluster:
         await self.place()
         self.launch = subprocess.Popen(
             [sys.executable, "-m", "baton.cluster.cli", "launch", "--machine", "m", "--etcd", self.etcd, "--cluster",
-             self.name, "--log-dir", str(self.logs)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+             self.name, "--log-dir", str(self.logs), "--parent-pid", str(os.getpid())],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
     async def place(self) -> None:
         """What `baton place` does, in this process (its own start-up would count in every change)."""

@@ -7,14 +7,31 @@ stop signals before any thread exists (see `main`); `baton bench` alone needs th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from baton.engine import SamplingParams
+
+
+@contextlib.contextmanager
+def _naming_fields() -> Iterator[None]:
+    """A check's ValueError (`field: message`, the form every config check raises) as the CLI's FieldError:
+    exit status 2, the field named."""
+    from baton.engine import FieldError
+
+    try:
+        yield
+    except FieldError:
+        raise
+    except ValueError as e:
+        field, _, message = str(e).partition(": ")
+        raise FieldError(field, message) from None
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -228,11 +245,8 @@ def _check_mtls(args: argparse.Namespace) -> None:
     if any(given):
         if not all(given):
             raise FieldError("mtls_cert", "give --mtls-cert, --mtls-key and --mtls-ca together, or none")
-        try:
+        with _naming_fields():
             MemberTls(args.mtls_cert, args.mtls_key, args.mtls_ca)
-        except ValueError as e:
-            field, _, message = str(e).partition(": ")
-            raise FieldError(field, message) from None
 
 
 def _tls_args(parser: argparse.ArgumentParser, ca: bool = False) -> None:
@@ -253,11 +267,8 @@ def _check_tls(args: argparse.Namespace) -> None:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise FieldError("tls_cert", "give both --tls-cert and --tls-key, or neither")
     if args.tls_cert:
-        try:
+        with _naming_fields():
             TlsFiles(args.tls_cert, args.tls_key)
-        except ValueError as e:
-            field, _, message = str(e).partition(": ")
-            raise FieldError(field, message) from None
 
 
 def _mtls_args(parser: argparse.ArgumentParser) -> None:
@@ -288,12 +299,11 @@ def _check_auth(args: argparse.Namespace) -> None:
 
 def _router(args: argparse.Namespace) -> int:
     from baton.common.tls import TlsFiles
-    from baton.engine import FieldError
     from baton.router.main import RouterConfig, run
 
     _check_auth(args)
     _check_mtls(args)
-    try:  # refused here, naming the option, before the process starts anything
+    with _naming_fields():  # refused here, naming the option, before the process starts anything
         cfg = RouterConfig(
             etcd=args.etcd, model=args.model, cluster=args.cluster, host=args.host, port=args.port,
             max_prompt_bytes=args.max_prompt_bytes, max_migrations=args.max_migrations,
@@ -309,26 +319,17 @@ def _router(args: argparse.Namespace) -> int:
             moderation_timeout=args.moderation_timeout)
         if cfg.tls_cert:
             TlsFiles(cfg.tls_cert, cfg.tls_key)
-    except FieldError:
-        raise
-    except ValueError as e:
-        field, _, message = str(e).partition(": ")
-        raise FieldError(field, message) from None
     _start_process(args)
     run(cfg)
     return 0
 
 
 def _flow_settings(args: argparse.Namespace):
-    from baton.engine import FieldError
     from baton.router.flow import FlowSettings
 
-    try:
+    with _naming_fields():
         return FlowSettings(args.queue_policy, args.slots_per_seq, args.max_queued, args.max_queued_tokens,
                             args.max_queue_wait)
-    except ValueError as e:
-        field, _, message = str(e).partition(": ")
-        raise FieldError(field, message) from None
 
 
 def _flow_args(parser: argparse.ArgumentParser) -> None:
@@ -509,7 +510,10 @@ def _launch(args: argparse.Namespace) -> int:
     import aetcd
 
     from baton.cluster.machine import LaunchConfig, MachineFiles, run_launch
+    from baton.cluster.orphans import die_with_parent
 
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)  # SIGTERM: the launch stops what it started, as when an operator asks
     _check_auth(args)  # each file is checked here, naming its flag; the placement says which the cluster uses
     _check_tls(args)
     _check_mtls(args)
@@ -524,9 +528,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from baton.engine import FieldError
-
-    try:
+    with _naming_fields():
         from baton.engine.profile import Grid, parse_ints
 
         fractions = tuple(float(f) for f in args.cached_fractions.split(",") if f.strip())
@@ -537,9 +539,6 @@ def _profile(args: argparse.Namespace) -> int:
             raise ValueError(f"repeats: must be >= 1, got {args.repeats}")
         grid = Grid(parse_ints(args.prompt_lens, "prompt_lens"), fractions, parse_ints(args.batches, "batches"),
                     parse_ints(args.contexts, "contexts"), args.repeats)
-    except ValueError as e:
-        field, _, message = str(e).partition(": ")
-        raise FieldError(field, message) from None
     import torch
 
     from baton.engine.profiling import profile
@@ -607,8 +606,11 @@ def _simulate(args: argparse.Namespace) -> int:
     k = args.thin
     if k < 1:
         raise FieldError("thin", f"must be >= 1, got {k}")
-    try:
-        requests = thin(read_trace(args.workload), k)
+    with _naming_fields():
+        try:
+            requests = thin(read_trace(args.workload), k)
+        except OSError as e:
+            raise FieldError("workload", str(e)) from None
         simulated = {role: max(1, round(n / k)) if n else 0 for role, n in counts.items()}
         config = SimConfig(prefill=simulated["prefill"], decode=simulated["decode"],
                            colocated=simulated["colocated"], bandwidth=args.bandwidth)
@@ -617,11 +619,6 @@ def _simulate(args: argparse.Namespace) -> int:
             summary = dataclasses.replace(summary, requests=summary.requests * k, served=summary.served * k,
                                           goodput=summary.goodput * k,
                                           output_tokens_per_s=summary.output_tokens_per_s * k)
-    except OSError as e:
-        raise FieldError("workload", str(e)) from None
-    except ValueError as e:
-        field, _, message = str(e).partition(": ")
-        raise FieldError(field, message) from None
     shape = ", ".join(f"{n} {role}" for role, n in counts.items() if n)
     if k > 1:
         shape += f" (as {', '.join(f'{n} {role}' for role, n in simulated.items() if n)} on 1/{k} of the requests)"
@@ -800,6 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--etcd", required=True, help="etcd URL, e.g. http://10.0.0.1:2379")
     launch.add_argument("--cluster", required=True, help="the cluster's name (its placement's `cluster`)")
     launch.add_argument("--log-dir", default="", help="node and router logs (default: a fresh temporary folder)")
+    launch.add_argument("--parent-pid", type=int, default=0,
+                        help="stop everything (as on SIGTERM) when the process that started this one ends")
     launch.add_argument("--cluster-secret-file", default="", metavar="PATH",
                         help="the cluster's secret on this machine: its nodes answer members only, and its router "
                              "checks API keys when the placement's options say auth: true")

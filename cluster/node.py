@@ -35,7 +35,9 @@ from baton.engine.async_engine import AsyncEngine
 from baton.engine.omp import serial_torch
 from baton.kvtransfer.channel import KVStoreHost, join_address
 from baton.kvtransfer.ranks import serve_rank
+from baton.decode.server import DecodeServicer
 from baton.prefill.pull import DEFAULT_PULL_MIN_TOKENS
+from baton.prefill.server import PrefillServicer
 from baton.v1 import node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -206,9 +208,6 @@ class Roles:
         folder = resolve_model_path(cfg.engine.model)
         self.model_path = str(folder.resolve())
         self.model_name = cfg.served_model_names[0] if cfg.served_model_names else served_name(folder)
-        from baton.decode.server import DecodeServicer
-        from baton.prefill.server import PrefillServicer
-
         self.slots = {"prefill": RoleSlot(node_pb2_grpc.PrefillNodeServicer, PrefillServicer, PREFILL_SERVICE),
                       "decode": RoleSlot(node_pb2_grpc.DecodeNodeServicer, DecodeServicer, DECODE_SERVICE)}
         self.address = ""  # this node's gRPC address, once bound
@@ -229,15 +228,11 @@ class Roles:
         """Builds the servicer of `role` and puts it behind its slot (not registered yet)."""
         cfg = self.cfg
         if role == "prefill":
-            from baton.prefill.server import PrefillServicer
-
             servicer = PrefillServicer(cfg.node_id, self.engine, cfg.transfer_timeout, kv_path=cfg.kv_path,
                                        pull_min_tokens=cfg.kv_pull_min_tokens, model=self.model_name,
                                        member_token=self.token,
                                        member_credentials=self.mtls.channel_credentials() if self.mtls else None)
         else:
-            from baton.decode.server import DecodeServicer
-
             # A store of its own for each time the node takes a decode role: prefill nodes see a new store
             # address and open new pair channels, as after a restart (prefill/peers.py).
             self.store = KVStoreHost(cfg.host, advertise_host=cfg.advertise_host)

@@ -47,7 +47,7 @@ class Launch:
         self.machine, self.cluster, self.out = machine, cluster, tmp / f"launch-{machine}.out"
         with open(self.out, "w") as out:
             self.proc = subprocess.Popen([BATON, "launch", "--machine", machine, "--etcd", etcd, "--cluster", cluster,
-                                          "--log-dir", str(tmp / machine), *flags],
+                                          "--log-dir", str(tmp / machine), "--parent-pid", str(os.getpid()), *flags],
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def output(self) -> str:
@@ -319,3 +319,22 @@ def test_launch_waits_for_its_placement_and_stops_on_sigterm(cluster, tmp_path):
     assert launch.proc.wait(30) == 0, launch.output()
     assert cluster_pids(name) == [] and not Path(f"/proc/{router_pid}").exists()
 
+
+
+def test_launch_stops_when_the_process_that_started_it_ends(cluster, tmp_path):
+    """`--parent-pid`: a bench or script killed while its launch runs leaves nothing behind."""
+    etcd, name, _ = cluster
+    out = tmp_path / "orphan.out"
+    parent = ("import os, subprocess, sys, time\n"
+              "p = subprocess.Popen(sys.argv[1:] + ['--parent-pid', str(os.getpid())], stdout=open(sys.argv[-1] + "
+              "'.out', 'w'), stderr=subprocess.STDOUT)\n"
+              "while b'waiting for a placement' not in open(sys.argv[-1] + '.out', 'rb').read():\n"
+              "    assert p.poll() is None and time.sleep(0.05) is None\n"
+              "print(p.pid)\n")
+    done = subprocess.run([sys.executable, "-c", parent, BATON, "launch", "--machine", "m", "--etcd", etcd.url,
+                           "--cluster", name, "--log-dir", str(out)], capture_output=True, text=True, timeout=120)
+    pid = int(done.stdout)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text(errors="ignore"):
+        assert time.monotonic() < deadline, f"launch {pid} outlived its parent:\n{Path(str(out) + '.out').read_text()}"
+        time.sleep(0.1)
