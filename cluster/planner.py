@@ -3,8 +3,8 @@ predicts, from a node profile (engine/profile.py). Pure: no I/O, no clock; `plan
 routers measured and applies what it decides, and the simulator (cluster/simulator.py) drives it the same way.
 
 Each interval it is given what the routers saw (requests, prompt and output tokens, median TTFT and TPOT):
-  predict   the next interval's request rate (a linear trend over the last three intervals, never below the
-            last one's half) and mean lengths (the last interval's);
+  predict   the next interval's request rate and mean prompt and output lengths, each along a linear trend
+            over the last three intervals (never below half the last one's);
   size      prefill: a prompt's service time s (profile x correction); an M/D/1 queue keeps TTFT = s (1 + rho /
             (2 (1 - rho))) within the SLO up to utilisation rho*, so the nodes needed are rate x s / rho*;
             decode: a step of B sequences takes d + B g (g: per-sequence cost at the mean context), and Little's
@@ -17,7 +17,8 @@ Each interval it is given what the routers saw (requests, prompt and output toke
             and the `room` the machines have);
   damp      a new split is applied only when proposed `confirm` intervals running (the same way for each role;
             removing nodes, the most cautious of the proposals) and at least `cooldown` intervals after the last
-            change (hysteresis), but nodes added are added at once; every decision carries its inputs and reason.
+            change (hysteresis), but a role that needs more nodes gets them at once (the other role's surplus,
+            if any, waits as above); every decision carries its inputs and reason.
   backlog   prompt tokens left waiting (an unforeseen shift) add the prefill nodes that compute them within
             the TTFT SLO.
 """
