@@ -13,6 +13,8 @@ venv: $(STAMP)
 # resolved by pip alone could pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	command -v etcd >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server)
+	command -v kubectl >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y kubectl) \
+		|| echo "kubectl could not be installed: tests/test_kubernetes.py will be skipped"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'

@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from baton.cluster.launch import ClusterSpec
     from baton.engine import SamplingParams
 
 
@@ -355,7 +356,7 @@ def _flow_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from baton.cluster.launch import ClusterSpec, ModelPool, load_pools, run_up
+    from baton.cluster.launch import run_up
     from baton.engine import FieldError
     from baton.engine.config import resolve_device, resolve_kernels
 
@@ -375,6 +376,21 @@ def _up(args: argparse.Namespace) -> int:
     if args.tp > 1 and (args.prefill or args.decode):
         raise FieldError("tp", "--tp is the colocated nodes' degree: use --prefill-tp and --decode-tp for prefill "
                                "and decode nodes")
+    spec, made = up_spec(args)
+    try:
+        return run_up(spec)
+    finally:
+        if made:  # its keys were in the private etcd, gone too
+            import shutil
+
+            shutil.rmtree(os.path.dirname(made), ignore_errors=True)
+
+
+def up_spec(args: argparse.Namespace) -> tuple[ClusterSpec, str]:
+    """The cluster `baton up` starts for its arguments (`baton.cluster.launch.up_commands` gives each process's
+    command line), and the secret file it made for `--auth` without one ("": none made)."""
+    from baton.cluster.launch import ClusterSpec, ModelPool, load_pools
+
     passed_on = {"--device": args.device, "--kernels": args.kernels, "--block-size": args.block_size,
                  "--num-kv-blocks": args.num_kv_blocks, "--max-num-seqs": args.max_num_seqs,
                  "--transfer-timeout": args.transfer_timeout, "--max-num-batched-tokens": args.max_num_batched_tokens,
@@ -424,13 +440,7 @@ def _up(args: argparse.Namespace) -> int:
                        + auth_args + (["--chat-template", args.chat_template] if args.chat_template else []) + names,
                        http_port=args.http_port, more_models=more, log_dir=args.log_dir,
                        tls_trust=(args.tls_ca or args.tls_cert) if args.tls_cert else "")
-    try:
-        return run_up(spec)
-    finally:
-        if made:  # its keys were in the private etcd, gone too
-            import shutil
-
-            shutil.rmtree(os.path.dirname(made), ignore_errors=True)
+    return spec, made
 
 
 def _new_secret_file() -> str:

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.cluster.etcd_server import EtcdServer, free_port
+from baton.cluster.placement import ROUTER
 from baton.common.loops import retrying
 from baton.common.membership import MembershipWatcher
 from baton.v1 import baton_pb2, baton_pb2_grpc
@@ -121,6 +122,10 @@ class ClusterSpec:
     # The model above (model, prefill, decode, colocated, role_args) is the first; the router is given it.
     more_models: list[ModelPool] = field(default_factory=list)
 
+    def node_count(self) -> int:
+        return self.prefill + self.decode + self.colocated + sum(p.prefill + p.decode + p.colocated
+                                                                 for p in self.more_models)
+
     def __post_init__(self) -> None:
         for name in ("prefill", "decode", "colocated"):
             if getattr(self, name) < 0:
@@ -129,6 +134,33 @@ class ClusterSpec:
             raise ValueError("need at least one prefill and one decode node, or a colocated node")
         if bool(self.prefill) != bool(self.decode):
             raise ValueError("prefill and decode nodes come together (use --colocated for single nodes)")
+
+
+def up_commands(spec: ClusterSpec, etcd_url: str, cluster: str, port: int, threads: int) -> dict[str, list[str]]:
+    """What `baton up` runs for `spec`: each node's `baton` arguments by node id, then the router's (under
+    ROUTER). Pure, so that what else starts these processes (the Kubernetes manifests in examples/kubernetes)
+    can be held to the same commands (tests/test_kubernetes.py)."""
+    common = ["--etcd", etcd_url, "--cluster", cluster, "--host", spec.host, "--threads", str(threads)]
+    pools = [("", spec.model, (spec.prefill, spec.decode, spec.colocated), spec.role_args, [])]
+    for p in spec.more_models:
+        names = ["--served-model-name", *p.names] if p.names else []
+        prefix = (p.names[0] if p.names else Path(p.model).name if p.model else "stories260K") + "-"
+        pools.append((prefix, p.model, (p.prefill, p.decode, p.colocated),
+                      {"prefill": ["--tp", str(p.prefill_tp)], "decode": ["--tp", str(p.decode_tp)],
+                       "colocated": ["--tp", str(p.tp)]}, names))
+    out = {}
+    for prefix, model, counts, role_args, names in pools:
+        for role, n in zip(("prefill", "decode", "colocated"), counts):
+            for i in range(n):
+                node_id = f"{prefix}{role}-{i}"
+                chunked = ["--enable-chunked-prefill"] if spec.chunked_prefill and role != "prefill" else []
+                out[node_id] = ["node", "--role", role, "--node-id", node_id, *common,
+                                *(["--model", model] if model else []), *chunked, *spec.node_args,
+                                *role_args.get(role, []), *names]
+    out[ROUTER] = ["router", "--etcd", etcd_url, "--cluster", cluster, "--host", spec.host, "--port", str(port),
+                   "--http-port", str(spec.http_port)] + (["--model", spec.model] if spec.model else []) + \
+        spec.router_args
+    return out
 
 
 class LocalCluster:
@@ -170,33 +202,15 @@ class LocalCluster:
         if not self.etcd_url:
             self.etcd = EtcdServer().start()
             self.etcd_url = self.etcd.url
-        count = spec.prefill + spec.decode + spec.colocated + sum(p.prefill + p.decode + p.colocated
-                                                                  for p in spec.more_models)
-        threads = spec.threads or max(1, (os.cpu_count() or 1) // count)
-        common = ["--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host, "--threads", str(threads)]
+        threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.node_count())
         cores = sorted(os.sched_getaffinity(0))
-        pools = [("", spec.model, (spec.prefill, spec.decode, spec.colocated), spec.role_args, [])]
-        for p in spec.more_models:
-            names = ["--served-model-name", *p.names] if p.names else []
-            prefix = (p.names[0] if p.names else Path(p.model).name if p.model else "stories260K") + "-"
-            pools.append((prefix, p.model, (p.prefill, p.decode, p.colocated),
-                          {"prefill": ["--tp", str(p.prefill_tp)], "decode": ["--tp", str(p.decode_tp)],
-                           "colocated": ["--tp", str(p.tp)]}, names))
-        for prefix, model, counts, role_args, names in pools:
-            for role, n in zip(("prefill", "decode", "colocated"), counts):
-                for i in range(n):
-                    node_id = f"{prefix}{role}-{i}"
-                    core = cores[len(self.nodes) % len(cores)] if spec.pin else None
-                    chunked = ["--enable-chunked-prefill"] if spec.chunked_prefill and role != "prefill" else []
-                    args = ["node", "--role", role, "--node-id", node_id, *common,
-                            *(["--model", model] if model else []), *chunked, *spec.node_args,
-                            *role_args.get(role, []), *names]
-                    self.nodes[node_id] = self._spawn(node_id, args, threads, core)
         port = spec.port or free_port(spec.host)
-        router_args = ["router", "--etcd", self.etcd_url, "--cluster", self.cluster, "--host", spec.host,
-                       "--port", str(port), "--http-port", str(spec.http_port)] + \
-            (["--model", spec.model] if spec.model else []) + spec.router_args
-        self.router = self._spawn("router", router_args, 1)
+        commands = up_commands(spec, self.etcd_url, self.cluster, port, threads)
+        router_args = commands.pop(ROUTER)
+        for node_id, args in commands.items():
+            core = cores[len(self.nodes) % len(cores)] if spec.pin else None
+            self.nodes[node_id] = self._spawn(node_id, args, threads, core)
+        self.router = self._spawn(ROUTER, router_args, 1)
         asyncio.run(self._wait_registered())
         self.address = f"{spec.host}:{port}"
         self._wait_router_serving()
