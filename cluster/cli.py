@@ -311,7 +311,8 @@ def _router(args: argparse.Namespace) -> int:
             inactivity_timeout=args.stream_inactivity_timeout, node_wait=args.node_wait, http_port=args.http_port,
             chat_template=args.chat_template, log_format=args.log_format,
             served_model_name=args.served_model_name[0] if args.served_model_name else "",
-            metrics_port=args.metrics_port, router_id=args.router_id, routing=args.routing,
+            metrics_port=args.metrics_port, router_id=args.router_id, advertise_host=args.advertise_host,
+            routing=args.routing,
             max_local_prefill_tokens=args.max_local_prefill_tokens, auth=args.auth,
             cluster_secret_file=args.cluster_secret_file, limits_fail_open=args.limits_fail_open,
             flow=_flow_settings(args), flag_addresses=args.flag_addresses, stall_timeout=args.stall_timeout,
@@ -775,7 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="without --http-port: serve Prometheus metrics (GET /metrics, /sd) on this port "
                              "(default 0: a free one); with it, they are on the HTTP port. The address is "
                              "published in etcd under the router's record")
-    router.add_argument("--router-id", default="", help="its record's name in etcd (default: router-HOST:PORT)")
+    router.add_argument("--router-id", default="", help="its record's name in etcd (default: router-HOST:PORT, "
+                                                         "its published address)")
+    router.add_argument("--advertise-host", default="",
+                        help="the address clients and scrapers dial, published in etcd (default: --host, or this "
+                             "machine's address when --host is a wildcard such as 0.0.0.0)")
     _served_name_arg(router)
     _auth_args(router)
     _flow_args(router)

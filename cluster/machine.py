@@ -112,6 +112,7 @@ def machine_processes(p: Placement, machine: str, etcd_url: str,
         public += ("--tls-cert", files.tls_cert, "--tls-key", files.tls_key) if o.tls else ()
         out[ROUTER] = ProcessSpec(ROUTER, ("router", *common, *public, "--host", m.router.host or m.host,
                                            "--port", str(m.router.port), "--http-port", str(m.router.http_port),
+                                           *(("--advertise-host", m.advertise_host) if m.advertise_host else ()),
                                            *(("--routing", m.router.routing) if m.router.routing != "kv" else ())))
     engine = ("--device", p.model.device, "--kernels", p.model.kernels, "--kv-path", o.kv_path,
               "--drain-timeout", str(o.drain_timeout))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from baton.common.kv_events import KVEventPublisher, KVEventsServicer
 from baton.common.loops import every, retrying
 from baton.common.members import member_token
 from baton.common.tls import MemberTls
-from baton.common.membership import NodeInfo, NodeRegistration
+from baton.common.membership import NodeInfo, NodeRegistration, advertised_host
 from baton.common.metrics import MetricsServer
 from baton.engine import EngineConfig, LLMEngine
 from baton.engine.checkpoint import resolve_model_path, served_name
@@ -113,19 +112,7 @@ class NodeConfig:
             self.engine.share_kv_cache = True  # a node that may become a decode node shares its cache from the start
 
 
-WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 KV_PATHS = ("auto", "pair", "shared")
-
-
-def advertised_host(host: str) -> str:
-    """The address to publish for a server bound to `host`: a wildcard cannot be dialled, so this machine's
-    own address (what its host name resolves to) goes in its place."""
-    if host not in WILDCARDS:
-        return host
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:

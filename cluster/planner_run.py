@@ -8,8 +8,10 @@ nodes change role first, in place (`baton launch` starts nodes that follow the p
 requests running (their membership records say) first; with `--max-nodes`, nodes are also added where machines
 have room and removed (drained) when fewer hold the SLO. The placement is written only if nobody changed
 it since it was read, with the decision's reason and inputs in its history (`baton place --history`).
-`--dry-run` prints the decisions and changes nothing. The planner's own figures are Prometheus metrics
-(`--metrics-port`).
+`--dry-run` prints the decisions and changes nothing. A cluster without a placement (nodes that Kubernetes
+starts) gets advice: the split is read from the nodes registered, and the decision is only logged and
+published as `baton_planner_nodes{role}`, for an autoscaler (examples/kubernetes/components/autoscale). The
+planner's own figures are Prometheus metrics (`--metrics-port`).
 """
 
 from __future__ import annotations
@@ -125,8 +127,8 @@ class PlannerMetrics:
                             ["kind"], registry=r)
         self.needed = Gauge("baton_planner_needed_nodes", "Nodes the prediction needs, by role (fractional)",
                             ["role"], registry=r)
-        self.nodes = Gauge("baton_planner_nodes", "Nodes the placement gives each role after the decision",
-                           ["role"], registry=r)
+        self.nodes = Gauge("baton_planner_nodes", "Nodes each role has after the decision (without a placement: "
+                           "the advice, for an autoscaler)", ["role"], registry=r)
         self.correction = Gauge("baton_planner_correction", "Observed over the profile's prediction", ["metric"],
                                 registry=r)
         self.decisions = Counter("baton_planner_decisions", "Decisions, by whether they changed the placement",
@@ -173,22 +175,28 @@ class PlannerRun:
 
     async def step(self, watcher: MembershipWatcher, seconds: float) -> Decision | None:
         placement = await placement_store.read(self.etcd, self.cluster)
-        if placement is None:
-            log.info("no placement for cluster %s: nothing to plan", self.cluster)
-            return None
-        nodes = [n for _, n in placement.nodes().values() if n.role in ("prefill", "decode")]
-        current = (sum(n.role == "prefill" for n in nodes), sum(n.role == "decode" for n in nodes))
+        if placement is not None:
+            nodes = [n for _, n in placement.nodes().values() if n.role in ("prefill", "decode")]
+            current = (sum(n.role == "prefill" for n in nodes), sum(n.role == "decode" for n in nodes))
+            what = "the placement"
+        else:  # nodes something else starts (Kubernetes): the split is what has registered
+            current = (len(watcher.nodes("prefill")), len(watcher.nodes("decode")))
+            what = "the membership (no placement)"
         observed = await self.observe(served_model(watcher), seconds)
         if min(current) < 1:
-            log.info("the placement has %dP%dD: the planner splits prefill and decode nodes only", *current)
+            log.info("%s has %dP%dD: the planner splits prefill and decode nodes only", what, *current)
             return None
         # Prompt tokens waiting on the prefill nodes, as they last reported them.
         observed = dataclasses.replace(observed, queued_tokens=sum(n.queued_tokens for n in watcher.nodes("prefill")))
-        decision = self.planner.decide(observed, current, room(placement, nodes) if self.planner.max_nodes else None)
+        room_left = room(placement, nodes) if placement is not None and self.planner.max_nodes else None
+        decision = self.planner.decide(observed, current, room_left)
         self.metrics.record(decision)
         log.info("%s requests in %.0f s, ttft p50 %.3f s, tpot p50 %.4f s: %s (%s)", observed.requests, seconds,
                  observed.ttft_p50, observed.tpot_p50, decision.reason, decision.inputs())
-        if decision.apply and not self.dry_run:
+        if decision.apply and placement is None:
+            log.info("advice: %dP%dD (no placement to change: baton_planner_nodes says it, for whatever scales the "
+                     "nodes, e.g. a HorizontalPodAutoscaler)", decision.prefill, decision.decode)
+        elif decision.apply and not self.dry_run:
             running = {n.node_id: n.running for n in watcher.nodes()}
             changed = resize(placement, nodes, decision.prefill, decision.decode, running)
             try:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 from urllib.parse import urlsplit
@@ -87,6 +88,28 @@ class NodeInfo:
     @classmethod
     def from_json(cls, data: bytes | str) -> NodeInfo:
         return record_from_json(cls, data)
+
+
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def advertised_host(host: str) -> str:
+    """The address to publish for a server bound to `host`: a wildcard cannot be dialled, so this machine's
+    own address (what its host name resolves to) goes in its place."""
+    if host not in WILDCARDS:
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def published_address(address: str, advertise_host: str = "") -> str:
+    """What a server listening at `address` (host:port) publishes for others to dial: `advertise_host` in place
+    of its host, or this machine's address where it listens on a wildcard."""
+    host, _, port = address.rpartition(":")
+    public = advertise_host or advertised_host(host.strip("[]"))
+    return f"[{public}]:{port}" if ":" in public else f"{public}:{port}"
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from baton.common.members import member_token
 from baton.common.loops import every, retrying
 from baton.common.tls import MemberTls, TlsFiles
 from baton.common.membership import (MembershipWatcher, NodeRegistration, RouterInfo, close_quietly, etcd_client,
-                                     read_routers)
+                                     published_address, read_routers)
 from baton.engine.checkpoint import resolve_model_path, served_name
 from baton.v1 import baton_pb2_grpc, kserve_pb2, kserve_pb2_grpc
 
@@ -53,7 +53,10 @@ class RouterConfig:
     node_wait: float = 5.0  # seconds a request waits for a live node of a role that has none, before UNAVAILABLE
     http_port: int = 0  # the OpenAI-compatible HTTP front's port (0: no HTTP front)
     metrics_port: int = 0  # without an HTTP front, /metrics and /sd on this port (0: a free one); else on its port
-    router_id: str = ""  # its record's name in etcd; "" -> router-<its gRPC address>
+    router_id: str = ""  # its record's name in etcd; "" -> router-<its published gRPC address>
+    # The name clients and scrapers dial, published in its record; "": --host, or this machine's address when
+    # --host is a wildcard (as a node's).
+    advertise_host: str = ""
     chat_template: str = ""  # a Jinja chat template file, in place of the checkpoint's
     served_model_name: str = ""  # the given model's name (its nodes register the same); "" -> served_name
     log_format: str = "text"  # or "json": one JSON object per line
@@ -174,7 +177,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
     try:
         tls = TlsFiles(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         address = server.bind(cfg.host, cfg.port, tls)
-        router_id = cfg.router_id or f"router-{address}"
+        public = published_address(address, cfg.advertise_host)
+        router_id = cfg.router_id or f"router-{public}"
         if keys is not None:  # the keys' limits, shared with the other routers through etcd (limits.py)
             servicer.limiter = Limiter(LedgerStore(cfg.etcd, cfg.cluster, router_id),
                                        fail_open=cfg.limits_fail_open, on_refusal=metrics.key_refused)
@@ -201,8 +205,8 @@ async def serve(cfg: RouterConfig, stop: asyncio.Event, on_ready=None) -> None:
         await server.set_serving(False)  # before the port opens: nothing may see SERVING without nodes
         await server.start()
         readiness = asyncio.create_task(every(1.0, lambda: follow_readiness(server, picker), "readiness"))
-        info = RouterInfo(router_id, address,
-                          http_address if cfg.http_port else "", http_address)
+        http_public = published_address(http_address, cfg.advertise_host) if http_address else ""
+        info = RouterInfo(router_id, public, http_public if cfg.http_port else "", http_public)
         registration = await retrying(lambda: NodeRegistration.register(cfg.etcd, cfg.cluster, info),
                                       (aetcd.ClientError,), 60.0, "registering the router")
         if keys is not None:  # the client addresses each key was used from, for `baton keys usage`

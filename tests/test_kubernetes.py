@@ -41,14 +41,16 @@ def render(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    """Every overlay, and one closed (components/closed: the secret and API keys) as an operator adds it."""
+    """Every overlay, and overlays with each optional component as an operator adds it (closed: the secret and
+    API keys; autoscale: replicas from the planner's advice)."""
     out = {overlay.name: render(overlay) for overlay in sorted(p for p in OVERLAYS.iterdir() if p.is_dir())}
-    closed = tmp_path_factory.mktemp("closed")
-    up = os.path.relpath(OVERLAYS.parent, closed)  # kustomize takes relative paths only
-    (closed / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [f"{up}/overlays/one-machine-8gpu"], "components": [f"{up}/components/closed"]}))
-    out["one-machine-8gpu+closed"] = render(closed)
+    for overlay, component in (("one-machine-8gpu", "closed"), ("dev-cpu", "autoscale")):
+        folder = tmp_path_factory.mktemp(component)
+        up = os.path.relpath(OVERLAYS.parent, folder)  # kustomize takes relative paths only
+        (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [f"{up}/overlays/{overlay}"], "components": [f"{up}/components/{component}"]}))
+        out[f"{overlay}+{component}"] = render(folder)
     return out
 
 
@@ -138,3 +140,24 @@ def test_the_development_overlay_runs_what_baton_up_runs(rendered):
     assert same(p, commands["prefill-0"]) == {}
     assert same(dn, commands["decode-0"]) == {}
     assert same(router, commands["router"]) == {}
+
+
+def test_the_autoscalers_follow_the_metric_the_planner_exports(rendered):
+    """components/autoscale: one HPA per role's StatefulSet, on the planner's gauge for that role, so that the
+    desired replicas are the nodes it advises (target: an average value of 1)."""
+    from baton.cluster.planner_run import PlannerMetrics
+
+    exported = {m.name for m in PlannerMetrics().registry.collect()}
+    docs = rendered["dev-cpu+autoscale"]
+    sets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
+    hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    roles = set()
+    for hpa in hpas:
+        target = sets[hpa["spec"]["scaleTargetRef"]["name"]]
+        [metric] = hpa["spec"]["metrics"]
+        role = metric["external"]["metric"]["selector"]["matchLabels"]["role"]
+        node = parse(baton_args(target["spec"]["template"]["spec"]["containers"][0]))
+        assert node.role == role and metric["external"]["metric"]["name"] in exported
+        assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "1"}
+        roles.add(role)
+    assert roles == {"prefill", "decode"}

@@ -292,3 +292,45 @@ def test_missing_etcd_binary_says_how_to_install(monkeypatch):
     monkeypatch.setattr(etcd_server.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="README"):
         EtcdServer().start()
+
+
+def test_a_router_on_every_interface_publishes_the_address_it_is_told(etcd, cluster):
+    """`baton router --host 0.0.0.0 --advertise-host H` (a pod's IP on Kubernetes): its etcd record names H,
+    and its metrics answer there; 127.0.0.2 is a loopback address other than the one it would publish alone."""
+    from baton.cluster.etcd_server import free_port
+    from baton.common.membership import read_routers, published_address
+
+    assert published_address("0.0.0.0:1", "10.0.0.7") == "10.0.0.7:1" and published_address("[::]:2", "fe80::1") \
+        == "[fe80::1]:2" and published_address("127.0.0.1:3") == "127.0.0.1:3"
+    port, metrics = free_port(), free_port()
+    router = subprocess.Popen([sys.executable, "-m", "baton.cluster.cli", "router", "--etcd", etcd.url, "--cluster",
+                               cluster, "--host", "0.0.0.0", "--port", str(port), "--metrics-port", str(metrics),
+                               "--advertise-host", "127.0.0.2", "--parent-pid", str(os.getpid())],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        async def record():
+            client = aetcd.Client(host="127.0.0.1", port=int(etcd.url.rsplit(":", 1)[1]))
+            try:
+                deadline = time.monotonic() + 60
+                while not (routers := await read_routers(client, cluster)):
+                    assert router.poll() is None and time.monotonic() < deadline, "the router did not register"
+                    await asyncio.sleep(0.1)
+                return routers
+            finally:
+                await client.close()
+
+        [info] = run(record(), limit=90)
+        assert (info.router_id, info.address, info.metrics_address) == (
+            f"router-127.0.0.2:{port}", f"127.0.0.2:{port}", f"127.0.0.2:{metrics}")
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://{info.metrics_address}/metrics", timeout=10) as reply:
+            assert b"baton_router" in reply.read()
+    finally:
+        router.send_signal(signal.SIGTERM)
+        try:
+            router.wait(30)
+        except subprocess.TimeoutExpired:
+            router.kill()
+            router.wait()

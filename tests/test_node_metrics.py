@@ -231,6 +231,43 @@ def test_baton_status_watch_redraws_until_interrupted(up):
     assert frames == 2 and proc.returncode == 0, err
 
 
+def test_without_a_placement_the_planner_advises_from_the_membership(up, tmp_path):
+    """Nodes something else starts (`baton up` here, Kubernetes' StatefulSets there) and no placement: `baton
+    planner` reads the split from the nodes registered, sizes it (a made-up profile: decode steps cost 200 ms a
+    sequence, so answers need many decode nodes), and says so in its log and in baton_planner_nodes, which an
+    autoscaler reads; it writes no placement."""
+    from test_simulator import profile as made_up
+
+    from baton.cluster.etcd_server import free_port
+    from baton.cluster.placement_store import read
+
+    made_up(prefill_fit=(0.001, 0.0, 0.0), decode_fit=(0.005, 0.2, 0.0)).save(tmp_path / "profile.yaml")
+    port, out = free_port(), tmp_path / "planner.out"
+    with open(out, "w") as log:
+        planner = subprocess.Popen([BATON, "planner", "--etcd", up.etcd, "--cluster", up.cluster, "--slo",
+                                    "ttft=1000,tpot=100", "--profile", str(tmp_path / "profile.yaml"), "--interval",
+                                    "1", "--confirm", "1", "--cooldown", "0", "--correction-weight", "0",
+                                    "--max-nodes", "6", "--metrics-port", str(port)], stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        with BatonClient(up.address, timeout=60) as client:
+            while "advice:" not in out.read_text():
+                assert planner.poll() is None and time.monotonic() < deadline, out.read_text()
+                client.complete("Once upon a time", max_tokens=24, temperature=0, ignore_eos=True)
+        with HTTP.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        planner.send_signal(signal.SIGTERM)
+        planner.wait(30)
+    said = out.read_text()
+    assert "1P1D -> 1P5D: more nodes for the predicted load" in said and "advice: 1P5D" in said, said
+    nodes = {s.labels["role"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name == "baton_planner_nodes"}
+    assert nodes == {"prefill": 1.0, "decode": 5.0}
+    assert asyncio.run(read(up.etcd, up.cluster)) is None
+
+
 def test_baton_status_without_etcd_fails_naming_it():
     proc = baton_status("--etcd", "http://127.0.0.1:9")
     assert proc.returncode == 1 and proc.stderr.startswith("baton: error: etcd http://127.0.0.1:9")
