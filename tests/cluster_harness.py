@@ -22,6 +22,17 @@ READY = re.compile(r"router listening on (\S+) \(cluster (\S+), etcd (\S+), logs
 HTTP_READY = re.compile(r"OpenAI-compatible HTTP on (\S+)")
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM (what an operator sends), then SIGKILL if it is still there after `timeout`: its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
 def cluster_pids(cluster: str) -> list[int]:
     """Every live process with `cluster` in an argument of its command line: a cluster's name finds its nodes
     and router, an etcd's "127.0.0.1:PORT" finds the server and its supervisor."""

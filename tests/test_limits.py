@@ -159,7 +159,11 @@ def test_with_etcd_stopped_each_policy_holds(fail_open):
             with pytest.raises(LimitsUnavailable):
                 await lim.reserve(key, "r1", held + 500)
         server.relaunch()
-        await lim.close()  # writes what waited
+        # close() writes what waited, within flush_wait_s: the 0.5 s above (for the write that could not land)
+        # is shorter than a reconnection to the relaunched etcd takes on a loaded machine (gRPC's backoff): it
+        # failed so once, writing nothing. close() returns as soon as the write lands.
+        lim.flush_wait_s = 30.0
+        await lim.close()
         quota = await usage(server.url, LedgerId(key.key_id, "quota"))
         assert quota.spent == (400 if fail_open else 100)
 

@@ -297,8 +297,10 @@ def test_missing_etcd_binary_says_how_to_install(monkeypatch):
 def test_a_router_on_every_interface_publishes_the_address_it_is_told(etcd, cluster):
     """`baton router --host 0.0.0.0 --advertise-host H` (a pod's IP on Kubernetes): its etcd record names H,
     and its metrics answer there; 127.0.0.2 is a loopback address other than the one it would publish alone."""
+    from cluster_harness import terminate
+
     from baton.cluster.etcd_server import free_port
-    from baton.common.membership import read_routers, published_address
+    from baton.common.membership import published_address, read_routers
 
     assert published_address("0.0.0.0:1", "10.0.0.7") == "10.0.0.7:1" and published_address("[::]:2", "fe80::1") \
         == "[fe80::1]:2" and published_address("127.0.0.1:3") == "127.0.0.1:3"
@@ -328,9 +330,4 @@ def test_a_router_on_every_interface_publishes_the_address_it_is_told(etcd, clus
         with opener.open(f"http://{info.metrics_address}/metrics", timeout=10) as reply:
             assert b"baton_router" in reply.read()
     finally:
-        router.send_signal(signal.SIGTERM)
-        try:
-            router.wait(30)
-        except subprocess.TimeoutExpired:
-            router.kill()
-            router.wait()
+        terminate(router)

@@ -20,7 +20,7 @@ from baton.common.membership import NodeInfo, NodeRegistration
 from baton.engine import ModelConfig
 from baton.router.client import BatonClient, Delta
 
-from cluster_harness import BatonUp
+from cluster_harness import BatonUp, terminate
 
 BATON = str(Path(sys.executable).with_name("baton"))
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
@@ -258,8 +258,7 @@ def test_without_a_placement_the_planner_advises_from_the_membership(up, tmp_pat
         with HTTP.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
     finally:
-        planner.send_signal(signal.SIGTERM)
-        planner.wait(30)
+        terminate(planner)
     said = out.read_text()
     assert "1P1D -> 1P5D: more nodes for the predicted load" in said and "advice: 1P5D" in said, said
     nodes = {s.labels["role"]: s.value for f in text_string_to_metric_families(text) for s in f.samples

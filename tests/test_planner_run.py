@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import subprocess
 import time
 import urllib.request
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_harness import BATON
+from cluster_harness import BATON, terminate
 from test_launch import Launch, cluster, place, wait_serving  # noqa: F401 (cluster: a fixture)
 from test_simulator import profile as made_up
 
@@ -55,15 +54,6 @@ def dashboard_planner_series() -> set[str]:
     dashboard = Path(__file__).parents[1] / "examples" / "monitoring" / "grafana-dashboard.json"
     queries = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
     return {m for q in queries for m in re.findall(r"\bbaton_planner_[a-z0-9_]+", q)}
-
-
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 def test_the_planner_moves_and_adds_decode_nodes_when_answers_need_them(cluster, stories_path,  # noqa: F811
@@ -104,7 +94,7 @@ def test_the_planner_moves_and_adds_decode_nodes_when_answers_need_them(cluster,
             try:
                 await load(lambda: "2P1D -> 1P2D" in out.read_text() or time.monotonic() > deadline)
             finally:
-                assert stop(dry) == 0
+                assert terminate(dry) == 0
             said = out.read_text()
             assert "2P1D -> 1P2D: decode needs more nodes" in said, said
             assert [r.action for r in await history(etcd.url, name)] == ["place"]  # a dry run changes nothing
@@ -117,7 +107,7 @@ def test_the_planner_moves_and_adds_decode_nodes_when_answers_need_them(cluster,
                                      or real.poll() is not None or time.monotonic() > deadline)
                 served = await asyncio.to_thread(planner_series, metrics_port)
             finally:
-                code = stop(real)
+                code = terminate(real)
             assert dashboard_planner_series() <= served, sorted(dashboard_planner_series() - served)
             said = (tmp_path / "planner.out").read_text()
             assert code == 0 and re.search(r"2P1D -> 1P3D: decode needs more nodes", said), said
