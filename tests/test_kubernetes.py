@@ -109,6 +109,10 @@ def test_containers_parse_and_pods_fit_their_flags(rendered):
                 roles.add(args.role)
                 gpus = int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
                 assert gpus == (args.tp if args.device == "cuda" else 0), where
+                # A rolling update surges where a pod can start beside the old one (not on taken GPUs).
+                surge = d["spec"]["strategy"]["rollingUpdate"]
+                assert surge == ({"maxSurge": 0, "maxUnavailable": 1} if args.device == "cuda" else
+                                 {"maxSurge": 1, "maxUnavailable": 0}), where
         assert roles == {"prefill", "decode"}, (name, roles)
     closed = [args for _, _, _, args in baton_containers(rendered["one-machine-8gpu+closed"])]
     assert all(a.cluster_secret_file for a in closed if a.command in ("node", "router"))
@@ -143,13 +147,13 @@ def test_the_development_overlay_runs_what_baton_up_runs(rendered):
 
 
 def test_the_autoscalers_follow_the_metric_the_planner_exports(rendered):
-    """components/autoscale: one HPA per role's StatefulSet, on the planner's gauge for that role, so that the
+    """components/autoscale: one HPA per role's Deployment, on the planner's gauge for that role, so that the
     desired replicas are the nodes it advises (target: an average value of 1)."""
     from baton.cluster.planner_run import PlannerMetrics
 
     exported = {m.name for m in PlannerMetrics().registry.collect()}
     docs = rendered["dev-cpu+autoscale"]
-    sets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
+    sets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
     roles = set()
     for hpa in hpas:
