@@ -5,7 +5,8 @@ routers measured and applies what it decides, and the simulator (cluster/simulat
 Each interval it is given what the routers saw (requests, prompt and output tokens, median TTFT and TPOT):
   predict   the next interval's request rate and mean prompt and output lengths, each along a linear trend
             over the last three intervals (never below half the last one's);
-  size      prefill: a prompt's service time s (profile x correction); an M/D/1 queue keeps TTFT = s (1 + rho /
+  size      prefill: a prompt's service time s (profile x correction, for its tokens past the mean found in the
+            prefill nodes' prefix caches); an M/D/1 queue keeps TTFT = s (1 + rho /
             (2 (1 - rho))) within the SLO up to utilisation rho*, so the nodes needed are rate x s / rho*;
             decode: a step of B sequences takes d + B g (g: per-sequence cost at the mean context), and Little's
             law puts rate x output x step sequences in decode: TPOT holds with rate x output x g / (1 - d /
@@ -68,6 +69,7 @@ class Observation:
     ttft_p50: float = math.nan  # seconds; nan: no request ended in the interval
     tpot_p50: float = math.nan
     queued_tokens: int = 0  # prompt tokens waiting to be computed at the interval's end (nodes' reports)
+    cached_tokens: int = 0  # prompt tokens the prefill nodes found in their prefix caches (not computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ class Load:
     rate: float  # requests per second
     prompt: float  # mean tokens
     output: float
+    cached: float = 0.0  # mean prompt tokens found in a prefix cache (of `prompt`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +91,10 @@ class Decision:
     correction: tuple[float, float]  # TTFT and TPOT: observed over the profile's prediction
 
     def inputs(self) -> str:
-        return (f"predicted {self.load.rate:.2f} req/s, prompt {self.load.prompt:.0f}, output {self.load.output:.0f} "
-                f"tokens; needs {self.needs[0]:.2f}P {self.needs[1]:.2f}D; correction ttft x{self.correction[0]:.2f} "
-                f"tpot x{self.correction[1]:.2f}")
+        cached = f" ({self.load.cached:.0f} cached)" if self.load.cached >= 0.5 else ""
+        return (f"predicted {self.load.rate:.2f} req/s, prompt {self.load.prompt:.0f}{cached}, output "
+                f"{self.load.output:.0f} tokens; needs {self.needs[0]:.2f}P {self.needs[1]:.2f}D; correction ttft "
+                f"x{self.correction[0]:.2f} tpot x{self.correction[1]:.2f}")
 
 
 @dataclass(slots=True)
@@ -110,7 +114,10 @@ class Planner:
 
     # -- the cost model --------------------------------------------------------------------------------------
     def prefill_service_s(self, load: Load) -> float:
-        return self.profile.prefill_s(max(1, round(load.prompt))) * self.correction[0]
+        """A prompt's compute time: its tokens past what the prefix caches hold, after those (profile x
+        correction)."""
+        cached = min(round(load.cached), max(0, round(load.prompt) - 1))
+        return self.profile.prefill_s(max(1, round(load.prompt) - cached), cached) * self.correction[0]
 
     def decode_costs(self, load: Load) -> tuple[float, float]:
         """(d, g): a decode step's fixed cost and its cost per sequence at the load's mean context."""
@@ -151,8 +158,9 @@ class Planner:
     def observe(self, obs: Observation, current: tuple[int, int]) -> None:
         if obs.seconds <= 0:
             return
-        load = Load(obs.requests / obs.seconds, obs.prompt_tokens / obs.requests if obs.requests else 0.0,
-                    obs.output_tokens / obs.requests if obs.requests else 0.0)
+        n = max(obs.requests, 1)
+        load = Load(obs.requests / obs.seconds, obs.prompt_tokens / n, obs.output_tokens / n,
+                    min(obs.cached_tokens, obs.prompt_tokens) / n)
         # Only in a steady state: not right after a change, nor over a backlog (more prompt tokens waiting than
         # arrive in one TTFT SLO): what the interval saw then was queueing the model does not describe, not
         # the profile's error, and correcting the profile by it would feed the backlog back into the sizing.
@@ -173,7 +181,8 @@ class Planner:
             return max(values[-1] + trend, values[-1] / 2)
 
         h = self.history
-        return Load(ahead([x.rate for x in h]), ahead([x.prompt for x in h]), ahead([x.output for x in h]))
+        return Load(ahead([x.rate for x in h]), ahead([x.prompt for x in h]), ahead([x.output for x in h]),
+                    h[-1].cached / h[-1].prompt * ahead([x.prompt for x in h]) if h[-1].prompt else 0.0)
 
     def decide(self, obs: Observation, current: tuple[int, int], room: int | None = None) -> Decision:
         """The split for the next interval, given the one that ran (`current`, prefill and decode nodes); with

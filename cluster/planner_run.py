@@ -2,8 +2,9 @@
 
 Every interval it scrapes each router's metrics (their addresses are in etcd): requests ended, prompt and
 output tokens, and the TTFT and TPOT histograms, as differences from the previous scrape (a router that
-restarted counts from zero again). The planner gets those figures and the split the placement runs (its
-prefill and decode nodes), and when it decides on another split, the placement is changed (cluster/resize.py):
+restarted counts from zero again); and each prefill node's, for the prompt tokens its prefix cache held. The
+planner gets those figures and the split the placement runs (its prefill and decode nodes), and when it
+decides on another split, the placement is changed (cluster/resize.py):
 nodes change role first, in place (`baton launch` starts nodes that follow the placement), those with the fewest
 requests running (their membership records say) first; with `--max-nodes`, nodes are also added where machines
 have room and removed (drained) when fewer hold the SLO. The placement is written only if nobody changed
@@ -86,6 +87,12 @@ def parse(text: str, model: str = "") -> Scrape:
     return scrape
 
 
+def prefix_hits(text: str) -> float:
+    """A node's prompt tokens found in its prefix cache so far (`baton_prefix_cache_hits`), from its metrics."""
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "baton_prefix_cache_hits_total")
+
+
 def median(buckets: dict[float, float]) -> float:
     """The median of a histogram's observations (cumulative counts by bound), interpolated in its bucket; nan
     when it holds none."""
@@ -154,6 +161,7 @@ class PlannerRun:
     interval: float = 30.0
     dry_run: bool = False
     scrapes: dict[str, Scrape] = field(default_factory=dict)
+    hits: dict[str, float] = field(default_factory=dict)  # each prefill node's prefix-cache hits, last scraped
     metrics: PlannerMetrics = field(default_factory=PlannerMetrics)
 
     async def observe(self, model: str, seconds: float) -> Observation:
@@ -173,6 +181,19 @@ class PlannerRun:
         return Observation(seconds, round(total.requests), round(total.prompt), round(total.output),
                            median(total.ttft), median(total.tpot))
 
+    async def cached_since(self, watcher: MembershipWatcher) -> int:
+        """Prompt tokens the prefill nodes found in their prefix caches since the last call (a node first seen
+        counts from then; one whose counter went down restarted, and counts from zero)."""
+        total = 0.0
+        for node in watcher.nodes("prefill"):
+            text = await asyncio.to_thread(fetch, node.metrics_address) if node.metrics_address else None
+            if text is None:
+                continue
+            now, before = prefix_hits(text), self.hits.get(node.node_id)
+            total += 0.0 if before is None else now - before if now >= before else now
+            self.hits[node.node_id] = now
+        return round(total)
+
     async def step(self, watcher: MembershipWatcher, seconds: float) -> Decision | None:
         placement = await placement_store.read(self.etcd, self.cluster)
         if placement is not None:
@@ -186,8 +207,9 @@ class PlannerRun:
         if min(current) < 1:
             log.info("%s has %dP%dD: the planner splits prefill and decode nodes only", what, *current)
             return None
-        # Prompt tokens waiting on the prefill nodes, as they last reported them.
-        observed = dataclasses.replace(observed, queued_tokens=sum(n.queued_tokens for n in watcher.nodes("prefill")))
+        # Prompt tokens waiting on the prefill nodes, as they last reported them, and those their caches held.
+        observed = dataclasses.replace(observed, queued_tokens=sum(n.queued_tokens for n in watcher.nodes("prefill")),
+                                       cached_tokens=await self.cached_since(watcher))
         room_left = room(placement, nodes) if placement is not None and self.planner.max_nodes else None
         decision = self.planner.decide(observed, current, room_left)
         self.metrics.record(decision)
@@ -213,7 +235,8 @@ class PlannerRun:
         watcher = await MembershipWatcher.start(self.etcd, self.cluster)
         try:
             loop = asyncio.get_running_loop()
-            await self.observe(served_model(watcher), self.interval)  # the baseline
+            await self.observe(served_model(watcher), self.interval)  # the baselines
+            await self.cached_since(watcher)
             last = loop.time()
             while True:
                 try:

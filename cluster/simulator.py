@@ -169,6 +169,7 @@ class Simulation:
         self._seen = (0, 0, 0)  # requests, prompt tokens, output tokens arrived
         self._ttfts: list[float] = []
         self._tpots: list[float] = []
+        self._cached = 0  # prompt tokens found in prefill nodes' caches
 
     # -- the event queue ---------------------------------------------------------------------------------------
     def _at(self, time: float, action: Callable[..., None], *args) -> None:
@@ -204,11 +205,11 @@ class Simulation:
         return sum((end if math.isnan(n.ended) else n.ended) - n.started for n in self.prefillers + self.decoders)
 
     def _plan(self, interval: float, start_s: float) -> None:
-        (requests, prompt, output), ttfts, tpots = self._seen, self._ttfts, self._tpots
-        self._seen, self._ttfts, self._tpots = (0, 0, 0), [], []
+        (requests, prompt, output), ttfts, tpots, cached = self._seen, self._ttfts, self._tpots, self._cached
+        self._seen, self._ttfts, self._tpots, self._cached = (0, 0, 0), [], [], 0
         queued = sum(p.queued_tokens for p in self.prefillers) + sum(o.request.prompt for o in self.waiting)
         observed = Observation(interval, requests, prompt, output, percentile(ttfts, 50), percentile(tpots, 50),
-                               queued)
+                               queued, cached)
         decision = self.planner.decide(observed, self.live())
         self.decisions.append((self.now, decision))
         if decision.apply:
@@ -339,6 +340,7 @@ class Simulation:
             r = seq.outcome.request
             cached = min(node.held(r), r.prompt - 1)
             seq.outcome.cached = cached
+            self._cached += cached
             node.queued_tokens -= r.prompt - node.held(r)
             tokens += r.prompt
             batch.append((seq, decoder, cached))

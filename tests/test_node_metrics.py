@@ -5,6 +5,7 @@ router; and `baton status`, the real command, reading the same membership and en
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -231,11 +232,15 @@ def test_baton_status_watch_redraws_until_interrupted(up):
     assert frames == 2 and proc.returncode == 0, err
 
 
+CACHED = re.compile(r"prompt (\d+) \((\d+) cached\)")
+
+
 def test_without_a_placement_the_planner_advises_from_the_membership(up, tmp_path):
-    """Nodes something else starts (`baton up` here, Kubernetes' StatefulSets there) and no placement: `baton
+    """Nodes something else starts (`baton up` here, Kubernetes' Deployments there) and no placement: `baton
     planner` reads the split from the nodes registered, sizes it (a made-up profile: decode steps cost 200 ms a
     sequence, so answers need many decode nodes), and says so in its log and in baton_planner_nodes, which an
-    autoscaler reads; it writes no placement."""
+    autoscaler reads; it writes no placement. One prompt, over and over: the prefill node's cache holds most
+    of it, and the planner's inputs say how much (read from the node's metrics)."""
     from test_simulator import profile as made_up
 
     from baton.cluster.etcd_server import free_port
@@ -252,15 +257,17 @@ def test_without_a_placement_the_planner_advises_from_the_membership(up, tmp_pat
     try:
         deadline = time.monotonic() + 60
         with BatonClient(up.address, timeout=60) as client:
-            while "advice:" not in out.read_text():
+            while "advice:" not in out.read_text() or not CACHED.search(out.read_text()):
                 assert planner.poll() is None and time.monotonic() < deadline, out.read_text()
-                client.complete("Once upon a time", max_tokens=24, temperature=0, ignore_eos=True)
+                client.complete(REQUESTS[2][0], max_tokens=24, temperature=0, ignore_eos=True)
         with HTTP.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
     finally:
         terminate(planner)
     said = out.read_text()
     assert "1P1D -> 1P5D: more nodes for the predicted load" in said and "advice: 1P5D" in said, said
+    prompt, cached = map(int, CACHED.search(said).groups())
+    assert 0 < cached < prompt, said
     nodes = {s.labels["role"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
              if s.name == "baton_planner_nodes"}
     assert nodes == {"prefill": 1.0, "decode": 5.0}

@@ -124,3 +124,14 @@ def test_a_role_that_needs_more_nodes_gets_them_at_once_and_the_other_keeps_its_
     assert now.apply and now.prefill > 2 and now.decode == 6 and "more nodes" in now.reason
     later = [p.decide(shifted, (now.prefill, now.decode)) for _ in range(2)]
     assert [d.apply for d in later] == [False, True] and later[1].decode < 6 and later[1].prefill == now.prefill
+
+
+def test_prompt_tokens_found_in_prefix_caches_shrink_the_prefill_need():
+    p = planner()
+    fresh, cached = p.needs(Load(20.0, 2000, 100)), p.needs(Load(20.0, 2000, 100, cached=1800))
+    assert cached[0] < fresh[0] / 3 and cached[1] <= fresh[1]  # decode: KV held through a shorter prefill
+    # The share it sizes for is what the prefill nodes' caches held in the last interval.
+    p.observe(Observation(10.0, 200, 200 * 2000, 200 * 100, cached_tokens=200 * 1800), (1, 1))
+    assert p.predict().cached == pytest.approx(1800)
+    assert "prompt 2000 (1800 cached)" in p.decide(Observation(10.0, 200, 200 * 2000, 200 * 100,
+                                                               cached_tokens=200 * 1800), (1, 1)).inputs()

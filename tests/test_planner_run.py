@@ -26,7 +26,7 @@ from test_simulator import profile as made_up
 
 from baton.cluster.etcd_server import free_port
 from baton.cluster.placement_store import history, read
-from baton.cluster.planner_run import Scrape, median, parse
+from baton.cluster.planner_run import Scrape, median, parse, prefix_hits
 from baton.common.membership import MembershipWatcher
 from baton.engine import SamplingParams
 from baton.router.client import AsyncBatonClient
@@ -150,6 +150,11 @@ def test_scrapes_subtract_and_medians_interpolate():
     assert (since.requests, since.prompt, since.ttft[0.5]) == (6, 600, 6)
     assert now.minus(Scrape(50, 0, 0)) is now  # the router restarted: its counters began again
     assert median({}) != median({})  # nan: nothing observed
+    node = ('# TYPE baton_prefix_cache_hits counter\n'
+            'baton_prefix_cache_hits_total{node="p0",role="prefill",model="m"} 1234.0\n'
+            '# TYPE baton_prefix_cache_queries counter\n'
+            'baton_prefix_cache_queries_total{node="p0",role="prefill",model="m"} 5000.0\n')
+    assert prefix_hits(node) == 1234 and prefix_hits("") == 0
 
 
 def test_bad_planner_flags_are_refused_naming_the_field(tmp_path):

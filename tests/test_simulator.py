@@ -191,6 +191,25 @@ def test_baton_simulate_reads_files_and_refuses_bad_ones(tmp_path):
     assert done.returncode == 2 and "bad.jsonl:2: prompt" in done.stderr, done.stderr
 
 
+def test_the_planner_sizes_prefill_for_the_prompt_tokens_caches_hold():
+    """Long prompts that share a few long prefixes: the planner is told what the prefill nodes' caches held,
+    sizes for the rest, and so needs fewer prefill nodes than for the same prompts without shared prefixes."""
+    p = profile()
+    rng = random.Random(3)
+    plain = trace(1500, 30.0, seed=9)
+    plain = [Request(r.arrival, r.prompt + 1500, r.output) for r in plain]
+    shared = [Request(r.arrival, r.prompt, r.output, f"doc{rng.randrange(4)}", 1500) for r in plain]
+    wanted = []
+    for requests in (plain, shared):
+        sim = Simulation(p, SimConfig(prefill=1, decode=1))
+        # The profile as it is (no correction from observed latencies, which would hide the sizing's part).
+        sim.run(requests, Planner(p, Slo(0.2, 0.05), max_nodes=20, smoothing=0.0), interval=5.0)
+        wanted.append(sorted(d.needs[0] for _, d in sim.decisions)[len(sim.decisions) // 2])  # the median need
+        cached = [d.load.cached for _, d in sim.decisions]
+        assert (max(cached) > 1000) == (requests is shared), cached
+    assert wanted[1] < wanted[0] / 3, wanted
+
+
 def test_the_planner_moves_nodes_to_the_role_the_load_shifts_to():
     """A load that turns from chat (short prompts, long answers) to long prompts: the planner, given 4 nodes,
     gives decode the most of them, then prefill once the prompts grow; given up to 8 from 1P1D, it adds nodes as
