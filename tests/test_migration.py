@@ -350,16 +350,18 @@ def test_the_picker_keeps_new_requests_off_a_node_that_just_failed_while_there_i
 def test_a_decode_node_stopped_with_sigterm_hands_over_what_it_cannot_finish(stories_path, stories_llm: LLM,
                                                                             tmp_path):
     """SIGTERM: the node leaves etcd and finishes what it can within --drain-timeout (0.05 s here, for streams
-    of 460 tokens that take longer: the node may run well ahead of its clients, so the streams are as long as the
-    model's context allows and the stop comes once every stream has its first token; one CI run saw the node
-    finish them all within 0.3 s of a stop at 10 tokens); then each stream it still has ends at its next token,
-    naming the node, and
-    the router resumes it on the other decode node. The clients see whole streams; the node exits cleanly."""
+    of 460 tokens that take longer); then each stream it still has ends at its next token, naming the node, and
+    the router resumes it on the other decode node. The clients see whole streams; the node exits cleanly.
+    A node may run well ahead of its clients (one CI run saw it finish every stream within 0.3 s of a stop at 10
+    tokens; an idle run, before the stop at the first token): so each decode node decodes two streams at a
+    time (--max-num-seqs 2) and holds the others waiting (--slots-per-seq 4 admits them all, --num-kv-blocks
+    holds their K/V), which cannot be done by the stop, however fast the machine."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
     params = [{**_params(i), "max_tokens": 460} for i in range(12)]
     want = [o.token_ids for o in stories_llm.generate(prompts, [SamplingParams(**p) for p in params])]
     with BatonUp(tmp_path, "--model", str(stories_path), "--prefill", "1", "--decode", "2",
-                 "--drain-timeout", "0.05") as up:
+                 "--drain-timeout", "0.05", "--max-num-seqs", "2", "--slots-per-seq", "4",
+                 "--num-kv-blocks", "512") as up:
         stop = StopBusiest(up, signal.SIGTERM)
         results, _ = _through_faults(up, prompts, params, [(1, stop)])
         _assert_whole(results, want, 460)
