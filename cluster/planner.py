@@ -3,8 +3,8 @@ predicts, from a node profile (engine/profile.py). Pure: no I/O, no clock; `plan
 routers measured and applies what it decides, and the simulator (cluster/simulator.py) drives it the same way.
 
 Each interval it is given what the routers saw (requests, prompt and output tokens, median TTFT and TPOT):
-  predict   the next interval's request rate and mean prompt and output lengths, each along a linear trend
-            over the last three intervals (never below half the last one's);
+  predict   the next interval's request rate (a linear trend over the last three intervals, never below the
+            last one's half) and mean lengths (the last interval's);
   size      prefill: a prompt's service time s (profile x correction, for its tokens past the mean found in the
             prefill nodes' prefix caches); an M/D/1 queue keeps TTFT = s (1 + rho /
             (2 (1 - rho))) within the SLO up to utilisation rho*, so the nodes needed are rate x s / rho*;
@@ -176,13 +176,12 @@ class Planner:
     def predict(self) -> Load:
         if not self.history:
             return Load(0.0, 0.0, 0.0)
-        def ahead(values: list[float]) -> float:  # one interval on along the trend, never below half the last
-            trend = (values[-1] - values[0]) / (len(values) - 1) if len(values) > 1 else 0.0
-            return max(values[-1] + trend, values[-1] / 2)
-
-        h = self.history
-        return Load(ahead([x.rate for x in h]), ahead([x.prompt for x in h]), ahead([x.output for x in h]),
-                    h[-1].cached / h[-1].prompt * ahead([x.prompt for x in h]) if h[-1].prompt else 0.0)
+        # The rate one interval on along its trend (never below half the last); lengths as the last interval's:
+        # a trend in them overshot at a step change in the live bench (bench/README.md, planner_live.py).
+        last = self.history[-1]
+        rates = [h.rate for h in self.history]
+        trend = (rates[-1] - rates[0]) / (len(rates) - 1) if len(rates) > 1 else 0.0
+        return Load(max(last.rate + trend, last.rate / 2), last.prompt, last.output, last.cached)
 
     def decide(self, obs: Observation, current: tuple[int, int], room: int | None = None) -> Decision:
         """The split for the next interval, given the one that ran (`current`, prefill and decode nodes); with
